@@ -1,0 +1,245 @@
+"""Target matching and module swapping.
+
+Matching follows PEFT exactly: a list entry matches a module whose full name equals it or ends with
+``"." + entry``; a string is a regular expression full-matched against the full name; ``"all-linear"`` is
+every Linear/Conv1D layer except the output head. Beyond PEFT, every listed target must match something:
+a typo is an error with the closest real names, not an adapter that silently trains nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import re
+from collections.abc import Iterable, Iterator
+
+from torch import nn
+
+from .config import ALL_LINEAR, DEFAULT_TARGETS, SEQ_CLS_HEAD_NAMES, LoraConfig
+from .layers import SUPPORTED_TYPES, LoraLayer, LoraLinear, is_conv1d, wrap
+
+
+class ModulesToSave(nn.Module):
+    """A module trained in full: the frozen original plus one trainable copy per adapter.
+
+    The forward uses the copy of the first active adapter that has one, else the original (so disabling
+    the adapters gives the base model back).
+    """
+
+    def __init__(self, original: nn.Module) -> None:
+        super().__init__()
+        self.original_module = original
+        for p in original.parameters():
+            p.requires_grad_(False)
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.disabled = False
+
+    def add_adapter(self, name: str) -> None:
+        self.modules_to_save[name] = copy.deepcopy(self.original_module)
+
+    def delete_adapter(self, name: str) -> None:
+        del self.modules_to_save[name]
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def set_active(self, names: Iterable[str]) -> None:
+        self.active_adapters = [n for n in names if n in self.modules_to_save]
+
+    def current(self) -> nn.Module:
+        if not self.disabled and self.active_adapters:
+            return self.modules_to_save[self.active_adapters[0]]
+        return self.original_module
+
+    def forward(self, *args, **kwargs):
+        return self.current()(*args, **kwargs)
+
+
+def _matches_list(name: str, entries: Iterable[str]) -> str | None:
+    """The first entry that ``name`` equals or ends with (after a dot), else None."""
+    for entry in entries:
+        if name == entry or name.endswith("." + entry):
+            return entry
+    return None
+
+
+def _layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None:
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        match = None
+        for pattern in patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+            if match:
+                break
+    return int(match.group("idx")) if match else None
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, LoraLinear)) or is_conv1d(module)
+
+
+def _head_names(model: nn.Module, config: LoraConfig) -> set[str]:
+    """The output head(s) that ``all-linear`` leaves alone (PEFT's convention)."""
+    heads: list[nn.Module] = []
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+    if output is not None:
+        heads.append(output)
+    elif config.task_type == "SEQ_CLS":
+        heads += [getattr(model, n) for n in SEQ_CLS_HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)]
+    return {name for name, module in model.named_modules() if any(module is h for h in heads)}
+
+
+def modules_to_save_names(config: LoraConfig) -> list[str]:
+    """The modules trained in full: ``modules_to_save`` plus, for SEQ_CLS, the classification head."""
+    names = list(config.modules_to_save or [])
+    if config.task_type == "SEQ_CLS":
+        names += [n for n in SEQ_CLS_HEAD_NAMES if n not in names]
+    return names
+
+
+def _default_targets(model: nn.Module) -> list[str]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in DEFAULT_TARGETS:
+        raise ValueError(
+            f"target_modules is None and lorakit has no default for model_type {model_type!r}; "
+            f"name the modules (for example target_modules=['q_proj', 'v_proj']) or use 'all-linear'"
+        )
+    return DEFAULT_TARGETS[model_type]
+
+
+def _suggest(missing: str, names: list[str]) -> str:
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names if n})
+    close = difflib.get_close_matches(missing, leaves, n=3, cutoff=0.5)
+    close += [n for n in difflib.get_close_matches(missing, names, n=3, cutoff=0.6) if n not in close]
+    if close:
+        return "did you mean " + ", ".join(map(repr, close[:4])) + "?"
+    return "module names end with: " + ", ".join(map(repr, leaves[:12])) + (" ..." if len(leaves) > 12 else "")
+
+
+def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+    """The full names of the modules ``config`` would wrap in ``model``, in model order. Changes nothing.
+
+    Raises:
+        ValueError: A listed target, a regex or ``all-linear`` matches nothing (the message names it and
+            suggests the closest real module names), or a match is a module type LoRA cannot wrap.
+    """
+    named = list(_plain_modules(model))
+    names = [n for n, _ in named]
+    keep_full = modules_to_save_names(config)
+
+    targets = config.target_modules if config.target_modules is not None else _default_targets(model)
+    all_linear = isinstance(targets, str) and targets.lower() == ALL_LINEAR
+    if all_linear:
+        heads = _head_names(model, config)
+        selected = [n for n, m in named if _is_linear(m) and n not in heads]
+        if not selected:
+            raise ValueError("target_modules='all-linear' matched no Linear or Conv1D layer in this model")
+    elif isinstance(targets, str):
+        selected = [n for n in names if re.fullmatch(targets, n)]
+        if not selected:
+            raise ValueError(f"target_modules regex {targets!r} matches no module name; {_suggest(targets, names)}")
+    else:
+        selected = [n for n in names if _matches_list(n, targets)]
+        missing = [t for t in targets if not any(_matches_list(n, [t]) for n in names)]
+        if missing:
+            raise ValueError(
+                "; ".join(f"target module {t!r} matches no module in the model ({_suggest(t, names)})" for t in missing)
+            )
+        if config.layers_to_transform is not None:
+            wanted = config.layers_to_transform
+            wanted = {wanted} if isinstance(wanted, int) else set(wanted)
+            selected = [n for n in selected if _layer_index(n, config.layers_pattern) in wanted]
+            if not selected:
+                raise ValueError(
+                    f"layers_to_transform={config.layers_to_transform!r} (layers_pattern={config.layers_pattern!r}) "
+                    f"leaves none of the targets {targets!r}"
+                )
+
+    excl = config.exclude_modules
+    if isinstance(excl, str):
+        selected = [n for n in selected if not re.fullmatch(excl, n)]
+    elif excl:
+        selected = [n for n in selected if not _matches_list(n, excl)]
+    # Never put LoRA inside a module that is trained in full (PEFT's rule).
+    selected = [n for n in selected if not any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", n) for m in keep_full)]
+    if not selected:
+        raise ValueError(f"exclude_modules={excl!r} / modules_to_save removed every target of {targets!r}")
+
+    modules = dict(named)
+    for name in selected:
+        module = modules[name]
+        if not isinstance(module, LoraLayer) and not _wrappable(module):
+            raise ValueError(
+                f"target {name!r} is a {type(module).__name__}; LoRA wraps {SUPPORTED_TYPES} layers "
+                f"(name the linear layers inside it instead)"
+            )
+    return selected
+
+
+def _wrappable(module: nn.Module) -> bool:
+    return _is_linear(module) or isinstance(module, (nn.Embedding, nn.Conv2d))
+
+
+def _plain_modules(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """``named_modules()`` without the root and without what lies inside lorakit's own wrappers."""
+    for name, child in module.named_children():
+        full = f"{prefix}.{name}" if prefix else name
+        yield full, child
+        if not isinstance(child, (LoraLayer, ModulesToSave)):
+            yield from _plain_modules(child, full)
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]:
+    """Add adapter ``adapter_name`` to every module ``config`` targets, wrapping plain modules in place.
+
+    Also wraps the modules trained in full (``modules_to_save``, the SEQ_CLS head). Returns the names of
+    the modules that received LoRA. On error nothing has been changed.
+    """
+    selected = find_targets(model, config)
+    save_full = _find_modules_to_save(model, config)
+    for name in selected:
+        module = model.get_submodule(name)
+        layer = module if isinstance(module, LoraLayer) else wrap(module)
+        assert layer is not None  # find_targets checked the type
+        layer.add_adapter(
+            adapter_name,
+            r=config.rank_for(name),
+            lora_alpha=config.alpha_for(name),
+            lora_dropout=config.lora_dropout,
+            use_rslora=config.use_rslora,
+            use_dora=config.use_dora,
+            init_lora_weights=config.init_lora_weights,
+        )
+        if layer is not module:
+            _set_submodule(model, name, layer)
+    for name in save_full:
+        module = model.get_submodule(name)
+        wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)
+        wrapper.add_adapter(adapter_name)
+        if wrapper is not module:
+            _set_submodule(model, name, wrapper)
+    return selected
+
+
+def _find_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
+    wanted = modules_to_save_names(config)
+    if not wanted:
+        return []
+    names = [n for n, _ in _plain_modules(model)]
+    found = [n for n in names if _matches_list(n, wanted)]
+    # The SEQ_CLS defaults ('classifier', 'score') are a convention; only names the user gave must exist.
+    missing = [m for m in config.modules_to_save or [] if not any(_matches_list(n, [m]) for n in names)]
+    if missing:
+        raise ValueError(
+            "; ".join(f"modules_to_save entry {m!r} matches no module ({_suggest(m, names)})" for m in missing)
+        )
+    # Keep the outermost match only (a head's own sub-layers are inside its copy already).
+    return [n for n in found if not any(n.startswith(o + ".") for o in found if o != n)]

@@ -1,0 +1,395 @@
+"""Adapter files in PEFT's format, both ways: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Tensor keys are PEFT's: ``base_model.model.<module path>.lora_A.weight`` / ``lora_B.weight`` (embeddings:
+``lora_embedding_A`` / ``lora_embedding_B``; DoRA: ``lora_magnitude_vector``), the adapter name stripped,
+``modules_to_save`` weights under the module's own path. A base-model fingerprint rides in the safetensors
+header metadata, where PEFT ignores it.
+
+Loading checks everything before it touches the model, so a failed load leaves the model exactly as it was.
+Saving writes each file to a temporary name and renames it, so a file on disk is never half-written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import LoraConfig
+from .inject import ModulesToSave, _find_modules_to_save, find_targets
+from .layers import LoraEmbedding, LoraLayer, lora_shapes
+
+if TYPE_CHECKING:
+    from .model import LoraModel
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+FINGERPRINT_KEY = "lorakit_fingerprint"
+_SAMPLE = 1024  # values per weight that go into the fingerprint hash
+
+
+# -- keys ------------------------------------------------------------------------------------------------
+
+
+def _lora_keys(path: str, embedding: bool, use_dora: bool) -> dict[str, str]:
+    """PEFT key → our attribute name on the adapter, for the LoRA layer at ``path``."""
+    if embedding:
+        keys = {f"{path}.lora_embedding_A": "lora_A", f"{path}.lora_embedding_B": "lora_B"}
+    else:
+        keys = {f"{path}.lora_A.weight": "lora_A", f"{path}.lora_B.weight": "lora_B"}
+    if use_dora:
+        keys[f"{path}.lora_magnitude_vector"] = "lora_magnitude_vector"
+    return keys
+
+
+def adapter_state_dict(model: LoraModel, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's keys (without the ``base_model.model.`` prefix)."""
+    config = model.peft_config[adapter_name]
+    out: dict[str, torch.Tensor] = {}
+    for path, layer in model.lora_layers():
+        if adapter_name not in layer.adapters:
+            continue
+        adapter = layer.adapters[adapter_name]
+        for key, attr in _lora_keys(path, isinstance(layer, LoraEmbedding), adapter.use_dora).items():
+            out[key] = getattr(adapter, attr)
+        if config.bias != "none" and getattr(layer.base, "bias", None) is not None:
+            out[f"{path}.base_layer.bias"] = layer.base.bias
+    for path, module in model._saved_modules():
+        if adapter_name in module.modules_to_save:
+            for key, value in module.modules_to_save[adapter_name].state_dict().items():
+                out[f"{path}.{key}"] = value
+    if config.bias == "all":
+        for name, param in model.model.named_parameters():
+            if name.endswith(".bias") and not any(f".{p}." in name for p in ("base", "adapters", "modules_to_save",
+                                                                              "original_module")):
+                out[name] = param
+    return out
+
+
+# -- fingerprint -----------------------------------------------------------------------------------------
+
+
+def fingerprint(model: nn.Module, targets: Sequence[str]) -> dict[str, Any]:
+    """What identifies the base an adapter was trained on: architecture, targeted weight shapes, a hash.
+
+    The hash covers a fixed sample of each targeted base weight, rounded to bf16, so fp32 and bf16 copies of
+    the same model agree while a different model does not.
+    """
+    digest = hashlib.sha256()
+    shapes = {}
+    for name in sorted(targets):
+        module = model.get_submodule(name)
+        weight = (module.base if isinstance(module, LoraLayer) else module).weight.detach()
+        shapes[name] = list(weight.shape)
+        flat = weight.reshape(-1)
+        sample = flat[:: max(1, flat.numel() // _SAMPLE)][:_SAMPLE].to("cpu", torch.bfloat16).view(torch.int16)
+        digest.update(name.encode())
+        digest.update(sample.numpy().tobytes())
+    return {"architecture": type(model).__name__, "shapes": shapes, "hash": digest.hexdigest()[:32]}
+
+
+def _compare_fingerprints(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    diffs = []
+    if saved.get("architecture") != current["architecture"]:
+        diffs.append(f"architecture {saved.get('architecture')!r} vs this model's {current['architecture']!r}")
+    saved_shapes = saved.get("shapes", {})
+    for name, shape in saved_shapes.items():
+        if current["shapes"].get(name) != shape:
+            diffs.append(f"{name}: weight shape {shape} vs {current['shapes'].get(name)}")
+    if not diffs and saved.get("hash") != current["hash"]:
+        diffs.append("same shapes, but the targeted base weights have different values (another checkpoint)")
+    return diffs
+
+
+# -- saving ----------------------------------------------------------------------------------------------
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write through ``write(tmp_path)`` into a temporary file next to ``path``, then rename it into place."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_adapters(model: LoraModel, save_directory: str | os.PathLike, adapter_names: Sequence[str] | None = None,
+                  base_model_name_or_path: str | None = None) -> list[Path]:
+    """Save adapters as PEFT does: ``default`` in ``save_directory``, any other name in ``save_directory/<name>``.
+
+    Returns:
+        The folders written.
+    """
+    from .model import check_adapter_name
+
+    names = list(model.peft_config) if adapter_names is None else list(adapter_names)
+    written = []
+    for name in names:
+        check_adapter_name(name)
+        if name not in model.peft_config:
+            raise ValueError(f"unknown adapter {name!r}; adapters: {sorted(model.peft_config)}")
+        folder = Path(save_directory) if name == "default" else Path(save_directory) / name
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {PREFIX + k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model, name).items()}
+        _warn_if_not_serve_safe(model, name, tensors)
+        targets = [path for path, layer in model.lora_layers() if name in layer.adapters]
+        metadata = {"format": "pt", FINGERPRINT_KEY: json.dumps(fingerprint(model.model, targets))}
+        config = model.peft_config[name].to_dict()
+        config["target_modules"] = _json_targets(config["target_modules"])
+        if base_model_name_or_path is not None:
+            config["base_model_name_or_path"] = base_model_name_or_path
+        elif config.get("base_model_name_or_path") is None:
+            config["base_model_name_or_path"] = getattr(getattr(model.model, "config", None), "_name_or_path", None)
+        _atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(_untie(tensors), tmp, metadata=metadata))
+        _atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+        written.append(folder)
+    return written
+
+
+def _json_targets(targets: Any) -> Any:
+    return sorted(targets) if isinstance(targets, (list, set, tuple)) else targets
+
+
+def _untie(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory; give each its own storage."""
+    seen: set[int] = set()
+    out = {}
+    for key, value in tensors.items():
+        ptr = value.untyped_storage().data_ptr()
+        out[key] = value.clone() if ptr in seen else value
+        seen.add(ptr)
+    return out
+
+
+def _warn_if_not_serve_safe(model: LoraModel, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Most multi-LoRA servers (vLLM, LoRAX) reject adapters that carry full embedding or LM-head weights."""
+    get_output = getattr(model.model, "get_output_embeddings", None)
+    head = get_output() if callable(get_output) else None
+    heavy = []
+    for path, module in model._saved_modules():
+        if name not in module.modules_to_save:
+            continue
+        original = module.original_module
+        if isinstance(original, nn.Embedding) or original is head:
+            heavy.append((path, sum(p.numel() * p.element_size() for p in original.parameters())))
+    if heavy:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        extra = sum(size for _, size in heavy)
+        listed = ", ".join(path for path, _ in heavy)
+        warnings.warn(
+            f"adapter {name!r} carries full embedding/LM-head weights ({listed}): {extra / 2**20:.1f} MiB of its "
+            f"{total / 2**20:.1f} MiB file. Most multi-LoRA servers (vLLM, LoRAX) reject such adapters; "
+            f"drop them from modules_to_save to serve it.",
+            stacklevel=3,
+        )
+
+
+# -- loading ---------------------------------------------------------------------------------------------
+
+
+def read_adapter(path: str | os.PathLike, allow_pickle: bool = False
+                 ) -> tuple[LoraConfig, dict[str, torch.Tensor], dict[str, str]]:
+    """Read an adapter folder: its config, its tensors (prefix stripped) and the safetensors metadata.
+
+    Raises:
+        FileNotFoundError: No folder or no ``adapter_config.json`` / weights file in it.
+        ValueError: A corrupt or truncated file, a pickle file without ``allow_pickle=True``, a bad config.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"adapter folder {str(folder)!r} does not exist")
+    config_file = folder / CONFIG_NAME
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{str(config_file)!r} not found: not an adapter folder")
+    try:
+        config = LoraConfig.from_dict(json.loads(config_file.read_text()))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{str(config_file)!r} is not valid JSON: {err}") from None
+    weights = folder / WEIGHTS_NAME
+    metadata: dict[str, str] = {}
+    if weights.is_file():
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                metadata = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ValueError(f"{str(weights)!r} is truncated or corrupt: {err}") from None
+    elif (folder / PICKLE_NAME).is_file():
+        if not allow_pickle:
+            raise ValueError(
+                f"{str(folder / PICKLE_NAME)!r} is a pickle file, which can run code when loaded; lorakit refuses it "
+                f"unless you pass allow_pickle=True (it is then read with torch.load(weights_only=True)), or convert "
+                f"it to {WEIGHTS_NAME}"
+            )
+        try:
+            tensors = torch.load(folder / PICKLE_NAME, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file
+            raise ValueError(f"{str(folder / PICKLE_NAME)!r} could not be read safely: {err}") from None
+    else:
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {str(folder)!r}")
+    return config, _normalize_keys(tensors), metadata
+
+
+def _normalize_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip the ``base_model.model.`` prefix. With ``bias="all"`` PEFT also writes the biases of its
+    ``modules_to_save`` wrapper: ``x.modules_to_save.bias`` is the trained copy's (``x.bias``), and
+    ``x.original_module.bias`` the frozen original's, which an adapter does not carry."""
+    out = {}
+    for key, value in tensors.items():
+        key = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        if ".original_module." in key:
+            continue
+        out[key.replace(".modules_to_save.", ".")] = value
+    return out
+
+
+def _plan(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Check that ``tensors`` fit ``model`` under ``config``, without changing the model. Returns the targets."""
+    targets = find_targets(model, config)
+    required: dict[str, tuple[int, ...]] = {}
+    for name in targets:
+        module = model.get_submodule(name)
+        base = module.base if isinstance(module, LoraLayer) else module
+        a_shape, b_shape = lora_shapes(base, config.rank_for(name))
+        shapes = {"lora_A": a_shape, "lora_B": b_shape, "lora_magnitude_vector": (b_shape[0],)}
+        for key, attr in _lora_keys(name, isinstance(base, nn.Embedding), config.use_dora).items():
+            required[key] = shapes[attr]
+    for name in _find_modules_to_save(model, config):
+        module = model.get_submodule(name)
+        source = module.original_module if isinstance(module, ModulesToSave) else module
+        for key, value in source.state_dict().items():
+            required[f"{name}.{key}"] = tuple(value.shape)
+    missing = [k for k in required if k not in tensors]
+    if missing:
+        raise ValueError(f"the adapter file lacks {len(missing)} tensor(s) this model needs under its config, "
+                         f"e.g. {missing[:3]}")
+    for key, shape in required.items():
+        if tuple(tensors[key].shape) != tuple(shape):
+            raise ValueError(f"shape mismatch for {key!r}: the file has {list(tensors[key].shape)}, "
+                             f"this model needs {list(shape)}")
+    for key in tensors.keys() - required.keys():
+        value, current = tensors[key], _base_param(model, key)
+        if key.endswith("bias") and current is not None:
+            if current.shape != value.shape:
+                raise ValueError(f"shape mismatch for {key!r}: the file has {list(value.shape)}, "
+                                 f"this model needs {list(current.shape)}")
+            continue
+        if key.endswith(".base_layer.weight") and current is not None:  # PEFT saves a targeted base embedding
+            if current.shape == value.shape and torch.equal(current.detach().cpu(), value.to(current.dtype)):
+                continue
+            raise ValueError(f"adapter tensor {key!r} would replace a base weight with other values (a resized "
+                             f"vocabulary?); lorakit does not load base weights from adapter files")
+        raise ValueError(f"adapter tensor {key!r} has no place in this model "
+                         f"(the config targets {config.target_modules!r})")
+    return targets
+
+
+def _base_param(model: nn.Module, key: str) -> torch.Tensor | None:
+    """The model parameter a PEFT key names: ``x.base_layer.bias`` is our ``x.base.bias``, or plain ``x.bias``."""
+    params = dict(model.named_parameters())
+    for candidate in (key.replace(".base_layer.", ".base."), key.replace(".base_layer.", ".")):
+        if candidate in params:
+            return params[candidate]
+    return None
+
+
+def load_adapter(model: LoraModel, path: str | os.PathLike, adapter_name: str = "default",
+                 is_trainable: bool = False, allow_pickle: bool = False, force: bool = False) -> None:
+    """Load an adapter into ``model`` under ``adapter_name``. On any error the model is unchanged.
+
+    Args:
+        is_trainable: Whether the loaded adapter trains when active (False: inference only, as in PEFT).
+        allow_pickle: Accept a pickle ``adapter_model.bin`` (read with ``weights_only=True``).
+        force: Load even if the fingerprint says the base differs (the shapes must still fit).
+    """
+    from .model import check_adapter_name
+
+    check_adapter_name(adapter_name)
+    if adapter_name in model.peft_config:
+        raise ValueError(f"adapter {adapter_name!r} already exists; adapters: {sorted(model.peft_config)}")
+    config, tensors, metadata = read_adapter(path, allow_pickle)
+    targets = _check(model.model, config, tensors, metadata, force)
+    try:
+        model.add_adapter(adapter_name, config)
+        _copy_in(model, adapter_name, targets, tensors)
+    except BaseException:
+        if adapter_name in model.peft_config:
+            model.delete_adapter(adapter_name)
+        raise
+    if not is_trainable:
+        model._inference_only.add(adapter_name)
+    model._refresh()
+
+
+def from_pretrained(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",
+                    is_trainable: bool = False, allow_pickle: bool = False, force: bool = False) -> LoraModel:
+    """Wrap a plain ``model`` with the adapter at ``path``. On any error the model is unchanged."""
+    from .model import LoraModel, check_adapter_name
+
+    check_adapter_name(adapter_name)
+    config, tensors, metadata = read_adapter(path, allow_pickle)
+    targets = _check(model, config, tensors, metadata, force)
+    lora = LoraModel(model, config, adapter_name)
+    _copy_in(lora, adapter_name, targets, tensors)
+    if not is_trainable:
+        lora._inference_only.add(adapter_name)
+    lora._refresh()
+    return lora
+
+
+def _check(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+           force: bool) -> list[str]:
+    targets = _plan(model, config, tensors)
+    if FINGERPRINT_KEY in metadata:
+        diffs = _compare_fingerprints(json.loads(metadata[FINGERPRINT_KEY]), fingerprint(model, targets))
+        if diffs and not force:
+            raise ValueError("this adapter was trained on a different base model: " + "; ".join(diffs[:5])
+                             + ". Pass force=True to load it anyway (the shapes fit).")
+    return targets
+
+
+def _copy_in(model: LoraModel, adapter_name: str, targets: list[str], tensors: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for path in targets:
+            layer = model.model.get_submodule(path)
+            adapter = layer.adapters[adapter_name]
+            for key, attr in _lora_keys(path, isinstance(layer, LoraEmbedding), adapter.use_dora).items():
+                getattr(adapter, attr).copy_(tensors[key])
+        for path, module in model._saved_modules():
+            if adapter_name in module.modules_to_save:
+                state = {k[len(path) + 1:]: v for k, v in tensors.items() if k.startswith(path + ".")}
+                module.modules_to_save[adapter_name].load_state_dict(state)
+        saved_prefixes = tuple(p + "." for p, _ in model._saved_modules())
+        for key, value in tensors.items():
+            if key.endswith("bias") and not key.startswith(saved_prefixes) and ".lora_" not in key:
+                target = _base_param(model.model, key)
+                if target is not None:
+                    target.copy_(value)
+
+
+def set_adapter_state_dict(model: LoraModel, state_dict: dict[str, torch.Tensor],
+                           adapter_name: str = "default") -> None:
+    """Copy PEFT-format tensors (as ``get_peft_model_state_dict`` or ``adapter_state_dict`` give them, with or
+    without the ``base_model.model.`` prefix) into the existing adapter ``adapter_name``. Checked first:
+    on error nothing changes."""
+    if adapter_name not in model.peft_config:
+        raise ValueError(f"unknown adapter {adapter_name!r}; adapters: {sorted(model.peft_config)}")
+    tensors = _normalize_keys(state_dict)
+    targets = _plan(model.model, model.peft_config[adapter_name], tensors)
+    _copy_in(model, adapter_name, targets, tensors)

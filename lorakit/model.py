@@ -1,0 +1,311 @@
+"""LoraModel: many named adapters on one frozen base model.
+
+``get_lora_model(model, config)`` wraps the targeted modules in place and returns a ``LoraModel`` that
+forwards to the model (``forward``, ``generate``, and any attribute it lacks). Adapters are added, loaded,
+activated, stacked, disabled, merged, combined and deleted by name, as in PEFT.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import LoraConfig
+from .inject import ModulesToSave, find_targets, inject
+from .layers import BASE_ROW, LoraLayer
+
+
+class LoraModel(nn.Module):
+    """A model with LoRA adapters. Use :func:`get_lora_model` to build one.
+
+    Attributes:
+        model: The wrapped model (its targeted modules replaced by LoRA layers).
+        peft_config: Each adapter's :class:`LoraConfig`, by name.
+    """
+
+    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, LoraConfig] = {}
+        self._active: list[str] = []
+        self._inference_only: set[str] = set()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.add_adapter(adapter_name, config)
+        self.set_adapter(adapter_name)
+
+    # -- forwarding to the model -------------------------------------------------------------------------
+
+    def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        """Run the model. With ``adapter_names``, row i of the batch uses adapter ``adapter_names[i]``
+        (``"__base__"`` for none), in one batched pass."""
+        if adapter_names is None:
+            return self.model(*args, **kwargs)
+        with self._mixed_batch(adapter_names):
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        """The model's ``generate``, optionally with one adapter per row (``adapter_names``)."""
+        if adapter_names is None:
+            return self.model.generate(*args, **kwargs)
+        with self._mixed_batch(adapter_names):
+            return self.model.generate(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":  # not built yet: avoid recursing forever
+                raise
+            return getattr(self.model, name)
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped model, LoRA layers included (see ``unload`` for the plain one)."""
+        return self.model
+
+    # -- layers ------------------------------------------------------------------------------------------
+
+    def lora_layers(self) -> Iterator[tuple[str, LoraLayer]]:
+        """Every LoRA layer of the model with its module name."""
+        for name, module in self.model.named_modules():
+            if isinstance(module, LoraLayer):
+                yield name, module
+
+    def _saved_modules(self) -> Iterator[tuple[str, ModulesToSave]]:
+        for name, module in self.model.named_modules():
+            if isinstance(module, ModulesToSave):
+                yield name, module
+
+    # -- adapters ----------------------------------------------------------------------------------------
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """The names of the active adapters; several are stacked (their updates add up)."""
+        return list(self._active)
+
+    @property
+    def active_adapter(self) -> str:
+        """The first active adapter (PEFT's attribute)."""
+        return self._active[0]
+
+    def add_adapter(self, adapter_name: str, config: LoraConfig) -> list[str]:
+        """Add a new, trainable adapter; it becomes active only through ``set_adapter``.
+
+        Returns:
+            The names of the modules that received it.
+        """
+        check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists; adapters: {sorted(self.peft_config)}")
+        if not isinstance(config, LoraConfig):
+            raise TypeError(f"config must be a LoraConfig, got {type(config).__name__}")
+        find_targets(self.model, config)  # raises before anything changes
+        wrapped = inject(self.model, config, adapter_name)
+        self.peft_config[adapter_name] = config
+        self._refresh()
+        return wrapped
+
+    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
+        """Activate one adapter, or several (a list: their updates add up). Only active adapters train."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        if not names:
+            raise ValueError("set_adapter needs at least one adapter name")
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; adapters: {sorted(self.peft_config)}")
+        self._active = names
+        self._refresh()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter from every layer. The last adapter cannot be deleted (use ``unload``)."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"unknown adapter {adapter_name!r}; adapters: {sorted(self.peft_config)}")
+        if len(self.peft_config) == 1:
+            raise ValueError(f"{adapter_name!r} is the only adapter; use unload() to get the base model back")
+        for _, layer in self.lora_layers():
+            if adapter_name in layer.adapters:
+                layer.delete_adapter(adapter_name)
+        for _, module in self._saved_modules():
+            if adapter_name in module.modules_to_save:
+                module.delete_adapter(adapter_name)
+        del self.peft_config[adapter_name]
+        self._inference_only.discard(adapter_name)
+        self._active = [n for n in self._active if n != adapter_name] or [next(iter(self.peft_config))]
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Push the active list to every layer and set ``requires_grad`` to match it."""
+        trainable = [n for n in self._active if n not in self._inference_only]
+        for _, layer in self.lora_layers():
+            layer.set_active(self._active)
+            for name, adapter in layer.adapters.items():
+                adapter.requires_grad_(name in trainable)
+        for _, module in self._saved_modules():
+            module.set_active(self._active)
+            for name, copy in module.modules_to_save.items():
+                copy.requires_grad_(name in trainable)
+        biases = {self.peft_config[n].bias for n in trainable}
+        for name, param in self.model.named_parameters():
+            if not name.endswith("bias") or any(f".{part}." in name for part in _LORAKIT_PARTS):
+                continue
+            in_lora = ".base." in name
+            param.requires_grad_("all" in biases or ("lora_only" in biases and in_lora))
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Within the block the model computes exactly the base model (merged adapters are unmerged)."""
+        merged = {name: list(layer.merged_adapters) for name, layer in self.lora_layers()}
+        self.unmerge_adapter()
+        modules = [m for _, m in self.lora_layers()] + [m for _, m in self._saved_modules()]
+        for module in modules:
+            module.disabled = True
+        try:
+            yield
+        finally:
+            for module in modules:
+                module.disabled = False
+            for name, layer in self.lora_layers():
+                layer.merge(merged.get(name, []))
+
+    @contextmanager
+    def _mixed_batch(self, adapter_names: Sequence[str]) -> Iterator[None]:
+        names = list(dict.fromkeys(n for n in adapter_names if n != BASE_ROW))
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"adapter_names has unknown adapter(s) {unknown}; adapters: {sorted(self.peft_config)} "
+                             f"or {BASE_ROW!r} for the base model")
+        if any(layer.merged_adapters for _, layer in self.lora_layers()):
+            raise ValueError("mixed batches need unmerged adapters; call unmerge_adapter() first")
+        slots = {n: i for i, n in enumerate(names, start=1)}
+        index = torch.tensor([slots.get(n, 0) for n in adapter_names], dtype=torch.long, device=self._device())
+        layers = [layer for _, layer in self.lora_layers()]
+        for layer in layers:
+            layer._routing = (index, names)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer._routing = None
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # -- counting ----------------------------------------------------------------------------------------
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable parameters, all parameters), counted as PEFT counts them (4-bit weights count twice)."""
+        trainable = total = 0
+        for param in self.model.parameters():
+            n = param.numel()
+            if type(param).__name__ == "Params4bit":
+                n *= 2 * getattr(getattr(param, "quant_storage", None), "itemsize", 1)
+            total += n
+            if param.requires_grad:
+                trainable += n
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        """Print PEFT's line: ``trainable params: … || all params: … || trainable%: …``."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # -- merging -----------------------------------------------------------------------------------------
+
+    def merge_adapter(self, adapter_names: Sequence[str] | None = None) -> None:
+        """Fold adapters (default: the active ones) into the base weights, in fp32; undo with ``unmerge_adapter``."""
+        names = self._active if adapter_names is None else list(adapter_names)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; adapters: {sorted(self.peft_config)}")
+        for _, layer in self.lora_layers():
+            layer.merge(names)
+
+    def unmerge_adapter(self) -> None:
+        """Take every merged adapter out of the base weights again."""
+        for _, layer in self.lora_layers():
+            layer.unmerge()
+
+    def merge_and_unload(self, adapter_names: Sequence[str] | None = None) -> nn.Module:
+        """Fold the adapters into the weights and return the plain model (no LoRA layers left)."""
+        self.merge_adapter(adapter_names)
+        return self._unwrap(keep_trained_heads=True)
+
+    def unload(self) -> nn.Module:
+        """Return the plain base model, without any adapter's update (merged ones are unmerged first)."""
+        self.unmerge_adapter()
+        return self._unwrap(keep_trained_heads=False)
+
+    def _unwrap(self, keep_trained_heads: bool) -> nn.Module:
+        for name, layer in list(self.lora_layers()):
+            _replace(self.model, name, layer.base)
+        for name, module in list(self._saved_modules()):
+            _replace(self.model, name, module.current() if keep_trained_heads else module.original_module)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        return self.model
+
+    # -- files (see lorakit.io) --------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory: str | os.PathLike, adapter_names: Sequence[str] | None = None,
+                        **kwargs: Any) -> None:
+        """Write adapters in PEFT's format (``adapter_config.json`` + ``adapter_model.safetensors``)."""
+        from .io import save_adapters
+
+        save_adapters(self, save_directory, adapter_names, **kwargs)
+
+    def load_adapter(self, path: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False,
+                     **kwargs: Any) -> None:
+        """Load an adapter saved by lorakit or PEFT under ``adapter_name``; a failed load changes nothing."""
+        from .io import load_adapter
+
+        load_adapter(self, path, adapter_name, is_trainable=is_trainable, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",
+                        is_trainable: bool = False, **kwargs: Any) -> LoraModel:
+        """Wrap ``model`` with the adapter saved at ``path`` (by lorakit or PEFT)."""
+        from .io import from_pretrained
+
+        return from_pretrained(model, path, adapter_name, is_trainable=is_trainable, **kwargs)
+
+    def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: int | None = None) -> None:
+        """Combine adapters into a new one (``linear``, ``cat`` or ``svd``), as PEFT does."""
+        from .combine import add_weighted_adapter
+
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank)
+
+
+_LORAKIT_PARTS = ("adapters", "modules_to_save", "original_module")
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def check_adapter_name(name: str) -> None:
+    """Adapter names become folder names: refuse anything that could leave the save directory."""
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name \
+            or ".." in name or "\x00" in name or name == BASE_ROW or "." in name:
+        raise ValueError(
+            f"invalid adapter name {name!r}: use a non-empty name without '/', '\\\\', '.' or '..' "
+            f"(and not {BASE_ROW!r})"
+        )
+
+
+def get_lora_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> LoraModel:
+    """Wrap the modules ``config`` targets with LoRA and return the model with adapter ``adapter_name`` active.
+
+    The base model's parameters are frozen; the adapter's A and B (plus ``modules_to_save`` copies and the
+    biases ``config.bias`` asks for) are trainable.
+
+    Raises:
+        ValueError: A target matches nothing (with the closest real module names) or is not a supported layer.
+    """
+    return LoraModel(model, config, adapter_name)

@@ -1,0 +1,53 @@
+"""Tiny random models shared by the tests (CPU, fp32, seconds to build)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="the tests need transformers (pip install -e '.[dev]')")
+
+
+def tiny_llama(seed: int = 0, tie: bool = False) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=tie)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def tiny_bert_cls(seed: int = 0, num_labels: int = 3) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, num_labels=num_labels, max_position_embeddings=64)
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+class TinyConvNet(torch.nn.Module):
+    """A small CNN with Conv2d, Embedding-free layers, for the Conv2d wrapper."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(8, 8, 3, stride=2, padding=1, dilation=1)
+        self.head = torch.nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def tiny_conv(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return TinyConvNet().eval()
+
+
+@pytest.fixture
+def ids() -> torch.Tensor:
+    torch.manual_seed(123)
+    return torch.randint(0, 128, (3, 9))
