@@ -1,0 +1,190 @@
+"""Invariants of the LoRA layers on single modules: zero update, merge/unmerge, init schemes, dtypes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lorakit.layers import LoraConv2d, LoraEmbedding, LoraLinear, wrap
+
+transformers = pytest.importorskip("transformers")
+Conv1D = transformers.pytorch_utils.Conv1D
+
+
+def _layer_and_input(kind: str):
+    torch.manual_seed(0)
+    if kind == "linear":
+        return nn.Linear(16, 12), torch.randn(3, 5, 16)
+    if kind == "conv1d":
+        return Conv1D(12, 16), torch.randn(3, 5, 16)  # Conv1D(nf=out, nx=in): weight (16, 12)
+    if kind == "embedding":
+        return nn.Embedding(20, 12, padding_idx=0), torch.randint(0, 20, (3, 5))
+    return nn.Conv2d(4, 6, 3, stride=2, padding=1), torch.randn(2, 4, 9, 9)
+
+
+KINDS = ["linear", "conv1d", "embedding", "conv2d"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_wrap_picks_the_right_class(kind):
+    base, _ = _layer_and_input(kind)
+    expected = {"linear": LoraLinear, "conv1d": LoraLinear, "embedding": LoraEmbedding, "conv2d": LoraConv2d}[kind]
+    layer = wrap(base)
+    assert type(layer) is expected and layer.base is base
+    assert not any(p.requires_grad for p in base.parameters())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("grad", [False, True])
+def test_zero_b_gives_the_base_output_bit_for_bit(kind, grad):
+    base, x = _layer_and_input(kind)
+    expected = base(x).detach()
+    layer = wrap(base)
+    layer.add_adapter("a", r=4, lora_alpha=8)
+    layer.set_active(["a"])
+    with torch.set_grad_enabled(grad):
+        got = layer(x)
+    assert torch.equal(got, expected)
+
+
+def _randomized(kind: str, dora: bool = False):
+    base, x = _layer_and_input(kind)
+    layer = wrap(base)
+    layer.add_adapter("a", r=4, lora_alpha=8, init_lora_weights=False, use_dora=dora)
+    layer.set_active(["a"])
+    return layer, x
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_update_is_scaling_b_a_x(kind):
+    layer, x = _randomized(kind)
+    adapter = layer.adapters["a"]
+    with torch.no_grad():
+        delta = layer(x) - layer.base(x)
+        if kind in ("linear", "conv1d"):
+            expected = adapter.scaling * x @ adapter.lora_A.T @ adapter.lora_B.T
+        elif kind == "embedding":
+            expected = adapter.scaling * adapter.lora_A.T[x] @ adapter.lora_B.T
+        else:
+            expected = nn.functional.conv2d(x, layer.delta_weight("a"), stride=2, padding=1)
+    torch.testing.assert_close(delta, expected, atol=1e-5, rtol=1e-5)
+    assert delta.abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dora", [False, True])
+def test_merge_equals_unmerged_and_unmerge_restores(kind, dora):
+    if dora and kind in ("embedding", "conv2d"):
+        with pytest.raises(ValueError, match="use_dora is supported for Linear and Conv1D layers"):
+            _randomized(kind, dora=True)
+        return
+    layer, x = _randomized(kind, dora)
+    original = layer.base.weight.detach().clone()
+    with torch.no_grad():
+        unmerged = layer(x)
+        layer.merge()
+        assert layer.merged_adapters == ["a"]
+        merged = layer(x)
+        layer.unmerge()
+        after = layer(x)
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.base.weight, original, atol=1e-6, rtol=0)
+    torch.testing.assert_close(after, unmerged, atol=1e-6, rtol=1e-6)
+    assert layer.merged_adapters == []
+
+
+def test_merge_is_computed_in_fp32_for_a_bf16_weight():
+    layer, x = _randomized("linear")
+    layer.to(torch.bfloat16)
+    expected = (layer.base.weight.float() + layer.delta_weight("a")).to(torch.bfloat16)
+    layer.merge()
+    assert layer.base.weight.dtype == torch.bfloat16
+    assert torch.equal(layer.base.weight, expected)
+
+
+def test_dropout_zero_is_the_identity_object():
+    layer, x = _randomized("linear")
+    layer.train()
+    assert layer.adapters["a"].dropout(x) is x
+
+
+def test_dropout_is_applied_in_training_only():
+    base, x = _layer_and_input("linear")
+    layer = wrap(base)
+    layer.add_adapter("a", r=4, lora_alpha=8, lora_dropout=0.5, init_lora_weights=False)
+    layer.set_active(["a"])
+    layer.eval()
+    with torch.no_grad():
+        assert torch.equal(layer(x), layer(x))
+        layer.train()
+        assert not torch.equal(layer(x), layer(x))
+
+
+def test_inference_path_equals_training_path():
+    layer, x = _randomized("linear")
+    with torch.no_grad():
+        fast = layer(x)
+    slow = layer(x)
+    torch.testing.assert_close(fast, slow.detach(), atol=1e-6, rtol=1e-6)
+    assert slow.requires_grad
+
+
+def test_adapter_in_another_dtype_than_the_base():
+    layer, x = _randomized("linear")
+    layer.base.to(torch.bfloat16)
+    with torch.no_grad():
+        out = layer(x.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and out.shape == (3, 5, 12)
+
+
+def test_gaussian_init_starts_at_zero_update():
+    base, x = _layer_and_input("linear")
+    layer = wrap(base)
+    layer.add_adapter("a", r=4, lora_alpha=8, init_lora_weights="gaussian")
+    assert torch.count_nonzero(layer.adapters["a"].lora_B) == 0
+    assert layer.adapters["a"].lora_A.std().item() == pytest.approx(0.25, rel=0.3)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_pissa_keeps_the_output_and_moves_the_top_singular_directions_into_the_adapter(kind):
+    base, x = _layer_and_input(kind)
+    expected = base(x).detach()
+    layer = wrap(base)
+    adapter = layer.add_adapter("a", r=4, lora_alpha=8, init_lora_weights="pissa")
+    layer.set_active(["a"])
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+    assert torch.count_nonzero(adapter.lora_B) > 0
+
+
+def test_pissa_refused_on_embeddings():
+    base, _ = _layer_and_input("embedding")
+    with pytest.raises(ValueError, match="init_lora_weights='pissa' is supported for Linear and Conv1D"):
+        wrap(base).add_adapter("a", r=4, lora_alpha=8, init_lora_weights="pissa")
+
+
+def test_two_active_adapters_add_up():
+    base, x = _layer_and_input("linear")
+    layer = wrap(base)
+    for name in ("a", "b"):
+        layer.add_adapter(name, r=2, lora_alpha=4, init_lora_weights=False)
+    with torch.no_grad():
+        deltas = {}
+        for name in ("a", "b"):
+            layer.set_active([name])
+            deltas[name] = layer(x) - base(x)
+        layer.set_active(["a", "b"])
+        both = layer(x) - base(x)
+    torch.testing.assert_close(both, deltas["a"] + deltas["b"], atol=1e-5, rtol=1e-5)
+
+
+def test_rslora_scaling():
+    layer = wrap(nn.Linear(4, 4))
+    assert layer.add_adapter("a", r=16, lora_alpha=8, use_rslora=True).scaling == pytest.approx(2.0)
+    assert layer.add_adapter("b", r=16, lora_alpha=8).scaling == pytest.approx(0.5)
+
+
+def test_grouped_conv_is_refused():
+    with pytest.raises(ValueError, match="groups=1, got groups=2"):
+        wrap(nn.Conv2d(4, 4, 3, groups=2))
