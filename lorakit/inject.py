@@ -9,6 +9,7 @@ a typo is an error with the closest real names, not an adapter that silently tra
 from __future__ import annotations
 
 import copy
+import math
 import difflib
 import re
 from collections.abc import Iterable, Iterator
@@ -235,11 +236,34 @@ def _find_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
         return []
     names = [n for n, _ in _plain_modules(model)]
     found = [n for n in names if _matches_list(n, wanted)]
-    # The SEQ_CLS defaults ('classifier', 'score') are a convention; only names the user gave must exist.
-    missing = [m for m in config.modules_to_save or [] if not any(_matches_list(n, [m]) for n in names)]
+    # The SEQ_CLS head names ('classifier', 'score') are a convention that PEFT also writes into saved configs;
+    # every other name must exist.
+    optional = SEQ_CLS_HEAD_NAMES if config.task_type == "SEQ_CLS" else ()
+    missing = [m for m in config.modules_to_save or [] if m not in optional
+               and not any(_matches_list(n, [m]) for n in names)]
     if missing:
         raise ValueError(
             "; ".join(f"modules_to_save entry {m!r} matches no module ({_suggest(m, names)})" for m in missing)
         )
     # Keep the outermost match only (a head's own sub-layers are inside its copy already).
     return [n for n in found if not any(n.startswith(o + ".") for o in found if o != n)]
+
+
+def describe_targets(model: nn.Module, config: LoraConfig) -> list[dict]:
+    """What ``config`` would do to ``model``, one row per wrapped module, without changing it.
+
+    Each row has ``name``, ``type``, ``shape`` (of the base weight), ``r`` and ``params`` (LoRA parameters).
+    Works on a model built on the meta device.
+    """
+    from .layers import lora_shapes
+
+    rows = []
+    for name in find_targets(model, config):
+        module = model.get_submodule(name)
+        base = module.base if isinstance(module, LoraLayer) else module
+        r = config.rank_for(name)
+        a_shape, b_shape = lora_shapes(base, r)
+        params = math.prod(a_shape) + math.prod(b_shape) + (b_shape[0] if config.use_dora else 0)
+        rows.append({"name": name, "type": type(base).__name__, "shape": list(base.weight.shape), "r": r,
+                     "params": params})
+    return rows

@@ -186,7 +186,7 @@ def _warn_if_not_serve_safe(model: LoraModel, name: str, tensors: dict[str, torc
         if name not in module.modules_to_save:
             continue
         original = module.original_module
-        if isinstance(original, nn.Embedding) or original is head:
+        if isinstance(original, nn.Embedding) or head is module or head is original:
             heavy.append((path, sum(p.numel() * p.element_size() for p in original.parameters())))
     if heavy:
         total = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -355,13 +355,16 @@ def from_pretrained(model: nn.Module, path: str | os.PathLike, adapter_name: str
 
 def _check(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
            force: bool) -> list[str]:
-    targets = _plan(model, config, tensors)
     if FINGERPRINT_KEY in metadata:
-        diffs = _compare_fingerprints(json.loads(metadata[FINGERPRINT_KEY]), fingerprint(model, targets))
+        try:
+            saved = json.loads(metadata[FINGERPRINT_KEY])
+        except json.JSONDecodeError:
+            raise ValueError(f"the adapter's {FINGERPRINT_KEY} metadata is not valid JSON") from None
+        diffs = _compare_fingerprints(saved, fingerprint(model, find_targets(model, config)))
         if diffs and not force:
             raise ValueError("this adapter was trained on a different base model: " + "; ".join(diffs[:5])
-                             + ". Pass force=True to load it anyway (the shapes fit).")
-    return targets
+                             + ". Pass force=True to load it anyway (the shapes must still fit).")
+    return _plan(model, config, tensors)
 
 
 def _copy_in(model: LoraModel, adapter_name: str, targets: list[str], tensors: dict[str, torch.Tensor]) -> None:

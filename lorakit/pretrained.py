@@ -65,3 +65,37 @@ def load_default_tokenizer():
     transformers = _transformers()
     path = smollm2_gguf()
     return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def build_model(spec: str, meta: bool = False, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A model from a short spec, for the CLI.
+
+    Args:
+        spec: ``default`` (SmolLM2-135M-Instruct, embedded), ``minilm`` (all-MiniLM-L6-v2, embedded, as a
+            sequence classifier), a Hugging Face model folder, or a ``config.json`` file.
+        meta: Build on the meta device from the config alone: shapes without weights (no memory, no time).
+    """
+    transformers = _transformers()
+    path = Path(spec)
+    kwargs: dict = {}
+    if spec == "default":
+        gguf = smollm2_gguf()
+        source, kwargs, auto = str(gguf.parent), {"gguf_file": gguf.name}, transformers.AutoModelForCausalLM
+    elif spec == "minilm":
+        source, auto = str(minilm_dir()), transformers.AutoModelForSequenceClassification
+    elif path.is_file() and path.suffix == ".json" or path.is_dir():
+        source = str(path.parent if path.is_file() else path)
+        auto = transformers.AutoModelForCausalLM
+    else:
+        raise FileNotFoundError(f"model {spec!r} is neither 'default', 'minilm', a model folder nor a config.json")
+    try:
+        config = transformers.AutoConfig.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{spec!r} does not hold a Hugging Face model config: {err}") from None
+    if spec != "default" and spec != "minilm" and not any(a.endswith("ForCausalLM") for a in config.architectures or []):
+        auto = transformers.AutoModelForSequenceClassification if any(
+            a.endswith("ForSequenceClassification") for a in config.architectures or []) else transformers.AutoModel
+    if meta:
+        with torch.device("meta"):
+            return auto.from_config(config)
+    return auto.from_pretrained(source, dtype=dtype, **kwargs).eval()
