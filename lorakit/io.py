@@ -11,9 +11,10 @@ Saving writes each file to a temporary name and renames it, so a file on disk is
 
 from __future__ import annotations
 
-import hashlib
 import json
+import math
 import os
+import shutil
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -37,7 +38,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 FINGERPRINT_KEY = "lorakit_fingerprint"
-_SAMPLE = 1024  # values per weight that go into the fingerprint hash
+_SAMPLE = 4  # sampled values per targeted weight in the fingerprint
 
 
 # -- keys ------------------------------------------------------------------------------------------------
@@ -82,34 +83,43 @@ def adapter_state_dict(model: LoraModel, adapter_name: str) -> dict[str, torch.T
 
 
 def fingerprint(model: nn.Module, targets: Sequence[str]) -> dict[str, Any]:
-    """What identifies the base an adapter was trained on: architecture, targeted weight shapes, a hash.
+    """What identifies the base an adapter was trained on: architecture, targeted weight shapes, and a digest
+    of the targeted weights (per weight: its L2 norm and a few fixed sampled values).
 
-    The hash covers a fixed sample of each targeted base weight, rounded to bf16, so fp32 and bf16 copies of
-    the same model agree while a different model does not.
+    The digest is compared at bf16 precision, not bit for bit, so the fp32 and bf16 copies of one base agree,
+    and so does a base that went through merge/unmerge, while another checkpoint does not.
     """
-    digest = hashlib.sha256()
-    shapes = {}
+    shapes, digest = {}, {}
     for name in sorted(targets):
         module = model.get_submodule(name)
         weight = (module.base if isinstance(module, LoraLayer) else module).weight.detach()
         shapes[name] = list(weight.shape)
-        flat = weight.reshape(-1)
-        sample = flat[:: max(1, flat.numel() // _SAMPLE)][:_SAMPLE].to("cpu", torch.bfloat16).view(torch.int16)
-        digest.update(name.encode())
-        digest.update(sample.numpy().tobytes())
-    return {"architecture": type(model).__name__, "shapes": shapes, "hash": digest.hexdigest()[:32]}
+        if weight.device.type == "meta":
+            continue
+        flat = weight.reshape(-1).float()
+        picks = flat[:: max(1, flat.numel() // _SAMPLE)][:_SAMPLE]
+        digest[name] = [float(f"{v:.5g}") for v in [flat.norm().item(), *picks.tolist()]]
+    return {"architecture": type(model).__name__, "shapes": shapes, "digest": digest}
 
 
 def _compare_fingerprints(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     diffs = []
     if saved.get("architecture") != current["architecture"]:
         diffs.append(f"architecture {saved.get('architecture')!r} vs this model's {current['architecture']!r}")
-    saved_shapes = saved.get("shapes", {})
-    for name, shape in saved_shapes.items():
+    for name, shape in saved.get("shapes", {}).items():
         if current["shapes"].get(name) != shape:
             diffs.append(f"{name}: weight shape {shape} vs {current['shapes'].get(name)}")
-    if not diffs and saved.get("hash") != current["hash"]:
-        diffs.append("same shapes, but the targeted base weights have different values (another checkpoint)")
+    if diffs:
+        return diffs
+    for name, values in saved.get("digest", {}).items():
+        now = current["digest"].get(name)
+        if now is None or len(now) != len(values):
+            continue
+        numel = max(1, math.prod(current["shapes"][name]))
+        rms = values[0] / math.sqrt(numel)
+        if any(abs(a - b) > 1e-2 * abs(a) + 1e-2 * rms for a, b in zip(values, now)):
+            diffs.append(f"same shapes, but the base weights differ (first at {name}): another checkpoint")
+            break
     return diffs
 
 
@@ -324,7 +334,14 @@ def load_adapter(model: LoraModel, path: str | os.PathLike, adapter_name: str = 
     if adapter_name in model.peft_config:
         raise ValueError(f"adapter {adapter_name!r} already exists; adapters: {sorted(model.peft_config)}")
     config, tensors, metadata = read_adapter(path, allow_pickle)
-    targets = _check(model.model, config, tensors, metadata, force)
+    # The fingerprint describes the base weights without any update folded in.
+    merged = {name: list(layer.merged_adapters) for name, layer in model.lora_layers() if layer.merged_adapters}
+    model.unmerge_adapter()
+    try:
+        targets = _check(model.model, config, tensors, metadata, force)
+    finally:
+        for name, layer in model.lora_layers():
+            layer.merge(merged.get(name, []))
     try:
         model.add_adapter(adapter_name, config)
         _copy_in(model, adapter_name, targets, tensors)
@@ -396,3 +413,51 @@ def set_adapter_state_dict(model: LoraModel, state_dict: dict[str, torch.Tensor]
     tensors = _normalize_keys(state_dict)
     targets = _plan(model.model, model.peft_config[adapter_name], tensors)
     _copy_in(model, adapter_name, targets, tensors)
+
+
+def merged_state_dict(model: LoraModel, adapter_names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """The state dict of the plain model (original module names) with adapters ``adapter_names`` (default: the
+    active ones) folded into the weights and their trained heads in place of the originals. The model is unchanged.
+    """
+    names = model.active_adapters if adapter_names is None else list(adapter_names)
+    layers = dict(model.lora_layers())
+    saved = dict(model._saved_modules())
+    out = {}
+    for key, value in model.model.state_dict().items():
+        if ".adapters." in key or ".original_module." in key or ".modules_to_save." in key:
+            continue
+        owner, _, leaf = key.rpartition(".base.")
+        if owner in layers and leaf == "weight":
+            value = layers[owner].merged_weight(names)
+        out[key.replace(".base.", ".")] = value
+    for owner, module in saved.items():
+        head = next((module.modules_to_save[n] for n in names if n in module.modules_to_save), module.original_module)
+        for k, v in head.state_dict().items():
+            out[f"{owner}.{k}"] = v
+    return out
+
+
+def export_merged(model: LoraModel, save_directory: str | os.PathLike, tokenizer: Any = None,
+                  adapter_names: Sequence[str] | None = None) -> Path:
+    """Save a Hugging Face model folder with adapters ``adapter_names`` (default: the active ones) folded in.
+
+    ``transformers.AutoModel*.from_pretrained(save_directory)`` loads it as a plain model. The LoraModel is not
+    changed. The folder is written under a temporary name and renamed into place.
+    """
+    if not hasattr(model.model, "save_pretrained"):
+        raise TypeError(f"export_merged needs a Hugging Face model; {type(model.model).__name__} has no "
+                        f"save_pretrained (use merge_and_unload() and save the result yourself)")
+    state = {k: v.detach().contiguous() for k, v in merged_state_dict(model, adapter_names).items()}
+    folder = Path(save_directory)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        model.model.save_pretrained(tmp, state_dict=state)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder

@@ -265,6 +265,13 @@ class LoraModel(nn.Module):
 
         load_adapter(self, path, adapter_name, is_trainable=is_trainable, **kwargs)
 
+    def export_merged(self, save_directory: str | os.PathLike, tokenizer: Any = None,
+                      adapter_names: Sequence[str] | None = None) -> None:
+        """Save a plain Hugging Face model folder with the adapters folded in; this model stays as it is."""
+        from .io import export_merged
+
+        export_merged(self, save_directory, tokenizer, adapter_names)
+
     @classmethod
     def from_pretrained(cls, model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",
                         is_trainable: bool = False, **kwargs: Any) -> LoraModel:

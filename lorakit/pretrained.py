@@ -9,6 +9,10 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -52,19 +56,60 @@ def _transformers():
     return transformers
 
 
-def load_default_model(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """SmolLM2-135M-Instruct as a ``LlamaForCausalLM``, dequantized from the embedded GGUF file, in eval mode."""
+HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # recorded as base_model_name_or_path in adapter configs
+
+
+def cache_root() -> Path:
+    """Where converted models are kept: ``$LORAKIT_CACHE_DIR``, else ``~/.cache/lorakit``."""
+    return Path(os.environ.get("LORAKIT_CACHE_DIR") or Path.home() / ".cache" / "lorakit")
+
+
+def default_model_dir() -> Path:
+    """A Hugging Face folder (fp32 safetensors + tokenizer) converted once from the embedded GGUF file.
+
+    Reading the GGUF through transformers takes ~30-45 s on 2 CPU cores (most of it parsing the vocabulary), and
+    loading the converted folder ~1 s, so the conversion is done once per GGUF file and cached. The folder is
+    written under a temporary name and renamed, so a crash never leaves a half-written model behind.
+    """
+    gguf = smollm2_gguf()
+    stat = gguf.stat()
+    folder = cache_root() / f"SmolLM2-135M-Instruct-{stat.st_size}-{int(stat.st_mtime)}"
+    if (folder / "config.json").is_file():
+        return folder
     transformers = _transformers()
-    path = smollm2_gguf()
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    print(f"lorakit: converting the embedded {gguf.name} once to {folder} (about a minute)", file=sys.stderr)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                              dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # The weights are already dequantized fp32 tensors; only transformers' GGUF bookkeeping stops saving them.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=folder.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, folder)
+    except OSError:
+        if not (folder / "config.json").is_file():  # not another process winning the race
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def load_default_model(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """SmolLM2-135M-Instruct as a ``LlamaForCausalLM`` (dequantized from the embedded GGUF), in eval mode."""
+    transformers = _transformers()
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(default_model_dir()), dtype=dtype)
+    model.config._name_or_path = HUB_NAME
     return model.eval()
 
 
 def load_default_tokenizer():
-    """The tokenizer of SmolLM2-135M-Instruct (with its chat template), read from the GGUF file."""
-    transformers = _transformers()
-    path = smollm2_gguf()
-    return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    """The tokenizer of SmolLM2-135M-Instruct, with its chat template."""
+    return _transformers().AutoTokenizer.from_pretrained(str(default_model_dir()))
 
 
 def build_model(spec: str, meta: bool = False, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -72,30 +117,36 @@ def build_model(spec: str, meta: bool = False, dtype: torch.dtype = torch.float3
 
     Args:
         spec: ``default`` (SmolLM2-135M-Instruct, embedded), ``minilm`` (all-MiniLM-L6-v2, embedded, as a
-            sequence classifier), a Hugging Face model folder, or a ``config.json`` file.
+            sequence classifier), a Hugging Face model folder, or a ``config.json`` file (with ``meta=True``).
         meta: Build on the meta device from the config alone: shapes without weights (no memory, no time).
+
+    Raises:
+        FileNotFoundError: ``spec`` names nothing that exists.
+        ValueError: The file or folder holds no Hugging Face model config.
     """
     transformers = _transformers()
-    path = Path(spec)
-    kwargs: dict = {}
     if spec == "default":
-        gguf = smollm2_gguf()
-        source, kwargs, auto = str(gguf.parent), {"gguf_file": gguf.name}, transformers.AutoModelForCausalLM
+        source = default_model_dir()
     elif spec == "minilm":
-        source, auto = str(minilm_dir()), transformers.AutoModelForSequenceClassification
-    elif path.is_file() and path.suffix == ".json" or path.is_dir():
-        source = str(path.parent if path.is_file() else path)
+        source = minilm_dir()
+    else:
+        source = Path(spec)
+        if not source.exists():
+            raise FileNotFoundError(f"model {spec!r} is neither 'default', 'minilm', a model folder nor a config.json")
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(source))
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"{spec!r} does not hold a Hugging Face model config: {err}") from None
+    architectures = config.architectures or []
+    if spec == "minilm" or any(a.endswith("ForSequenceClassification") for a in architectures):
+        auto = transformers.AutoModelForSequenceClassification
+    elif any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in architectures):
         auto = transformers.AutoModelForCausalLM
     else:
-        raise FileNotFoundError(f"model {spec!r} is neither 'default', 'minilm', a model folder nor a config.json")
-    try:
-        config = transformers.AutoConfig.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{spec!r} does not hold a Hugging Face model config: {err}") from None
-    if spec != "default" and spec != "minilm" and not any(a.endswith("ForCausalLM") for a in config.architectures or []):
-        auto = transformers.AutoModelForSequenceClassification if any(
-            a.endswith("ForSequenceClassification") for a in config.architectures or []) else transformers.AutoModel
+        auto = transformers.AutoModel
     if meta:
         with torch.device("meta"):
             return auto.from_config(config)
-    return auto.from_pretrained(source, dtype=dtype, **kwargs).eval()
+    if source.is_file():
+        raise ValueError(f"{spec!r} is a config file without weights; pass a model folder (or use meta=True)")
+    return auto.from_pretrained(str(source), dtype=dtype).eval()

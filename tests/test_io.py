@@ -111,16 +111,21 @@ def test_wrong_base_is_refused_and_force_loads_it(tmp_path, ids):
     _trained(tiny_llama, dict(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path)
     other = tiny_llama(seed=99)
     snap = _snapshot(other)
-    with pytest.raises(ValueError, match="trained on a different base model: same shapes, but the targeted base "
-                                         "weights have different values"):
+    with pytest.raises(ValueError, match="trained on a different base model: same shapes, but the base weights "
+                                         "differ"):
         LoraModel.from_pretrained(other, tmp_path)
     _unchanged(other, snap)
     assert LoraModel.from_pretrained(other, tmp_path, force=True).active_adapters == ["default"]
 
 
-def test_fp32_and_bf16_copies_of_one_base_share_a_fingerprint(tmp_path):
-    _trained(tiny_llama, dict(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path)
+def test_fp32_bf16_and_merged_then_unmerged_copies_of_one_base_share_a_fingerprint(tmp_path):
+    model = _trained(tiny_llama, dict(r=4, target_modules="all-linear"))
+    for _ in range(3):
+        model.merge_adapter()
+        model.unmerge_adapter()  # leaves fp32 rounding residue in the base weights
+    model.save_pretrained(tmp_path)
     LoraModel.from_pretrained(tiny_llama().to(torch.bfloat16), tmp_path)
+    LoraModel.from_pretrained(tiny_llama(), tmp_path)
 
 
 def test_architecture_difference_is_named(tmp_path):
@@ -258,3 +263,19 @@ def test_adapter_file_size_is_four_bytes_per_parameter_plus_a_small_header(tmp_p
     assert params == 30 * 8 * (2 * (576 + 576) + 2 * (576 + 192) + 3 * (576 + 1536))  # 2,442,240
     size = (tmp_path / "adapter_model.safetensors").stat().st_size
     assert 4 * params <= size <= 4 * params * 1.01
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_bert_cls])
+def test_export_merged_loads_as_a_plain_transformers_model(make, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    kwargs = dict(r=4, target_modules="all-linear") | ({"task_type": "SEQ_CLS"} if make is tiny_bert_cls else {})
+    model = _trained(make, kwargs)
+    ids = torch.randint(0, 128, (2, 7))
+    expected = _logits(model, ids)
+    model.export_merged(tmp_path / "merged")
+    auto = transformers.AutoModelForSequenceClassification if make is tiny_bert_cls else \
+        transformers.AutoModelForCausalLM
+    plain = auto.from_pretrained(tmp_path / "merged").eval()
+    torch.testing.assert_close(_logits(plain, ids), expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(_logits(model, ids), expected)  # the LoraModel is unchanged (still unmerged)
+    assert not any(layer.merged_adapters for _, layer in model.lora_layers())

@@ -1,0 +1,51 @@
+"""The CLI parses and calls one library function per command."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lorakit.cli import build_parser, main
+
+
+def test_every_option_has_help_text():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name, command in sub.choices.items():
+        for action in command._actions:
+            if action.dest != "help":
+                assert action.help, f"lorakit {name} {action.dest} has no --help text"
+
+
+def test_targets_on_a_config_file_without_weights(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                                      intermediate_size=11008, vocab_size=32000, architectures=["LlamaForCausalLM"])
+    config.save_pretrained(tmp_path)
+    assert main(["targets", str(tmp_path / "config.json"), "--target", "q_proj,v_proj", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["lora_params"] == 4_194_304 and len(out["modules"]) == 64
+    assert out["modules"][0] == {"name": "model.layers.0.self_attn.q_proj", "type": "Linear", "shape": [4096, 4096],
+                                 "r": 8, "params": 65536}
+
+
+def test_targets_table_on_the_embedded_model(capsys):
+    assert main(["targets", "--target", "all-linear"]) == 0
+    out = capsys.readouterr().out
+    assert "model.layers.29.mlp.down_proj" in out and "lm_head" not in out
+    assert "210 modules, 2,442,240 LoRA parameters" in out
+
+
+def test_errors_are_one_clear_line(tmp_path, capsys):
+    assert main(["targets", str(tmp_path / "missing")]) == 2
+    assert "is neither 'default', 'minilm', a model folder nor a config.json" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text("{}")
+    assert main(["targets", str(tmp_path / "config.json")]) == 2
+    assert "does not hold a Hugging Face model config" in capsys.readouterr().err
+    assert main(["targets", "--target", "q_prj"]) == 2
+    assert "target module 'q_prj' matches no module in the model (did you mean 'q_proj'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["targets", "--r", "x"])
+    assert main(["targets", "--r", "0"]) == 2
+    assert "r must be a positive integer (r >= 1), got 0" in capsys.readouterr().err
