@@ -9,6 +9,22 @@ from collections.abc import Callable
 
 def interleaved(fns: dict[str, Callable[[], object]], rounds: int, iters: int, warmup: int = 2) -> dict[str, float]:
     """Median seconds per call of each function, timed round-robin (A, B, C, A, B, C, ...)."""
+    samples = interleaved_samples(fns, rounds, iters, warmup)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def overhead(samples: dict[str, list[float]], name: str, reference: str) -> float:
+    """Median over rounds of ``name``'s time relative to ``reference`` in the same round, minus 1.
+
+    A round times every contender back to back, so a ratio within a round cancels the slow drifts of a shared
+    machine that a ratio of medians keeps.
+    """
+    return statistics.median(a / b for a, b in zip(samples[name], samples[reference])) - 1
+
+
+def interleaved_samples(fns: dict[str, Callable[[], object]], rounds: int, iters: int,
+                        warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds per call of each function in each round, timed round-robin (A, B, C, A, B, C, ...)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -20,7 +36,7 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int, iters: int, w
             for _ in range(iters):
                 fn()
             samples[name].append((time.perf_counter() - start) / iters)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return samples
 
 
 def markdown_table(header: list[str], rows: list[list[object]]) -> str:

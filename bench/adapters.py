@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import statistics
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _timing import interleaved, markdown_table  # noqa: E402
+from _timing import interleaved, interleaved_samples, markdown_table, overhead  # noqa: E402
 
 from lorakit import LoraConfig, get_lora_model  # noqa: E402
 from lorakit.pretrained import load_default_model  # noqa: E402
@@ -60,6 +61,8 @@ def main() -> None:
                                                 adapter_state_dict(ours, name).items()}, adapter_name=name)
     ours.set_adapter(NAMES[0])
     theirs.set_adapter(NAMES[0])
+    ours.eval()
+    theirs.eval()  # PEFT refuses adapter_names in training mode
 
     # 1. merge time (fp32)
     def merge_ours():
@@ -91,10 +94,11 @@ def main() -> None:
                     "peft": lambda: theirs(input_ids=ids, use_cache=False, adapter_names=NAMES).logits,
                 }
                 rounds = args.rounds if dtype_name == "fp32" else args.bf16_rounds
-                t = interleaved(fns, rounds=rounds, iters=iters, warmup=1)
+                samples = interleaved_samples(fns, rounds=rounds * (2 if seq == 1 else 1), iters=iters, warmup=1)
+            t = {name: statistics.median(values) for name, values in samples.items()}
             rows.append([dtype_name, shape_name, f"{1e3 * t['merged']:.1f}", f"{1e3 * t['lorakit']:.1f}",
-                         f"{1e3 * t['peft']:.1f}", f"{100 * (t['lorakit'] / t['merged'] - 1):+.1f}%",
-                         f"{100 * (t['peft'] / t['merged'] - 1):+.1f}%"])
+                         f"{1e3 * t['peft']:.1f}", f"{100 * overhead(samples, 'lorakit', 'merged'):+.1f}%",
+                         f"{100 * overhead(samples, 'peft', 'merged'):+.1f}%"])
             print(rows[-1], flush=True)
     print()
     print(f"SmolLM2-135M, 8 adapters r=8 all-linear, torch {torch.__version__}, {torch.get_num_threads()} threads, "

@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import statistics
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _timing import interleaved, markdown_table  # noqa: E402
+from _timing import interleaved_samples, markdown_table, overhead  # noqa: E402
 
 from lorakit import LoraConfig, get_lora_model  # noqa: E402
 from lorakit.pretrained import load_default_model  # noqa: E402
@@ -48,15 +49,17 @@ def main() -> None:
             with torch.inference_mode():
                 fns = {name: (lambda m=m: m(input_ids=ids, use_cache=False).logits) for name, m in models.items()}
                 rounds = factor * (args.rounds if dtype_name == "fp32" else args.bf16_rounds)
-                t = interleaved(fns, rounds=rounds, iters=iters)
-            over = {name: 100 * (t[name] / t["base"] - 1) for name in ("lorakit", "peft")}
+                samples = interleaved_samples(fns, rounds=rounds, iters=iters)
+            t = {name: statistics.median(values) for name, values in samples.items()}
+            over = {name: 100 * overhead(samples, name, "base") for name in ("lorakit", "peft")}
             rows.append([dtype_name, shape_name, f"{1e3 * t['base']:.2f}", f"{1e3 * t['lorakit']:.2f}",
                          f"{1e3 * t['peft']:.2f}", f"{over['lorakit']:+.1f}%", f"{over['peft']:+.1f}%"])
             print(rows[-1], flush=True)
     print()
     print(f"SmolLM2-135M, r=8 all-linear (210 layers), unmerged, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}; "
-          f"median of {args.rounds} (fp32) / {args.bf16_rounds} (bf16) interleaved rounds, twice that for decode")
+          f"{args.rounds} (fp32) / {args.bf16_rounds} (bf16) interleaved rounds, twice that for decode; times are medians, "
+          f"overheads the median of per-round ratios")
     print(markdown_table(["dtype", "batch", "base ms", "lorakit ms", "PEFT ms", "lorakit overhead", "PEFT overhead"],
                          rows))
 

@@ -96,7 +96,7 @@ class LoraLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
-        # Set only for the length of one mixed-batch forward: the adapter index of every row (see ``routing``).
+        # Set only for the length of one mixed-batch forward: (adapter slot of every row, adapter names by slot).
         self._routing: tuple[torch.Tensor, list[str]] | None = None
         # DoRA merges rescale rows of the base weight; the factor is kept to undo it exactly.
         self._dora_merge_scale: dict[str, torch.Tensor] = {}
@@ -134,8 +134,10 @@ class LoraLayer(nn.Module):
         a_shape, b_shape = self.adapter_shapes(r)
         adapter = LoraAdapter(a_shape, b_shape, r, lora_alpha, lora_dropout, use_rslora,
                               dora_features=self.out_features if use_dora else None)
+        # Adapters of a half-precision (or quantized) base live in fp32, as PEFT keeps them, for stable training.
         weight = self.base.weight
-        adapter.to(device=weight.device, dtype=weight.dtype if weight.is_floating_point() else torch.float32)
+        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        adapter.to(device=weight.device, dtype=dtype)
         self._init_adapter(adapter, init_lora_weights)
         self.adapters[name] = adapter
         if use_dora:
@@ -199,8 +201,12 @@ class LoraLayer(nn.Module):
                     self._dora_merge_scale[name] = scale
                     _store(weight, self._rows(weight.float() + self.delta_weight(name), scale))
                 else:
-                    _add_to(weight, self.delta_weight(name))
+                    self._add_delta(name, alpha=1.0)
             self.merged_adapters.append(name)
+
+    def _add_delta(self, name: str, alpha: float) -> None:
+        """``W += alpha·ΔW`` for adapter ``name``, computed in fp32."""
+        _add_to(self.base.weight, self.delta_weight(name), alpha=alpha)
 
     def merged_weight(self, names: Sequence[str]) -> torch.Tensor:
         """The base weight with adapters ``names`` folded in (fp32 math), as a new tensor; the layer is unchanged."""
@@ -227,7 +233,7 @@ class LoraLayer(nn.Module):
                     w32 = self._rows(weight.float(), 1.0 / self._dora_merge_scale.pop(name))
                     _store(weight, w32 - self.delta_weight(name))
                 else:
-                    _add_to(weight, self.delta_weight(name), alpha=-1.0)
+                    self._add_delta(name, alpha=-1.0)
 
     def _rows(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """Multiply each output row of a base-shaped weight by ``scale`` (out,)."""
@@ -263,7 +269,9 @@ class LoraLinear(LoraLayer):
         else:
             result = self.base(x, *args, **kwargs)
         if self._routing is not None:
-            return self._mixed_batch_forward(x, result)
+            from .mixed import add_mixed_batch_update
+
+            return add_mixed_batch_update(self, x, result)
         for name in self._unmerged_active():
             adapter = self.adapters[name]
             if adapter.use_dora:
@@ -279,6 +287,18 @@ class LoraLinear(LoraLayer):
 
     def _rows(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return weight * (scale[None, :] if self.fan_in_fan_out else scale[:, None])
+
+    def _add_delta(self, name: str, alpha: float) -> None:
+        weight = self.base.weight
+        if weight.dtype != torch.float32:
+            return super()._add_delta(name, alpha)
+        adapter = self.adapters[name]
+        a, b = adapter.lora_A.detach().float(), adapter.lora_B.detach().float()
+        # One fused GEMM-accumulate into the weight: no dense ΔW is materialized.
+        if self.fan_in_fan_out:
+            weight.data.addmm_(a.t(), b.t(), alpha=alpha * adapter.scaling)  # (in, out) += Aᵀ·Bᵀ
+        else:
+            weight.data.addmm_(b, a, alpha=alpha * adapter.scaling)  # (out, in) += B·A
 
     def _pissa_init(self, adapter: LoraAdapter) -> None:
         # PiSSA: A, B from the top-r singular triplets of W; the base keeps the residual W - scaling·B·A.
@@ -314,62 +334,6 @@ class LoraLinear(LoraLayer):
             base_out = F.linear(xd.to(w.dtype), w)
         lora = F.linear(F.linear(xd.to(adapter.lora_A.dtype), adapter.lora_A), adapter.lora_B) * adapter.scaling
         return result + (g - 1) * base_out + g * lora.to(result.dtype)
-
-    # -- mixed batches ------------------------------------------------------------------------------------
-
-    def _mixed_batch_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        index, names = self._routing
-        stacked = self._stacked(names, x)
-        if stacked is None:
-            return result
-        a, b = stacked  # (n+1, r_max, in), (n+1, out, r_max); slot 0 is zeros: the base model
-        dtype = _update_dtype(x, a)
-        a_rows, b_rows = a[index].to(dtype), b[index].to(dtype)  # (batch, r_max, in), (batch, out, r_max): BGMV's gather
-        xs = x.to(dtype)
-        squeeze = xs.dim() == 2
-        if squeeze:
-            xs = xs[:, None, :]
-        xa = torch.bmm(xs.reshape(xs.shape[0], -1, xs.shape[-1]), a_rows.transpose(1, 2))  # (batch, seq, r_max)
-        delta = torch.bmm(xa, b_rows.transpose(1, 2))  # (batch, seq, out)
-        delta = delta.reshape(*xs.shape[:-1], delta.shape[-1])
-        if squeeze:
-            delta = delta[:, 0]
-        return result + delta.to(result.dtype)
-
-    def _stacked(self, names: list[str], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """A and B of ``names`` zero-padded to one rank and stacked, scaling folded into B; slot 0 is zero.
-
-        Built once and cached while no weight changes (inference); rebuilt differentiably when training.
-        """
-        live = [n for n in names if n in self.adapters and n not in self.merged_adapters]
-        if not live:
-            return None
-        for n in live:
-            if self.adapters[n].use_dora:
-                raise ValueError(f"adapter {n!r} uses DoRA, which mixed batches (adapter_names=...) do not support")
-        params = [p for n in live for p in (self.adapters[n].lora_A, self.adapters[n].lora_B)]
-        key = (tuple(names), tuple((p._version, p.data_ptr(), p.dtype) for p in params))
-        differentiable = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        if not differentiable and self._stack_cache is not None and self._stack_cache[0] == key:
-            return self._stack_cache[1]
-        r_max = max(self.adapters[n].r for n in live)
-        ref = params[0]
-        zero_a = ref.new_zeros(r_max, self.in_features)
-        zero_b = ref.new_zeros(self.out_features, r_max)
-        a_list, b_list = [zero_a], [zero_b]
-        for name in names:
-            if name in live:
-                ad = self.adapters[name]
-                a_list.append(F.pad(ad.lora_A, (0, 0, 0, r_max - ad.r)))
-                b_list.append(F.pad(ad.lora_B * ad.scaling, (0, r_max - ad.r)))
-            else:
-                a_list.append(zero_a)
-                b_list.append(zero_b)
-        stacked = torch.stack(a_list), torch.stack(b_list)  # (n+1, r_max, in), (n+1, out, r_max)
-        if not differentiable:
-            self._stack_cache = (key, stacked)
-        return stacked
-
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 

@@ -221,3 +221,19 @@ def test_combination_spans_the_union_of_targets(three, ids):
 def test_forward_to_attributes_of_the_model(three):
     assert three.config.model_type == "llama"
     assert three.get_base_model() is three.model
+
+
+def test_mixed_batch_sees_weight_changes_and_trains(three):
+    torch.manual_seed(3)
+    ids = torch.randint(0, 128, (2, 5))
+    names = ["a", "b"]
+    before = _logits(three, ids, adapter_names=names)
+    with torch.no_grad():
+        three.model.model.layers[0].self_attn.q_proj.adapters["b"].lora_B.add_(0.5)  # the stacks must be rebuilt
+    after = _logits(three, ids, adapter_names=names)
+    assert torch.equal(after[0], before[0]) and not torch.allclose(after[1], before[1])
+    three.set_adapter(["a", "b"])
+    loss = three(input_ids=ids, adapter_names=names).logits.pow(2).mean()
+    loss.backward()
+    grads = {n for n, p in three.named_parameters() if p.grad is not None}
+    assert any(".adapters.a." in n for n in grads) and any(".adapters.b." in n for n in grads)
