@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .mixed import Routing, add_mixed_batch_update
+
 BASE_ROW = "__base__"  # the name that selects "no adapter" for a row of a mixed batch
 
 
@@ -96,8 +98,8 @@ class LoraLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
-        # Set only for the length of one mixed-batch forward: (adapter slot of every row, adapter names by slot).
-        self._routing: tuple[torch.Tensor, list[str]] | None = None
+        # Set only for the length of one mixed-batch forward/generate: which adapter each row uses.
+        self._routing: Routing | None = None
         # DoRA merges rescale rows of the base weight; the factor is kept to undo it exactly.
         self._dora_merge_scale: dict[str, torch.Tensor] = {}
         # Mixed-batch weights stacked per adapter list, reused while the adapters' tensors are unchanged.
@@ -269,9 +271,7 @@ class LoraLinear(LoraLayer):
         else:
             result = self.base(x, *args, **kwargs)
         if self._routing is not None:
-            from .mixed import add_mixed_batch_update
-
-            return add_mixed_batch_update(self, x, result)
+            return add_mixed_batch_update(self._routing, x, result)
         for name in self._unmerged_active():
             adapter = self.adapters[name]
             if adapter.use_dora:
@@ -411,7 +411,7 @@ class LoraEmbedding(LoraLayer):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         result = self.base(ids)
         if self._routing is not None:
-            index, names = self._routing
+            index, names = self._routing.index, self._routing.names
             for slot, name in enumerate(names, start=1):
                 rows = index == slot
                 if name in self._unmerged_pool() and bool(rows.any()):

@@ -2,39 +2,66 @@
 
 Punica's BGMV idea in plain torch: the A and B of the adapters in the batch are zero-padded to one rank and
 stacked (slot 0 is all zeros: the base model), each row gathers its slot, and two batched matmuls give every row
-its own update. No Python loop over sub-batches; the stacks are built once and reused while no weight changes.
+its own update. No Python loop over sub-batches. The stacks are built when the batch's routing is set (once per
+``forward`` or ``generate`` call, not once per layer call) and cached on the layer while no weight changes.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from .layers import LoraLinear
+    from .layers import LoraLayer
 
 
-def add_mixed_batch_update(layer: LoraLinear, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-    """``result`` plus, for each row, the update of that row's adapter (the routing set on ``layer``)."""
-    from .layers import _update_dtype
+@dataclass
+class Routing:
+    """Which adapter each row of a batch uses, as one layer sees it."""
 
-    index, names = layer._routing
-    dtype = _update_dtype(x, next(iter(layer.adapters.values())).lora_A)
-    stacked = stacked_weights(layer, names, dtype)
-    if stacked is None:
+    index: torch.Tensor  # (batch,) slot of each row; 0 is the base model, i is names[i - 1]
+    names: list[str]
+    a: torch.Tensor | None = None  # (n+1, r_max, in): stacked A, for linear layers
+    b: torch.Tensor | None = None  # (n+1, out, r_max): stacked B·scaling
+
+
+def routing_for(layer: LoraLayer, index: torch.Tensor, names: list[str]) -> Routing:
+    """The routing of one layer, with its stacked weights when it is a linear layer."""
+    from .layers import LoraLinear, _update_dtype
+
+    routing = Routing(index, names)
+    if isinstance(layer, LoraLinear):
+        first = next(iter(layer.adapters.values())).lora_A
+        stacked = stacked_weights(layer, names, _update_dtype(layer.base.weight, first))
+        if stacked is not None:
+            routing.a, routing.b = stacked
+    return routing
+
+
+def add_mixed_batch_update(routing: Routing, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """``result`` plus, for each row, the update of that row's adapter."""
+    if routing.a is None:
         return result
-    a, b = stacked  # (n+1, r_max, in), (n+1, out, r_max)
-    a_rows, b_rows = a[index], b[index]  # (batch, r_max, in), (batch, out, r_max): BGMV's gather
-    xs = x.to(dtype)
-    rows = xs.reshape(xs.shape[0], -1, xs.shape[-1])  # (batch, tokens per row, in)
-    xa = torch.bmm(rows, a_rows.transpose(1, 2))  # (batch, tokens, r_max)
+    index = routing.index
+    if x.shape[0] != index.numel():
+        raise ValueError(f"adapter_names has {index.numel()} entries but the batch has {x.shape[0]} rows; "
+                         f"give one adapter name per row")
+    a_rows = routing.a.index_select(0, index)  # (batch, r_max, in): BGMV's gather
+    b_rows = routing.b.index_select(0, index)  # (batch, out, r_max)
+    xs = x.to(a_rows.dtype).reshape(x.shape[0], -1, x.shape[-1])  # (batch, tokens per row, in)
+    xa = torch.bmm(xs, a_rows.transpose(1, 2))  # (batch, tokens, r_max)
+    out = result.view(x.shape[0], -1, result.shape[-1]) if result.is_contiguous() else None
+    if out is not None and out.dtype == xa.dtype and not torch.is_grad_enabled():
+        out.baddbmm_(xa, b_rows.transpose(1, 2))  # accumulate in place: no (batch, tokens, out) temporary
+        return result
     delta = torch.bmm(xa, b_rows.transpose(1, 2))  # (batch, tokens, out)
-    return result + delta.reshape(*x.shape[:-1], delta.shape[-1]).to(result.dtype)
+    return result + delta.reshape(result.shape).to(result.dtype)
 
 
-def stacked_weights(layer: LoraLinear, names: list[str], dtype: torch.dtype
+def stacked_weights(layer: LoraLayer, names: list[str], dtype: torch.dtype
                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """A and B of ``names`` zero-padded to one rank and stacked in ``dtype``, scaling folded into B; slot 0 is
     zero. None when no adapter in ``names`` lives (unmerged) on this layer.
@@ -44,15 +71,15 @@ def stacked_weights(layer: LoraLinear, names: list[str], dtype: torch.dtype
     live = [n for n in names if n in layer.adapters and n not in layer.merged_adapters]
     if not live:
         return None
-    for n in live:
-        if layer.adapters[n].use_dora:
-            raise ValueError(f"adapter {n!r} uses DoRA, which mixed batches (adapter_names=...) do not support")
-    params = [p for n in live for p in (layer.adapters[n].lora_A, layer.adapters[n].lora_B)]
-    key = (tuple(names), dtype, tuple((p._version, p.data_ptr(), p.dtype) for p in params))
+    adapters = [layer.adapters[n] for n in live]
+    if any(ad.use_dora for ad in adapters):
+        raise ValueError("mixed batches (adapter_names=...) do not support DoRA adapters")
+    params = [p for ad in adapters for p in (ad.lora_A, ad.lora_B)]
+    key = (tuple(names), dtype, params[0].data_ptr(), tuple(p._version for p in params))
     differentiable = torch.is_grad_enabled() and any(p.requires_grad for p in params)
     if not differentiable and layer._stack_cache is not None and layer._stack_cache[0] == key:
         return layer._stack_cache[1]
-    r_max = max(layer.adapters[n].r for n in live)
+    r_max = max(ad.r for ad in adapters)
     zero_a = params[0].new_zeros(r_max, layer.in_features, dtype=dtype)
     zero_b = params[0].new_zeros(layer.out_features, r_max, dtype=dtype)
     a_list, b_list = [zero_a], [zero_b]

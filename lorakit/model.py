@@ -18,6 +18,7 @@ from torch import nn
 from .config import LoraConfig
 from .inject import ModulesToSave, find_targets, inject
 from .layers import BASE_ROW, LoraLayer
+from .mixed import routing_for
 
 
 class LoraModel(nn.Module):
@@ -31,6 +32,7 @@ class LoraModel(nn.Module):
     def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> None:
         super().__init__()
         self.model = model
+        self._wrappers: tuple[list, list] | None = None
         self.peft_config: dict[str, LoraConfig] = {}
         self._active: list[str] = []
         self._inference_only: set[str] = set()
@@ -72,14 +74,18 @@ class LoraModel(nn.Module):
 
     def lora_layers(self) -> Iterator[tuple[str, LoraLayer]]:
         """Every LoRA layer of the model with its module name."""
-        for name, module in self.model.named_modules():
-            if isinstance(module, LoraLayer):
-                yield name, module
+        return iter(self._structure()[0])
 
     def _saved_modules(self) -> Iterator[tuple[str, ModulesToSave]]:
-        for name, module in self.model.named_modules():
-            if isinstance(module, ModulesToSave):
-                yield name, module
+        return iter(self._structure()[1])
+
+    def _structure(self) -> tuple[list[tuple[str, LoraLayer]], list[tuple[str, ModulesToSave]]]:
+        # Walking ~1000 modules costs milliseconds; the wrappers only change in add_adapter and unload.
+        if self._wrappers is None:
+            named = list(self.model.named_modules())
+            self._wrappers = ([(n, m) for n, m in named if isinstance(m, LoraLayer)],
+                              [(n, m) for n, m in named if isinstance(m, ModulesToSave)])
+        return self._wrappers
 
     # -- adapters ----------------------------------------------------------------------------------------
 
@@ -106,6 +112,7 @@ class LoraModel(nn.Module):
             raise TypeError(f"config must be a LoraConfig, got {type(config).__name__}")
         find_targets(self.model, config)  # raises before anything changes
         wrapped = inject(self.model, config, adapter_name)
+        self._wrappers = None
         self.peft_config[adapter_name] = config
         self._refresh()
         return wrapped
@@ -185,7 +192,7 @@ class LoraModel(nn.Module):
         index = torch.tensor([slots.get(n, 0) for n in adapter_names], dtype=torch.long, device=self._device())
         layers = [layer for _, layer in self.lora_layers()]
         for layer in layers:
-            layer._routing = (index, names)
+            layer._routing = routing_for(layer, index, names)
         try:
             yield
         finally:
@@ -245,6 +252,7 @@ class LoraModel(nn.Module):
             _replace(self.model, name, layer.base)
         for name, module in list(self._saved_modules()):
             _replace(self.model, name, module.current() if keep_trained_heads else module.original_module)
+        self._wrappers = None
         for p in self.model.parameters():
             p.requires_grad_(False)
         return self.model

@@ -237,3 +237,8 @@ def test_mixed_batch_sees_weight_changes_and_trains(three):
     loss.backward()
     grads = {n for n, p in three.named_parameters() if p.grad is not None}
     assert any(".adapters.a." in n for n in grads) and any(".adapters.b." in n for n in grads)
+
+
+def test_mixed_batch_needs_one_name_per_row(three, ids):
+    with pytest.raises(ValueError, match="adapter_names has 2 entries but the batch has 3 rows"):
+        three(input_ids=ids, adapter_names=["a", "b"])
