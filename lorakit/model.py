@@ -154,8 +154,8 @@ class LoraModel(nn.Module):
                 adapter.requires_grad_(name in trainable)
         for _, module in self._saved_modules():
             module.set_active(self._active)
-            for name, copy in module.modules_to_save.items():
-                copy.requires_grad_(name in trainable)
+            for name, head in module.modules_to_save.items():
+                head.requires_grad_(name in trainable)
         biases = {self.peft_config[n].bias for n in trainable}
         for name, param in self.model.named_parameters():
             if not name.endswith("bias") or any(f".{part}." in name for part in _LORAKIT_PARTS):
@@ -191,9 +191,9 @@ class LoraModel(nn.Module):
         slots = {n: i for i, n in enumerate(names, start=1)}
         index = torch.tensor([slots.get(n, 0) for n in adapter_names], dtype=torch.long, device=self._device())
         layers = [layer for _, layer in self.lora_layers()]
-        for layer in layers:
-            layer._routing = routing_for(layer, index, names)
         try:
+            for layer in layers:
+                layer._routing = routing_for(layer, index, names)
             yield
         finally:
             for layer in layers:

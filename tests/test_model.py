@@ -242,3 +242,13 @@ def test_mixed_batch_sees_weight_changes_and_trains(three):
 def test_mixed_batch_needs_one_name_per_row(three, ids):
     with pytest.raises(ValueError, match="adapter_names has 2 entries but the batch has 3 rows"):
         three(input_ids=ids, adapter_names=["a", "b"])
+
+
+def test_mixed_batch_refuses_dora_and_leaves_no_routing_behind(ids):
+    model = get_lora_model(tiny_llama(), _random_adapter(target_modules=["q_proj"]), "plain")
+    model.add_adapter("dora", _random_adapter(target_modules=["q_proj"], use_dora=True))
+    with pytest.raises(ValueError, match="do not support DoRA"):
+        model(input_ids=ids, adapter_names=["plain", "dora", "plain"])
+    assert all(layer._routing is None for _, layer in model.lora_layers())
+    model.set_adapter("plain")
+    torch.testing.assert_close(_logits(model, ids)[:1], _logits(model, ids[:1]))
