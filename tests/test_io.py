@@ -34,7 +34,7 @@ def _trained(make, kwargs, seed=3):
     torch.manual_seed(seed)
     model = get_lora_model(make(), LoraConfig(init_lora_weights=False, **kwargs))
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
     return model

@@ -141,7 +141,6 @@ def test_mixed_batch_rows_equal_single_adapter_runs(three, with_base_row):
             three.set_adapter(name)
             expected = _logits(three, ids[i: i + 1])
         torch.testing.assert_close(mixed[i: i + 1], expected, atol=1e-5, rtol=1e-5)
-    assert three.active_adapters == [names[-1]] or True  # the active list is untouched by mixed batches
 
 
 def test_mixed_batch_generate_matches_per_row_generate(three):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from conftest import tiny_bert_cls, tiny_conv, tiny_gpt2, tiny_llama
