@@ -276,7 +276,7 @@ class LoraModel(nn.Module):
     def export_merged(self, save_directory: str | os.PathLike, tokenizer: Any = None,
                       adapter_names: Sequence[str] | None = None) -> None:
         """Save a plain Hugging Face model folder with the adapters folded in; this model stays as it is."""
-        from .io import export_merged
+        from .export import export_merged
 
         export_merged(self, save_directory, tokenizer, adapter_names)
 

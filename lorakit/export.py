@@ -1,0 +1,63 @@
+"""Exporting a merged model: a plain Hugging Face folder with the adapters folded into the weights."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from .model import LoraModel
+
+
+def merged_state_dict(model: LoraModel, adapter_names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """The state dict of the plain model (original module names) with adapters ``adapter_names`` (default: the
+    active ones) folded into the weights and their trained heads in place of the originals. The model is unchanged.
+    """
+    names = model.active_adapters if adapter_names is None else list(adapter_names)
+    layers = dict(model.lora_layers())
+    saved = dict(model._saved_modules())
+    out = {}
+    for key, value in model.model.state_dict().items():
+        if ".adapters." in key or ".original_module." in key or ".modules_to_save." in key:
+            continue
+        owner, _, leaf = key.rpartition(".base.")
+        if owner in layers and leaf == "weight":
+            value = layers[owner].merged_weight(names)
+        out[key.replace(".base.", ".")] = value
+    for owner, module in saved.items():
+        head = next((module.modules_to_save[n] for n in names if n in module.modules_to_save), module.original_module)
+        for k, v in head.state_dict().items():
+            out[f"{owner}.{k}"] = v
+    return out
+
+
+def export_merged(model: LoraModel, save_directory: str | os.PathLike, tokenizer: Any = None,
+                  adapter_names: Sequence[str] | None = None) -> Path:
+    """Save a Hugging Face model folder with adapters ``adapter_names`` (default: the active ones) folded in.
+
+    ``transformers.AutoModel*.from_pretrained(save_directory)`` loads it as a plain model. The LoraModel is not
+    changed. The folder is written under a temporary name and renamed into place.
+    """
+    if not hasattr(model.model, "save_pretrained"):
+        raise TypeError(f"export_merged needs a Hugging Face model; {type(model.model).__name__} has no "
+                        f"save_pretrained (use merge_and_unload() and save the result yourself)")
+    state = {k: v.detach().contiguous() for k, v in merged_state_dict(model, adapter_names).items()}
+    folder = Path(save_directory)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        model.model.save_pretrained(tmp, state_dict=state)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
