@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 
 from .config import TASK_TYPES
 
@@ -61,6 +63,42 @@ def cmd_targets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_params(args: argparse.Namespace) -> int:
+    from .calc import PRESETS, count_parameters, preset_model
+    from .config import LoraConfig
+    from .pretrained import build_model
+
+    config = LoraConfig(r=args.r, lora_alpha=args.alpha if args.alpha is not None else args.r,
+                        target_modules=_split(args.target), task_type=args.task_type)
+    if args.model in PRESETS:
+        model = preset_model(args.model)
+    elif args.model in ("default", "minilm") or Path(args.model).exists():
+        model = build_model(args.model, meta=True)
+    else:
+        raise ValueError(f"unknown model {args.model!r}: use a preset ({', '.join(PRESETS)}), 'default', "
+                         f"'minilm', a model folder or a config.json")
+    result = count_parameters(model, config)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(result["line"])
+    print()
+    header = f"{'module':<16} {'type':<10} {'weight shape':>14} {'r':>4} {'layers':>7} {'params each':>12} {'params':>13}"
+    print(header)
+    print("-" * len(header))
+    for row in result["targets"]:
+        shape = "x".join(map(str, row["shape"]))
+        print(f"{row['module']:<16} {row['type']:<10} {shape:>14} {row['r']:>4} {row['count']:>7} "
+              f"{row['params_each']:>12,d} {row['params']:>13,d}")
+    sizes = result["adapter_bytes"]
+    print(f"\nLoRA parameters: {result['lora_params']:,d} "
+          f"({100 * result['lora_params'] / result['base_total']:.4f}% of the base model's {result['base_total']:,d})")
+    if result["modules_to_save"]:
+        print(f"trained in full and saved: {', '.join(result['modules_to_save'])}")
+    print(f"adapter file: {sizes['fp32'] / 2**20:.2f} MiB in fp32, {sizes['bf16'] / 2**20:.2f} MiB in bf16")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description="Exact, fast LoRA fine-tuning for PyTorch models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -72,6 +110,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default: 2e-3)")
     demo.add_argument("--output-dir", default="runs/demo", help="where the adapter is saved (default: runs/demo)")
     demo.set_defaults(func=cmd_demo)
+
+    params = sub.add_parser("params", help="count what a LoRA config trains, from a config alone (no weights)",
+                            description="Build the model on the meta device, apply the LoRA config and print PEFT's "
+                                        "trainable-parameters line, a per-target table and the adapter file size.")
+    params.add_argument("--model", default="default",
+                        help="a preset (llama-2-7b, llama-2-13b, llama-2-70b, llama-3-8b, mistral-7b, gpt2, "
+                             "bert-base), 'default' (SmolLM2-135M), 'minilm', a model folder or a config.json "
+                             "(default: default)")
+    params.add_argument("--target", default=None,
+                        help="comma-separated module names (q_proj,v_proj), 'all-linear', or a regex "
+                             "(default: the architecture's default)")
+    params.add_argument("--r", type=int, default=8, help="LoRA rank (default: 8)")
+    params.add_argument("--alpha", type=float, default=None, help="lora_alpha (default: equal to r)")
+    params.add_argument("--task-type", default=None, choices=TASK_TYPES,
+                        help="PEFT task type (SEQ_CLS also trains the classification head)")
+    params.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    params.set_defaults(func=cmd_params)
 
     targets = sub.add_parser("targets", help="list the modules a LoRA config would wrap, without loading weights",
                              description="Build the model on the meta device (no weights, no memory) and list the "
@@ -96,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly (Python docs' recipe)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"lorakit {args.command}: error: {err}", file=sys.stderr)
         return 2
