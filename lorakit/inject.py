@@ -151,7 +151,8 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         if config.layers_to_transform is not None:
             wanted = config.layers_to_transform
             wanted = {wanted} if isinstance(wanted, int) else set(wanted)
-            selected = [n for n in selected if _layer_index(n, config.layers_pattern) in wanted]
+            # As in PEFT, a target given by its full name is taken whatever its layer.
+            selected = [n for n in selected if n in targets or _layer_index(n, config.layers_pattern) in wanted]
             if not selected:
                 raise ValueError(
                     f"layers_to_transform={config.layers_to_transform!r} (layers_pattern={config.layers_pattern!r}) "
@@ -170,13 +171,25 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
 
     modules = dict(named)
     for name in selected:
-        module = modules[name]
-        if not isinstance(module, LoraLayer) and not _wrappable(module):
-            raise ValueError(
-                f"target {name!r} is a {type(module).__name__}; LoRA wraps {SUPPORTED_TYPES} layers "
-                f"(name the linear layers inside it instead)"
-            )
+        _check_wrappable(name, modules[name], config)
     return selected
+
+
+def _check_wrappable(name: str, module: nn.Module, config: LoraConfig) -> None:
+    """Everything that would make wrapping ``module`` fail, checked before anything is changed."""
+    base = module.base if isinstance(module, LoraLayer) else module
+    if not isinstance(module, LoraLayer) and not _wrappable(module):
+        raise ValueError(f"target {name!r} is a {type(module).__name__}; LoRA wraps {SUPPORTED_TYPES} layers "
+                         f"(name the linear layers inside it instead)")
+    linear = _is_linear(base)
+    if config.use_dora and not linear:
+        raise ValueError(f"use_dora is supported for Linear and Conv1D layers; target {name!r} is a "
+                         f"{type(base).__name__}")
+    if config.init_lora_weights == "pissa" and not linear:
+        raise ValueError(f"init_lora_weights='pissa' is supported for Linear and Conv1D layers; target {name!r} is "
+                         f"a {type(base).__name__}")
+    if isinstance(base, nn.Conv2d) and base.groups != 1:
+        raise ValueError(f"LoRA on Conv2d needs groups=1; target {name!r} has groups={base.groups}")
 
 
 def _wrappable(module: nn.Module) -> bool:

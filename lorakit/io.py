@@ -158,7 +158,7 @@ def save_adapters(model: LoraModel, save_directory: str | os.PathLike, adapter_n
         tensors = {PREFIX + k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model, name).items()}
         _warn_if_not_serve_safe(model, name, tensors)
         targets = [path for path, layer in model.lora_layers() if name in layer.adapters]
-        metadata = {"format": "pt", FINGERPRINT_KEY: json.dumps(fingerprint(model.model, targets))}
+        metadata = {"format": "pt", FINGERPRINT_KEY: json.dumps(_unmerged_fingerprint(model, targets))}
         config = model.peft_config[name].to_dict()
         config["target_modules"] = _json_targets(config["target_modules"])
         if base_model_name_or_path is not None:
@@ -169,6 +169,17 @@ def save_adapters(model: LoraModel, save_directory: str | os.PathLike, adapter_n
         _atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
         written.append(folder)
     return written
+
+
+def _unmerged_fingerprint(model: LoraModel, targets: list[str]) -> dict[str, Any]:
+    """The fingerprint of the base weights with no update folded in (merged adapters are taken out meanwhile)."""
+    merged = {name: list(layer.merged_adapters) for name, layer in model.lora_layers() if layer.merged_adapters}
+    model.unmerge_adapter()
+    try:
+        return fingerprint(model.model, targets)
+    finally:
+        for name, layer in model.lora_layers():
+            layer.merge(merged.get(name, []))
 
 
 def _json_targets(targets: Any) -> Any:
@@ -371,6 +382,9 @@ def from_pretrained(model: nn.Module, path: str | os.PathLike, adapter_name: str
 
 def _check(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
            force: bool) -> list[str]:
+    if config.init_lora_weights == "pissa":
+        raise ValueError("this adapter was initialized with PiSSA, so it only makes sense on its residual base "
+                         "(the base minus its initial top-r part); lorakit cannot load it onto a plain base")
     if FINGERPRINT_KEY in metadata:
         try:
             saved = json.loads(metadata[FINGERPRINT_KEY])
@@ -409,6 +423,8 @@ def set_adapter_state_dict(model: LoraModel, state_dict: dict[str, torch.Tensor]
     on error nothing changes."""
     if adapter_name not in model.peft_config:
         raise ValueError(f"unknown adapter {adapter_name!r}; adapters: {sorted(model.peft_config)}")
+    if any(adapter_name in layer.merged_adapters for _, layer in model.lora_layers()):
+        raise ValueError(f"adapter {adapter_name!r} is merged into the base weights; unmerge_adapter() first")
     tensors = _normalize_keys(state_dict)
     targets = _plan(model.model, model.peft_config[adapter_name], tensors)
     _copy_in(model, adapter_name, targets, tensors)

@@ -142,6 +142,7 @@ class LoraLayer(nn.Module):
         adapter.to(device=weight.device, dtype=dtype)
         self._init_adapter(adapter, init_lora_weights)
         self.adapters[name] = adapter
+        self._stack_cache = None
         if use_dora:
             with torch.no_grad():
                 adapter.lora_magnitude_vector.copy_(self._dora_weight_norm(adapter))
@@ -171,6 +172,7 @@ class LoraLayer(nn.Module):
         if name in self.merged_adapters:
             raise ValueError(f"adapter {name!r} is merged into the base weight; unmerge it before deleting it")
         del self.adapters[name]
+        self._stack_cache = None
         self.active_adapters = [a for a in self.active_adapters if a != name]
 
     def set_active(self, names: Sequence[str]) -> None:
@@ -262,14 +264,11 @@ class LoraLinear(LoraLayer):
             self.in_features, self.out_features = base.weight.shape
         else:
             self.in_features, self.out_features = base.in_features, base.out_features
-        # A plain nn.Linear is called through F.linear: one module call less per layer on the hot path.
-        self._plain_linear = type(base) is nn.Linear
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self._plain_linear:
-            result = F.linear(x, self.base.weight, self.base.bias)
-        else:
-            result = self.base(x, *args, **kwargs)
+        result = self.base(x, *args, **kwargs)
+        if self.disabled:
+            return result
         if self._routing is not None:
             return add_mixed_batch_update(self._routing, x, result)
         for name in self._unmerged_active():
@@ -363,14 +362,14 @@ def _add_lora(result: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_
         x2, lora_a, lora_b = x2.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
     xa = torch.mm(x2, lora_a.t())  # (tokens, r)
     out2 = result.reshape(-1, result.shape[-1])  # (tokens, out)
-    inplace = not torch.is_grad_enabled() and result.is_contiguous()
+    # In-place ops are not autocast, so under autocast the update goes through the out-of-place addmm.
+    inplace = not torch.is_grad_enabled() and result.is_contiguous() and not autocast
     if out2.dtype != xa.dtype:  # the update is computed in another dtype than the base output
         delta = torch.mm(xa, lora_b.t())  # (tokens, out)
         if inplace:
-            # Cast first: a mixed-dtype add_ is ~2.5x slower on CPU than a cast plus a same-dtype add_.
-            out2.add_(delta.to(out2.dtype), alpha=scaling)
+            out2.add_(delta, alpha=scaling)  # a mixed-dtype add rounds once, as PEFT's fp32 adapters do
             return result
-        return result + (delta * scaling).to(result.dtype).view_as(result)
+        return torch.add(result, delta.view_as(result), alpha=scaling).to(result.dtype)
     if inplace:
         # Inference: accumulate into the base output in place (one fused GEMM + add, no new tensor).
         out2.addmm_(xa, lora_b.t(), alpha=scaling)
@@ -410,7 +409,7 @@ class LoraEmbedding(LoraLayer):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         result = self.base(ids)
-        if self._routing is not None:
+        if self._routing is not None and not self.disabled:
             index, names = self._routing.index, self._routing.names
             for slot, name in enumerate(names, start=1):
                 rows = index == slot
@@ -445,7 +444,7 @@ class LoraConv2d(LoraLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
-        if self._routing is not None:
+        if self._routing is not None and not self.disabled:
             raise ValueError("mixed batches (adapter_names=...) support Linear and Embedding layers, not Conv2d")
         base = self.base
         for name in self._unmerged_active():

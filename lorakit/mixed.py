@@ -33,7 +33,7 @@ def routing_for(layer: LoraLayer, index: torch.Tensor, names: list[str]) -> Rout
     from .layers import LoraLinear, _update_dtype
 
     routing = Routing(index, names)
-    if isinstance(layer, LoraLinear):
+    if isinstance(layer, LoraLinear) and len(layer.adapters):
         first = next(iter(layer.adapters.values())).lora_A
         stacked = stacked_weights(layer, names, _update_dtype(layer.base.weight, first))
         if stacked is not None:
@@ -53,12 +53,13 @@ def add_mixed_batch_update(routing: Routing, x: torch.Tensor, result: torch.Tens
     b_rows = routing.b.index_select(0, index)  # (batch, out, r_max)
     xs = x.to(a_rows.dtype).reshape(x.shape[0], -1, x.shape[-1])  # (batch, tokens per row, in)
     xa = torch.bmm(xs, a_rows.transpose(1, 2))  # (batch, tokens, r_max)
+    b_rows = b_rows.to(xa.dtype)  # under autocast, bmm gave xa in the autocast dtype
     out = result.view(x.shape[0], -1, result.shape[-1]) if result.is_contiguous() else None
     if out is not None and out.dtype == xa.dtype and not torch.is_grad_enabled():
         out.baddbmm_(xa, b_rows.transpose(1, 2))  # accumulate in place: no (batch, tokens, out) temporary
         return result
     delta = torch.bmm(xa, b_rows.transpose(1, 2))  # (batch, tokens, out)
-    return result + delta.reshape(result.shape).to(result.dtype)
+    return torch.add(result, delta.reshape(result.shape)).to(result.dtype)
 
 
 def stacked_weights(layer: LoraLayer, names: list[str], dtype: torch.dtype
@@ -75,7 +76,9 @@ def stacked_weights(layer: LoraLayer, names: list[str], dtype: torch.dtype
     if any(ad.use_dora for ad in adapters):
         raise ValueError("mixed batches (adapter_names=...) do not support DoRA adapters")
     params = [p for ad in adapters for p in (ad.lora_A, ad.lora_B)]
-    key = (tuple(names), dtype, params[0].data_ptr(), tuple(p._version for p in params))
+    # Identity, storage and version of every tensor: a replaced adapter or an in-place update (optimizer step,
+    # load) invalidates the cache. (Writes through ``.data`` bypass version counters, as everywhere in PyTorch.)
+    key = (tuple(names), dtype, tuple((id(p), p.data_ptr(), p._version) for p in params))
     differentiable = torch.is_grad_enabled() and any(p.requires_grad for p in params)
     if not differentiable and layer._stack_cache is not None and layer._stack_cache[0] == key:
         return layer._stack_cache[1]
