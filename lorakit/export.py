@@ -24,12 +24,11 @@ def merged_state_dict(model: LoraModel, adapter_names: Sequence[str] | None = No
     saved = dict(model._saved_modules())
     out = {}
     for key, value in model.model.state_dict().items():
-        if ".adapters." in key or ".original_module." in key or ".modules_to_save." in key:
-            continue
         owner, _, leaf = key.rpartition(".base.")
-        if owner in layers and leaf == "weight":
-            value = layers[owner].merged_weight(names)
-        out[key.replace(".base.", ".")] = value
+        if owner in layers:  # a LoRA layer's base: back under the layer's own name
+            out[f"{owner}.{leaf}"] = layers[owner].merged_weight(names) if leaf == "weight" else value
+        elif not any(key.startswith(p + ".") for p in (*layers, *saved)):  # adapters and heads come below
+            out[key] = value
     for owner, module in saved.items():
         head = next((module.modules_to_save[n] for n in names if n in module.modules_to_save), module.original_module)
         for k, v in head.state_dict().items():
@@ -47,7 +46,14 @@ def export_merged(model: LoraModel, save_directory: str | os.PathLike, tokenizer
     if not hasattr(model.model, "save_pretrained"):
         raise TypeError(f"export_merged needs a Hugging Face model; {type(model.model).__name__} has no "
                         f"save_pretrained (use merge_and_unload() and save the result yourself)")
-    state = {k: v.detach().contiguous() for k, v in merged_state_dict(model, adapter_names).items()}
+    # Adapters already merged would be folded in twice (or when not asked for): take them out meanwhile.
+    merged = {name: list(layer.merged_adapters) for name, layer in model.lora_layers() if layer.merged_adapters}
+    model.unmerge_adapter()
+    try:
+        state = {k: v.detach().contiguous() for k, v in merged_state_dict(model, adapter_names).items()}
+    finally:
+        for name, layer in model.lora_layers():
+            layer.merge(merged.get(name, []))
     folder = Path(save_directory)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))

@@ -14,6 +14,7 @@ import difflib
 import re
 from collections.abc import Iterable, Iterator
 
+import torch
 from torch import nn
 
 from .config import ALL_LINEAR, DEFAULT_TARGETS, SEQ_CLS_HEAD_NAMES, LoraConfig
@@ -35,6 +36,8 @@ class ModulesToSave(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active_adapters: list[str] = []
         self.disabled = False
+        # Set only during a mixed batch: (slot of each row, adapter name of each slot from 1).
+        self._routing: tuple[torch.Tensor, list[str]] | None = None
 
     def add_adapter(self, name: str) -> None:
         self.modules_to_save[name] = copy.deepcopy(self.original_module)
@@ -51,8 +54,18 @@ class ModulesToSave(nn.Module):
             return self.modules_to_save[self.active_adapters[0]]
         return self.original_module
 
-    def forward(self, *args, **kwargs):
-        return self.current()(*args, **kwargs)
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        if self._routing is None or self.disabled:
+            return self.current()(x, *args, **kwargs)
+        # Mixed batch: each row goes through its adapter's copy (the original for "__base__" rows). Heads are
+        # called once per adapter present on the rows that use it.
+        index, names = self._routing
+        out = self.original_module(x, *args, **kwargs)
+        for slot, name in enumerate(names, start=1):
+            rows = (index == slot).nonzero().squeeze(1)
+            if name in self.modules_to_save and rows.numel():
+                out = out.index_copy(0, rows, self.modules_to_save[name](x.index_select(0, rows), *args, **kwargs))
+        return out
 
 
 def _matches_list(name: str, entries: Iterable[str]) -> str | None:

@@ -220,8 +220,8 @@ class LoraLayer(nn.Module):
             if name not in self.adapters or name in self.merged_adapters:
                 continue
             adapter = self.adapters[name]
-            if adapter.use_dora:
-                scale = adapter.lora_magnitude_vector.detach().float() / self._dora_weight_norm(adapter)
+            if adapter.use_dora:  # normalized against the weight it is folded into, as merge() does
+                scale = adapter.lora_magnitude_vector.detach().float() / self._dora_weight_norm(adapter, w32)
                 w32 = self._rows(w32 + self.delta_weight(name).detach(), scale)
             else:
                 w32 += self.delta_weight(name).detach()
@@ -243,7 +243,7 @@ class LoraLayer(nn.Module):
         """Multiply each output row of a base-shaped weight by ``scale`` (out,)."""
         raise NotImplementedError  # only LoraLinear supports DoRA
 
-    def _dora_weight_norm(self, adapter: LoraAdapter) -> torch.Tensor:
+    def _dora_weight_norm(self, adapter: LoraAdapter, weight: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError  # only LoraLinear supports DoRA
 
     def extra_repr(self) -> str:
@@ -314,9 +314,9 @@ class LoraLinear(LoraLayer):
 
     # -- DoRA --------------------------------------------------------------------------------------------
 
-    def _dora_weight_norm(self, adapter: LoraAdapter) -> torch.Tensor:
-        """‖W0 + scaling·B·A‖ per output row, in fp32, detached (as in the DoRA paper, §4.3)."""
-        w = self.base.weight.detach().float()
+    def _dora_weight_norm(self, adapter: LoraAdapter, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """‖W + scaling·B·A‖ per output row (W: the base weight unless given), in fp32, detached (DoRA §4.3)."""
+        w = (self.base.weight if weight is None else weight).detach().float()
         w = w.T if self.fan_in_fan_out else w  # (out, in)
         delta = adapter.scaling * (adapter.lora_B.detach().float() @ adapter.lora_A.detach().float())
         return (w + delta).norm(p=2, dim=1)

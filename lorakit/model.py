@@ -157,11 +157,12 @@ class LoraModel(nn.Module):
             for name, head in module.modules_to_save.items():
                 head.requires_grad_(name in trainable)
         biases = {self.peft_config[n].bias for n in trainable}
+        wrapped_biases = {id(layer.base.bias) for _, layer in self.lora_layers()
+                          if getattr(layer.base, "bias", None) is not None}
         for name, param in self.model.named_parameters():
             if not name.endswith("bias") or any(f".{part}." in name for part in _LORAKIT_PARTS):
                 continue
-            in_lora = ".base." in name
-            param.requires_grad_("all" in biases or ("lora_only" in biases and in_lora))
+            param.requires_grad_("all" in biases or ("lora_only" in biases and id(param) in wrapped_biases))
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -169,13 +170,14 @@ class LoraModel(nn.Module):
         merged = {name: list(layer.merged_adapters) for name, layer in self.lora_layers()}
         self.unmerge_adapter()
         modules = [m for _, m in self.lora_layers()] + [m for _, m in self._saved_modules()]
+        before = [m.disabled for m in modules]  # restored on exit, so nested blocks work
         for module in modules:
             module.disabled = True
         try:
             yield
         finally:
-            for module in modules:
-                module.disabled = False
+            for module, state in zip(modules, before):
+                module.disabled = state
             for name, layer in self.lora_layers():
                 layer.merge(merged.get(name, []))
 
@@ -191,13 +193,16 @@ class LoraModel(nn.Module):
         slots = {n: i for i, n in enumerate(names, start=1)}
         index = torch.tensor([slots.get(n, 0) for n in adapter_names], dtype=torch.long, device=self._device())
         layers = [layer for _, layer in self.lora_layers()]
+        heads = [module for _, module in self._saved_modules()]
         try:
             for layer in layers:
                 layer._routing = routing_for(layer, index, names)
+            for head in heads:
+                head._routing = (index, names)
             yield
         finally:
-            for layer in layers:
-                layer._routing = None
+            for module in layers + heads:
+                module._routing = None
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -240,18 +245,21 @@ class LoraModel(nn.Module):
     def merge_and_unload(self, adapter_names: Sequence[str] | None = None) -> nn.Module:
         """Fold the adapters into the weights and return the plain model (no LoRA layers left)."""
         self.merge_adapter(adapter_names)
-        return self._unwrap(keep_trained_heads=True)
+        return self._unwrap(self._active if adapter_names is None else list(adapter_names))
 
     def unload(self) -> nn.Module:
         """Return the plain base model, without any adapter's update (merged ones are unmerged first)."""
         self.unmerge_adapter()
-        return self._unwrap(keep_trained_heads=False)
+        return self._unwrap([])
 
-    def _unwrap(self, keep_trained_heads: bool) -> nn.Module:
+    def _unwrap(self, heads_of: Sequence[str]) -> nn.Module:
+        """Put every base module back; a trained head replaces the original if an adapter in ``heads_of`` has one."""
         for name, layer in list(self.lora_layers()):
             _replace(self.model, name, layer.base)
         for name, module in list(self._saved_modules()):
-            _replace(self.model, name, module.current() if keep_trained_heads else module.original_module)
+            head = next((module.modules_to_save[n] for n in heads_of if n in module.modules_to_save),
+                        module.original_module)
+            _replace(self.model, name, head)
         self._wrappers = None
         for p in self.model.parameters():
             p.requires_grad_(False)

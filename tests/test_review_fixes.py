@@ -125,3 +125,62 @@ def test_bf16_base_with_fp32_adapter_rounds_once_like_peft(ids):
         a, b = layer_ours(x), layer_theirs(x)
     assert a.dtype == b.dtype == torch.bfloat16
     assert (a != b).float().mean() < 0.02  # equal but for rare 1-ulp ties from a different GEMM order
+
+
+def test_mixed_batch_routes_trained_heads_per_row():
+    from conftest import tiny_bert_cls
+
+    model = get_lora_model(tiny_bert_cls(), _random(target_modules=["query"], task_type="SEQ_CLS"), "a")
+    model.add_adapter("b", _random(target_modules=["value"], task_type="SEQ_CLS"))
+    with torch.no_grad():
+        model.model.classifier.modules_to_save["a"].weight.add_(1.0)
+        model.model.classifier.modules_to_save["b"].weight.sub_(1.0)
+    torch.manual_seed(5)
+    ids = torch.randint(0, 128, (4, 6))
+    names = ["a", "__base__", "b", "a"]
+    mixed = _logits(model, ids, adapter_names=names)
+    for i, name in enumerate(names):
+        if name == "__base__":
+            with model.disable_adapter():
+                expected = _logits(model, ids[i: i + 1])
+        else:
+            model.set_adapter(name)
+            expected = _logits(model, ids[i: i + 1])
+        torch.testing.assert_close(mixed[i: i + 1], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_nested_disable_adapter_stays_disabled_until_the_outer_block_ends(ids):
+    model = _two()
+    with model.disable_adapter():
+        base = _logits(model, ids)
+        with model.disable_adapter():
+            pass
+        assert torch.equal(_logits(model, ids), base)
+        assert torch.equal(_logits(model, ids, adapter_names=["a", "b", "a"]), base)  # disabled wins
+    assert not torch.equal(_logits(model, ids), base)
+
+
+def test_export_and_merge_and_unload_agree_with_merged_and_dora_adapters(tmp_path, ids):
+    transformers = pytest.importorskip("transformers")
+    model = get_lora_model(tiny_llama(), _random(target_modules=["q_proj", "v_proj"]), "a")
+    model.add_adapter("d", _random(target_modules=["q_proj"], use_dora=True))
+    model.merge_adapter(["a"])  # already merged: must not be folded in twice, nor when not asked for
+    model.export_merged(tmp_path / "d_only", adapter_names=["d"])
+    model.export_merged(tmp_path / "both", adapter_names=["a", "d"])
+    model.unmerge_adapter()
+    for folder, names in (("d_only", ["d"]), ("both", ["a", "d"])):
+        exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / folder).eval()
+        import copy
+
+        reference = copy.deepcopy(model).merge_and_unload(names)
+        torch.testing.assert_close(_logits(exported, ids), _logits(reference, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_merge_and_unload_keeps_the_head_of_the_adapters_it_merges():
+    from conftest import tiny_bert_cls
+
+    model = get_lora_model(tiny_bert_cls(), _random(target_modules=["query"], task_type="SEQ_CLS"), "a")
+    model.add_adapter("b", _random(target_modules=["query"], task_type="SEQ_CLS"))
+    head_b = model.model.classifier.modules_to_save["b"]
+    plain = model.merge_and_unload(["b"])  # "a" is the active one
+    assert plain.classifier is head_b
