@@ -76,9 +76,10 @@ def stacked_weights(layer: LoraLayer, names: list[str], dtype: torch.dtype
     if any(ad.use_dora for ad in adapters):
         raise ValueError("mixed batches (adapter_names=...) do not support DoRA adapters")
     params = [p for ad in adapters for p in (ad.lora_A, ad.lora_B)]
-    # Identity, storage and version of every tensor: a replaced adapter or an in-place update (optimizer step,
-    # load) invalidates the cache. (Writes through ``.data`` bypass version counters, as everywhere in PyTorch.)
-    key = (tuple(names), dtype, tuple((id(p), p.data_ptr(), p._version) for p in params))
+    # In-place updates (optimizer steps, loads) bump versions; moving the model replaces every tensor's storage;
+    # adding or deleting an adapter clears the cache. (Writes through ``.data`` bypass version counters, as
+    # everywhere in PyTorch.)
+    key = (tuple(names), dtype, params[0].data_ptr(), tuple(p._version for p in params))
     differentiable = torch.is_grad_enabled() and any(p.requires_grad for p in params)
     if not differentiable and layer._stack_cache is not None and layer._stack_cache[0] == key:
         return layer._stack_cache[1]
