@@ -46,14 +46,8 @@ def export_merged(model: LoraModel, save_directory: str | os.PathLike, tokenizer
     if not hasattr(model.model, "save_pretrained"):
         raise TypeError(f"export_merged needs a Hugging Face model; {type(model.model).__name__} has no "
                         f"save_pretrained (use merge_and_unload() and save the result yourself)")
-    # Adapters already merged would be folded in twice (or when not asked for): take them out meanwhile.
-    merged = {name: list(layer.merged_adapters) for name, layer in model.lora_layers() if layer.merged_adapters}
-    model.unmerge_adapter()
-    try:
+    with model._unmerged():  # adapters already merged would be folded in twice, or when not asked for
         state = {k: v.detach().contiguous() for k, v in merged_state_dict(model, adapter_names).items()}
-    finally:
-        for name, layer in model.lora_layers():
-            layer.merge(merged.get(name, []))
     folder = Path(save_directory)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))

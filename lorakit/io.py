@@ -173,13 +173,8 @@ def save_adapters(model: LoraModel, save_directory: str | os.PathLike, adapter_n
 
 def _unmerged_fingerprint(model: LoraModel, targets: list[str]) -> dict[str, Any]:
     """The fingerprint of the base weights with no update folded in (merged adapters are taken out meanwhile)."""
-    merged = {name: list(layer.merged_adapters) for name, layer in model.lora_layers() if layer.merged_adapters}
-    model.unmerge_adapter()
-    try:
+    with model._unmerged():
         return fingerprint(model.model, targets)
-    finally:
-        for name, layer in model.lora_layers():
-            layer.merge(merged.get(name, []))
 
 
 def _json_targets(targets: Any) -> Any:
@@ -344,14 +339,8 @@ def load_adapter(model: LoraModel, path: str | os.PathLike, adapter_name: str = 
     if adapter_name in model.peft_config:
         raise ValueError(f"adapter {adapter_name!r} already exists; adapters: {sorted(model.peft_config)}")
     config, tensors, metadata = read_adapter(path, allow_pickle)
-    # The fingerprint describes the base weights without any update folded in.
-    merged = {name: list(layer.merged_adapters) for name, layer in model.lora_layers() if layer.merged_adapters}
-    model.unmerge_adapter()
-    try:
+    with model._unmerged():  # the fingerprint describes the base weights without any update folded in
         targets = _check(model.model, config, tensors, metadata, force)
-    finally:
-        for name, layer in model.lora_layers():
-            layer.merge(merged.get(name, []))
     try:
         model.add_adapter(adapter_name, config)
         _copy_in(model, adapter_name, targets, tensors)

@@ -165,21 +165,29 @@ class LoraModel(nn.Module):
             param.requires_grad_("all" in biases or ("lora_only" in biases and id(param) in wrapped_biases))
 
     @contextmanager
-    def disable_adapter(self) -> Iterator[None]:
-        """Within the block the model computes exactly the base model (merged adapters are unmerged)."""
-        merged = {name: list(layer.merged_adapters) for name, layer in self.lora_layers()}
+    def _unmerged(self) -> Iterator[None]:
+        """Within the block the base weights hold no update: merged adapters are taken out, then put back."""
+        merged = {name: list(layer.merged_adapters) for name, layer in self.lora_layers() if layer.merged_adapters}
         self.unmerge_adapter()
-        modules = [m for _, m in self.lora_layers()] + [m for _, m in self._saved_modules()]
-        before = [m.disabled for m in modules]  # restored on exit, so nested blocks work
-        for module in modules:
-            module.disabled = True
         try:
             yield
         finally:
-            for module, state in zip(modules, before):
-                module.disabled = state
             for name, layer in self.lora_layers():
                 layer.merge(merged.get(name, []))
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Within the block the model computes exactly the base model (merged adapters are unmerged)."""
+        modules = [m for _, m in self.lora_layers()] + [m for _, m in self._saved_modules()]
+        before = [m.disabled for m in modules]  # restored on exit, so nested blocks work
+        with self._unmerged():
+            for module in modules:
+                module.disabled = True
+            try:
+                yield
+            finally:
+                for module, state in zip(modules, before):
+                    module.disabled = state
 
     @contextmanager
     def _mixed_batch(self, adapter_names: Sequence[str]) -> Iterator[None]:

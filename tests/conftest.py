@@ -51,3 +51,17 @@ def tiny_conv(seed: int = 0) -> torch.nn.Module:
 def ids() -> torch.Tensor:
     torch.manual_seed(123)
     return torch.randint(0, 128, (3, 9))
+
+
+def assert_rows_match_single_adapter_runs(model, ids: torch.Tensor, names: list[str]) -> None:
+    """A mixed batch's row i equals a run of row i alone with adapter names[i] ("__base__": adapters disabled)."""
+    with torch.no_grad():
+        mixed = model(input_ids=ids, adapter_names=names).logits
+        for i, name in enumerate(names):
+            if name == "__base__":
+                with model.disable_adapter():
+                    expected = model(input_ids=ids[i: i + 1]).logits
+            else:
+                model.set_adapter(name)
+                expected = model(input_ids=ids[i: i + 1]).logits
+            torch.testing.assert_close(mixed[i: i + 1], expected, atol=1e-5, rtol=1e-5)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_bert_cls, tiny_llama
+from conftest import assert_rows_match_single_adapter_runs, tiny_bert_cls, tiny_llama
 
 from lorakit import LoraConfig, get_lora_model
 
@@ -131,16 +131,7 @@ def test_seq_cls_head_is_trained_per_adapter_and_disabled_with_them():
 def test_mixed_batch_rows_equal_single_adapter_runs(three, with_base_row):
     torch.manual_seed(1)
     ids = torch.randint(0, 128, (5, 7))
-    names = ["a", "b", "c", "__base__" if with_base_row else "a", "b"]
-    mixed = _logits(three, ids, adapter_names=names)
-    for i, name in enumerate(names):
-        if name == "__base__":
-            with three.disable_adapter():
-                expected = _logits(three, ids[i: i + 1])
-        else:
-            three.set_adapter(name)
-            expected = _logits(three, ids[i: i + 1])
-        torch.testing.assert_close(mixed[i: i + 1], expected, atol=1e-5, rtol=1e-5)
+    assert_rows_match_single_adapter_runs(three, ids, ["a", "b", "c", "__base__" if with_base_row else "a", "b"])
 
 
 def test_mixed_batch_generate_matches_per_row_generate(three):
