@@ -5,6 +5,8 @@ from .inject import find_targets
 from .io import adapter_state_dict, set_adapter_state_dict
 from .layers import LoraAdapter, LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear
 from .model import LoraModel, get_lora_model
+from .train_config import TrainConfig
+from .trainer import train
 
 __all__ = [
     "LoraAdapter",
@@ -14,10 +16,12 @@ __all__ = [
     "LoraLayer",
     "LoraLinear",
     "LoraModel",
+    "TrainConfig",
     "adapter_state_dict",
     "find_targets",
     "get_lora_model",
     "set_adapter_state_dict",
+    "train",
 ]
 
 __version__ = "0.1.0"

@@ -205,11 +205,10 @@ def plot_loss(records: Sequence[dict[str, Any]], path: Path, title: str) -> Path
     if metric:
         ax2 = ax.twinx() if metric != "loss" else ax
         ax2.plot([s for s, _ in evals], [e[metric] for _, e in evals], "o--", color="tab:orange",
-                 label=f"held-out {metric}")
-        ax2.set_ylabel(f"held-out {metric}")
-        if ax2 is not ax:
-            ax2.legend(loc="center right")
-    ax.legend(loc="upper right")
+                 label=f"held-out {metric.replace('_', ' ')}")
+        ax2.set_ylabel(f"held-out {metric.replace('_', ' ')}")
+    handles = [h for a in fig.axes for h in a.get_legend_handles_labels()[0]]
+    ax.legend(handles=handles, loc="upper center")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)

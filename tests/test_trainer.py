@@ -214,3 +214,20 @@ def test_sequence_classification_from_tsv(tiny_bert_dir, tmp_path):
     with pytest.raises(ValueError, match=r"dev.tsv:2: unknown label 'meh'; the labels are neg, pos"):
         train(model=tiny_bert_dir, task="seq_cls", data=str(data), eval_data=str(bad), steps=1,
               output_dir=str(tmp_path / "bad"), **FAST)
+
+
+def test_eval_and_generate_commands_use_the_saved_adapter(tiny_llama_dir, tmp_path):
+    result = train(model=tiny_llama_dir, steps=2, output_dir=str(tmp_path), **FAST)
+    from lorakit.cli import main
+    from lorakit.inference import evaluate_adapter, generate
+
+    again = evaluate_adapter(tmp_path, TrainConfig.from_yaml(tmp_path / "train_config.yaml"))
+    assert again["loss"] == pytest.approx(result["after"]["loss"], rel=1e-5)
+    assert again["exact_match"] == result["after"]["exact_match"]
+    proc = subprocess.run([sys.executable, "-m", "lorakit", "eval", str(tmp_path), "--json"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["loss"] == pytest.approx(again["loss"], rel=1e-5)
+    text = generate("Order for Ada: 2 x scone (small), monday.", adapter=tmp_path, max_new_tokens=3)
+    assert isinstance(text, str)
+    assert main(["generate", "hi", "--adapter", str(tmp_path / "missing")]) == 2

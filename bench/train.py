@@ -1,0 +1,243 @@
+"""Training speed and memory: lorakit's trainer engine vs PEFT with a plain loop, side by side in one run.
+
+Causal LM: SmolLM2-135M (embedded), 4 rows × 256 tokens of real text (the Alpaca outputs in ../shared/data),
+r=8 on `all-linear` and on `q_proj,v_proj`. Encoder: all-MiniLM-L6-v2 on SST-2 sentences, batch 32, at most 64
+tokens, r=8 on query,value with the classifier head trained. Contenders:
+
+- peft-bf16 / peft-fp32: `peft.get_peft_model` and the plain loop (`model(..., labels).loss.backward()`, AdamW),
+  with bf16 autocast or in fp32;
+- lorakit: the engine of `lorakit train` (its LoRA layers, the chunked loss, the precision `auto` picks on this
+  machine); lorakit-bf16 forces bf16 autocast;
+- lorakit-full: full fine-tuning in the same engine.
+
+Each case runs in its own process (peak RSS is sampled during the training steps only), cases interleaved
+over --rounds; the median per case is reported with the ratios the issue asks for.
+
+    python bench/train.py [--rounds 1] [--llm-steps 4] [--enc-steps 20] [--only llm|enc]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _timing import markdown_table  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+LLM_CASES = ["peft-bf16", "peft-fp32", "lorakit", "lorakit-bf16"]
+ENC_CASES = ["peft-bf16", "peft-fp32", "lorakit", "lorakit-bf16", "lorakit-full"]
+
+
+class PeakRSS:
+    """Samples this process's resident memory every 5 ms while active; ``peak`` in MiB."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE")
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page
+
+    def __enter__(self) -> PeakRSS:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.005)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss()) / 2**20
+
+
+def _llm_batches(tokenizer, n: int) -> list[torch.Tensor]:
+    path = DATA / "instruct" / "alpaca_small_2000.json"
+    if path.is_file():
+        text = "\n\n".join(r["output"] for r in json.loads(path.read_text()))
+        ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"][:n * 4 * 256])
+    else:  # the benchmark still runs without the shared data, on random tokens (said in the output)
+        print("note: ../shared/data is absent; using random tokens", file=sys.stderr)
+        ids = torch.randint(0, len(tokenizer), (n * 4 * 256,), generator=torch.Generator().manual_seed(0))
+    return list(ids.view(n, 4, 256))
+
+
+def _enc_batches(tokenizer, n: int) -> list[dict[str, torch.Tensor]]:
+    path = DATA / "sst2" / "train.tsv"
+    if not path.is_file():
+        raise SystemExit(f"the encoder benchmark needs {path}")
+    rows = [line.split("\t") for line in path.read_text().splitlines()[1:1 + 32 * n]]
+    batches = []
+    for i in range(n):
+        chunk = rows[32 * i:32 * (i + 1)]
+        enc = tokenizer([r[0] for r in chunk], padding=True, truncation=True, max_length=64, return_tensors="pt")
+        batches.append({**enc, "labels": torch.tensor([int(r[1]) for r in chunk])})
+    return batches
+
+
+def run_case(kind: str, case: str, target: str, steps: int) -> dict:
+    """One contender: build, warm up, time ``steps`` optimizer steps; tokens/s, examples/s and peak RSS."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from lorakit import LoraConfig, get_lora_model
+    from lorakit.loss import causal_lm_loss, classification_loss
+    from lorakit.pretrained import default_model_dir, minilm_dir
+    from lorakit.trainer import resolve_precision
+
+    torch.manual_seed(0)
+    precision = {"peft-bf16": "bf16", "peft-fp32": "fp32", "lorakit-bf16": "bf16"}.get(
+        case, resolve_precision("auto", torch.device("cpu")))
+    frozen_bf16 = precision == "bf16" and case.startswith("lorakit") and case != "lorakit-full"
+    dtype = torch.bfloat16 if frozen_bf16 else torch.float32  # the engine keeps a frozen base in bf16
+    if kind == "llm":
+        source = str(default_model_dir())
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        targets, task = (target if target == "all-linear" else target.split(",")), "CAUSAL_LM"
+        batches = [{"input_ids": ids} for ids in _llm_batches(tokenizer, steps + 1)]
+    else:
+        source = str(minilm_dir())
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForSequenceClassification.from_pretrained(source, dtype=dtype, num_labels=2)
+        targets, task = ["query", "value"], "SEQ_CLS"
+        batches = _enc_batches(tokenizer, steps + 2)
+    if case.startswith("peft"):
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets,
+                                                           task_type=task))
+
+        def loss_of(batch):
+            if kind == "llm":
+                return model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+            return model(**batch).loss
+    else:
+        if case == "lorakit-full":
+            for p in model.parameters():
+                p.requires_grad_(True)
+        else:
+            model = get_lora_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets, task_type=task))
+
+        def loss_of(batch):
+            if kind == "llm":
+                ids = batch["input_ids"]
+                total, count = causal_lm_loss(model, {"input_ids": ids, "targets": torch.cat(
+                    [ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)})
+            else:
+                total, count = classification_loss(model, batch)
+            return total / count
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def step(batch) -> None:
+        with autocast:
+            loss = loss_of(batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    warm = 1 if kind == "llm" else 2
+    for batch in batches[:warm]:
+        step(batch)
+    timed = batches[warm:]
+    with PeakRSS() as rss:
+        start = time.perf_counter()
+        for batch in timed:
+            step(batch)
+        seconds = time.perf_counter() - start
+    tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in timed)
+    examples = sum(b["input_ids"].shape[0] for b in timed)
+    return {"tokens_per_s": tokens / seconds, "examples_per_s": examples / seconds, "peak_rss_mib": rss.peak,
+            "precision": precision, "step_s": seconds / len(timed)}
+
+
+def _spawn(kind: str, case: str, target: str, steps: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--case", f"{kind}:{case}:{target}", "--steps", str(steps)],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"{kind}:{case}:{target} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=1, help="runs of every case, interleaved (median reported)")
+    parser.add_argument("--llm-steps", type=int, default=4, help="timed steps per causal-LM case (after 1 warmup)")
+    parser.add_argument("--enc-steps", type=int, default=20, help="timed steps per encoder case (after 2 warmup)")
+    parser.add_argument("--only", choices=["llm", "enc"], help="run one half only")
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.case:  # a child process: one measurement, as JSON on the last line
+        kind, case, target = args.case.split(":")
+        print(json.dumps(run_case(kind, case, target, args.steps)))
+        return
+
+    plan = []
+    if args.only != "enc":
+        plan += [("llm", c, t, args.llm_steps) for t in ("all-linear", "q_proj,v_proj") for c in LLM_CASES]
+        plan += [("llm", "lorakit-full", "all-linear", args.llm_steps)]
+    if args.only != "llm":
+        plan += [("enc", c, "query,value", args.enc_steps) for c in ENC_CASES]
+    runs: dict[tuple, list[dict]] = {}
+    for r in range(args.rounds):
+        for key in (plan if r % 2 == 0 else plan[::-1]):
+            result = _spawn(*key)
+            runs.setdefault(key[:3], []).append(result)
+            print(f"  {':'.join(key[:3])}: {result['tokens_per_s']:.0f} tok/s, {result['examples_per_s']:.1f} ex/s, "
+                  f"peak RSS {result['peak_rss_mib']:.0f} MiB ({result['precision']})", file=sys.stderr, flush=True)
+    med = {key: {m: statistics.median(r[m] for r in rs) for m in rs[0] if m != "precision"} | {
+        "precision": rs[0]["precision"]} for key, rs in runs.items()}
+
+    rows = []
+    for (kind, case, target), m in med.items():
+        rows.append([kind, target, case, m["precision"], f"{m['tokens_per_s']:.0f}", f"{m['examples_per_s']:.1f}",
+                     f"{m['peak_rss_mib']:.0f}"])
+    print(markdown_table(["model", "targets", "engine", "precision", "tokens/s", "examples/s", "peak RSS MiB"], rows))
+    print()
+
+    def ratio(a: tuple, b: tuple, metric: str = "tokens_per_s") -> str:
+        return f"{med[a][metric] / med[b][metric]:.2f}×" if a in med and b in med else "n/a"
+
+    lines = []
+    for t in ("all-linear", "q_proj,v_proj"):
+        ours = ("llm", "lorakit", t)
+        if ours not in med:
+            continue
+        lines.append(f"SmolLM2 {t}: lorakit vs PEFT-bf16 {ratio(ours, ('llm', 'peft-bf16', t))} (target ≥ 1.5×), "
+                     f"vs PEFT-fp32 {ratio(ours, ('llm', 'peft-fp32', t))} (target ≥ 4×); peak RSS vs PEFT-bf16 "
+                     f"{med[ours]['peak_rss_mib'] / med[('llm', 'peft-bf16', t)]['peak_rss_mib']:.2f}× "
+                     f"(target ≤ 0.8×)")
+    if ("llm", "lorakit-full", "all-linear") in med:
+        lines.append(f"SmolLM2: lorakit LoRA (all-linear) vs lorakit full fine-tuning "
+                     f"{ratio(('llm', 'lorakit', 'all-linear'), ('llm', 'lorakit-full', 'all-linear'))} "
+                     f"(target ≥ 1.7×)")
+    enc = ("enc", "lorakit", "query,value")
+    if enc in med:
+        lines.append(f"MiniLM SST-2: lorakit LoRA vs PEFT LoRA bf16 "
+                     f"{ratio(enc, ('enc', 'peft-bf16', 'query,value'), 'examples_per_s')} (target ≥ 2×), vs PEFT "
+                     f"fp32 {ratio(enc, ('enc', 'peft-fp32', 'query,value'), 'examples_per_s')}; vs lorakit full "
+                     f"{ratio(enc, ('enc', 'lorakit-full', 'query,value'), 'examples_per_s')} (target ≥ 1.2×)")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
