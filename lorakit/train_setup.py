@@ -86,7 +86,11 @@ def _prepare(config: TrainConfig, model: nn.Module, task_type: str, adapter: str
     if adapter is not None:
         return LoraModel.from_pretrained(model, adapter)
     if config.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}  # the reentrant variant needs inputs that require grad
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5 renamed it
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.config.use_cache = False
     if config.method == "full":
         for p in model.parameters():

@@ -68,3 +68,15 @@ def test_minilm_sequence_classification_round_trip_with_peft(minilm_cls, tmp_pat
         expected = ours(input_ids=ids).logits
         torch.testing.assert_close(loaded(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
         assert torch.equal(back(input_ids=ids).logits, expected)
+
+
+def test_lorakit_train_on_the_embedded_default(tmp_path):
+    """The main job, shortened: the real model and the built-in task, a few steps, every output written."""
+    from lorakit import train
+
+    result = train(steps=3, max_eval=4, max_new_tokens=40, output_dir=str(tmp_path), progress=False)
+    assert result["before"]["exact_match"] == 0.0  # the base model does not produce the exact JSON
+    assert result["last_loss"] < result["first_loss"]
+    assert result["trainable_params"] == 2_442_240 and result["precision"] in ("fp32", "bf16")
+    reloaded = LoraModel.from_pretrained(pretrained.load_default_model(), tmp_path)
+    assert sum(1 for _ in reloaded.lora_layers()) == 210

@@ -17,7 +17,7 @@ def _readme_commands() -> list[str]:
 
 def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
     run, test = _readme_commands()[:2]
-    assert run.endswith("lorakit demo") and test.endswith("python -m pytest")
+    assert run.endswith("lorakit train") and test.endswith("python -m pytest")
     assert 'torch==2.13.0' in run and 'torch==2.13.0' in test
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert test in ci

@@ -231,3 +231,35 @@ def test_eval_and_generate_commands_use_the_saved_adapter(tiny_llama_dir, tmp_pa
     text = generate("Order for Ada: 2 x scone (small), monday.", adapter=tmp_path, max_new_tokens=3)
     assert isinstance(text, str)
     assert main(["generate", "hi", "--adapter", str(tmp_path / "missing")]) == 2
+
+
+def test_gradient_checkpointing_trains_the_same_adapter(tiny_llama_dir, tmp_path):
+    train(model=tiny_llama_dir, steps=2, output_dir=str(tmp_path / "plain"), **FAST)
+    train(model=tiny_llama_dir, steps=2, grad_checkpointing=True, output_dir=str(tmp_path / "ckpt"), **FAST)
+    assert _max_diff(_adapter(tmp_path / "plain"), _adapter(tmp_path / "ckpt")) <= 1e-6
+
+
+def test_every_train_option_has_help():
+    from lorakit.cli import build_parser
+
+    train_parser = build_parser()._subparsers._group_actions[0].choices["train"]
+    options = [a for a in train_parser._actions if a.option_strings and a.dest != "help"]
+    assert len(options) == len(TrainConfig.__dataclass_fields__) + 1  # + --config
+    for action in options:
+        assert action.help and len(action.help) > 15, action.option_strings
+
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason=f"the real datasets are not at {SHARED}")
+def test_real_datasets_parse_and_train(smollm2_tokenizer, tiny_bert_dir, tmp_path):
+    from lorakit.data import load_causal_lm, read_table
+
+    alpaca = load_causal_lm(SHARED / "instruct" / "alpaca_gpt4_en_demo_999.json", smollm2_tokenizer, 512)
+    assert len(alpaca) == 999 and all(e.n_targets > 0 for e in alpaca)
+    rows = read_table(SHARED / "sst2" / "train.tsv")
+    assert len(rows) == 67349 and {label for _, _, label in rows} == {"0", "1"}
+    result = train(model=tiny_bert_dir, task="seq_cls", data=str(SHARED / "sst2" / "dev.tsv"), steps=3,
+                   batch_size=8, target_modules="query,value", output_dir=str(tmp_path), **FAST)
+    assert result["after"]["n"] == 4 and result["tokens"] > 0
