@@ -27,8 +27,8 @@ def evaluate_adapter(path: str | Path, config: TrainConfig) -> dict[str, Any]:
     Returns:
         The same metrics ``lorakit train`` reports after training.
     """
-    from .trainer import resolve_device, resolve_precision
     from .train_setup import build_run
+    from .trainer import resolve_device, resolve_precision
 
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)

@@ -59,11 +59,11 @@ def _load(config: TrainConfig, dtype: torch.dtype, num_labels: int | None = None
 
     transformers = _transformers()
     if config.model == "default":
-        source, name = default_model_dir(), "SmolLM2-135M-Instruct"
+        source = default_model_dir()
     elif config.model == "minilm":
-        source, name = minilm_dir(), "all-MiniLM-L6-v2"
+        source = minilm_dir()
     else:
-        source, name = Path(config.model), Path(config.model).name
+        source = Path(config.model)
         if not (source / "config.json").is_file():
             raise FileNotFoundError(f"model {config.model!r} is neither 'default', 'minilm' nor a Hugging Face "
                                     f"model folder (no config.json)")

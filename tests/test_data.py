@@ -6,8 +6,20 @@ import json
 
 import pytest
 
-from lorakit.data import (IGNORE, DataError, Example, chat_of, label_ids, load_causal_lm, pack_batch, pad_batch,
-                          prompt_ids, read_records, read_table, tokenize_chat)
+from lorakit.data import (
+    IGNORE,
+    DataError,
+    Example,
+    chat_of,
+    label_ids,
+    load_causal_lm,
+    pack_batch,
+    pad_batch,
+    prompt_ids,
+    read_records,
+    read_table,
+    tokenize_chat,
+)
 from lorakit.tasks import SYSTEM, builtin_orders
 
 

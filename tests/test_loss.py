@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_llama
 
 from lorakit.data import IGNORE, Example, pack_batch, pad_batch
 from lorakit.loss import causal_lm_loss, linear_cross_entropy
-
-from conftest import tiny_llama
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64])
