@@ -8,6 +8,7 @@ tokens, r=8 on query,value with the classifier head trained. Contenders:
   with bf16 autocast or in fp32;
 - lorakit: the engine of `lorakit train` (its LoRA layers, the chunked loss, the precision `auto` picks on this
   machine); lorakit-bf16 forces bf16 autocast;
+- lorakit-gc: the same with gradient checkpointing (less memory, more compute);
 - lorakit-full: full fine-tuning in the same engine.
 
 Each case runs in its own process (peak RSS is sampled during the training steps only), cases interleaved
@@ -97,7 +98,8 @@ def run_case(kind: str, case: str, target: str, steps: int) -> dict:
     from lorakit import LoraConfig, get_lora_model
     from lorakit.loss import causal_lm_loss, classification_loss
     from lorakit.pretrained import default_model_dir, minilm_dir
-    from lorakit.trainer import resolve_precision
+    from lorakit.train_setup import enable_checkpointing
+    from lorakit.trainer import make_optimizer, resolve_precision
 
     torch.manual_seed(0)
     precision = {"peft-bf16": "bf16", "peft-fp32": "fp32", "lorakit-bf16": "bf16"}.get(
@@ -127,6 +129,8 @@ def run_case(kind: str, case: str, target: str, steps: int) -> dict:
                 return model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
             return model(**batch).loss
     else:
+        if case == "lorakit-gc":
+            enable_checkpointing(model)
         if case == "lorakit-full":
             for p in model.parameters():
                 p.requires_grad_(True)
@@ -143,7 +147,8 @@ def run_case(kind: str, case: str, target: str, steps: int) -> dict:
             return total / count
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    # PEFT's plain loop takes the default AdamW; the engine its own choice (fused where available).
+    optimizer = (torch.optim.AdamW(params, lr=1e-4) if case.startswith("peft") else make_optimizer(params, 1e-4, 0.0))
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def step(batch) -> None:
@@ -194,7 +199,7 @@ def main() -> None:
     plan = []
     if args.only != "enc":
         plan += [("llm", c, t, args.llm_steps) for t in ("all-linear", "q_proj,v_proj") for c in LLM_CASES]
-        plan += [("llm", "lorakit-full", "all-linear", args.llm_steps)]
+        plan += [("llm", c, "all-linear", args.llm_steps) for c in ("lorakit-gc", "lorakit-full")]
     if args.only != "llm":
         plan += [("enc", c, "query,value", args.enc_steps) for c in ENC_CASES]
     runs: dict[tuple, list[dict]] = {}

