@@ -35,13 +35,14 @@ class TrainConfig:
                                  "embedded) or a Hugging Face model folder")
     task: str = _opt("builtin", "builtin (the built-in order-to-JSON task, generated), causal_lm (Alpaca/chat/text "
                                 "JSON(L) or .txt) or seq_cls (text + label from CSV/TSV/JSONL)", TASKS)
-    data: str | None = _opt(None, "training file (not for --task builtin)")
+    data: str | None = _opt(None, "training file (needed by causal_lm and seq_cls; the built-in task has none)")
     eval_data: str | None = _opt(None, "held-out file (default: the last --eval-fraction of --data)")
     eval_fraction: float = _opt(0.05, "share of --data held out when there is no --eval-data")
     max_eval: int = _opt(200, "evaluate on at most this many held-out examples (0: all)")
     text_field: str = _opt("sentence", "seq_cls: the text column or field")
     label_field: str = _opt("label", "seq_cls: the label column or field")
-    labels: list[str] | None = _opt(None, "seq_cls: the label names in class order (default: sorted labels of --data)")
+    labels: list[str] | None = _opt(None, "seq_cls: the label names in class order (default: the sorted labels "
+                                          "of --data)")
     # What to train
     method: str = _opt("lora", "lora (an adapter on the frozen base) or full (every parameter)", METHODS)
     r: int = _opt(8, "LoRA rank")
@@ -155,13 +156,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = _base_type(hints[f.name])
-        help_text = f"{f.metadata['help']} (default: {f.default})"
+        help_text = f.metadata["help"]
+        if "default" not in help_text:
+            help_text += f" (default: {f.default})"
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=help_text)
         elif kind is list:
             parser.add_argument(flag, type=lambda s: [v.strip() for v in s.split(",")], default=argparse.SUPPRESS,
-                                help=help_text + "; comma-separated")
+                                help=help_text + ", comma-separated")
         else:
             parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, choices=f.metadata.get("choices"),
                                 help=help_text)
