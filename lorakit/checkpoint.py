@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from .io import safetensors_bytes
 
 PREFIX = "step-"
 
@@ -53,10 +55,12 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
                     scheduler: Any, state: dict[str, Any], config_yaml: str, keep: int) -> Path:
     """Write checkpoint ``step`` under ``root`` atomically and keep only the ``keep`` newest."""
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):  # left by a process killed while writing
+        shutil.rmtree(stale, ignore_errors=True)
     final = root / f"{PREFIX}{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     try:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        (tmp / "trainable.safetensors").write_bytes(safetensors_bytes(trainable_state(model)))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}))
         (tmp / "train_config.yaml").write_text(config_yaml)
@@ -66,11 +70,20 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        _fsync_dir(root)  # the rename itself survives a power loss
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for old in checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def checkpoints(root: Path) -> list[Path]:

@@ -72,8 +72,12 @@ def read_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
         except json.JSONDecodeError as err:
             raise DataError(f"{path}:{err.lineno}: malformed JSON: {err.msg}") from None
         # A JSON array does not keep line numbers per item; find each object's opening line for messages.
-        starts = _object_lines(text)
-        records = [(starts[i] if i < len(starts) else 0, item) for i, item in enumerate(items)]
+        if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+            bad = next(i for i, item in enumerate(items) if not isinstance(item, dict)) if isinstance(items, list) \
+                else None
+            what = f"item {bad}" if bad is not None else "the file"
+            raise DataError(f"{path}: {what} is not a JSON object; expected an array of objects")
+        records = list(zip(_object_lines(text), items))
     else:
         for lineno, line in enumerate(text.splitlines(), 1):
             if not line.strip():
@@ -137,7 +141,8 @@ def read_table(path: str | Path, text_field: str = "sentence", label_field: str 
                 if field not in header:
                     raise DataError(f"{path}:1: no column {field!r} (columns: {', '.join(header)})")
             ti, li = header.index(text_field), header.index(label_field)
-            for lineno, row in enumerate(reader, 2):
+            for row in reader:
+                lineno = reader.line_num  # the file's line, even after quoted line breaks
                 if not row:
                     continue
                 if len(row) != len(header):

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
 from .config import LoraConfig
@@ -125,6 +125,20 @@ def _compare_fingerprints(saved: dict[str, Any], current: dict[str, Any]) -> lis
 # -- saving ----------------------------------------------------------------------------------------------
 
 
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """A safetensors file's bytes, the same for the same tensors and metadata in every process.
+
+    The safetensors writer orders the header's metadata by a hash seeded per process, so two saves of one adapter
+    could differ in their first bytes. The header is rewritten with sorted keys (the tensor data and the offsets
+    that point into it do not move) and padded with spaces to 8 bytes, as the format asks.
+    """
+    raw = save(tensors, metadata=metadata)
+    size = int.from_bytes(raw[:8], "little")
+    header = json.dumps(json.loads(raw[8:8 + size]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header + raw[8 + size:]
+
+
 def _atomic_write(path: Path, write: Any) -> None:
     """Write through ``write(tmp_path)`` into a temporary file next to ``path``, then rename it into place."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -165,7 +179,8 @@ def save_adapters(model: LoraModel, save_directory: str | os.PathLike, adapter_n
             config["base_model_name_or_path"] = base_model_name_or_path
         elif config.get("base_model_name_or_path") is None:
             config["base_model_name_or_path"] = getattr(getattr(model.model, "config", None), "_name_or_path", None)
-        _atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(_untie(tensors), tmp, metadata=metadata))
+        data = safetensors_bytes(_untie(tensors), metadata)
+        _atomic_write(folder / WEIGHTS_NAME, lambda tmp: Path(tmp).write_bytes(data))
         _atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
         written.append(folder)
     return written

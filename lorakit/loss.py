@@ -69,17 +69,29 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     """
     if chunk is None:
         chunk = max(1, CHUNK_ELEMENTS // weight.shape[0])
-    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk)
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)  # evaluation: no gradients to make
+    for start in range(0, hidden.shape[0], chunk):
+        logits = (hidden[start:start + chunk] @ weight.t()).float()  # (c, V)
+        total += F.cross_entropy(logits, targets[start:start + chunk], reduction="sum")
+    return total
+
+
+# Architectures whose logits are exactly ``lm_head(final hidden state)``. Others (Gemma-2's softcapping, Granite's
+# logits_scaling, Cohere's logit_scale, ...) take the full-logits path, which is always right, only bigger.
+PLAIN_HEAD_MODELS = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3",
+                               "olmo", "olmo2", "starcoder2", "smollm3"})
 
 
 def _plain_head(model: nn.Module) -> nn.Linear | None:
-    """The output layer if the logits are exactly ``hidden @ weight.T`` (no bias, scale, softcap or wrapper)."""
+    """The output layer if the logits are exactly ``hidden @ weight.T`` (a known architecture, a plain layer)."""
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
     config = getattr(model, "config", None)
-    if type(head) is not nn.Linear or head.bias is not None:
+    if getattr(config, "model_type", None) not in PLAIN_HEAD_MODELS:
         return None
-    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", 1.0) not in (None, 1.0):
+    if type(head) is not nn.Linear or head.bias is not None:
         return None
     return head
 
@@ -101,7 +113,9 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     if decoder is not None and decoder is not model:
         hidden = decoder(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
         return linear_cross_entropy(hidden[selected], head.weight, targets[selected]), count
-    logits = model(**inputs).logits  # (B, T, V)
+    # A KV cache would hide packed-sequence boundaries from transformers' mask logic: none in training.
+    extra = {"use_cache": False} if hasattr(model, "config") else {}
+    logits = model(**inputs, **extra).logits  # (B, T, V)
     return F.cross_entropy(logits[selected].float(), targets[selected], reduction="sum"), count
 
 

@@ -60,7 +60,7 @@ class TrainConfig:
     lr: float = _opt(2e-3, "peak learning rate (AdamW)")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
     schedule: str = _opt("linear", "learning-rate decay after warmup", SCHEDULES)
-    warmup_steps: int = _opt(10, "steps of linear warmup from 0")
+    warmup_steps: int = _opt(10, "steps of linear warmup (step s of w runs at (s+1)/(w+1) of --lr)")
     max_grad_norm: float = _opt(1.0, "clip the gradient norm to this (0: no clipping)")
     max_length: int = _opt(512, "tokens per example (longer ones are cut) and per packed row")
     packing: bool = _opt(True, "causal LM: pack examples into rows without padding (--no-packing to pad)")
@@ -80,6 +80,9 @@ class TrainConfig:
     progress: bool = _opt(True, "show a progress bar (--no-progress to hide it)")
 
     def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
@@ -115,6 +118,13 @@ class TrainConfig:
             return BUILTIN_STEPS
         return max(1, int(self.epochs * batches_per_epoch) // self.grad_accum)
 
+    def resolved(self) -> TrainConfig:
+        """The same config with file paths made absolute, so the saved config works from any directory."""
+        paths = {name: str(Path(value).resolve()) for name in ("data", "eval_data", "model")
+                 if (value := getattr(self, name)) is not None and value not in ("default", "minilm")
+                 and Path(value).exists()}
+        return dataclasses.replace(self, **paths)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -129,17 +139,57 @@ class TrainConfig:
         values = yaml.safe_load(path.read_text()) or {}
         if not isinstance(values, dict):
             raise ValueError(f"{path}: expected a mapping of option: value, got {type(values).__name__}")
-        values = {k.replace("-", "_"): v for k, v in values.items()}
+        values = {str(k).replace("-", "_"): v for k, v in values.items()}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)}; see `lorakit train --help`")
-        return cls(**{**values, **overrides})
+        try:
+            return cls(**{**values, **overrides})
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
 
     def save_yaml(self, path: str | Path) -> None:
         import yaml
 
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _coerce(name: str, value: Any, annotation: Any) -> Any:
+    """``value`` as the field's type (YAML reads ``2e-4`` as a string); a clear error when it cannot be."""
+    optional = type(None) in typing.get_args(annotation)
+    kind = _base_type(annotation)
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{name} must be set (got nothing)")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind is list:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, (list, tuple)):
+            return [str(v) for v in value]
+    elif kind is str:
+        if isinstance(value, (list, tuple)):  # target_modules: [q_proj, v_proj]
+            return ",".join(str(v) for v in value)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ValueError(f"{name}={value!r} is not a valid {kind.__name__}")
 
 
 def _base_type(annotation: Any) -> Any:

@@ -108,7 +108,11 @@ def _prepare(config: TrainConfig, model: nn.Module, task_type: str, adapter: str
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     lora = LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=targets, task_type=task_type)
-    return get_lora_model(model, lora)
+    model = get_lora_model(model, lora)
+    for p in model.parameters():  # a head copied from a bf16 base would train in bf16: keep fp32 masters
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model
 
 
 def _saver(config: TrainConfig, tokenizer: Any) -> Callable[[nn.Module, Path], int]:
@@ -157,6 +161,9 @@ def _causal_run(config: TrainConfig, device: torch.device, dtype: torch.dtype, a
         train_records, eval_records = builtin_orders()
         train = [tokenize_chat(tokenizer, r["messages"], config.max_length) for r in train_records]
         eval_examples = [tokenize_chat(tokenizer, r["messages"], config.max_length) for r in eval_records]
+        if any(e.n_targets == 0 for e in train):
+            raise ValueError(f"max_length={config.max_length} cuts off the answers of the built-in task; use at "
+                             f"least {max(len(e) for e in train)}")
         name = "the built-in order-to-JSON task"
     else:
         examples = load_causal_lm(config.data, tokenizer, config.max_length)

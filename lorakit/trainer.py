@@ -17,6 +17,7 @@ Exactness rules the bookkeeping:
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -54,6 +55,7 @@ class Processes:
 
     rank: int = 0
     world: int = 1
+    device: torch.device = torch.device("cpu")  # where collectives run (nccl needs CUDA tensors)
 
     @property
     def main(self) -> bool:
@@ -62,7 +64,7 @@ class Processes:
     def all_sum(self, value: float) -> float:
         if self.world == 1:
             return value
-        t = torch.tensor([value], dtype=torch.float64)
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return t.item()
 
@@ -111,11 +113,13 @@ def start_processes(device: torch.device) -> Processes:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Processes()
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    return Processes(dist.get_rank(), dist.get_world_size())
+    if not dist.is_initialized():
+        # Rank 0 evaluates and saves while the others wait at a barrier: give that time (generation can be slow).
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(hours=2))
+    return Processes(dist.get_rank(), dist.get_world_size(), device)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -274,6 +278,7 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
         config = TrainConfig(**{**config, **overrides})
     elif overrides:
         config = TrainConfig(**{**config.to_dict(), **overrides})
+    config = config.resolved()
     t_start = time.perf_counter()
     device = resolve_device(config.device)
     procs = start_processes(device)
@@ -300,6 +305,9 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
 
     start_step, before = 0, None
     resumed_from = None
+    if not config.resume and checkpoints(ckpt_root):
+        raise ValueError(f"{ckpt_root} holds checkpoints of an earlier run; continue it with --resume, or remove "
+                         f"them or choose another --output-dir (nothing was changed)")
     if config.resume:
         found = checkpoints(ckpt_root)
         if not found:
@@ -309,6 +317,9 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
         if changes:
             raise ValueError(f"--resume: {resumed_from} belongs to a run with other options ({'; '.join(changes)})")
         state = load_checkpoint(resumed_from, model, optimizer, scheduler)
+        if len(state["rng"]) != procs.world:
+            raise ValueError(f"--resume: {resumed_from} was written by {len(state['rng'])} process(es), this run has "
+                             f"{procs.world}; the data order and RNG states would differ. Resume with the same count")
         set_rng_state(state["rng"][procs.rank])
         start_step, before = state["step"], state["before"]
     log = MetricsLog(out / "metrics.jsonl", enabled=procs.main)
@@ -335,6 +346,9 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
                  for i in range(config.grad_accum)]
         targets = procs.all_sum(float(sum(m.targets for m in micro)))
         step_tokens = int(procs.all_sum(float(sum(m.tokens for m in micro))))
+        if targets == 0:
+            raise ValueError(f"step {step + 1} has no target tokens (every response was cut by --max-length "
+                             f"{config.max_length}?); raise --max-length")
         loss_sum = 0.0
         for i, mb in enumerate(micro):
             sync = nullcontext() if procs.world == 1 or i == len(micro) - 1 else objective.no_sync()

@@ -43,7 +43,7 @@ def test_json_array_error_and_record_lines(tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [("", "the file is empty"), ("\n\n", "no records"),
-                                               ('[1, 2]', "expected a JSON object")])
+                                               ('[1, 2]', "item 0 is not a JSON object")])
 def test_empty_or_wrong_records(tmp_path, content, message):
     path = tmp_path / "d.jsonl"
     path.write_text(content)

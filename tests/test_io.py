@@ -226,12 +226,12 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     model.save_pretrained(tmp_path)
     before = (tmp_path / "adapter_model.safetensors").read_bytes()
 
-    def broken(tensors, path, metadata=None):
+    def broken(path, data):  # the disk fills up halfway through the weights
         with open(path, "wb") as f:
-            f.write(b"half")
+            f.write(data[:len(data) // 2])
         raise OSError("disk full")
 
-    monkeypatch.setattr(lk_io, "save_file", broken)
+    monkeypatch.setattr(lk_io.Path, "write_bytes", broken)
     with torch.no_grad():
         next(p for p in model.parameters() if p.requires_grad).add_(1.0)
     with pytest.raises(OSError, match="disk full"):
@@ -279,3 +279,15 @@ def test_export_merged_loads_as_a_plain_transformers_model(make, tmp_path):
     torch.testing.assert_close(_logits(plain, ids), expected, atol=1e-5, rtol=1e-5)
     assert torch.equal(_logits(model, ids), expected)  # the LoraModel is unchanged (still unmerged)
     assert not any(layer.merged_adapters for _, layer in model.lora_layers())
+
+
+def test_saved_files_are_byte_identical_across_processes():
+    """safetensors orders header metadata by a per-process hash seed; lorakit's files must not depend on it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from lorakit.io import safetensors_bytes; "
+            "sys.stdout.buffer.write(safetensors_bytes({'w': torch.arange(4.)}, "
+            "{'format': 'pt', 'lorakit_fingerprint': '{}', 'x': 'y'}))")
+    outputs = {subprocess.run([sys.executable, "-c", code], capture_output=True, check=True).stdout for _ in range(4)}
+    assert len(outputs) == 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_llama
+from conftest import tiny_gpt2, tiny_llama
 
 from lorakit.data import IGNORE, Example, pack_batch, pad_batch
 from lorakit.loss import causal_lm_loss, linear_cross_entropy
@@ -78,3 +78,22 @@ def test_packing_without_position_ids_would_leak_attention():
     a = causal_lm_loss(model, packed)[0]
     b = causal_lm_loss(model, leaky)[0]
     assert abs(a.item() - b.item()) > 1e-3
+
+
+def test_evaluation_path_equals_the_training_path():
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(30, 16, requires_grad=True), torch.randn(50, 16)
+    targets = torch.randint(0, 50, (30,))
+    with torch.no_grad():
+        evaluated = linear_cross_entropy(hidden, weight, targets, chunk=7)
+    torch.testing.assert_close(evaluated, linear_cross_entropy(hidden, weight, targets, chunk=7).detach())
+
+
+def test_full_logits_path_keeps_packed_examples_apart():
+    """GPT-2 is not on the plain-head list, so its loss goes through the full logits; packing must hold there too."""
+    model = tiny_gpt2()
+    examples = _examples([5, 11, 3, 8, 13])
+    padded = causal_lm_loss(model, pad_batch(examples, pad_id=0))
+    packed = causal_lm_loss(model, pack_batch(examples, max_length=24, pad_id=0))
+    assert padded[1] == packed[1]
+    assert abs(padded[0].item() - packed[0].item()) <= 1e-4 * padded[0].item()

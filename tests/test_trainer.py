@@ -148,17 +148,22 @@ def test_resume_refuses_another_run(tiny_llama_dir, tmp_path):
         train(model=tiny_llama_dir, steps=4, r=4, resume=True, output_dir=str(tmp_path), **FAST)
     with pytest.raises(ValueError, match="no checkpoint in"):
         train(model=tiny_llama_dir, steps=4, resume=True, output_dir=str(tmp_path / "empty"), **FAST)
+    # A new run in the same folder would mix its checkpoints with the old run's: refused, nothing removed.
+    with pytest.raises(ValueError, match="holds checkpoints of an earlier run; continue it with --resume"):
+        train(model=tiny_llama_dir, steps=4, save_every=2, output_dir=str(tmp_path), **FAST)
+    assert (tmp_path / "checkpoints" / "step-000002").is_dir()
 
 
 def test_yaml_config_with_cli_overrides(tiny_llama_dir, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({"model": tiny_llama_dir, "steps": 2, "r": 4, "max-eval": 2,
-                                      "max_new_tokens": 2, "output_dir": str(tmp_path / "out")}))
+                                      "max_new_tokens": 2, "output_dir": str(tmp_path / "out")}) + "lr: 2e-4\n")
     proc = _cli("--config", str(config), "--r", "2", "--no-progress")
     output = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, output[-2000:]
     saved = yaml.safe_load((tmp_path / "out" / "train_config.yaml").read_text())
     assert saved["r"] == 2 and saved["steps"] == 2 and saved["max_eval"] == 2  # the command line wins
+    assert saved["lr"] == 2e-4  # YAML reads 2e-4 as a string; the config makes it a float
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["r"] == 2
     assert "trained:" in output and "held-out:" in output and "saved:" in output
 
@@ -166,6 +171,10 @@ def test_yaml_config_with_cli_overrides(tiny_llama_dir, tmp_path):
     proc = _cli("--config", str(config))
     assert proc.wait(timeout=120) == 2
     assert "unknown option(s) learning_rate" in proc.stdout.read()
+    config.write_text("steps: 2.5\n")
+    proc = _cli("--config", str(config))
+    assert proc.wait(timeout=120) == 2
+    assert "run.yaml: steps=2.5 is not a valid int" in proc.stdout.read()
 
 
 def test_bad_options_are_clear():
@@ -234,6 +243,10 @@ def test_eval_and_generate_commands_use_the_saved_adapter(tiny_llama_dir, tmp_pa
 
 
 def test_gradient_checkpointing_trains_the_same_adapter(tiny_llama_dir, tmp_path):
+    from lorakit.train_setup import build_run
+
+    run = build_run(TrainConfig(model=tiny_llama_dir, grad_checkpointing=True), torch.device("cpu"), "fp32")
+    assert run.model.model.is_gradient_checkpointing  # really on, so the comparison below means something
     train(model=tiny_llama_dir, steps=2, output_dir=str(tmp_path / "plain"), **FAST)
     train(model=tiny_llama_dir, steps=2, grad_checkpointing=True, output_dir=str(tmp_path / "ckpt"), **FAST)
     assert _max_diff(_adapter(tmp_path / "plain"), _adapter(tmp_path / "ckpt")) <= 1e-6
