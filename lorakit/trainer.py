@@ -22,9 +22,9 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from torch import nn
 
 from .checkpoint import checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .train_config import TrainConfig
+from .train_log import MetricsLog, plot_loss
 from .train_setup import Run, build_run
 
 RESUMABLE_CHANGES = {"resume", "progress", "save_every", "keep_checkpoints", "eval_every", "max_eval",
@@ -167,69 +168,6 @@ def micro_batch_indices(k: int, n: int, per_process: int, procs: Processes, seed
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
     start = j * global_batch + procs.rank * per_process
     return order[start:start + per_process].tolist()
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Logging and the final picture
-# --------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class MetricsLog:
-    """``metrics.jsonl``: one JSON object per logged step or evaluation (only the main process writes)."""
-
-    path: Path
-    enabled: bool
-    records: list[dict[str, Any]] = field(default_factory=list)
-
-    def start(self, resume_step: int | None) -> None:
-        if not self.enabled:
-            return
-        if resume_step is None or not self.path.exists():
-            self.path.write_text("")
-            return
-        # Drop what was logged after the checkpoint we resume from: those steps are run again.
-        lines = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-        self.records = [r for r in lines if r.get("step", 0) <= resume_step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-
-    def write(self, record: dict[str, Any]) -> None:
-        self.records.append(record)
-        if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
-def plot_loss(records: Sequence[dict[str, Any]], path: Path, title: str) -> Path | None:
-    """A PNG of training loss per step (and evaluation points); None when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    evals = [(r["step"], r["eval"]) for r in records if "eval" in r]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    if train:
-        ax.plot(*zip(*train), label="training loss", color="tab:blue", linewidth=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    metric = next((k for k in ("exact_match", "accuracy", "loss") if evals and k in evals[0][1]), None)
-    if metric:
-        ax2 = ax.twinx() if metric != "loss" else ax
-        ax2.plot([s for s, _ in evals], [e[metric] for _, e in evals], "o--", color="tab:orange",
-                 label=f"held-out {metric.replace('_', ' ')}")
-        ax2.set_ylabel(f"held-out {metric.replace('_', ' ')}")
-    handles = [h for a in fig.axes for h in a.get_legend_handles_labels()[0]]
-    ax.legend(handles=handles, loc="upper center")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
 
 
 # --------------------------------------------------------------------------------------------------------------
