@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .data import IGNORE, Example, pad_batch, prompt_ids
+from .data import prompt_ids
 
 
 @contextmanager
@@ -100,5 +100,3 @@ def classification(model: torch.nn.Module, batches: Sequence[dict[str, torch.Ten
         f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
     return {"accuracy": (pred == gold).float().mean().item(), "f1": sum(f1s) / n_labels, "n": len(gold)}
 
-
-__all__ = ["IGNORE", "Example", "classification", "exact_match", "generate_texts", "lm_loss", "pad_batch"]

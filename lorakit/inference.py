@@ -40,13 +40,14 @@ def evaluate_adapter(path: str | Path, config: TrainConfig) -> dict[str, Any]:
     return run.evaluate(run.model, "eval")
 
 
-def _base_of(adapter: Path) -> str:
-    saved = adapter / "train_config.yaml"
-    if saved.is_file():
-        import yaml
+def _saved_config(folder: Path) -> dict[str, Any]:
+    """The ``train_config.yaml`` that ``lorakit train`` wrote next to an adapter ({} when there is none)."""
+    saved = folder / "train_config.yaml"
+    if not saved.is_file():
+        return {}
+    import yaml
 
-        return (yaml.safe_load(saved.read_text()) or {}).get("model", "default")
-    return "default"
+    return yaml.safe_load(saved.read_text()) or {}
 
 
 def generate(prompt: str, adapter: str | Path | None = None, model: str | None = None, max_new_tokens: int = 128,
@@ -65,18 +66,16 @@ def generate(prompt: str, adapter: str | Path | None = None, model: str | None =
 
     transformers = _transformers()
     kind = _kind(adapter) if adapter is not None else None
-    base = model or (_base_of(Path(adapter)) if kind == "adapter" else str(adapter) if kind else "default")
+    trained = _saved_config(Path(adapter)) if adapter is not None else {}
+    base = model or (trained.get("model", "default") if kind == "adapter" else str(adapter) if kind else "default")
     source = str(default_model_dir()) if base == "default" else base
     tokenizer = transformers.AutoTokenizer.from_pretrained(source)
     net: torch.nn.Module = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     if kind == "adapter":
         net = LoraModel.from_pretrained(net, adapter)
-    if system is None and adapter is not None and (Path(adapter) / "train_config.yaml").is_file():
-        import yaml
+    if system is None and trained.get("task") == "builtin":
+        from .tasks import SYSTEM
 
-        if (yaml.safe_load((Path(adapter) / "train_config.yaml").read_text()) or {}).get("task") == "builtin":
-            from .tasks import SYSTEM
-
-            system = SYSTEM
+        system = SYSTEM
     chat = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     return generate_texts(net, tokenizer, [chat], max_new_tokens=max_new_tokens, batch_size=1)[0]
