@@ -8,16 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import TASK_TYPES
-
-
-def _split(value: str | None) -> list[str] | str | None:
-    """``q_proj,v_proj`` → a list; ``all-linear`` or a regex (anything with regex characters) stays a string."""
-    if value is None:
-        return None
-    if value == "all-linear" or any(c in value for c in "*()[]|^$\\"):
-        return value
-    return [v.strip() for v in value.split(",") if v.strip()]
+from .config import TASK_TYPES, parse_targets
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -45,7 +36,8 @@ def cmd_targets(args: argparse.Namespace) -> int:
     from .inject import describe_targets
     from .pretrained import build_model
 
-    config = LoraConfig(r=args.r, target_modules=_split(args.target), exclude_modules=_split(args.exclude),
+    config = LoraConfig(r=args.r, target_modules=parse_targets(args.target),
+                        exclude_modules=parse_targets(args.exclude),
                         task_type=args.task_type)
     model = build_model(args.model, meta=True)
     rows = describe_targets(model, config)
@@ -69,7 +61,7 @@ def cmd_params(args: argparse.Namespace) -> int:
     from .pretrained import build_model
 
     config = LoraConfig(r=args.r, lora_alpha=args.alpha if args.alpha is not None else args.r,
-                        target_modules=_split(args.target), task_type=args.task_type)
+                        target_modules=parse_targets(args.target), task_type=args.task_type)
     if args.model in PRESETS:
         model = preset_model(args.model)
     elif args.model in ("default", "minilm") or Path(args.model).exists():

@@ -203,3 +203,13 @@ class LoraConfig:
             listed = ", ".join(f"{k}={v!r}" for k, v in sorted(unsupported.items()))
             raise ValueError(f"adapter_config.json uses PEFT options lorakit does not support: {listed}")
         return cls(**kwargs)
+
+
+def parse_targets(value: str | None) -> list[str] | str | None:
+    """A command-line target spec: ``q_proj,v_proj`` → a list; ``all-linear`` or a regex (anything with regex
+    characters) stays a string; None stays None."""
+    if value is None:
+        return None
+    if value == ALL_LINEAR or any(c in value for c in "*()[]|^$\\"):
+        return value
+    return [v.strip() for v in value.split(",") if v.strip()]

@@ -62,13 +62,13 @@ def generate(prompt: str, adapter: str | Path | None = None, model: str | None =
     """
     from .evaluate import generate_texts
     from .model import LoraModel
-    from .pretrained import _transformers, default_model_dir
+    from .pretrained import _transformers, model_source
 
     transformers = _transformers()
     kind = _kind(adapter) if adapter is not None else None
     trained = _saved_config(Path(adapter)) if adapter is not None else {}
     base = model or (trained.get("model", "default") if kind == "adapter" else str(adapter) if kind else "default")
-    source = str(default_model_dir()) if base == "default" else base
+    source = str(model_source(base))
     tokenizer = transformers.AutoTokenizer.from_pretrained(source)
     net: torch.nn.Module = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     if kind == "adapter":

@@ -112,6 +112,22 @@ def load_default_tokenizer():
     return _transformers().AutoTokenizer.from_pretrained(str(default_model_dir()))
 
 
+def model_source(spec: str) -> Path:
+    """Where a model spec's files are: ``default`` (SmolLM2-135M-Instruct, converted once from the embedded GGUF),
+    ``minilm`` (the embedded all-MiniLM-L6-v2), or the path itself.
+
+    Raises:
+        FileNotFoundError: ``spec`` is none of these.
+    """
+    if spec == "default":
+        return default_model_dir()
+    if spec == "minilm":
+        return minilm_dir()
+    if not Path(spec).exists():
+        raise FileNotFoundError(f"model {spec!r} is neither 'default', 'minilm', a model folder nor a config.json")
+    return Path(spec)
+
+
 def build_model(spec: str, meta: bool = False, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """A model from a short spec, for the CLI.
 
@@ -125,14 +141,7 @@ def build_model(spec: str, meta: bool = False, dtype: torch.dtype = torch.float3
         ValueError: The file or folder holds no Hugging Face model config.
     """
     transformers = _transformers()
-    if spec == "default":
-        source = default_model_dir()
-    elif spec == "minilm":
-        source = minilm_dir()
-    else:
-        source = Path(spec)
-        if not source.exists():
-            raise FileNotFoundError(f"model {spec!r} is neither 'default', 'minilm', a model folder nor a config.json")
+    source = model_source(spec)
     try:
         config = transformers.AutoConfig.from_pretrained(str(source))
     except (OSError, ValueError, KeyError) as err:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import LoraConfig
+from .config import ALL_LINEAR, LoraConfig, parse_targets
 from .data import Example, label_ids, load_causal_lm, pack_batch, pad_batch, read_table, tokenize_chat
 from .evaluate import classification, exact_match, lm_loss
 from .loss import causal_lm_loss, classification_loss
@@ -55,18 +55,12 @@ def _say(message: str) -> None:
 
 def _load(config: TrainConfig, dtype: torch.dtype, num_labels: int | None = None) -> tuple[nn.Module, Any]:
     """The base model and its tokenizer."""
-    from .pretrained import _transformers, default_model_dir, minilm_dir
+    from .pretrained import _transformers, model_source
 
     transformers = _transformers()
-    if config.model == "default":
-        source = default_model_dir()
-    elif config.model == "minilm":
-        source = minilm_dir()
-    else:
-        source = Path(config.model)
-        if not (source / "config.json").is_file():
-            raise FileNotFoundError(f"model {config.model!r} is neither 'default', 'minilm' nor a Hugging Face "
-                                    f"model folder (no config.json)")
+    source = model_source(config.model)
+    if not (source / "config.json").is_file():
+        raise FileNotFoundError(f"model {config.model!r} is not a Hugging Face model folder (no config.json)")
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(source))
     if num_labels is None:
         model = transformers.AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype)
@@ -101,11 +95,9 @@ def _prepare(config: TrainConfig, model: nn.Module, task_type: str, adapter: str
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    targets = config.target_modules
-    if targets is None:
-        targets = "all-linear" if task_type == "CAUSAL_LM" else None
-    elif targets != "all-linear" and not any(c in targets for c in "*()[]|^$\\"):
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    targets = parse_targets(config.target_modules)
+    if targets is None and task_type == "CAUSAL_LM":
+        targets = ALL_LINEAR
     lora = LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=targets, task_type=task_type)
     model = get_lora_model(model, lora)
