@@ -5,6 +5,7 @@ from .inject import find_targets
 from .io import adapter_state_dict, set_adapter_state_dict
 from .layers import LoraAdapter, LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear
 from .model import LoraModel, get_lora_model
+from .quant import quantize
 from .train_config import TrainConfig
 from .trainer import train
 
@@ -20,6 +21,7 @@ __all__ = [
     "adapter_state_dict",
     "find_targets",
     "get_lora_model",
+    "quantize",
     "set_adapter_state_dict",
     "train",
 ]

@@ -8,6 +8,7 @@ not have on disk. The presets carry the public dimensions of well-known architec
 from __future__ import annotations
 
 import copy
+import math
 from collections import OrderedDict
 from typing import Any
 
@@ -89,3 +90,15 @@ def count_parameters(model: torch.nn.Module, config: LoraConfig) -> dict[str, An
         "targets": list(groups.values()),
         "adapter_bytes": {"fp32": 4 * saved, "bf16": 2 * saved},
     }
+
+
+def four_bit_bytes(numel: int, blocksize: int = 64, double_quant: bool = True) -> int:
+    """Bytes bitsandbytes stores for one 4-bit (NF4/FP4) weight of ``numel`` values.
+
+    Half a byte per value, plus one scale per block of ``blocksize`` values: an fp32 absmax, or with double
+    quantization one byte per block plus an fp32 scale per 256 blocks and one fp32 offset. (The lookup tables,
+    a few hundred bytes per layer, are left out.)
+    """
+    blocks = math.ceil(numel / blocksize)
+    scales = blocks + 4 * math.ceil(blocks / 256) + 4 if double_quant else 4 * blocks
+    return math.ceil(numel / 2) + scales

@@ -11,6 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .layers import LoraLayer, is_4bit
+from .quant import dense_weight
+
 if TYPE_CHECKING:
     from .model import LoraModel
 
@@ -22,11 +25,17 @@ def merged_state_dict(model: LoraModel, adapter_names: Sequence[str] | None = No
     names = model.active_adapters if adapter_names is None else list(adapter_names)
     layers = dict(model.lora_layers())
     saved = dict(model._saved_modules())
+    # 4-bit layers (bitsandbytes) are written dense: their packed bytes and scales are not a plain model's.
+    quantized = {name: module for name, module in model.model.named_modules() if is_4bit(module)}
     out = {}
     for key, value in model.model.state_dict().items():
+        if any(key.startswith(f"{q}.weight.") for q in quantized):  # a 4-bit weight's scales and lookup tables
+            continue
         owner, _, leaf = key.rpartition(".base.")
         if owner in layers:  # a LoRA layer's base: back under the layer's own name
-            out[f"{owner}.{leaf}"] = layers[owner].merged_weight(names) if leaf == "weight" else value
+            out[f"{owner}.{leaf}"] = _merged_weight(layers[owner], names) if leaf == "weight" else value
+        elif (module := quantized.get(key.removesuffix(".weight"))) is not None and key.endswith(".weight"):
+            out[key] = _dense(module, dense_weight(module))
         elif not any(key.startswith(p + ".") for p in (*layers, *saved)):  # adapters and heads come below
             out[key] = value
     for owner, module in saved.items():
@@ -34,6 +43,17 @@ def merged_state_dict(model: LoraModel, adapter_names: Sequence[str] | None = No
         for k, v in head.state_dict().items():
             out[f"{owner}.{k}"] = v
     return out
+
+
+def _merged_weight(layer: LoraLayer, names: Sequence[str]) -> torch.Tensor:
+    if not is_4bit(layer.base):
+        return layer.merged_weight(names)
+    return _dense(layer.base, layer.merged_weight(names, base=dense_weight(layer.base), dtype=torch.float32))
+
+
+def _dense(module: torch.nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """A 4-bit layer's dense (merged) weight in the dtype the layer computes in."""
+    return weight.to(module.compute_dtype or torch.float32)
 
 
 def export_merged(model: LoraModel, save_directory: str | os.PathLike, tokenizer: Any = None,

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .config import ALL_LINEAR, DEFAULT_TARGETS, SEQ_CLS_HEAD_NAMES, LoraConfig
-from .layers import SUPPORTED_TYPES, LoraLayer, LoraLinear, is_conv1d, wrap
+from .layers import SUPPORTED_TYPES, LoraLayer, LoraLinear, is_4bit, is_conv1d, wrap
 
 
 class ModulesToSave(nn.Module):
@@ -201,6 +201,10 @@ def _check_wrappable(name: str, module: nn.Module, config: LoraConfig) -> None:
     if config.init_lora_weights == "pissa" and not linear:
         raise ValueError(f"init_lora_weights='pissa' is supported for Linear and Conv1D layers; target {name!r} is "
                          f"a {type(base).__name__}")
+    if is_4bit(base) and (config.use_dora or config.init_lora_weights == "pissa"):
+        what = "use_dora" if config.use_dora else "init_lora_weights='pissa'"
+        raise ValueError(f"{what} needs the base weight in full precision; target {name!r} is a 4-bit "
+                         f"{type(base).__name__} (lorakit supports plain LoRA on 4-bit layers)")
     if isinstance(base, nn.Conv2d) and base.groups != 1:
         raise ValueError(f"LoRA on Conv2d needs groups=1; target {name!r} has groups={base.groups}")
 

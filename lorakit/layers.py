@@ -29,6 +29,13 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
 
 
+def is_4bit(module: nn.Module) -> bool:
+    """A bitsandbytes 4-bit layer (``Linear4bit``): its own weight is packed bytes, not a float matrix.
+
+    (A LoRA layer around one is not: its ``weight`` is the base's, not a parameter of its own.)"""
+    return type(module._parameters.get("weight")).__name__ == "Params4bit"
+
+
 class LoraAdapter(nn.Module):
     """One adapter's trainable state on one layer.
 
@@ -198,6 +205,10 @@ class LoraLayer(nn.Module):
         for name in self.active_adapters if names is None else names:
             if name not in self.adapters or name in self.merged_adapters:
                 continue
+            if is_4bit(self.base):
+                raise ValueError("merging into a 4-bit base weight would round it to 4 bits again (lossy, and "
+                                 "unmerge could not undo it); use merge_and_unload(), which returns dense layers, "
+                                 "or merge_and_unload(requantize=True)")
             with torch.no_grad():
                 adapter = self.adapters[name]
                 if adapter.use_dora:
@@ -212,9 +223,11 @@ class LoraLayer(nn.Module):
         """``W += alpha·ΔW`` for adapter ``name``, computed in fp32."""
         _add_to(self.base.weight, self.delta_weight(name), alpha=alpha)
 
-    def merged_weight(self, names: Sequence[str]) -> torch.Tensor:
-        """The base weight with adapters ``names`` folded in (fp32 math), as a new tensor; the layer is unchanged."""
-        weight = self.base.weight.detach()
+    def merged_weight(self, names: Sequence[str], base: torch.Tensor | None = None,
+                      dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The base weight with adapters ``names`` folded in (fp32 math), as a new tensor in ``dtype`` (default:
+        the weight's); the layer is unchanged. ``base`` replaces the base weight (a 4-bit weight's dense copy)."""
+        weight = self.base.weight.detach() if base is None else base
         w32 = weight.float().clone()
         for name in names:
             if name not in self.adapters or name in self.merged_adapters:
@@ -225,7 +238,7 @@ class LoraLayer(nn.Module):
                 w32 = self._rows(w32 + self.delta_weight(name).detach(), scale)
             else:
                 w32 += self.delta_weight(name).detach()
-        return w32.to(weight.dtype)
+        return w32.to(dtype or weight.dtype)
 
     def unmerge(self) -> None:
         """Take every merged adapter out of the base weight again, newest first."""

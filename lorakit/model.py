@@ -17,7 +17,7 @@ from torch import nn
 
 from .config import LoraConfig
 from .inject import ModulesToSave, find_targets, inject
-from .layers import BASE_ROW, LoraLayer
+from .layers import BASE_ROW, LoraLayer, is_4bit
 from .mixed import routing_for
 
 
@@ -38,6 +38,10 @@ class LoraModel(nn.Module):
         self._inference_only: set[str] = set()
         for p in model.parameters():
             p.requires_grad_(False)
+        if any(is_4bit(m) for m in model.modules()):
+            from .quant import keep_autograd_path
+
+            keep_autograd_path(model)
         self.add_adapter(adapter_name, config)
         self.set_adapter(adapter_name)
 
@@ -238,22 +242,38 @@ class LoraModel(nn.Module):
 
     def merge_adapter(self, adapter_names: Sequence[str] | None = None) -> None:
         """Fold adapters (default: the active ones) into the base weights, in fp32; undo with ``unmerge_adapter``."""
-        names = self._active if adapter_names is None else list(adapter_names)
+        names = self._known(self._active if adapter_names is None else adapter_names)
+        for _, layer in self.lora_layers():
+            layer.merge(names)
+
+    def _known(self, names: Sequence[str]) -> list[str]:
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"unknown adapter(s) {unknown}; adapters: {sorted(self.peft_config)}")
-        for _, layer in self.lora_layers():
-            layer.merge(names)
+        return list(names)
 
     def unmerge_adapter(self) -> None:
         """Take every merged adapter out of the base weights again."""
         for _, layer in self.lora_layers():
             layer.unmerge()
 
-    def merge_and_unload(self, adapter_names: Sequence[str] | None = None) -> nn.Module:
-        """Fold the adapters into the weights and return the plain model (no LoRA layers left)."""
-        self.merge_adapter(adapter_names)
-        return self._unwrap(self._active if adapter_names is None else list(adapter_names))
+    def merge_and_unload(self, adapter_names: Sequence[str] | None = None, *, requantize: bool = False,
+                         dtype: torch.dtype | None = None, probe: Any = None) -> nn.Module:
+        """Fold the adapters (default: the active ones) into the weights and return the plain model.
+
+        On a 4-bit base (QLoRA) the 4-bit layers are dequantized and become dense ``nn.Linear`` layers in
+        ``dtype`` (default: their compute dtype), or, with ``requantize=True``, the merged ones are quantized
+        again; see :func:`lorakit.quant.merge_and_unload` for the report of the logit error this introduces.
+        """
+        names = self._known(self._active if adapter_names is None else adapter_names)
+        if any(is_4bit(m) for m in self.model.modules()):
+            from .quant import merge_and_unload
+
+            return merge_and_unload(self, names, requantize=requantize, dtype=dtype, probe=probe)
+        if requantize:
+            raise ValueError("requantize=True re-quantizes 4-bit layers; this model has none")
+        self.merge_adapter(names)
+        return self._unwrap(names)
 
     def unload(self) -> nn.Module:
         """Return the plain base model, without any adapter's update (merged ones are unmerged first)."""

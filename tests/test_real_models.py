@@ -52,6 +52,21 @@ def test_smollm2_counts_zero_update_and_merge(smollm2, tmp_path):
         torch.testing.assert_close(reloaded(input_ids=ids).logits, unmerged, atol=1e-4, rtol=1e-5)
 
 
+def test_smollm2_in_nf4_is_a_quarter_of_bf16_and_keeps_its_predictions(smollm2):
+    from lorakit.quant import quantize, quantized_bytes
+
+    model = quantize(copy.deepcopy(smollm2), "nf4", double_quant=True)
+    packed, bf16 = quantized_bytes(model)
+    assert bf16 == 2 * 106_168_320  # every linear layer but the (tied) head: 30 layers × 7
+    assert packed <= 0.3 * bf16
+    ids = pretrained.load_default_tokenizer()("The capital of France is Paris. The capital of Italy is",
+                                              return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        full, four_bit = smollm2(input_ids=ids).logits[0], model(input_ids=ids).logits[0]
+    agree = (full.argmax(-1) == four_bit.argmax(-1)).float().mean().item()
+    assert agree >= 0.7, f"top-1 predictions of the 4-bit model agree on {agree:.0%} of positions"
+
+
 def test_minilm_sequence_classification_round_trip_with_peft(minilm_cls, tmp_path):
     config = dict(r=8, target_modules=["query", "value"], task_type="SEQ_CLS")
     ours = get_lora_model(copy.deepcopy(minilm_cls), LoraConfig(**config))

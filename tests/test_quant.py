@@ -1,0 +1,287 @@
+"""QLoRA on a 4-bit base (bitsandbytes NF4/FP4, on CPU): exactness of the wrapper, merging, files, training."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+
+from lorakit import LoraConfig, adapter_state_dict, get_lora_model
+from lorakit.calc import four_bit_bytes
+from lorakit.layers import LoraLinear, is_4bit
+from lorakit.model import LoraModel
+from lorakit.quant import dense_weight, quantize, quantized_bytes
+from lorakit.train_config import TrainConfig
+from lorakit.trainer import train
+
+FAST = {"max_eval": 4, "max_new_tokens": 4, "progress": False, "warmup_steps": 1, "lr": 1e-2}
+
+
+def tiny_llama(seed: int = 0) -> torch.nn.Module:
+    """A tiny random Llama 64 wide: bitsandbytes' CPU quantizer mis-rounds layers with 32 inputs (the shared
+    32-wide tiny models), which quantize() refuses."""
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=128)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def _q_llama(seed: int = 0, **kwargs) -> torch.nn.Module:
+    return quantize(tiny_llama(seed), "nf4", **kwargs)
+
+
+def _randomize_b(model: LoraModel, seed: int = 1) -> None:
+    """Give every lora_B non-zero values (as after training), so the update is not zero."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in model.lora_layers():
+            for adapter in layer.adapters.values():
+                adapter.lora_B.normal_(std=0.1)
+
+
+def _linear_names(model: torch.nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+def test_quantize_swaps_every_linear_but_the_head():
+    model = _q_llama()
+    swapped = [n for n, m in model.named_modules() if is_4bit(m)]
+    plain = [n for n in _linear_names(model) if n not in swapped]
+    assert len(swapped) == 2 * 7 and plain == ["lm_head"]
+    assert type(model.model.embed_tokens) is torch.nn.Embedding
+    state = model.model.layers[0].mlp.up_proj.weight.quant_state
+    assert state.quant_type == "nf4" and state.nested  # double quantization
+    assert not quantize(tiny_llama(), "fp4", double_quant=False).model.layers[0].mlp.up_proj.weight.quant_state.nested
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_4bit_bytes_are_about_a_quarter_of_bf16_and_as_calculated(double_quant):
+    model = quantize(torch.nn.Sequential(torch.nn.Linear(576, 1536), torch.nn.Linear(1536, 576)), "nf4",
+                     double_quant=double_quant)
+    packed, bf16 = quantized_bytes(model)
+    assert bf16 == 2 * 2 * 576 * 1536
+    # 4 bits = 0.25×, plus the scales: 1 byte per 64 values with double quantization, else 4
+    assert packed <= (0.26 if double_quant else 0.285) * bf16
+    assert packed == pytest.approx(2 * four_bit_bytes(576 * 1536, double_quant=double_quant), rel=0.01)
+
+
+def test_dequantized_weights_are_close_to_the_originals():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(576, 1536)
+    w = layer.weight.detach().clone()
+    d = dense_weight(quantize(torch.nn.Sequential(layer), "nf4")[0])
+    assert d.shape == w.shape and d.dtype == torch.float32
+    assert (d - w).norm() / w.norm() < 0.12  # NF4 rounding (~9%), not another matrix
+
+
+def test_conv1d_layers_are_quantized_transposed(ids):
+    original, model = tiny_gpt2(), quantize(tiny_gpt2(), "nf4", compute_dtype=torch.float32)
+    layer = model.transformer.h[0].attn.c_attn
+    assert is_4bit(layer) and list(layer.weight.quant_state.shape) == [192, 64]  # (out, in)
+    with torch.no_grad():
+        a, b = original(ids).logits, model(ids).logits
+    assert (a - b).abs().max() < 0.2 * a.abs().max()
+
+
+def test_zero_b_lora_on_4bit_base_is_the_4bit_base(ids):
+    model = _q_llama()
+    with torch.no_grad():
+        base = model(ids).logits
+    lora = get_lora_model(model, LoraConfig(r=4, target_modules="all-linear"))
+    assert isinstance(lora.model.model.layers[0].self_attn.q_proj, LoraLinear)
+    with torch.no_grad():
+        assert torch.equal(lora(ids).logits, base)
+
+
+def test_gradients_reach_only_lora_weights_even_after_an_eval_pass(ids):
+    lora = get_lora_model(_q_llama(), LoraConfig(r=4, target_modules="all-linear"))
+    _randomize_b(lora)
+
+    def grads() -> dict[str, torch.Tensor]:
+        lora.zero_grad(set_to_none=True)
+        lora.train()
+        lora(ids).logits.square().mean().backward()
+        return {n: p.grad.clone() for n, p in lora.named_parameters() if p.grad is not None}
+
+    first = grads()
+    expected = {n for n, p in lora.named_parameters() if ".adapters." in n}
+    assert set(first) == expected and all(g.abs().sum() > 0 for g in first.values())
+    assert not any(p.requires_grad for n, p in lora.named_parameters() if n not in expected)
+    # bitsandbytes repacks 4-bit weights for a gradient-free kernel on the first eval-mode pass on CPUs with
+    # AVX512-BF16; lorakit keeps the differentiable path, so training after an evaluation is unchanged.
+    lora.eval()
+    with torch.no_grad():
+        lora(ids)
+    again = grads()
+    assert all(torch.equal(first[n], again[n]) for n in first)
+
+
+def test_save_load_round_trip_gives_identical_logits(ids, tmp_path):
+    lora = get_lora_model(_q_llama(), LoraConfig(r=4, target_modules="all-linear"))
+    _randomize_b(lora)
+    with torch.no_grad():
+        before = lora(ids).logits
+    lora.save_pretrained(tmp_path)
+    loaded = LoraModel.from_pretrained(_q_llama(), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, before)
+
+
+def test_qlora_adapter_loads_on_the_full_precision_base_but_not_on_another(ids, tmp_path):
+    lora = get_lora_model(_q_llama(), LoraConfig(r=4, target_modules="all-linear"))
+    _randomize_b(lora)
+    lora.save_pretrained(tmp_path)
+    on_fp = LoraModel.from_pretrained(tiny_llama(), tmp_path)
+    saved, loaded = adapter_state_dict(lora, "default"), adapter_state_dict(on_fp, "default")
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
+    with pytest.raises(ValueError, match="different base model"):
+        LoraModel.from_pretrained(tiny_llama(seed=7), tmp_path)
+    with pytest.raises(ValueError, match="different base model"):
+        LoraModel.from_pretrained(_q_llama(seed=7), tmp_path)
+    # and an adapter trained on the full-precision base loads onto its 4-bit copy
+    fp = get_lora_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear"))
+    fp.save_pretrained(tmp_path / "fp")
+    LoraModel.from_pretrained(_q_llama(), tmp_path / "fp")
+
+
+def test_merge_to_dense_equals_unmerged(ids):
+    lora = get_lora_model(_q_llama(compute_dtype=torch.float32), LoraConfig(r=4, target_modules="all-linear"))
+    _randomize_b(lora)
+    with torch.no_grad():
+        before = lora(ids).logits
+    merged = lora.merge_and_unload()
+    assert not any(is_4bit(m) for m in merged.modules()) and not any(".adapters." in n for n, _ in
+                                                                       merged.named_parameters())
+    assert all(type(merged.get_submodule(n)) is torch.nn.Linear for n in _linear_names(tiny_llama()))
+    with torch.no_grad():
+        after = merged(ids).logits
+    assert (after - before).abs().max() <= 1e-4 * before.abs().max()
+    report = merged.lorakit_merge_report
+    assert not report.requantized and report.max_abs_logit_diff <= 1e-4 * report.max_abs_logit
+
+
+def test_merge_with_requantize_stays_4bit_and_reports_the_error(ids):
+    lora = get_lora_model(_q_llama(compute_dtype=torch.float32), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    _randomize_b(lora)
+    with torch.no_grad():
+        before = lora(ids).logits
+    untouched = lora.model.model.layers[0].mlp.up_proj
+    merged = lora.merge_and_unload(requantize=True)
+    assert merged.model.layers[0].mlp.up_proj is untouched
+    assert all(is_4bit(merged.get_submodule(n)) for n in _linear_names(tiny_llama()) if n != "lm_head")
+    report = merged.lorakit_merge_report
+    assert report.requantized and 0 < report.mean_abs_logit_diff <= report.max_abs_logit_diff
+    assert report.max_abs_logit_diff < report.max_abs_logit  # rounding error, not a broken model
+    with torch.no_grad():
+        after = merged(ids).logits
+    assert 0 < (after - before).abs().max() < 0.5 * before.abs().max()
+
+
+def test_merge_adapter_in_place_and_dora_on_a_4bit_base_are_refused(ids):
+    lora = get_lora_model(_q_llama(), LoraConfig(r=4, target_modules="all-linear"))
+    with pytest.raises(ValueError, match="merge_and_unload"):
+        lora.merge_adapter()
+    assert not any(layer.merged_adapters for _, layer in lora.lora_layers())
+    with pytest.raises(ValueError, match="4-bit"):
+        get_lora_model(_q_llama(), LoraConfig(r=4, target_modules="all-linear", use_dora=True))
+    with pytest.raises(ValueError, match="requantize"):
+        get_lora_model(tiny_llama(), LoraConfig(r=4)).merge_and_unload(requantize=True)
+
+
+def test_export_merged_from_a_4bit_base_is_a_dense_model(ids, tmp_path):
+    import transformers
+
+    lora = get_lora_model(_q_llama(compute_dtype=torch.float32), LoraConfig(r=4, target_modules="all-linear"))
+    _randomize_b(lora)
+    with torch.no_grad():
+        before = lora(ids).logits
+    lora.export_merged(tmp_path / "merged")
+    dense = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    with torch.no_grad():
+        after = dense(ids).logits
+    assert (after - before).abs().max() <= 1e-4 * before.abs().max()
+
+
+def test_a_layer_bitsandbytes_mis_rounds_is_refused_and_the_model_kept():
+    from conftest import tiny_llama as tiny_llama_32
+
+    model = tiny_llama_32()
+    before = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match=r"relative error of \d+%.*skip="):
+        quantize(model, "nf4")
+    assert {n: type(m) for n, m in model.named_modules()} == before
+
+
+def test_bad_input_is_a_clear_error(monkeypatch):
+    with pytest.raises(ValueError, match=r"'int3'.*nf4, fp4"):
+        quantize(tiny_llama(), "int3")
+    lora = get_lora_model(tiny_llama(), LoraConfig(r=4))
+    with pytest.raises(ValueError, match="before adding LoRA"):
+        quantize(lora.model)
+    with pytest.raises(ValueError, match="quantize='int3' is not allowed; choose one of nf4, fp4"):
+        TrainConfig(quantize="int3")
+    with pytest.raises(ValueError, match="needs --method lora"):
+        TrainConfig(quantize="nf4", method="full")
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if it were not installed
+    with pytest.raises(ImportError, match="pip install 'bitsandbytes"):
+        quantize(tiny_llama(), "nf4")
+
+
+def test_cli_rejects_an_unknown_scheme():
+    done = subprocess.run([sys.executable, "-m", "lorakit", "train", "--quantize", "int3"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and "invalid choice: 'int3'" in done.stderr and "nf4" in done.stderr
+
+
+@pytest.fixture(scope="module")
+def llama64_dir(tmp_path_factory, smollm2_tokenizer) -> str:
+    """Like conftest's tiny_llama_dir (SmolLM2's tokenizer), but 64 wide so that every layer quantizes well."""
+    folder = tmp_path_factory.mktemp("llama64")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=len(smollm2_tokenizer), hidden_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                                      tie_word_embeddings=True, max_position_embeddings=1024,
+                                      eos_token_id=smollm2_tokenizer.eos_token_id)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    smollm2_tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_qlora_training_run_saves_a_normal_adapter_and_evaluates_on_4bit(llama64_dir, tmp_path):
+    from lorakit.inference import evaluate_adapter
+    result = train(model=llama64_dir, steps=6, quantize="nf4", output_dir=str(tmp_path), **FAST)
+    assert result["quantize"] == "nf4" and result["last_loss"] < result["first_loss"]
+    base = sum(p.numel() for p in tiny_llama_from(llama64_dir).parameters())
+    assert result["all_params"] - result["trainable_params"] == base  # 4-bit weights counted as PEFT counts them
+    config = TrainConfig.from_yaml(tmp_path / "train_config.yaml")
+    assert config.quantize == "nf4"
+    again = evaluate_adapter(tmp_path, config)  # rebuilds the 4-bit base from the saved config
+    assert again["loss"] == pytest.approx(result["after"]["loss"], rel=1e-5)
+    LoraModel.from_pretrained(tiny_llama_from(llama64_dir), tmp_path)  # and loads on the fp32 base
+
+
+def tiny_llama_from(folder: str) -> torch.nn.Module:
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+
+
+def test_peft_reads_our_qlora_adapter_on_the_same_4bit_base(ids, tmp_path):
+    import peft
+
+    lora = get_lora_model(_q_llama(), LoraConfig(r=4, target_modules="all-linear"))
+    _randomize_b(lora)
+    lora.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(_q_llama(), tmp_path, is_trainable=True).eval()
+    with torch.no_grad():
+        assert torch.equal(lora(ids).logits, theirs(ids).logits)
+    assert theirs.get_nb_trainable_parameters() == lora.get_nb_trainable_parameters()
