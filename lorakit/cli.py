@@ -97,7 +97,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"lorakit train: {config.method} on {config.model} ({config.task}), output in {config.output_dir}",
+        base = f"{config.model} in {config.quantize}" if config.quantize else config.model
+        print(f"lorakit train: {config.method} on {base} ({config.task}), output in {config.output_dir}",
               file=sys.stderr)
     result = train(config)
     if not result:  # not the main process of a torchrun job
@@ -116,8 +117,9 @@ def _metric(evaluation: dict) -> str:
 def format_summary(result: dict) -> str:
     """The short report printed at the end of ``lorakit train``."""
     trainable, total = result["trainable_params"], result["all_params"]
+    base = f" on a 4-bit {result['quantize']} base" if result.get("quantize") else ""
     lines = [
-        f"task:     {result['task']} ({result['method']}, {result['precision']}, {result['device']}"
+        f"task:     {result['task']} ({result['method']}{base}, {result['precision']}, {result['device']}"
         f"{', %d processes' % result['processes'] if result['processes'] > 1 else ''})",
         f"trained:  {trainable:,d} of {total:,d} parameters ({100 * trainable / total:.2f}%)",
         f"steps:    {result['steps']} in {result['train_seconds']:.0f} s, {result['tokens']:,d} tokens, "

@@ -72,6 +72,10 @@ def generate(prompt: str, adapter: str | Path | None = None, model: str | None =
     tokenizer = transformers.AutoTokenizer.from_pretrained(source)
     net: torch.nn.Module = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     if kind == "adapter":
+        if trained.get("quantize"):  # a QLoRA adapter: on the 4-bit base it was trained on
+            from .quant import quantize
+
+            quantize(net, trained["quantize"], double_quant=trained.get("double_quant", True))
         net = LoraModel.from_pretrained(net, adapter)
     if system is None and trained.get("task") == "builtin":
         from .tasks import SYSTEM

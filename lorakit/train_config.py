@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .quant import SCHEMES
+
 TASKS = ("builtin", "causal_lm", "seq_cls")
 METHODS = ("lora", "full")
 SCHEDULES = ("linear", "cosine", "constant")
@@ -51,6 +53,9 @@ class TrainConfig:
     target_modules: str | None = _opt(None, "modules to wrap: comma-separated names, 'all-linear' or a regex "
                                             "(default: all-linear for language models, the architecture's PEFT "
                                             "default for seq_cls, e.g. query,value for BERT)")
+    quantize: str | None = _opt(None, "QLoRA: hold the base's linear layers in 4 bits (bitsandbytes nf4 or fp4; "
+                                      "the adapter still trains in fp32)", SCHEMES)
+    double_quant: bool = _opt(True, "with --quantize: quantize the per-block scales too (--no-double-quant)")
     # How
     steps: int | None = _opt(None, f"optimizer steps (default: {BUILTIN_STEPS} for the built-in task, else "
                                    f"--epochs over the data)")
@@ -86,7 +91,7 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
-            if choices and value not in choices:
+            if choices and value is not None and value not in choices:
                 raise ValueError(f"{f.name}={value!r} is not allowed; choose one of {', '.join(choices)}")
         positive = ("r", "batch_size", "grad_accum", "max_length", "max_new_tokens", "eval_batch_size",
                     "keep_checkpoints")
@@ -105,6 +110,9 @@ class TrainConfig:
             raise ValueError(f"lora_dropout={self.lora_dropout!r} must be in [0, 1)")
         if not 0 < self.eval_fraction < 1:
             raise ValueError(f"eval_fraction={self.eval_fraction!r} must be between 0 and 1")
+        if self.quantize and self.method == "full":
+            raise ValueError(f"--quantize {self.quantize} freezes the base in 4 bits, so it needs --method lora "
+                             f"(full fine-tuning trains the base weights)")
         if self.task == "builtin" and self.data is not None:
             raise ValueError("--data is for --task causal_lm or seq_cls; the built-in task generates its own data")
         if self.task != "builtin" and self.data is None:

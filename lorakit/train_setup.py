@@ -19,6 +19,7 @@ from .data import Example, label_ids, load_causal_lm, pack_batch, pad_batch, rea
 from .evaluate import classification, exact_match, lm_loss
 from .loss import causal_lm_loss, classification_loss
 from .model import LoraModel, get_lora_model
+from .quant import quantize
 from .train_config import TrainConfig
 
 
@@ -71,6 +72,10 @@ def _load(config: TrainConfig, dtype: torch.dtype, num_labels: int | None = None
         from .pretrained import HUB_NAME
 
         model.config._name_or_path = HUB_NAME
+    if config.quantize:
+        _say(f"quantizing the base's linear layers to {config.quantize}"
+             f"{' with double quantization' if config.double_quant else ''}")
+        quantize(model, config.quantize, double_quant=config.double_quant)
     return model, tokenizer
 
 

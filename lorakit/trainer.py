@@ -340,7 +340,8 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
         trainable, all_params = run.count_parameters()
         png = plot_loss(log.records, out / "loss_curve.png", f"{config.method} on {run.name}")
         result = {
-            "task": run.name, "method": config.method, "precision": precision, "device": str(device),
+            "task": run.name, "method": config.method, "quantize": config.quantize, "precision": precision,
+            "device": str(device),
             "processes": procs.world, "trainable_params": trainable, "all_params": all_params,
             "steps": total, "resumed_from": str(resumed_from) if resumed_from else None,
             "first_loss": loss_first, "last_loss": loss_last, "tokens": tokens_seen,
