@@ -25,57 +25,16 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
-from pathlib import Path
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+from _common import DATA, PeakRSS, llm_batches  # noqa: E402
 from _timing import markdown_table  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 LLM_CASES = ["peft-bf16", "peft-fp32", "lorakit", "lorakit-bf16"]
 ENC_CASES = ["peft-bf16", "peft-fp32", "lorakit", "lorakit-bf16", "lorakit-full"]
-
-
-class PeakRSS:
-    """Samples this process's resident memory every 5 ms while active; ``peak`` in MiB."""
-
-    def __init__(self) -> None:
-        self.peak = 0
-        self._stop = threading.Event()
-        self._page = os.sysconf("SC_PAGE_SIZE")
-
-    def _rss(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self._page
-
-    def __enter__(self) -> PeakRSS:
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
-            time.sleep(0.005)
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss()) / 2**20
-
-
-def _llm_batches(tokenizer, n: int) -> list[torch.Tensor]:
-    path = DATA / "instruct" / "alpaca_small_2000.json"
-    if path.is_file():
-        text = "\n\n".join(r["output"] for r in json.loads(path.read_text()))
-        ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"][:n * 4 * 256])
-    else:  # the benchmark still runs without the shared data, on random tokens (said in the output)
-        print("note: ../shared/data is absent; using random tokens", file=sys.stderr)
-        ids = torch.randint(0, len(tokenizer), (n * 4 * 256,), generator=torch.Generator().manual_seed(0))
-    return list(ids.view(n, 4, 256))
 
 
 def _enc_batches(tokenizer, n: int) -> list[dict[str, torch.Tensor]]:
@@ -111,7 +70,7 @@ def run_case(kind: str, case: str, target: str, steps: int) -> dict:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
         targets, task = (target if target == "all-linear" else target.split(",")), "CAUSAL_LM"
-        batches = [{"input_ids": ids} for ids in _llm_batches(tokenizer, steps + 1)]
+        batches = [{"input_ids": ids} for ids in llm_batches(tokenizer, steps + 1)]
     else:
         source = str(minilm_dir())
         tokenizer = AutoTokenizer.from_pretrained(source)

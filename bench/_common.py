@@ -1,0 +1,54 @@
+"""What several benchmarks share: the shared data's location, a peak-RSS sampler and the causal-LM batches."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+class PeakRSS:
+    """Samples this process's resident memory every 5 ms while active; ``peak`` in MiB."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE")
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page
+
+    def __enter__(self) -> PeakRSS:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.005)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss()) / 2**20
+
+
+def llm_batches(tokenizer, n: int) -> list[torch.Tensor]:
+    """``n`` batches of 4 rows × 256 tokens of real text (the Alpaca outputs), or random tokens without the data."""
+    path = DATA / "instruct" / "alpaca_small_2000.json"
+    if path.is_file():
+        text = "\n\n".join(r["output"] for r in json.loads(path.read_text()))
+        ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"][:n * 4 * 256])
+    else:  # the benchmark still runs without the shared data, on random tokens (said in the output)
+        print("note: ../shared/data is absent; using random tokens", file=sys.stderr)
+        ids = torch.randint(0, len(tokenizer), (n * 4 * 256,), generator=torch.Generator().manual_seed(0))
+    return list(ids.view(n, 4, 256))
