@@ -10,7 +10,6 @@ bitsandbytes is imported only when a function needs it (``pip install 'lorakit[q
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import logging
 from collections.abc import Sequence
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from .config import SEQ_CLS_HEAD_NAMES
+from .cpu_memory import return_freed_memory
 from .layers import LoraLayer, is_4bit, is_conv1d
 
 if TYPE_CHECKING:
@@ -53,7 +53,7 @@ def _check_scheme(scheme: str) -> None:
         raise ValueError(f"unknown quantization scheme {scheme!r}; lorakit supports {', '.join(SCHEMES)}")
 
 
-def _heads(model: nn.Module) -> set[int]:
+def head_ids(model: nn.Module) -> set[int]:
     """The output head(s), which stay in full precision (their outputs are the logits)."""
     heads = []
     get_output = getattr(model, "get_output_embeddings", None)
@@ -91,7 +91,7 @@ def quantize(model: nn.Module, scheme: str = "nf4", double_quant: bool = True,
     if any(isinstance(m, LoraLayer) for m in model.modules()):
         raise ValueError("quantize the base model before adding LoRA adapters (this model already has LoRA layers)")
     bnb = bitsandbytes()
-    heads = _heads(model)
+    heads = head_ids(model)
     new: dict[str, nn.Module] = {}  # built first, swapped in at the end: an error leaves the model as it was
     for name, module in model.named_modules():
         if id(module) in heads or name in skip or name.rsplit(".", 1)[-1] in skip or is_4bit(module):
@@ -129,10 +129,7 @@ def _release_full_precision(model: nn.Module) -> None:
                     done.add(id(tensor))
                     tensor.data = tensor.data.clone()
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to ask
-        pass
+    return_freed_memory()
 
 
 def _check_rounding(name: str, weight: torch.Tensor, layer: nn.Module) -> None:

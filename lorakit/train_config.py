@@ -70,6 +70,8 @@ class TrainConfig:
     max_length: int = _opt(512, "tokens per example (longer ones are cut) and per packed row")
     packing: bool = _opt(True, "causal LM: pack examples into rows without padding (--no-packing to pad)")
     grad_checkpointing: bool = _opt(False, "recompute activations in the backward pass (less memory, ~30%% slower)")
+    low_memory: bool = _opt(False, "CPU: give memory freed within a step back to the system at once (glibc): "
+                                   "~20%% lower peak RSS, ~40%% slower steps")
     precision: str = _opt("auto", "bf16 autocast or fp32; auto: bf16 on CUDA, and on CPUs with AMX; fp32 elsewhere",
                           PRECISIONS)
     device: str = _opt("auto", "auto: CUDA when present, else CPU", DEVICES)

@@ -33,11 +33,12 @@ import torch.distributed as dist
 from torch import nn
 
 from .checkpoint import checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .cpu_memory import map_large_allocations
 from .train_config import TrainConfig
 from .train_log import MetricsLog, plot_loss
 from .train_setup import Run, build_run
 
-RESUMABLE_CHANGES = {"resume", "progress", "save_every", "keep_checkpoints", "eval_every", "max_eval",
+RESUMABLE_CHANGES = {"resume", "progress", "low_memory", "save_every", "keep_checkpoints", "eval_every", "max_eval",
                      "eval_batch_size"}
 
 
@@ -206,6 +207,9 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
         The metrics: evaluation ``before`` and ``after``, trainable/all parameters, steps, tokens, tokens/s,
         seconds, and ``output_dir`` / ``adapter_bytes`` of the saved adapter (or full model).
 
+    With ``low_memory`` on CPU this sets glibc's allocator to map large allocations separately, for the whole
+    process (see :mod:`lorakit.cpu_memory`).
+
     Raises:
         ValueError: A bad option or dataset (the message names it); :class:`TrainingError` when the loss turns
             NaN/inf (the last good checkpoint stays intact).
@@ -219,6 +223,8 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
     config = config.resolved()
     t_start = time.perf_counter()
     device = resolve_device(config.device)
+    if config.low_memory and device.type == "cpu":
+        map_large_allocations()
     procs = start_processes(device)
     precision = resolve_precision(config.precision, device)
     out = Path(config.output_dir)

@@ -1,0 +1,43 @@
+"""Keeping a CPU training process's resident memory close to what its tensors need (glibc, Linux).
+
+PyTorch's CPU tensors come from ``malloc``. glibc serves large requests with their own memory mappings and
+returns them on ``free``, but after the first such free it raises that threshold (up to 32 MiB), so the
+activations of a training step (a few MiB each) land on the heap, whose freed memory mostly stays with the
+process. Measured on SmolLM2-135M (LoRA, 4 × 256 tokens, fp32): peak RSS 3122 MiB with glibc's default, 2471 MiB
+with the threshold pinned at 256 KiB, but 254 → 143 tokens/s, as every page of every activation is then faulted
+in and zeroed afresh. So it is an option (``lorakit train --low-memory``), not the default. Elsewhere (macOS, musl)
+these functions do nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number, from glibc's malloc.h
+MMAP_THRESHOLD = 256 * 1024
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.gnu_get_libc_version  # noqa: B018 - only glibc has it
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def map_large_allocations(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Serve every allocation of ``threshold`` bytes or more with its own mapping, returned to the system when
+    freed (glibc's ``M_MMAP_THRESHOLD``, which also stops glibc from raising it). For the whole process; True if
+    it took effect."""
+    libc = _glibc()
+    return bool(libc and libc.mallopt(_M_MMAP_THRESHOLD, threshold))
+
+
+def return_freed_memory() -> None:
+    """Hand the heap's free memory back to the system (glibc's ``malloc_trim``)."""
+    libc = _glibc()
+    if libc:
+        libc.malloc_trim(0)
