@@ -26,15 +26,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import PeakRSS, llm_batches  # noqa: E402
+from _common import PeakRSS, engine_step, llm_batches, rss_mib  # noqa: E402
 from _timing import markdown_table  # noqa: E402
 
 CASES = ["lora-bf16", "qlora-bf16", "lora-fp32", "qlora-fp32"]
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def _base_bytes(model: torch.nn.Module) -> int:
@@ -53,10 +48,8 @@ def run_case(case: str, steps: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lorakit import LoraConfig, get_lora_model
-    from lorakit.loss import causal_lm_loss
     from lorakit.pretrained import default_model_dir
     from lorakit.quant import quantize, quantized_bytes
-    from lorakit.trainer import make_optimizer
 
     torch.manual_seed(0)
     method, precision = case.split("-")
@@ -70,20 +63,8 @@ def run_case(case: str, steps: int) -> dict:
     model = get_lora_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
     model.train()
     batches = llm_batches(tokenizer, steps + 2)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, 1e-4, 0.0)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
-
-    def step(ids: torch.Tensor) -> None:
-        targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
-        with autocast:
-            total, count = causal_lm_loss(model, {"input_ids": ids, "targets": targets})
-        (total / count).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    ready_rss = _rss_mib()
+    step = engine_step(model, precision)
+    ready_rss = rss_mib()
     for ids in batches[:2]:
         step(ids)
     with PeakRSS() as rss:
@@ -129,8 +110,9 @@ def main() -> None:
     print(markdown_table(["case", "base weights MiB", "RSS before training MiB", "peak RSS in steps MiB",
                           "tokens/s"], rows))
     q = med["qlora-bf16"]
-    print(f"\n4-bit layers: {q['quantized_layer_bytes'] / 2**20:.1f} MiB vs {q['quantized_layer_bf16_bytes'] / 2**20:.1f}"
-          f" MiB in bf16 = {q['quantized_layer_bytes'] / q['quantized_layer_bf16_bytes']:.3f}x (target <= 0.3x)")
+    packed, bf16 = q["quantized_layer_bytes"], q["quantized_layer_bf16_bytes"]
+    print(f"\n4-bit layers: {packed / 2**20:.1f} MiB vs {bf16 / 2**20:.1f} MiB in bf16 = {packed / bf16:.3f}x "
+          f"(target <= 0.3x)")
     print(f"whole base (embeddings stay bf16): {q['base_bytes'] / 2**20:.1f} MiB vs "
           f"{q['base_bf16_bytes'] / 2**20:.1f} MiB = {q['base_bytes'] / q['base_bf16_bytes']:.3f}x")
     for precision in ("bf16", "fp32"):

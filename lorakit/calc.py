@@ -8,8 +8,11 @@ not have on disk. The presets carry the public dimensions of well-known architec
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,6 +55,19 @@ def preset_model(name: str) -> torch.nn.Module:
     }[family]
     with torch.device("meta"):
         return model_class(config_class(**dims))
+
+
+def meta_model(spec: str) -> torch.nn.Module:
+    """A model built on the meta device from a preset name, ``default``, ``minilm``, a model folder or a
+    ``config.json`` (shapes without weights: no memory, no time)."""
+    if spec in PRESETS:
+        return preset_model(spec)
+    from .pretrained import build_model
+
+    if spec in ("default", "minilm") or Path(spec).exists():
+        return build_model(spec, meta=True)
+    raise ValueError(f"unknown model {spec!r}: use a preset ({', '.join(PRESETS)}), 'default', 'minilm', a model "
+                     f"folder or a config.json")
 
 
 def count_parameters(model: torch.nn.Module, config: LoraConfig) -> dict[str, Any]:
@@ -102,3 +118,179 @@ def four_bit_bytes(numel: int, blocksize: int = 64, double_quant: bool = True) -
     blocks = math.ceil(numel / blocksize)
     scales = blocks + 4 * math.ceil(blocks / 256) + 4 if double_quant else 4 * blocks
     return math.ceil(numel / 2) + scales
+
+
+# -- memory ----------------------------------------------------------------------------------------------
+
+METHODS = ("full", "lora", "qlora", "prompt")
+OPTIMIZERS = ("adamw", "sgd")
+DTYPES = {"fp32": 4, "bf16": 2}
+# Resident memory of a training process before any model: Python, PyTorch, transformers and a tokenizer,
+# measured on the CPU this was written on (bench/memory.py prints it). On a GPU the CUDA context plays this part.
+RUNTIME_BYTES = 360 * 2**20
+CHUNK_LOGITS = 2**25  # logits per chunk of lorakit's chunked cross-entropy (see lorakit.loss)
+
+
+@dataclass
+class Dims:
+    """What the memory of a transformer's training step depends on, from its config."""
+
+    hidden: int
+    kv_hidden: int  # keys/values width (grouped-query attention: less than hidden)
+    intermediate: int
+    layers: int
+    heads: int
+    vocab: int
+    gated: bool  # a gated MLP (Llama's gate/up/down) or a plain one (GPT-2, BERT)
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> Dims:
+        config = getattr(model, "config", None)
+        get = lambda *names, default=None: next((getattr(config, n) for n in names  # noqa: E731
+                                                  if getattr(config, n, None) is not None), default)
+        hidden = get("hidden_size", "n_embd", "d_model")
+        if config is None or hidden is None:
+            raise ValueError(f"memory estimates need a transformer with a Hugging Face config; "
+                             f"{type(model).__name__} has none")
+        heads = get("num_attention_heads", "n_head")
+        kv_heads = get("num_key_value_heads", default=heads)
+        return cls(hidden=hidden, kv_hidden=hidden * kv_heads // heads,
+                   intermediate=get("intermediate_size", "n_inner", default=4 * hidden),
+                   layers=get("num_hidden_layers", "n_layer"), heads=heads, vocab=get("vocab_size"),
+                   gated=get("hidden_act", "activation_function", default="") in ("silu", "swiglu")
+                   or getattr(config, "model_type", "") in ("llama", "mistral", "qwen2", "qwen3", "gemma"))
+
+
+@dataclass
+class MemoryEstimate:
+    """Peak memory of one training step, by part (bytes)."""
+
+    method: str
+    batch: int
+    seq: int
+    dtype: str
+    optimizer: str
+    grad_checkpointing: bool
+    trainable: int
+    weights: int
+    gradients: int
+    optimizer_states: int
+    activations: int
+    logits: int
+    runtime: int
+
+    @property
+    def total(self) -> int:
+        return (self.weights + self.gradients + self.optimizer_states + self.activations + self.logits
+                + self.runtime)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "total": self.total}
+
+
+# Where a trained linear layer sits in a transformer layer, by the end of its name (most specific first).
+_PLACES = (("attention output", ("o_proj", "out_proj", "attn.c_proj", "attention.output.dense")),
+           ("mlp output", ("down_proj", "mlp.c_proj", "output.dense", "fc2")),
+           ("attention input", ("q_proj", "k_proj", "v_proj", "c_attn", "query", "key", "value")),
+           ("mlp input", ("gate_proj", "up_proj", "c_fc", "intermediate.dense", "fc1")))
+
+
+def _place(name: str) -> str | None:
+    return next((place for place, ends in _PLACES if any(name == e or name.endswith("." + e) for e in ends)), None)
+
+
+def _linear_names(model: torch.nn.Module) -> list[str]:
+    from .layers import is_conv1d
+
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) or is_conv1d(m)]
+
+
+def _saved_per_token(d: Dims, trained: list[str], full: bool, lora_r: int) -> int:
+    """Values one transformer layer keeps for the backward pass, per token.
+
+    Counted op by op for a pre-norm decoder layer (Llama's; GPT-2 and BERT differ in details): the inputs of both
+    norms; the attention kernel's query, keys, values and output (a fused kernel: no seq × seq matrix); the MLP's
+    activation input and the operands of its gating product. A linear layer's input is kept only when its weight
+    trains (a frozen weight needs no input to pass the gradient back), and each LoRA layer keeps its r-wide x·Aᵀ.
+    """
+    h, kv, i = d.hidden, d.kv_hidden, d.intermediate
+    saved = 2 * h  # the inputs of the two norms
+    saved += h + 2 * kv + h + d.heads  # attention: q, k, v, output, log-sum-exp per head
+    saved += 3 * i if d.gated else 2 * i  # gate output, its activation, up output (plain MLP: fc output, activation)
+    if full:
+        saved += 2 * h  # the normalized inputs, now that the norms' weights train
+    widths = {"attention input": h, "attention output": h, "mlp input": h, "mlp output": i}
+    places = {_place(name) for name in trained} - {None}
+    saved += sum(widths[p] for p in places)
+    saved += lora_r * len(trained) // max(1, d.layers)  # x·Aᵀ of each LoRA layer
+    return saved
+
+
+def estimate_memory(model: torch.nn.Module, method: str, batch: int, seq: int, dtype: str = "bf16",
+                    grad_checkpointing: bool = False, optimizer: str = "adamw", lora: LoraConfig | None = None,
+                    num_virtual_tokens: int = 20, runtime: int = RUNTIME_BYTES) -> MemoryEstimate:
+    """Peak memory of one training step of ``model`` (best built on the meta device) as lorakit trains it.
+
+    Weights: full fine-tuning keeps fp32 masters; LoRA, QLoRA and prompt tuning keep the frozen base in ``dtype``
+    (QLoRA's linear layers, all but the head, in 4 bits) and their trainable parameters in fp32, with fp32
+    gradients and optimizer states (AdamW: two per parameter; SGD without momentum: none). Activations: see
+    :func:`_saved_per_token`, in ``dtype``, for ``batch × seq`` tokens (plus the virtual tokens of prompt
+    tuning); with gradient checkpointing only each layer's input is kept, plus one layer recomputed. Logits:
+    lorakit's chunked loss holds one chunk of logits and its gradient at a time, in fp32.
+
+    Args:
+        method: ``full``, ``lora``, ``qlora`` or ``prompt``.
+        lora: The adapter for ``lora``/``qlora`` (default: r=8 on all linear layers).
+        runtime: Bytes the process takes before the model (Python and the libraries).
+    """
+    from .inject import find_targets
+
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; methods: {', '.join(METHODS)}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; optimizers: {', '.join(OPTIMIZERS)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; dtypes: {', '.join(DTYPES)}")
+    for name, value in (("batch", batch), ("seq", seq)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    d, size = Dims.of(model), DTYPES[dtype]
+    params = {n: p.numel() for n, p in model.named_parameters()}
+    total = sum(params.values())
+    tokens = batch * seq
+    lora_r = 0
+    if method in ("lora", "qlora"):
+        lora = lora or LoraConfig(r=8, target_modules="all-linear")
+        result = count_parameters(model, lora)
+        trainable, trained, lora_r = result["trainable"], find_targets(model, lora), lora.r
+        weights = size * total + 4 * trainable
+        if method == "qlora":  # every linear layer but the head in 4 bits
+            heads = _head_names(model)
+            four_bit = [model.get_submodule(n).weight.numel() for n in _linear_names(model) if n not in heads]
+            weights += sum(four_bit_bytes(n) for n in four_bit) - size * sum(four_bit)
+    elif method == "prompt":
+        trainable, trained = num_virtual_tokens * d.hidden, []
+        weights = size * total + 4 * trainable
+        tokens = batch * (seq + num_virtual_tokens)
+    else:
+        trainable, trained = total, _linear_names(model)
+        weights = 4 * total
+    per_layer = _saved_per_token(d, trained, method == "full", lora_r)
+    if grad_checkpointing:
+        activations = tokens * size * (d.hidden * d.layers + per_layer)
+    else:
+        activations = tokens * size * per_layer * d.layers
+    activations += tokens * size * 2 * d.hidden  # the final norm; the loss keeps the hidden states it reads
+    logits = 2 * 4 * min(tokens * d.vocab, CHUNK_LOGITS) if d.vocab else 0
+    states = {"adamw": 2, "sgd": 0}[optimizer]
+    return MemoryEstimate(method=method, batch=batch, seq=seq, dtype=dtype, optimizer=optimizer,
+                          grad_checkpointing=grad_checkpointing, trainable=trainable, weights=weights,
+                          gradients=4 * trainable, optimizer_states=4 * states * trainable,
+                          activations=activations, logits=logits, runtime=runtime)
+
+
+def _head_names(model: torch.nn.Module) -> set[str]:
+    from .quant import head_ids
+
+    ids = head_ids(model)
+    return {n for n, m in model.named_modules() if id(m) in ids}

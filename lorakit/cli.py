@@ -56,20 +56,12 @@ def cmd_targets(args: argparse.Namespace) -> int:
 
 
 def cmd_params(args: argparse.Namespace) -> int:
-    from .calc import PRESETS, count_parameters, preset_model
+    from .calc import count_parameters, meta_model
     from .config import LoraConfig
-    from .pretrained import build_model
 
     config = LoraConfig(r=args.r, lora_alpha=args.alpha if args.alpha is not None else args.r,
                         target_modules=parse_targets(args.target), task_type=args.task_type)
-    if args.model in PRESETS:
-        model = preset_model(args.model)
-    elif args.model in ("default", "minilm") or Path(args.model).exists():
-        model = build_model(args.model, meta=True)
-    else:
-        raise ValueError(f"unknown model {args.model!r}: use a preset ({', '.join(PRESETS)}), 'default', "
-                         f"'minilm', a model folder or a config.json")
-    result = count_parameters(model, config)
+    result = count_parameters(meta_model(args.model), config)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -89,6 +81,43 @@ def cmd_params(args: argparse.Namespace) -> int:
         print(f"trained in full and saved: {', '.join(result['modules_to_save'])}")
     print(f"adapter file: {sizes['fp32'] / 2**20:.2f} MiB in fp32, {sizes['bf16'] / 2**20:.2f} MiB in bf16")
     return 0
+
+
+def cmd_memory(args: argparse.Namespace) -> int:
+    from .calc import METHODS, estimate_memory, meta_model
+    from .config import LoraConfig
+
+    model = meta_model(args.model)
+    lora = LoraConfig(r=args.r, target_modules=parse_targets(args.target) or "all-linear")
+    methods = METHODS if args.method == "all" else (args.method,)
+    estimates = [estimate_memory(model, m, args.batch, args.seq, dtype=args.dtype,
+                                 grad_checkpointing=args.grad_checkpointing, optimizer=args.optimizer, lora=lora,
+                                 num_virtual_tokens=args.num_virtual_tokens, runtime=int(args.runtime_mib * 2**20))
+                 for m in methods]
+    if args.json:
+        print(json.dumps([e.as_dict() for e in estimates], indent=2))
+        return 0
+    print(format_memory(args.model, estimates))
+    return 0
+
+
+def format_memory(model: str, estimates: list) -> str:
+    """The side-by-side table of ``lorakit memory``."""
+    first = estimates[0]
+    gib = lambda n: f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"  # noqa: E731
+    parts = [("weights", "weights"), ("gradients", "gradients"), ("optimizer states", "optimizer_states"),
+             ("activations", "activations"), ("LM-head logits", "logits"), ("runtime", "runtime")]
+    width = 14
+    lines = [f"peak training memory of {model}: batch {first.batch} x {first.seq} tokens, {first.dtype}, "
+             f"{first.optimizer}{', gradient checkpointing' if first.grad_checkpointing else ''}", "",
+             f"{'':<18}" + "".join(f"{e.method:>{width}}" for e in estimates)]
+    lines.append(f"{'trainable params':<18}" + "".join(f"{e.trainable:>{width},d}" for e in estimates))
+    for label, key in parts:
+        lines.append(f"{label:<18}" + "".join(f"{gib(getattr(e, key)):>{width}}" for e in estimates))
+    lines.append(f"{'total':<18}" + "".join(f"{gib(e.total):>{width}}" for e in estimates))
+    lines.append("\nruntime: Python and the libraries (measured for a CPU process; on a GPU, the CUDA context "
+                 "plays this part; --runtime-mib sets it)")
+    return "\n".join(lines)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -184,6 +213,27 @@ def build_parser() -> argparse.ArgumentParser:
                         help="PEFT task type (SEQ_CLS also trains the classification head)")
     params.add_argument("--json", action="store_true", help="print JSON instead of a table")
     params.set_defaults(func=cmd_params)
+
+    memory = sub.add_parser("memory", help="estimate the peak memory of a training step, by part (no weights)",
+                            description="Estimate the peak memory of one training step of full fine-tuning, LoRA, "
+                                        "QLoRA and prompt tuning, from the model's config alone: weights, "
+                                        "gradients, optimizer states, activations, LM-head logits.")
+    memory.add_argument("--model", default="default", help="as for `lorakit params` (default: default)")
+    memory.add_argument("--method", default="all", choices=("all", "full", "lora", "qlora", "prompt"),
+                        help="one method, or all four side by side (default: all)")
+    memory.add_argument("--batch", type=int, default=4, help="sequences per step (default: 4)")
+    memory.add_argument("--seq", type=int, default=512, help="tokens per sequence (default: 512)")
+    memory.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"),
+                        help="dtype of the frozen base and the activations (default: bf16)")
+    memory.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in the backward")
+    memory.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"), help="(default: adamw)")
+    memory.add_argument("--r", type=int, default=8, help="LoRA rank (default: 8)")
+    memory.add_argument("--target", default=None, help="LoRA targets, as for `lorakit params` (default: all-linear)")
+    memory.add_argument("--num-virtual-tokens", type=int, default=20, help="prompt tuning's tokens (default: 20)")
+    memory.add_argument("--runtime-mib", type=float, default=360, help="memory of the process before the model "
+                        "(default: 360, measured for Python + PyTorch + transformers on CPU)")
+    memory.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    memory.set_defaults(func=cmd_memory)
 
     targets = sub.add_parser("targets", help="list the modules a LoRA config would wrap, without loading weights",
                              description="Build the model on the meta device (no weights, no memory) and list the "

@@ -66,3 +66,106 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys):
         preset_model("x")
     assert set(PRESETS) >= {"llama-2-7b", "llama-2-13b", "llama-2-70b", "llama-3-8b", "mistral-7b", "gpt2",
                             "bert-base"}
+
+
+# -- memory estimates ------------------------------------------------------------------------------------
+
+
+def _saved_bytes(model, ids) -> int:
+    """Bytes autograd keeps for the backward pass of the causal-LM loss (each storage once; parameters aside)."""
+    import torch
+
+    from lorakit.loss import causal_lm_loss
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        causal_lm_loss(model, {"input_ids": ids, "targets": targets})
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize(("method", "targets"), [("lora", "all-linear"), ("lora", ["q_proj", "v_proj"]),
+                                                 ("full", None)])
+def test_activation_estimate_matches_what_autograd_saves(method, targets):
+    import torch
+    import transformers
+
+    from lorakit import get_lora_model
+    from lorakit.calc import estimate_memory
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=128, num_hidden_layers=3, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=344)
+    model = transformers.LlamaForCausalLM(config)
+    lora = LoraConfig(r=8, target_modules=targets) if method == "lora" else None
+    estimate = estimate_memory(model, method, batch=4, seq=64, dtype="fp32", lora=lora)
+    if lora:
+        model = get_lora_model(model, lora)
+    else:
+        model.requires_grad_(True)
+    measured = _saved_bytes(model.train(), torch.randint(0, 256, (4, 64)))
+    assert estimate.activations == pytest.approx(measured, rel=0.15)
+
+
+def test_memory_parts_follow_the_method():
+    from lorakit.calc import four_bit_bytes, estimate_memory
+
+    model = preset_model("llama-2-7b")
+    total = sum(p.numel() for p in model.parameters())
+    full = estimate_memory(model, "full", 1, 512, dtype="bf16")
+    assert (full.weights, full.gradients, full.optimizer_states) == (4 * total, 4 * total, 8 * total)
+    lora = estimate_memory(model, "lora", 1, 512, dtype="bf16", lora=LoraConfig(r=8, target_modules=["q_proj",
+                                                                                                     "v_proj"]))
+    assert lora.trainable == 4_194_304 and lora.weights == 2 * total + 4 * lora.trainable
+    assert lora.optimizer_states == 8 * lora.trainable
+    qlora = estimate_memory(model, "qlora", 1, 512, dtype="bf16", lora=LoraConfig(r=8, target_modules=["q_proj",
+                                                                                                       "v_proj"]))
+    linear = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)  # every linear layer but the head
+    assert qlora.weights == lora.weights - 2 * linear + 32 * (4 * four_bit_bytes(4096 * 4096)
+                                                               + 3 * four_bit_bytes(4096 * 11008))
+    assert qlora.total < lora.total < full.total
+    sgd = estimate_memory(model, "full", 1, 512, optimizer="sgd")
+    assert sgd.optimizer_states == 0
+    checkpointed = estimate_memory(model, "lora", 1, 512, grad_checkpointing=True)
+    assert checkpointed.activations < estimate_memory(model, "lora", 1, 512).activations / 5
+    prompt = estimate_memory(model, "prompt", 1, 512, num_virtual_tokens=20)
+    assert prompt.trainable == 20 * 4096 and prompt.gradients == 4 * 20 * 4096
+
+
+def test_memory_cli_table_and_json(capsys):
+    assert main(["memory", "--model", "llama-2-7b", "--batch", "1", "--seq", "512"]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if "full" in line and "qlora" in line)
+    assert header.split() == ["full", "lora", "qlora", "prompt"]
+    for part in ("weights", "gradients", "optimizer states", "activations", "LM-head logits", "total"):
+        assert any(line.startswith(part) for line in out.splitlines()), part
+    assert main(["memory", "--model", "gpt2", "--method", "lora", "--target", "c_attn", "--json"]) == 0
+    [result] = json.loads(capsys.readouterr().out)
+    assert result["method"] == "lora" and result["trainable"] == 12 * 8 * (768 + 2304)
+    assert result["total"] == sum(result[k] for k in ("weights", "gradients", "optimizer_states", "activations",
+                                                      "logits", "runtime"))
+
+
+def test_memory_bad_input_is_one_clear_line(capsys):
+    from lorakit.calc import estimate_memory
+
+    assert main(["memory", "--model", "llama-9b"]) == 2
+    assert "unknown model 'llama-9b': use a preset" in capsys.readouterr().err
+    assert main(["memory", "--model", "llama-2-7b", "--batch", "0"]) == 2
+    assert "batch must be a positive integer, got 0" in capsys.readouterr().err
+    assert main(["memory", "--model", "llama-2-7b", "--r", "0"]) == 2
+    assert "r must be a positive integer" in capsys.readouterr().err
+    assert main(["memory", "--model", "llama-2-7b", "--target", "q_prj"]) == 2
+    assert "did you mean 'q_proj'" in capsys.readouterr().err
+    assert main(["memory", "--model", "/no/such/config.json"]) == 2
+    assert "unknown model '/no/such/config.json'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown method 'lora2'; methods: full, lora, qlora, prompt"):
+        estimate_memory(preset_model("gpt2"), "lora2", 1, 8)
