@@ -52,3 +52,31 @@ def llm_batches(tokenizer, n: int) -> list[torch.Tensor]:
         print("note: ../shared/data is absent; using random tokens", file=sys.stderr)
         ids = torch.randint(0, len(tokenizer), (n * 4 * 256,), generator=torch.Generator().manual_seed(0))
     return list(ids.view(n, 4, 256))
+
+
+def engine_step(model: torch.nn.Module, precision: str):
+    """One optimizer step of `lorakit train`'s engine on a batch of token ids (chunked loss, fused AdamW,
+    clipping), as a function of the batch."""
+    from lorakit.loss import causal_lm_loss
+    from lorakit.trainer import make_optimizer
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, 1e-4, 0.0)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def step(ids: torch.Tensor) -> None:
+        targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+        with autocast:
+            total, count = causal_lm_loss(model, {"input_ids": ids, "targets": targets})
+        (total / count).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def rss_mib() -> float:
+    """This process's resident memory now, in MiB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
