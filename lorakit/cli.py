@@ -158,7 +158,7 @@ def format_summary(result: dict) -> str:
     samples = result["after"].get("samples")
     if samples:
         lines.append(f"example:  {samples[0]['prompt']!r}\n       -> {samples[0]['prediction']}")
-    what = "adapter" if result["method"] == "lora" else "model"
+    what = {"lora": "adapter", "prompt": "prompt"}.get(result["method"], "model")
     lines.append(f"saved:    {what} ({result['adapter_bytes'] / 2**20:.2f} MiB) in {result['output_dir']}"
                  + (f", loss curve {result['loss_curve']}" if result.get("loss_curve") else ""))
     lines.append(f"total:    {result['total_seconds']:.0f} s")

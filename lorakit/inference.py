@@ -36,7 +36,11 @@ def evaluate_adapter(path: str | Path, config: TrainConfig) -> dict[str, Any]:
         config = dataclasses.replace(config, model=str(path), method="full")
         run = build_run(config, device, precision)
     else:
-        run = build_run(dataclasses.replace(config, method="lora"), device, precision, adapter=str(path))
+        from .prompt import read_config
+
+        prompt = read_config(Path(path)).get("peft_type") == "PROMPT_TUNING"
+        method = "prompt" if prompt else "lora"
+        run = build_run(dataclasses.replace(config, method=method), device, precision, adapter=str(path))
     return run.evaluate(run.model, "eval")
 
 
@@ -63,6 +67,7 @@ def generate(prompt: str, adapter: str | Path | None = None, model: str | None =
     from .evaluate import generate_texts
     from .model import LoraModel
     from .pretrained import _transformers, model_source
+    from .prompt import PromptTuningModel, read_config
 
     transformers = _transformers()
     kind = _kind(adapter) if adapter is not None else None
@@ -76,7 +81,10 @@ def generate(prompt: str, adapter: str | Path | None = None, model: str | None =
             from .quant import quantize
 
             quantize(net, trained["quantize"], double_quant=trained.get("double_quant", True))
-        net = LoraModel.from_pretrained(net, adapter)
+        if read_config(Path(adapter)).get("peft_type") == "PROMPT_TUNING":
+            net = PromptTuningModel.from_pretrained(net, adapter)
+        else:
+            net = LoraModel.from_pretrained(net, adapter)
     if system is None and trained.get("task") == "builtin":
         from .tasks import SYSTEM
 

@@ -17,7 +17,7 @@ from typing import Any
 from .quant import SCHEMES
 
 TASKS = ("builtin", "causal_lm", "seq_cls")
-METHODS = ("lora", "full")
+METHODS = ("lora", "full", "prompt")
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
@@ -46,7 +46,9 @@ class TrainConfig:
     labels: list[str] | None = _opt(None, "seq_cls: the label names in class order (default: the sorted labels "
                                           "of --data)")
     # What to train
-    method: str = _opt("lora", "lora (an adapter on the frozen base) or full (every parameter)", METHODS)
+    method: str = _opt("lora", "lora (an adapter on the frozen base), full (every parameter) or prompt (prompt "
+                               "tuning: --num-virtual-tokens trainable input embeddings, the model frozen)", METHODS)
+    num_virtual_tokens: int = _opt(20, "prompt tuning: virtual tokens in front of every example")
     r: int = _opt(8, "LoRA rank")
     lora_alpha: float = _opt(16.0, "LoRA alpha; the update is scaled by alpha / r")
     lora_dropout: float = _opt(0.0, "dropout on the adapter's input")
@@ -95,7 +97,7 @@ class TrainConfig:
             value = getattr(self, f.name)
             if choices and value is not None and value not in choices:
                 raise ValueError(f"{f.name}={value!r} is not allowed; choose one of {', '.join(choices)}")
-        positive = ("r", "batch_size", "grad_accum", "max_length", "max_new_tokens", "eval_batch_size",
+        positive = ("r", "num_virtual_tokens", "batch_size", "grad_accum", "max_length", "max_new_tokens", "eval_batch_size",
                     "keep_checkpoints")
         for name in positive:
             if getattr(self, name) < 1:
@@ -112,9 +114,11 @@ class TrainConfig:
             raise ValueError(f"lora_dropout={self.lora_dropout!r} must be in [0, 1)")
         if not 0 < self.eval_fraction < 1:
             raise ValueError(f"eval_fraction={self.eval_fraction!r} must be between 0 and 1")
-        if self.quantize and self.method == "full":
-            raise ValueError(f"--quantize {self.quantize} freezes the base in 4 bits, so it needs --method lora "
-                             f"(full fine-tuning trains the base weights)")
+        if self.quantize and self.method != "lora":
+            raise ValueError(f"--quantize {self.quantize} holds the base in 4 bits under a LoRA adapter, so it needs "
+                             f"--method lora (got --method {self.method})")
+        if self.method == "prompt" and self.task == "seq_cls":
+            raise ValueError("--method prompt is for causal language models (task builtin or causal_lm), not seq_cls")
         if self.task == "builtin" and self.data is not None:
             raise ValueError("--data is for --task causal_lm or seq_cls; the built-in task generates its own data")
         if self.task != "builtin" and self.data is None:

@@ -19,6 +19,7 @@ from .data import Example, label_ids, load_causal_lm, pack_batch, pad_batch, rea
 from .evaluate import classification, exact_match, lm_loss
 from .loss import causal_lm_loss, classification_loss
 from .model import LoraModel, get_lora_model
+from .prompt import PromptTuningModel, read_config
 from .quant import quantize
 from .train_config import TrainConfig
 
@@ -90,9 +91,11 @@ def enable_checkpointing(model: nn.Module) -> None:
 
 
 def _prepare(config: TrainConfig, model: nn.Module, task_type: str, adapter: str | None) -> nn.Module:
-    """LoRA on the frozen base (a new adapter, or the saved one at ``adapter``), or every parameter trainable
-    (``method=full``)."""
+    """LoRA on the frozen base (a new adapter, or the saved one at ``adapter``), every parameter trainable
+    (``method=full``), or a prompt in front of the frozen model (``method=prompt``, new or saved)."""
     if adapter is not None:
+        if read_config(Path(adapter)).get("peft_type") == "PROMPT_TUNING":
+            return PromptTuningModel.from_pretrained(model, adapter)
         return LoraModel.from_pretrained(model, adapter)
     if config.grad_checkpointing:
         enable_checkpointing(model)
@@ -100,6 +103,8 @@ def _prepare(config: TrainConfig, model: nn.Module, task_type: str, adapter: str
         for p in model.parameters():
             p.requires_grad_(True)
         return model
+    if config.method == "prompt":
+        return PromptTuningModel(model, config.num_virtual_tokens, seed=config.seed)
     targets = parse_targets(config.target_modules)
     if targets is None and task_type == "CAUSAL_LM":
         targets = ALL_LINEAR
@@ -114,7 +119,7 @@ def _prepare(config: TrainConfig, model: nn.Module, task_type: str, adapter: str
 
 def _saver(config: TrainConfig, tokenizer: Any) -> Callable[[nn.Module, Path], int]:
     def save(model: nn.Module, out: Path) -> int:
-        if isinstance(model, LoraModel):
+        if isinstance(model, (LoraModel, PromptTuningModel)):
             model.save_pretrained(out)
             return (out / "adapter_model.safetensors").stat().st_size
         model.save_pretrained(out)  # full fine-tuning: the whole model, safetensors
@@ -142,7 +147,7 @@ def build_run(config: TrainConfig, device: torch.device, precision: str, adapter
     """
     # With bf16 autocast a frozen base is kept in bf16 (its weights are not cast again at every step);
     # trainable weights stay fp32 (LoRA adapters are created in fp32; full fine-tuning keeps fp32 masters).
-    base_dtype = torch.bfloat16 if precision == "bf16" and config.method == "lora" else torch.float32
+    base_dtype = torch.bfloat16 if precision == "bf16" and config.method in ("lora", "prompt") else torch.float32
     if config.task == "seq_cls":
         return _classification_run(config, device, base_dtype, adapter)
     return _causal_run(config, device, base_dtype, adapter)
@@ -173,7 +178,9 @@ def _causal_run(config: TrainConfig, device: torch.device, dtype: torch.dtype, a
 
     def batch(indices: Sequence[int]) -> MicroBatch:
         examples: list[Example] = [train[i] for i in indices]
-        tensors = pack_batch(examples, config.max_length, pad) if config.packing else pad_batch(examples, pad)
+        # A prompt goes in front of each example, so prompt tuning pads instead of packing.
+        packed = config.packing and config.method != "prompt"
+        tensors = pack_batch(examples, config.max_length, pad) if packed else pad_batch(examples, pad)
         return MicroBatch(tensors, sum(e.n_targets for e in examples), sum(len(e) for e in examples))
 
     eval_batches = [pad_batch(list(_limit(eval_examples, config))[i:i + config.eval_batch_size], pad)
