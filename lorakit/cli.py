@@ -120,6 +120,48 @@ def format_memory(model: str, estimates: list) -> str:
     return "\n".join(lines)
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .rank import inspect_adapter
+
+    info = inspect_adapter(args.adapter)
+    overall = info["overall"]
+    if args.json:
+        print(json.dumps({**info, "modules": [vars(m) for m in info["modules"]]}, indent=2))
+        return 0
+    width = max(len(m.name) for m in info["modules"])
+    print(f"{'module':<{width}}  {'r':>3}  {'rank 90%':>8}  {'rank 99%':>8}  singular values")
+    for m in info["modules"]:
+        values = " ".join(f"{v:.3g}" for v in m.singular_values[:6]) + (" ..." if m.r > 6 else "")
+        print(f"{m.name:<{width}}  {m.r:>3}  {m.rank_90:>8}  {m.rank_99:>8}  {values}")
+    kept = ", ".join(f"{k}: {100 * v:.1f}%" for k, v in enumerate(overall["kept"], 1))
+    print(f"\nupdate energy kept by the top k directions of every module (k: share): {kept}")
+    print(f"rank {overall['rank_90']} keeps 90% and rank {overall['rank_99']} keeps 99% of this r={info['r']} "
+          f"adapter's update" + (f"; try `lorakit resize {args.adapter} --rank {overall['rank_99']}`"
+                                 if overall["rank_99"] < info["r"] else ""))
+    return 0
+
+
+def cmd_resize(args: argparse.Namespace) -> int:
+    from .inference import base_model_for
+    from .rank import resize_adapter
+
+    try:
+        model = base_model_for(args.adapter, args.model)
+    except ValueError as err:
+        model = None
+        print(f"lorakit resize: {err}; no logit comparison", file=sys.stderr)
+    report = resize_adapter(args.adapter, args.rank, args.output, model=model)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"wrote a rank-{report['rank']} adapter to {report['output']}, keeping {100 * report['energy_kept']:.2f}% "
+          f"of the update energy")
+    if "max_abs_logit_diff" in report:
+        print(f"logits vs the original adapter on a probe batch: max |diff| {report['max_abs_logit_diff']:.3g}, "
+              f"mean {report['mean_abs_logit_diff']:.3g} (largest logit {report['max_abs_logit']:.3g})")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .train_config import config_from_args
     from .trainer import train
@@ -234,6 +276,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: 360, measured for Python + PyTorch + transformers on CPU)")
     memory.add_argument("--json", action="store_true", help="print JSON instead of a table")
     memory.set_defaults(func=cmd_memory)
+
+    inspect = sub.add_parser("inspect", help="singular values of a trained adapter's updates and the rank it uses",
+                             description="Per wrapped module and overall: the singular values of the update "
+                                         "scaling*B*A and the smallest rank keeping 90%% / 99%% of its energy.")
+    inspect.add_argument("adapter", help="an adapter folder (lorakit's or PEFT's)")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    inspect.set_defaults(func=cmd_inspect)
+
+    resize = sub.add_parser("resize", help="cut an adapter to a smaller rank (truncated SVD) and report the error",
+                            description="Write the best rank-R approximation of every module's update as a new "
+                                        "adapter and compare its logits with the original's on a probe batch.")
+    resize.add_argument("adapter", help="an adapter folder (lorakit's or PEFT's)")
+    resize.add_argument("--rank", type=int, required=True, help="the new rank")
+    resize.add_argument("--output", required=True, help="folder for the new adapter")
+    resize.add_argument("--model", default=None, help="the base model for the logit comparison (default: the one "
+                                                       "in the adapter's train_config.yaml)")
+    resize.add_argument("--json", action="store_true", help="print JSON")
+    resize.set_defaults(func=cmd_resize)
 
     targets = sub.add_parser("targets", help="list the modules a LoRA config would wrap, without loading weights",
                              description="Build the model on the meta device (no weights, no memory) and list the "

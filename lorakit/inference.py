@@ -73,14 +73,10 @@ def generate(prompt: str, adapter: str | Path | None = None, model: str | None =
     kind = _kind(adapter) if adapter is not None else None
     trained = _saved_config(Path(adapter)) if adapter is not None else {}
     base = model or (trained.get("model", "default") if kind == "adapter" else str(adapter) if kind else "default")
-    source = str(model_source(base))
-    tokenizer = transformers.AutoTokenizer.from_pretrained(source)
-    net: torch.nn.Module = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_source(base)))
+    net = base_model_for(adapter, base) if kind == "adapter" else \
+        transformers.AutoModelForCausalLM.from_pretrained(str(model_source(base)), dtype=torch.float32).eval()
     if kind == "adapter":
-        if trained.get("quantize"):  # a QLoRA adapter: on the 4-bit base it was trained on
-            from .quant import quantize
-
-            quantize(net, trained["quantize"], double_quant=trained.get("double_quant", True))
         if read_config(Path(adapter)).get("peft_type") == "PROMPT_TUNING":
             net = PromptTuningModel.from_pretrained(net, adapter)
         else:
@@ -91,3 +87,32 @@ def generate(prompt: str, adapter: str | Path | None = None, model: str | None =
         system = SYSTEM
     chat = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     return generate_texts(net, tokenizer, [chat], max_new_tokens=max_new_tokens, batch_size=1)[0]
+
+
+def base_model_for(adapter: str | Path, model: str | None = None) -> torch.nn.Module:
+    """The base an adapter was trained on, in fp32 (in 4 bits again for a QLoRA adapter), ready for its weights.
+
+    ``model`` ('default', 'minilm' or a folder) overrides the base named in the adapter's ``train_config.yaml``
+    (or, without one, its ``base_model_name_or_path`` when that is SmolLM2's hub name or a local folder).
+
+    Raises:
+        ValueError: No base is named anywhere.
+    """
+    from .pretrained import HUB_NAME, build_model
+
+    trained = _saved_config(Path(adapter))
+    if model is None:
+        model = trained.get("model")
+    if model is None:
+        from .prompt import read_config
+
+        named = read_config(Path(adapter)).get("base_model_name_or_path")
+        model = "default" if named == HUB_NAME else named if named and Path(named).exists() else None
+    if model is None:
+        raise ValueError(f"{adapter} does not say which base it was trained on; pass the base model")
+    net = build_model(model).eval()
+    if trained.get("quantize"):  # a QLoRA adapter: on the 4-bit base it was trained on
+        from .quant import quantize
+
+        quantize(net, trained["quantize"], double_quant=trained.get("double_quant", True))
+    return net
