@@ -24,7 +24,9 @@ from torch import nn
 
 from .io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, _atomic_write, _json_targets, read_adapter, safetensors_bytes
 
-_A, _B = re.compile(r"^(.*)\.lora_(?:embedding_)?A(?:\.weight)?$"), re.compile(r"^(.*)\.lora_(?:embedding_)?B(?:\.weight)?$")
+# PEFT's keys: ``<module>.lora_A.weight`` (``<module>.lora_embedding_A`` for embeddings), and the same for B.
+_A = re.compile(r"^(.*)\.lora_(?:embedding_)?A(?:\.weight)?$")
+_B = re.compile(r"^(.*)\.lora_(?:embedding_)?B(?:\.weight)?$")
 
 
 @dataclass
