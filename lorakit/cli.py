@@ -7,8 +7,12 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import TASK_TYPES, parse_targets
+
+if TYPE_CHECKING:
+    from .train_config import TrainConfig
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -162,6 +166,53 @@ def cmd_resize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study_config(args: argparse.Namespace) -> TrainConfig:
+    """The task, model, data and budget shared by the runs of ``compare`` and ``sweep``."""
+    from .train_config import TrainConfig
+
+    fields = {k: v for k, v in (("task", args.task), ("model", args.model), ("data", args.data),
+                                ("eval_data", args.eval_data), ("steps", args.budget),
+                                ("max_eval", args.max_eval)) if v is not None}
+    return TrainConfig.from_yaml(args.config, **fields) if args.config else TrainConfig(**fields)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import compare
+
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    result = compare(_study_config(args), methods, args.output_dir)
+    print(Path(result["markdown"]).read_text())
+    print(f"written: {result['markdown']}, {result['json']}" + (f", {result['png']}" if result["png"] else ""))
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .compare import sweep
+
+    try:
+        ranks = tuple(int(r) for r in args.ranks.split(","))
+    except ValueError:
+        raise ValueError(f"--ranks must be comma-separated integers, got {args.ranks!r}") from None
+    targets = tuple(t for t in args.targets.split(":") if t)
+    result = sweep(_study_config(args), ranks, targets, args.output_dir)
+    print(Path(result["markdown"]).read_text())
+    print(f"written: {result['markdown']}, {result['json']}" + (f", {result['png']}" if result["png"] else ""))
+    return 0
+
+
+def _study_arguments(parser: argparse.ArgumentParser, output_dir: str) -> None:
+    parser.add_argument("--config", help="a YAML file of `lorakit train` options for the task, model and data")
+    parser.add_argument("--task", default=None, help="builtin, causal_lm or seq_cls (default: builtin)")
+    parser.add_argument("--model", default=None, help="'default', 'minilm' or a model folder (default: default)")
+    parser.add_argument("--data", default=None, help="training file (causal_lm, seq_cls)")
+    parser.add_argument("--eval-data", default=None, help="held-out file")
+    parser.add_argument("--budget", type=int, default=None,
+                        help="optimizer steps of every run (default: as `lorakit train`: 40 on the built-in task)")
+    parser.add_argument("--max-eval", type=int, default=None, help="held-out examples to evaluate on")
+    parser.add_argument("--output-dir", default=output_dir,
+                        help=f"where the runs and tables go (default: {output_dir})")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .train_config import config_from_args
     from .trainer import train
@@ -294,6 +345,25 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "in the adapter's train_config.yaml)")
     resize.add_argument("--json", action="store_true", help="print JSON")
     resize.set_defaults(func=cmd_resize)
+
+    comp = sub.add_parser("compare", help="train full FT, LoRA, QLoRA and prompt tuning on one task and compare",
+                          description="Train each method on the same data with the same step budget (each in its "
+                                      "own process), then write comparison.md/.json/.png: trainable parameters, "
+                                      "peak memory, tokens/s, held-out quality, artifact size and forward time "
+                                      "as trained and merged. No arguments: the built-in task on SmolLM2.")
+    _study_arguments(comp, "runs/compare")
+    comp.add_argument("--methods", default="full,lora,qlora,prompt", help="which methods (default: all four)")
+    comp.set_defaults(func=cmd_compare)
+
+    sw = sub.add_parser("sweep", help="train LoRA at several ranks and target sets; table and plots",
+                        description="One LoRA run per (rank, targets) pair with the same task and budget; writes "
+                                    "sweep.md/.json and sweep.png (quality vs trainable parameters and vs time).")
+    _study_arguments(sw, "runs/sweep")
+    sw.add_argument("--ranks", default="4,8,16,32", help="comma-separated ranks (default: 4,8,16,32)")
+    sw.add_argument("--targets", default="q,v:q,k,v,o:all-linear",
+                    help="target sets separated by ':'; q,k,v,o,gate,up,down mean q_proj, ... (default: "
+                         "q,v:q,k,v,o:all-linear)")
+    sw.set_defaults(func=cmd_sweep)
 
     targets = sub.add_parser("targets", help="list the modules a LoRA config would wrap, without loading weights",
                              description="Build the model on the meta device (no weights, no memory) and list the "

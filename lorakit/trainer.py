@@ -21,6 +21,7 @@ import datetime
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -354,10 +355,21 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
             "train_seconds": train_s, "tokens_per_s": tokens_seen / train_s if train_s else 0.0,
             "before": before, "after": after, "output_dir": str(out), "adapter_bytes": saved_bytes,
             "loss_curve": str(png) if png else None, "total_seconds": time.perf_counter() - t_start,
+            "peak_rss_mib": peak_rss_mib(),
         }
         (out / "summary.json").write_text(json.dumps(result, indent=2))
     procs.barrier()
     return result
+
+
+def peak_rss_mib() -> float | None:
+    """The most resident memory this process has had, in MiB (None where the OS does not say)."""
+    try:
+        import resource
+    except ImportError:  # not a Unix
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
 
 
 def _gather_rng(procs: Processes) -> list[dict[str, Any]]:
