@@ -164,8 +164,8 @@ def comparison_markdown(result: dict[str, Any]) -> str:
                      f"{row['after']:.3f} | {_size(row['artifact_bytes'])} | {row['forward_ms']:.1f} | {merged} |")
     lines += ["", "Learning rates: " + ", ".join(f"{r['method']} {r['lr']:g}" for r in result["rows"]) + ". Forward "
               "times are for 4 × 128 tokens without gradients; full fine-tuning's model is its own merged form; "
-              "QLoRA merged means dequantized into dense layers. Peak RSS is the training process's maximum (model "
-              "loading and evaluation included)."]
+              "QLoRA merged means dequantized into dense layers. Peak RSS is the training process's maximum from the "
+              "end of model loading on (evaluations included); loading and quantizing come before it."]
     return "\n".join(lines) + "\n"
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import sys
 
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number, from glibc's malloc.h
 MMAP_THRESHOLD = 256 * 1024
@@ -41,3 +42,31 @@ def return_freed_memory() -> None:
     libc = _glibc()
     if libc:
         libc.malloc_trim(0)
+
+
+def reset_peak_rss() -> bool:
+    """Start measuring the process's peak resident memory afresh (Linux ≥ 4.0); True if it took effect."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_rss_mib() -> float | None:
+    """The most resident memory this process has had since start (or :func:`reset_peak_rss`), in MiB; None where
+    the OS does not say."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB elsewhere

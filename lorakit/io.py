@@ -189,6 +189,14 @@ def _atomic_write(path: Path, write: Any) -> None:
         raise
 
 
+def write_adapter_files(folder: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor],
+                        metadata: dict[str, str] | None = None) -> None:
+    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into ``folder``, each atomically."""
+    data = safetensors_bytes(tensors, metadata or {"format": "pt"})
+    _atomic_write(folder / WEIGHTS_NAME, lambda tmp: Path(tmp).write_bytes(data))
+    _atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+
+
 def save_adapters(model: LoraModel, save_directory: str | os.PathLike, adapter_names: Sequence[str] | None = None,
                   base_model_name_or_path: str | None = None) -> list[Path]:
     """Save adapters as PEFT does: ``default`` in ``save_directory``, any other name in ``save_directory/<name>``.
@@ -211,14 +219,12 @@ def save_adapters(model: LoraModel, save_directory: str | os.PathLike, adapter_n
         targets = [path for path, layer in model.lora_layers() if name in layer.adapters]
         metadata = {"format": "pt", FINGERPRINT_KEY: json.dumps(_unmerged_fingerprint(model, targets))}
         config = model.peft_config[name].to_dict()
-        config["target_modules"] = _json_targets(config["target_modules"])
+        config["target_modules"] = json_targets(config["target_modules"])
         if base_model_name_or_path is not None:
             config["base_model_name_or_path"] = base_model_name_or_path
         elif config.get("base_model_name_or_path") is None:
             config["base_model_name_or_path"] = getattr(getattr(model.model, "config", None), "_name_or_path", None)
-        data = safetensors_bytes(_untie(tensors), metadata)
-        _atomic_write(folder / WEIGHTS_NAME, lambda tmp: Path(tmp).write_bytes(data))
-        _atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+        write_adapter_files(folder, config, _untie(tensors), metadata)
         written.append(folder)
     return written
 
@@ -229,7 +235,7 @@ def _unmerged_fingerprint(model: LoraModel, targets: list[str]) -> dict[str, Any
         return fingerprint(model.model, targets)
 
 
-def _json_targets(targets: Any) -> Any:
+def json_targets(targets: Any) -> Any:
     return sorted(targets) if isinstance(targets, (list, set, tuple)) else targets
 
 

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .io import _atomic_write, safetensors_bytes
+from .io import write_adapter_files
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -101,9 +101,7 @@ class PromptTuningModel(nn.Module):
             "num_layers": getattr(config, "num_hidden_layers", None), "prompt_tuning_init": "RANDOM",
             "base_model_name_or_path": getattr(config, "_name_or_path", None), "inference_mode": True,
         }
-        data = safetensors_bytes({"prompt_embeddings": self.prompt.detach().float().contiguous()})
-        _atomic_write(folder / WEIGHTS_NAME, lambda tmp: Path(tmp).write_bytes(data))
-        _atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=2)))
+        write_adapter_files(folder, settings, {"prompt_embeddings": self.prompt.detach().float().contiguous()})
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, path: str | os.PathLike) -> PromptTuningModel:

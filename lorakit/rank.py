@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, _atomic_write, _json_targets, read_adapter, safetensors_bytes
+from .io import CONFIG_NAME, PREFIX, json_targets, read_adapter, write_adapter_files
 
 # PEFT's keys: ``<module>.lora_A.weight`` (``<module>.lora_embedding_A`` for embeddings), and the same for B.
 _A = re.compile(r"^(.*)\.lora_(?:embedding_)?A(?:\.weight)?$")
@@ -135,15 +135,13 @@ def resize_adapter(path: str | os.PathLike, rank: int, output: str | os.PathLike
         if k != rank:
             rank_pattern[re.escape(name)] = k
     settings = config.to_dict()
-    settings.update(r=rank, lora_alpha=rank, use_rslora=False, target_modules=_json_targets(config.target_modules),
+    settings.update(r=rank, lora_alpha=rank, use_rslora=False, target_modules=json_targets(config.target_modules),
                     rank_pattern=rank_pattern, alpha_pattern=dict(rank_pattern))
     base = json.loads((Path(path) / CONFIG_NAME).read_text()).get("base_model_name_or_path")
     settings["base_model_name_or_path"] = base
     folder = Path(output)
     folder.mkdir(parents=True, exist_ok=True)
-    data = safetensors_bytes({PREFIX + k: v for k, v in out_tensors.items()}, metadata or {"format": "pt"})
-    _atomic_write(folder / WEIGHTS_NAME, lambda tmp: Path(tmp).write_bytes(data))
-    _atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=2) + "\n"))
+    write_adapter_files(folder, settings, {PREFIX + k: v for k, v in out_tensors.items()}, metadata)
     report: dict[str, Any] = {"rank": rank, "energy_kept": kept / total if total else 1.0, "output": str(folder)}
     if model is not None:
         report.update(_logit_error(model, path, folder, probe))

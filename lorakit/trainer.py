@@ -21,7 +21,6 @@ import datetime
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -34,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .checkpoint import checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .cpu_memory import map_large_allocations
+from .cpu_memory import map_large_allocations, peak_rss_mib, reset_peak_rss
 from .train_config import TrainConfig
 from .train_log import MetricsLog, plot_loss
 from .train_setup import Run, build_run
@@ -235,6 +234,7 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
 
     torch.manual_seed(config.seed + procs.rank)  # the same base/adapter init on every rank: broadcast by DDP
     run: Run = build_run(config, device, precision)
+    reset_peak_rss()  # the reported peak is that of evaluating and training, not of loading the model
     model = run.model
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, config.lr, config.weight_decay)
@@ -360,16 +360,6 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
         (out / "summary.json").write_text(json.dumps(result, indent=2))
     procs.barrier()
     return result
-
-
-def peak_rss_mib() -> float | None:
-    """The most resident memory this process has had, in MiB (None where the OS does not say)."""
-    try:
-        import resource
-    except ImportError:  # not a Unix
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
 
 
 def _gather_rng(procs: Processes) -> list[dict[str, Any]]:
