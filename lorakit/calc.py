@@ -264,9 +264,12 @@ def estimate_memory(model: torch.nn.Module, method: str, batch: int, seq: int, d
         result = count_parameters(model, lora)
         trainable, trained, lora_r = result["trainable"], find_targets(model, lora), lora.r
         weights = size * total + 4 * trainable
-        if method == "qlora":  # every linear layer but the head in 4 bits
-            heads = _head_names(model)
-            four_bit = [model.get_submodule(n).weight.numel() for n in _linear_names(model) if n not in heads]
+        if method == "qlora":  # every nn.Linear but the head in 4 bits, as lorakit.quant.quantize does
+            from .quant import head_names, in_head
+
+            heads = head_names(model)
+            four_bit = [m.weight.numel() for n, m in model.named_modules()
+                        if isinstance(m, torch.nn.Linear) and not in_head(n, heads)]
             weights += sum(four_bit_bytes(n) for n in four_bit) - size * sum(four_bit)
     elif method == "prompt":
         trainable, trained = num_virtual_tokens * d.hidden, []
@@ -287,10 +290,3 @@ def estimate_memory(model: torch.nn.Module, method: str, batch: int, seq: int, d
                           grad_checkpointing=grad_checkpointing, trainable=trainable, weights=weights,
                           gradients=4 * trainable, optimizer_states=4 * states * trainable,
                           activations=activations, logits=logits, runtime=runtime)
-
-
-def _head_names(model: torch.nn.Module) -> set[str]:
-    from .quant import head_ids
-
-    ids = head_ids(model)
-    return {n for n, m in model.named_modules() if id(m) in ids}

@@ -312,25 +312,28 @@ def build_parser() -> argparse.ArgumentParser:
                                         "QLoRA and prompt tuning, from the model's config alone: weights, "
                                         "gradients, optimizer states, activations, LM-head logits.")
     memory.add_argument("--model", default="default", help="as for `lorakit params` (default: default)")
-    memory.add_argument("--method", default="all", choices=("all", "full", "lora", "qlora", "prompt"),
+    from .calc import DTYPES, METHODS, OPTIMIZERS, RUNTIME_BYTES
+
+    memory.add_argument("--method", default="all", choices=("all", *METHODS),
                         help="one method, or all four side by side (default: all)")
     memory.add_argument("--batch", type=int, default=4, help="sequences per step (default: 4)")
     memory.add_argument("--seq", type=int, default=512, help="tokens per sequence (default: 512)")
-    memory.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"),
+    memory.add_argument("--dtype", default="bf16", choices=tuple(DTYPES),
                         help="dtype of the frozen base and the activations (default: bf16)")
     memory.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in the backward")
-    memory.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"), help="(default: adamw)")
+    memory.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS, help="(default: adamw)")
     memory.add_argument("--r", type=int, default=8, help="LoRA rank (default: 8)")
     memory.add_argument("--target", default=None, help="LoRA targets, as for `lorakit params` (default: all-linear)")
     memory.add_argument("--num-virtual-tokens", type=int, default=20, help="prompt tuning's tokens (default: 20)")
-    memory.add_argument("--runtime-mib", type=float, default=360, help="memory of the process before the model "
-                        "(default: 360, measured for Python + PyTorch + transformers on CPU)")
+    memory.add_argument("--runtime-mib", type=float, default=RUNTIME_BYTES / 2**20,
+                        help="memory of the process before the model (default: %(default)g, measured for Python + "
+                             "PyTorch + transformers on CPU)")
     memory.add_argument("--json", action="store_true", help="print JSON instead of a table")
     memory.set_defaults(func=cmd_memory)
 
     inspect = sub.add_parser("inspect", help="singular values of a trained adapter's updates and the rank it uses",
                              description="Per wrapped module and overall: the singular values of the update "
-                                         "scaling*B*A and the smallest rank keeping 90%% / 99%% of its energy.")
+                                         "scaling*B*A and the smallest rank keeping 90% / 99% of its energy.")
     inspect.add_argument("adapter", help="an adapter folder (lorakit's or PEFT's)")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
     inspect.set_defaults(func=cmd_inspect)

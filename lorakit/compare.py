@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -118,6 +119,8 @@ def compare(config: TrainConfig | None = None, methods: tuple[str, ...] = METHOD
     if config.task == "seq_cls" and "prompt" in methods:
         _say("prompt tuning is for causal language models; left out of this seq_cls comparison")
         methods = tuple(m for m in methods if m != "prompt")
+    if not methods:
+        raise ValueError(f"nothing to compare: choose methods among {', '.join(METHODS)}")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -183,9 +186,10 @@ def _plot_comparison(result: dict[str, Any], path: Path) -> Path | None:
               ("peak RSS (MiB)", [r["peak_rss_mib"] for r in rows], False),
               ("training tokens/s", [r["tokens_per_s"] for r in rows], False),
               (f"held-out {result['metric']} after", [r["after"] for r in rows], False)]
+    colors = {"full": "#888888", "lora": "#1f77b4", "qlora": "#2ca02c", "prompt": "#ff7f0e"}
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
     for ax, (title, values, log) in zip(axes, panels):
-        ax.bar(names, values, color=["#888888", "#1f77b4", "#2ca02c", "#ff7f0e"][:len(names)])
+        ax.bar(names, values, color=[colors[n] for n in names])
         ax.set_title(title)
         if log:
             ax.set_yscale("log")
@@ -209,7 +213,8 @@ def expand_targets(spec: str) -> str:
 def sweep(config: TrainConfig | None = None, ranks: tuple[int, ...] = (4, 8, 16, 32),
           targets: tuple[str, ...] = ("q,v", "q,k,v,o", "all-linear"),
           output_dir: str | os.PathLike = "runs/sweep") -> dict[str, Any]:
-    """Train one LoRA adapter per (rank, targets) pair with ``config``'s task and budget; tabulate and plot.
+    """Train one LoRA adapter per (rank, targets) pair with ``config``'s task and budget (α = 2r, so the scaling
+    stays 2 at every rank); tabulate and plot.
 
     Returns:
         ``rows`` (rank, targets, trainable params, quality, train seconds per run), ``metric`` and the files.
@@ -219,12 +224,14 @@ def sweep(config: TrainConfig | None = None, ranks: tuple[int, ...] = (4, 8, 16,
     config = config or TrainConfig()
     if not ranks or any(not isinstance(r, int) or r < 1 for r in ranks):
         raise ValueError(f"ranks must be positive integers, got {list(ranks)}")
+    if not targets:
+        raise ValueError("targets is empty: give at least one target set (e.g. 'q,v' or 'all-linear')")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     runs = [(r, t) for t in targets for r in ranks]
     for i, (r, spec) in enumerate(runs, 1):
-        folder = out / f"r{r}-{spec.replace(',', '_')}"
+        folder = out / f"r{r}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', spec)}"
         _say(f"[{i}/{len(runs)}] r={r}, targets {spec}")
         summary = train(dataclasses.replace(config, method="lora", r=r, lora_alpha=2.0 * r,
                                             target_modules=expand_targets(spec), output_dir=str(folder),

@@ -36,10 +36,9 @@ def evaluate_adapter(path: str | Path, config: TrainConfig) -> dict[str, Any]:
         config = dataclasses.replace(config, model=str(path), method="full")
         run = build_run(config, device, precision)
     else:
-        from .prompt import read_config
+        from .io import is_prompt_adapter
 
-        prompt = read_config(Path(path)).get("peft_type") == "PROMPT_TUNING"
-        method = "prompt" if prompt else "lora"
+        method = "prompt" if is_prompt_adapter(path) else "lora"
         run = build_run(dataclasses.replace(config, method=method), device, precision, adapter=str(path))
     return run.evaluate(run.model, "eval")
 
@@ -65,22 +64,23 @@ def generate(prompt: str, adapter: str | Path | None = None, model: str | None =
         system: A system message; default: the built-in task's when the adapter was trained on it.
     """
     from .evaluate import generate_texts
+    from .io import is_prompt_adapter
     from .model import LoraModel
     from .pretrained import _transformers, model_source
-    from .prompt import PromptTuningModel, read_config
+    from .prompt import PromptTuningModel
 
     transformers = _transformers()
     kind = _kind(adapter) if adapter is not None else None
     trained = _saved_config(Path(adapter)) if adapter is not None else {}
-    base = model or (trained.get("model", "default") if kind == "adapter" else str(adapter) if kind else "default")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_source(base)))
-    net = base_model_for(adapter, base) if kind == "adapter" else \
-        transformers.AutoModelForCausalLM.from_pretrained(str(model_source(base)), dtype=torch.float32).eval()
     if kind == "adapter":
-        if read_config(Path(adapter)).get("peft_type") == "PROMPT_TUNING":
-            net = PromptTuningModel.from_pretrained(net, adapter)
-        else:
-            net = LoraModel.from_pretrained(net, adapter)
+        base = base_spec_for(adapter, model)
+        net = base_model_for(adapter, base)
+        net = PromptTuningModel.from_pretrained(net, adapter) if is_prompt_adapter(adapter) else \
+            LoraModel.from_pretrained(net, adapter)
+    else:
+        base = model or (str(adapter) if kind else "default")
+        net = transformers.AutoModelForCausalLM.from_pretrained(str(model_source(base)), dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_source(base)))
     if system is None and trained.get("task") == "builtin":
         from .tasks import SYSTEM
 
@@ -89,28 +89,36 @@ def generate(prompt: str, adapter: str | Path | None = None, model: str | None =
     return generate_texts(net, tokenizer, [chat], max_new_tokens=max_new_tokens, batch_size=1)[0]
 
 
-def base_model_for(adapter: str | Path, model: str | None = None) -> torch.nn.Module:
-    """The base an adapter was trained on, in fp32 (in 4 bits again for a QLoRA adapter), ready for its weights.
-
-    ``model`` ('default', 'minilm' or a folder) overrides the base named in the adapter's ``train_config.yaml``
-    (or, without one, its ``base_model_name_or_path`` when that is SmolLM2's hub name or a local folder).
+def base_spec_for(adapter: str | Path, model: str | None = None) -> str:
+    """Which base an adapter belongs on: ``model`` if given, else the ``model`` of its ``train_config.yaml``, else
+    its ``base_model_name_or_path`` when that is SmolLM2's hub name ('default') or a local folder.
 
     Raises:
         ValueError: No base is named anywhere.
     """
-    from .pretrained import HUB_NAME, build_model
+    from .io import read_adapter_config
+    from .pretrained import HUB_NAME
 
+    if model is not None:
+        return model
     trained = _saved_config(Path(adapter))
-    if model is None:
-        model = trained.get("model")
-    if model is None:
-        from .prompt import read_config
+    if trained.get("model"):
+        return trained["model"]
+    named = read_adapter_config(Path(adapter)).get("base_model_name_or_path")
+    if named == HUB_NAME:
+        return "default"
+    if named and Path(named).exists():
+        return named
+    raise ValueError(f"{adapter} does not say which base it was trained on; pass the base model")
 
-        named = read_config(Path(adapter)).get("base_model_name_or_path")
-        model = "default" if named == HUB_NAME else named if named and Path(named).exists() else None
-    if model is None:
-        raise ValueError(f"{adapter} does not say which base it was trained on; pass the base model")
-    net = build_model(model).eval()
+
+def base_model_for(adapter: str | Path, model: str | None = None) -> torch.nn.Module:
+    """The base an adapter was trained on (see :func:`base_spec_for`), in fp32, and in 4 bits again for a QLoRA
+    adapter, ready for the adapter's weights."""
+    from .pretrained import build_model
+
+    net = build_model(base_spec_for(adapter, model)).eval()
+    trained = _saved_config(Path(adapter))
     if trained.get("quantize"):  # a QLoRA adapter: on the 4-bit base it was trained on
         from .quant import quantize
 

@@ -110,7 +110,7 @@ def fingerprint(model: nn.Module, targets: Sequence[str]) -> dict[str, Any]:
         picks = flat[:: max(1, flat.numel() // _SAMPLE)][:_SAMPLE]
         digest[name] = [float(f"{v:.5g}") for v in [flat.norm().item(), *picks.tolist()]]
     found = {"architecture": type(model).__name__, "shapes": shapes, "digest": digest}
-    return found | {"quantized": True} if quantized else found
+    return (found | {"quantized": True}) if quantized else found
 
 
 def _compare_fingerprints(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -127,21 +127,22 @@ def _compare_fingerprints(saved: dict[str, Any], current: dict[str, Any]) -> lis
     quantized = saved.get("quantized") or current.get("quantized")
     differ = _differ_quantized(pairs) if quantized else _differ(pairs, current["shapes"])
     if differ:
-        diffs.append(f"same shapes, but the base weights differ (first at {differ}): another checkpoint")
+        diffs.append(f"same shapes, but the base weights differ ({differ}): another checkpoint")
     return diffs
 
 
 def _differ(pairs: list[tuple[str, list[float], list[float]]], shapes: dict[str, list[int]]) -> str | None:
-    """The first weight whose norm or sampled values differ by more than bf16-level rounding, if any."""
+    """The first weight whose norm or sampled values differ by more than bf16-level rounding, if any (as
+    "first at <name>")."""
     for name, saved, now in pairs:
         rms = saved[0] / math.sqrt(max(1, math.prod(shapes[name])))
         if any(abs(a - b) > 1e-2 * abs(a) + 1e-2 * rms for a, b in zip(saved, now)):
-            return name
+            return f"first at {name}"
     return None
 
 
 def _differ_quantized(pairs: list[tuple[str, list[float], list[float]]]) -> str | None:
-    """The first weight that differs by more than 4-bit rounding explains, if any.
+    """What differs by more than 4-bit rounding explains (a weight's name, or the sampled values), if anything.
 
     4-bit rounding moves single values by up to several times the weights' RMS, so values are not compared
     one by one: each norm must agree within 10% (rounding errors average out over a whole weight: ~0.5% on real
@@ -151,11 +152,11 @@ def _differ_quantized(pairs: list[tuple[str, list[float], list[float]]]) -> str 
     """
     for name, saved, now in pairs:
         if abs(saved[0] - now[0]) > 0.1 * abs(saved[0]):
-            return name
+            return f"first at {name}"
     squared_error = sum((x - y) ** 2 for _, (_, *a), (_, *b) in pairs for x, y in zip(a, b))
     squared_norm = sum(x * x for _, (_, *a), _ in pairs for x in a)
     if pairs and squared_error > 0.5 ** 2 * squared_norm:
-        return pairs[0][0]
+        return "the sampled values of all targeted weights"
     return None
 
 
@@ -274,6 +275,22 @@ def _warn_if_not_serve_safe(model: LoraModel, name: str, tensors: dict[str, torc
 
 
 # -- loading ---------------------------------------------------------------------------------------------
+
+
+def read_adapter_config(folder: Path) -> dict[str, Any]:
+    """The ``adapter_config.json`` of an adapter folder as a dict (any PEFT type), with clear errors."""
+    path = Path(folder) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(folder)!r} has no {CONFIG_NAME}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{str(path)!r} is not valid JSON: {err}") from None
+
+
+def is_prompt_adapter(folder: str | os.PathLike) -> bool:
+    """Whether an adapter folder holds a prompt (PEFT's ``PROMPT_TUNING``) rather than LoRA weights."""
+    return read_adapter_config(Path(folder)).get("peft_type") == "PROMPT_TUNING"
 
 
 def read_adapter(path: str | os.PathLike, allow_pickle: bool = False

@@ -243,6 +243,10 @@ class LoraModel(nn.Module):
     def merge_adapter(self, adapter_names: Sequence[str] | None = None) -> None:
         """Fold adapters (default: the active ones) into the base weights, in fp32; undo with ``unmerge_adapter``."""
         names = self._known(self._active if adapter_names is None else adapter_names)
+        if any(is_4bit(layer.base) and set(names) & set(layer.adapters) for _, layer in self.lora_layers()):
+            raise ValueError("merging into a 4-bit base weight would round it to 4 bits again (lossy, and unmerge "
+                             "could not undo it); use merge_and_unload(), which returns dense layers, or "
+                             "merge_and_unload(requantize=True)")
         for _, layer in self.lora_layers():
             layer.merge(names)
 
@@ -264,6 +268,7 @@ class LoraModel(nn.Module):
         On a 4-bit base (QLoRA) the 4-bit layers are dequantized and become dense ``nn.Linear`` layers in
         ``dtype`` (default: their compute dtype), or, with ``requantize=True``, the merged ones are quantized
         again; see :func:`lorakit.quant.merge_and_unload` for the report of the logit error this introduces.
+        ``dtype``, ``requantize`` and ``probe`` concern 4-bit bases only (``requantize`` without one is an error).
         """
         names = self._known(self._active if adapter_names is None else adapter_names)
         if any(is_4bit(m) for m in self.model.modules()):

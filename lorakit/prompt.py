@@ -1,14 +1,14 @@
 """Prompt tuning (Lester et al., 2021): n trainable virtual-token embeddings before the input, the model frozen.
 
-``PromptTuningModel(model, num_virtual_tokens)`` prepends the embeddings to every sequence's input embeddings and
-drops their positions from the outputs, so logits and hidden states line up with the real tokens, as the model's
-own would. It saves and loads PEFT's format (``peft_type: PROMPT_TUNING``, the tensor ``prompt_embeddings``), so
-PEFT reads our prompts and we read PEFT's.
+``PromptTuningModel(model, num_virtual_tokens)`` prepends the embeddings to every sequence's input embeddings
+and drops their positions from the logits (and from the backbone's last hidden state that the loss reads), so
+these line up with the real tokens, as the model's own would; ``labels`` get -100 for the virtual positions.
+It saves and loads PEFT's format (``peft_type: PROMPT_TUNING``, the tensor ``prompt_embeddings``), so PEFT
+reads our prompts and we read PEFT's.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,10 +18,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .io import write_adapter_files
-
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
+from .io import WEIGHTS_NAME, read_adapter_config, write_adapter_files
 
 
 class PromptTuningModel(nn.Module):
@@ -66,6 +63,10 @@ class PromptTuningModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
         """The model's output for ``input_ids`` with the prompt in front; ``logits`` only for the real tokens."""
+        labels = kwargs.pop("labels", None)
+        if labels is not None:  # the virtual tokens predict nothing
+            kwargs["labels"] = torch.cat([labels.new_full((labels.shape[0], self.num_virtual_tokens), -100),
+                                          labels], dim=1)
         out = self.model(**self._inputs(input_ids, attention_mask, position_ids), **kwargs)
         out.logits = out.logits[:, self.num_virtual_tokens:]
         return out
@@ -107,7 +108,7 @@ class PromptTuningModel(nn.Module):
     def from_pretrained(cls, model: nn.Module, path: str | os.PathLike) -> PromptTuningModel:
         """Wrap ``model`` with the prompt saved at ``path`` (by lorakit or PEFT)."""
         folder = Path(path)
-        settings = read_config(folder)
+        settings = read_adapter_config(folder)
         if settings.get("peft_type") != "PROMPT_TUNING":
             raise ValueError(f"{folder} holds a {settings.get('peft_type')!r} adapter, not a prompt "
                              f"(peft_type PROMPT_TUNING)")
@@ -136,14 +137,3 @@ class _PromptDecoder(nn.Module):
         owner = self.owner
         out = owner.model.get_decoder()(**owner._inputs(input_ids, attention_mask, position_ids), **kwargs)
         return SimpleNamespace(last_hidden_state=out.last_hidden_state[:, owner.num_virtual_tokens:])
-
-
-def read_config(folder: Path) -> dict[str, Any]:
-    """The ``adapter_config.json`` of an adapter folder, with a clear error when it is missing or broken."""
-    path = folder / CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{folder} has no {CONFIG_NAME}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None

@@ -22,7 +22,7 @@ from torch import nn
 
 from .config import SEQ_CLS_HEAD_NAMES
 from .cpu_memory import return_freed_memory
-from .layers import LoraLayer, is_4bit, is_conv1d
+from .layers import LoraLayer, is_4bit
 
 if TYPE_CHECKING:
     from .model import LoraModel
@@ -53,24 +53,29 @@ def _check_scheme(scheme: str) -> None:
         raise ValueError(f"unknown quantization scheme {scheme!r}; lorakit supports {', '.join(SCHEMES)}")
 
 
-def head_ids(model: nn.Module) -> set[int]:
-    """The output head(s), which stay in full precision (their outputs are the logits)."""
+def head_names(model: nn.Module) -> set[str]:
+    """The module names of the output head(s), which stay in full precision (their outputs are the logits)."""
     heads = []
     get_output = getattr(model, "get_output_embeddings", None)
     output = get_output() if callable(get_output) else None
     if output is not None:
         heads.append(output)
     heads += [m for n in SEQ_CLS_HEAD_NAMES if isinstance(m := getattr(model, n, None), nn.Module)]
-    return {id(m) for m in heads}
+    return {name for name, module in model.named_modules() if any(module is h for h in heads)}
+
+
+def in_head(name: str, heads: set[str]) -> bool:
+    """``name`` is a head or lies inside one (a classifier made of several layers)."""
+    return any(name == h or name.startswith(h + ".") for h in heads)
 
 
 def quantize(model: nn.Module, scheme: str = "nf4", double_quant: bool = True,
              compute_dtype: torch.dtype | None = None, skip: Sequence[str] = ()) -> nn.Module:
     """Replace every linear layer of ``model`` except the output head by a bitsandbytes ``Linear4bit``, in place.
 
-    Embeddings stay as they are. GPT-2's ``Conv1D`` layers are quantized too (their weight transposed into
-    ``Linear4bit``'s (out, in) layout). Quantize the base before adding adapters. Each layer's rounding error is
-    checked, and the memory of the full-precision weights is given back afterwards.
+    Embeddings stay as they are, and so do GPT-2's ``Conv1D`` layers (their (in, out) weights are not what
+    ``Linear4bit`` holds). Quantize the base before adding adapters. Each layer's rounding error is checked, and
+    the memory of the full-precision weights is given back afterwards.
 
     Args:
         scheme: ``"nf4"`` (the QLoRA paper's NormalFloat4) or ``"fp4"``.
@@ -83,27 +88,29 @@ def quantize(model: nn.Module, scheme: str = "nf4", double_quant: bool = True,
         The same ``model``.
 
     Raises:
-        ValueError: An unknown ``scheme``, a model that already has LoRA layers, or a layer that bitsandbytes
-            rounds far worse than 4 bits should (the model is then unchanged).
+        ValueError: An unknown ``scheme``, a model that already has LoRA layers or no linear layer to quantize,
+            or a layer that bitsandbytes rounds far worse than 4 bits should (the model is then unchanged).
         ImportError: bitsandbytes is not installed.
     """
     _check_scheme(scheme)
     if any(isinstance(m, LoraLayer) for m in model.modules()):
         raise ValueError("quantize the base model before adding LoRA adapters (this model already has LoRA layers)")
     bnb = bitsandbytes()
-    heads = head_ids(model)
+    heads = head_names(model)
     new: dict[str, nn.Module] = {}  # built first, swapped in at the end: an error leaves the model as it was
     for name, module in model.named_modules():
-        if id(module) in heads or name in skip or name.rsplit(".", 1)[-1] in skip or is_4bit(module):
+        if not isinstance(module, nn.Linear) or is_4bit(module) or in_head(name, heads):
             continue
-        if not (isinstance(module, nn.Linear) or is_conv1d(module)):
+        if name in skip or name.rsplit(".", 1)[-1] in skip:
             continue
-        weight = module.weight.detach()
-        weight = weight.T if is_conv1d(module) else weight  # (out, in)
+        weight = module.weight.detach()  # (out, in)
         dtype = compute_dtype or (weight.dtype if weight.is_floating_point() else torch.float32)
         layer = linear_4bit(bnb, weight, module.bias, scheme, double_quant, dtype)
         _check_rounding(name, weight, layer)
         new[name] = layer.train(module.training)
+    if not new and not any(is_4bit(m) for m in model.modules()):
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layer to quantize besides its head "
+                         f"(GPT-2's Conv1D layers stay in full precision)")
     for name, layer in new.items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)

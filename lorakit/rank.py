@@ -11,10 +11,10 @@ Q_B·(R_B·R_Aᵀ)·Q_Aᵀ, so the singular values are those of an r × r matrix
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .io import CONFIG_NAME, PREFIX, json_targets, read_adapter, write_adapter_files
+from .io import PREFIX, json_targets, read_adapter, read_adapter_config, write_adapter_files
 
 # PEFT's keys: ``<module>.lora_A.weight`` (``<module>.lora_embedding_A`` for embeddings), and the same for B.
 _A = re.compile(r"^(.*)\.lora_(?:embedding_)?A(?:\.weight)?$")
@@ -53,7 +53,8 @@ def _svd(a: torch.Tensor, b: torch.Tensor, scaling: float) -> tuple[torch.Tensor
     b2 = b.reshape(b.shape[0], -1).double()  # (out, r)
     q_b, r_b = torch.linalg.qr(b2)  # (out, r), (r, r)
     q_a, r_a = torch.linalg.qr(a2.T)  # (in, r), (r, r)
-    u, s, vh = torch.linalg.svd(scaling * r_b @ r_a.T)  # (r, r)
+    # (r, r), or smaller when a layer is narrower than r
+    u, s, vh = torch.linalg.svd(scaling * r_b @ r_a.T, full_matrices=False)
     return q_b @ u, s, q_a @ vh.T
 
 
@@ -91,7 +92,9 @@ def inspect_adapter(path: str | os.PathLike) -> dict[str, Any]:
     if not modules:
         raise ValueError(f"{path} holds no LoRA A/B pairs")
     r = max(m.r for m in modules)
-    total = sum(float(e.sum()) for e in energies) or 1.0
+    total = sum(float(e.sum()) for e in energies)
+    if total == 0:  # an untrained adapter (B = 0): no update to keep
+        return {"r": r, "modules": modules, "overall": {"kept": [1.0] * r, "rank_90": 0, "rank_99": 0}}
     kept = [sum(float(e[:k].sum()) for e in energies) / total for k in range(1, r + 1)]
     overall = {"kept": kept,
                "rank_90": next((k for k, v in enumerate(kept, 1) if v >= 0.9 - 1e-12), r),
@@ -117,6 +120,9 @@ def resize_adapter(path: str | os.PathLike, rank: int, output: str | os.PathLike
     """
     if not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    if Path(output).resolve() == Path(path).resolve():
+        raise ValueError(f"the output folder {str(output)!r} is the adapter itself; write the resized adapter "
+                         f"elsewhere")
     config, tensors, metadata = read_adapter(path)
     if config.use_dora:
         raise ValueError("lorakit cannot resize DoRA adapters (their magnitude vector depends on the full update)")
@@ -126,7 +132,7 @@ def resize_adapter(path: str | os.PathLike, rank: int, output: str | os.PathLike
     for name, (key_a, key_b) in _factors(tensors).items():
         a, b = tensors[key_a], tensors[key_b]
         u, s, v = _svd(a, b, _scaling(config, name))
-        k = min(rank, a.shape[0])
+        k = min(rank, s.numel())
         root = s[:k].sqrt()
         new_b = (u[:, :k] * root).reshape(b.shape[0], k, *b.shape[2:])  # (out, k[, 1, 1])
         new_a = (root[:, None] * v[:, :k].T).reshape(k, *a.shape[1:])  # (k, in[, kh, kw])
@@ -137,10 +143,12 @@ def resize_adapter(path: str | os.PathLike, rank: int, output: str | os.PathLike
     settings = config.to_dict()
     settings.update(r=rank, lora_alpha=rank, use_rslora=False, target_modules=json_targets(config.target_modules),
                     rank_pattern=rank_pattern, alpha_pattern=dict(rank_pattern))
-    base = json.loads((Path(path) / CONFIG_NAME).read_text()).get("base_model_name_or_path")
-    settings["base_model_name_or_path"] = base
+    settings["base_model_name_or_path"] = read_adapter_config(Path(path)).get("base_model_name_or_path")
     folder = Path(output)
     folder.mkdir(parents=True, exist_ok=True)
+    trained = Path(path) / "train_config.yaml"  # says which base (a 4-bit one for QLoRA) the adapter belongs on
+    if trained.is_file():
+        shutil.copyfile(trained, folder / "train_config.yaml")
     write_adapter_files(folder, settings, {PREFIX + k: v for k, v in out_tensors.items()}, metadata)
     report: dict[str, Any] = {"rank": rank, "energy_kept": kept / total if total else 1.0, "output": str(folder)}
     if model is not None:

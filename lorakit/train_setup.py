@@ -17,9 +17,10 @@ from torch import nn
 from .config import ALL_LINEAR, LoraConfig, parse_targets
 from .data import Example, label_ids, load_causal_lm, pack_batch, pad_batch, read_table, tokenize_chat
 from .evaluate import classification, exact_match, lm_loss
+from .io import is_prompt_adapter
 from .loss import causal_lm_loss, classification_loss
 from .model import LoraModel, get_lora_model
-from .prompt import PromptTuningModel, read_config
+from .prompt import PromptTuningModel
 from .quant import quantize
 from .train_config import TrainConfig
 
@@ -94,7 +95,7 @@ def _prepare(config: TrainConfig, model: nn.Module, task_type: str, adapter: str
     """LoRA on the frozen base (a new adapter, or the saved one at ``adapter``), every parameter trainable
     (``method=full``), or a prompt in front of the frozen model (``method=prompt``, new or saved)."""
     if adapter is not None:
-        if read_config(Path(adapter)).get("peft_type") == "PROMPT_TUNING":
+        if is_prompt_adapter(adapter):
             return PromptTuningModel.from_pretrained(model, adapter)
         return LoraModel.from_pretrained(model, adapter)
     if config.grad_checkpointing:

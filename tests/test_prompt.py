@@ -46,6 +46,20 @@ def test_only_the_prompt_trains_and_the_chunked_loss_equals_the_full_one():
     assert tuned.prompt.grad is not None and tuned.prompt.grad.abs().sum() > 0
 
 
+def test_labels_skip_the_virtual_tokens_as_in_peft(tmp_path):
+    import peft
+
+    tuned = PromptTuningModel(tiny_llama(), 5)
+    tuned.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    batch = _batch()
+    with torch.no_grad():
+        ours = tuned(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["input_ids"]).loss
+        reference = theirs(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           labels=batch["input_ids"]).loss
+    assert ours.item() == pytest.approx(reference.item(), rel=1e-6)
+
+
 def test_training_the_prompt_lowers_the_loss():
     tuned = PromptTuningModel(tiny_llama(), 5)
     optimizer = torch.optim.Adam([tuned.prompt], lr=0.1)

@@ -83,13 +83,15 @@ def test_dequantized_weights_are_close_to_the_originals():
     assert (d - w).norm() / w.norm() < 0.12  # NF4 rounding (~9%), not another matrix
 
 
-def test_conv1d_layers_are_quantized_transposed(ids):
-    original, model = tiny_gpt2(), quantize(tiny_gpt2(), "nf4", compute_dtype=torch.float32)
-    layer = model.transformer.h[0].attn.c_attn
-    assert is_4bit(layer) and list(layer.weight.quant_state.shape) == [192, 64]  # (out, in)
-    with torch.no_grad():
-        a, b = original(ids).logits, model(ids).logits
-    assert (a - b).abs().max() < 0.2 * a.abs().max()
+def test_conv1d_layers_stay_in_full_precision_and_heads_inside_containers_too():
+    with pytest.raises(ValueError, match="no nn.Linear layer to quantize besides its head"):
+        quantize(tiny_gpt2(), "nf4")  # GPT-2: Conv1D layers and the head only
+    torch.manual_seed(0)
+    config = transformers.RobertaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                        intermediate_size=128, num_labels=3)
+    model = quantize(transformers.RobertaForSequenceClassification(config), "nf4")
+    assert is_4bit(model.roberta.encoder.layer[0].attention.self.query)
+    assert not is_4bit(model.classifier.dense) and not is_4bit(model.classifier.out_proj)  # the head's layers
 
 
 def test_zero_b_lora_on_4bit_base_is_the_4bit_base(ids):
@@ -187,7 +189,9 @@ def test_merge_with_requantize_stays_4bit_and_reports_the_error(ids):
 
 
 def test_merge_adapter_in_place_and_dora_on_a_4bit_base_are_refused(ids):
-    lora = get_lora_model(_q_llama(), LoraConfig(r=4, target_modules="all-linear"))
+    # the embedding is a full-precision layer: it must not be merged before the 4-bit ones refuse
+    lora = get_lora_model(_q_llama(), LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"]))
+    _randomize_b(lora)
     with pytest.raises(ValueError, match="merge_and_unload"):
         lora.merge_adapter()
     assert not any(layer.merged_adapters for _, layer in lora.lora_layers())

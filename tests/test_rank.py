@@ -85,8 +85,36 @@ def test_cli_inspect_and_resize(tmp_path, capsys):
     assert "does not say which base" in captured.err  # a bare adapter: no base to compare logits on
 
 
+def test_layers_narrower_than_the_rank_are_resized_too(tmp_path, ids):
+    import transformers
+
+    def narrow_llama() -> torch.nn.Module:  # k_proj and v_proj have 8 outputs: fewer than r = 16
+        torch.manual_seed(0)
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=1,
+            intermediate_size=64))
+
+    model = narrow_llama()
+    lora = get_lora_model(model, LoraConfig(r=16, target_modules="all-linear"))
+    with torch.no_grad():
+        for _, layer in lora.lora_layers():
+            layer.adapters["default"].lora_B.normal_()
+    lora.save_pretrained(tmp_path / "a")
+    assert {m.name.rsplit(".", 1)[-1]: len(m.singular_values) for m in inspect_adapter(tmp_path / "a")["modules"]
+            }["k_proj"] == 8
+    resize_adapter(tmp_path / "a", 16, tmp_path / "b")  # the full rank: exact, with 8 where a layer has 8
+    config = json.loads((tmp_path / "b" / "adapter_config.json").read_text())
+    assert config["rank_pattern"] == {r"model\.layers\.0\.self_attn\.k_proj": 8,
+                                      r"model\.layers\.0\.self_attn\.v_proj": 8}
+    loaded = LoraModel.from_pretrained(narrow_llama(), tmp_path / "b")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, lora(ids).logits, atol=1e-4, rtol=1e-4)
+
+
 def test_bad_input_is_a_clear_error(tmp_path, capsys):
     _adapter_of_rank(tmp_path / "a", k=3)
+    with pytest.raises(ValueError, match="is the adapter itself"):
+        resize_adapter(tmp_path / "a", 2, tmp_path / "a")
     with pytest.raises(ValueError, match="rank must be a positive integer, got 0"):
         resize_adapter(tmp_path / "a", 0, tmp_path / "b")
     assert main(["inspect", str(tmp_path / "nothing")]) == 2
