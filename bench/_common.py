@@ -80,3 +80,14 @@ def rss_mib() -> float:
     """This process's resident memory now, in MiB."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def run_child(script: str, *args: str) -> dict:
+    """Run ``python script *args`` (a benchmark measuring one case in a fresh process) and return the JSON it
+    prints on its last line; stop with its stderr if it fails."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])

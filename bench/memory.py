@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import PeakRSS, engine_step, llm_batches, rss_mib  # noqa: E402
+from _common import PeakRSS, engine_step, llm_batches, rss_mib, run_child  # noqa: E402
 from _timing import markdown_table  # noqa: E402
 
 METHODS = ["full", "lora", "qlora"]
@@ -87,11 +86,8 @@ def main() -> None:
         for method, batch in cases:
             peak = {}
             for allocator in ("default", "low"):
-                out = subprocess.run([sys.executable, __file__, "--case", f"{method}:{batch}:{allocator}",
-                                      "--seq", str(args.seq)], capture_output=True, text=True)
-                if out.returncode != 0:
-                    raise SystemExit(f"{method}:{batch}:{allocator} failed:\n{out.stderr[-3000:]}")
-                peak[allocator] = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"]
+                measured = run_child(__file__, "--case", f"{method}:{batch}:{allocator}", "--seq", str(args.seq))
+                peak[allocator] = measured["peak_rss_mib"]
                 bar.update()
             est = estimate(method, batch, args.seq)
             mib = {k: v / 2**20 for k, v in est.items() if isinstance(v, int) and not isinstance(v, bool)}

@@ -19,14 +19,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import PeakRSS, engine_step, llm_batches, rss_mib  # noqa: E402
+from _common import PeakRSS, engine_step, llm_batches, rss_mib, run_child  # noqa: E402
 from _timing import markdown_table  # noqa: E402
 
 CASES = ["lora-bf16", "qlora-bf16", "lora-fp32", "qlora-fp32"]
@@ -78,14 +77,6 @@ def run_case(case: str, steps: int) -> dict:
             "quantized_layer_bytes": packed, "quantized_layer_bf16_bytes": layers_bf16}
 
 
-def _spawn(case: str, steps: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--case", case, "--steps", str(steps)], capture_output=True,
-                         text=True)
-    if out.returncode != 0:
-        raise SystemExit(f"{case} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=1, help="runs of every case, interleaved (median reported)")
@@ -102,7 +93,7 @@ def main() -> None:
         for _ in range(args.rounds):
             for case in CASES:
                 bar.set_postfix_str(case)
-                runs[case].append(_spawn(case, args.steps))
+                runs[case].append(run_child(__file__, "--case", case, "--steps", str(args.steps)))
                 bar.update()
     med = {c: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for c, rs in runs.items()}
     rows = [[c, f"{m['base_bytes'] / 2**20:.0f}", f"{m['ready_rss_mib']:.0f}", f"{m['peak_rss_mib']:.0f}",

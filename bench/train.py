@@ -23,14 +23,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import DATA, PeakRSS, llm_batches  # noqa: E402
+from _common import DATA, PeakRSS, llm_batches, run_child  # noqa: E402
 from _timing import markdown_table  # noqa: E402
 
 LLM_CASES = ["peft-bf16", "peft-fp32", "lorakit", "lorakit-bf16"]
@@ -134,11 +133,7 @@ def run_case(kind: str, case: str, target: str, steps: int) -> dict:
 
 
 def _spawn(kind: str, case: str, target: str, steps: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--case", f"{kind}:{case}:{target}", "--steps", str(steps)],
-                         capture_output=True, text=True)
-    if out.returncode != 0:
-        raise SystemExit(f"{kind}:{case}:{target} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_child(__file__, "--case", f"{kind}:{case}:{target}", "--steps", str(steps))
 
 
 def main() -> None:

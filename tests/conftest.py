@@ -82,19 +82,29 @@ def smollm2_tokenizer():
     return _smollm2_tokenizer()
 
 
+def _llama_folder(folder, tokenizer, hidden: int) -> str:
+    """A Hugging Face folder with a tiny random Llama ``hidden`` wide (SmolLM2's vocabulary) and SmolLM2's tokenizer."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, intermediate_size=2 * hidden,
+                                      tie_word_embeddings=True, max_position_embeddings=1024,
+                                      eos_token_id=tokenizer.eos_token_id)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, smollm2_tokenizer) -> str:
-    """A Hugging Face folder with a tiny random Llama (SmolLM2's vocabulary) and SmolLM2's tokenizer, for
-    training runs that take seconds."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=len(smollm2_tokenizer), hidden_size=32, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-                                      tie_word_embeddings=True, max_position_embeddings=1024,
-                                      eos_token_id=smollm2_tokenizer.eos_token_id)
-    transformers.LlamaForCausalLM(config).save_pretrained(folder)
-    smollm2_tokenizer.save_pretrained(folder)
-    return str(folder)
+    """A tiny random Llama folder with SmolLM2's tokenizer, for training runs that take seconds."""
+    return _llama_folder(tmp_path_factory.mktemp("tiny-llama"), smollm2_tokenizer, hidden=32)
+
+
+@pytest.fixture(scope="session")
+def llama64_dir(tmp_path_factory, smollm2_tokenizer) -> str:
+    """Like tiny_llama_dir, but 64 wide, so that every layer quantizes well (bitsandbytes' CPU quantizer
+    mis-rounds layers with 32 inputs)."""
+    return _llama_folder(tmp_path_factory.mktemp("llama64"), smollm2_tokenizer, hidden=64)
 
 
 @pytest.fixture(scope="session")

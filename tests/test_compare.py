@@ -11,25 +11,8 @@ from lorakit.compare import compare, expand_targets, sweep
 from lorakit.train_config import TrainConfig
 
 
-@pytest.fixture(scope="module")
-def llama64(tmp_path_factory, smollm2_tokenizer) -> str:
-    """A tiny Llama 64 wide (every layer quantizes well) with SmolLM2's tokenizer."""
-    import torch
-    import transformers
-
-    folder = tmp_path_factory.mktemp("llama64")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=len(smollm2_tokenizer), hidden_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-                                      tie_word_embeddings=True, max_position_embeddings=1024,
-                                      eos_token_id=smollm2_tokenizer.eos_token_id)
-    transformers.LlamaForCausalLM(config).save_pretrained(folder)
-    smollm2_tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
-def test_compare_measures_every_column_for_all_four_methods(llama64, tmp_path):
-    config = TrainConfig(model=llama64, steps=2, max_eval=2, max_new_tokens=2, warmup_steps=0)
+def test_compare_measures_every_column_for_all_four_methods(llama64_dir, tmp_path):
+    config = TrainConfig(model=llama64_dir, steps=2, max_eval=2, max_new_tokens=2, warmup_steps=0)
     result = compare(config, output_dir=tmp_path)
     rows = {row["method"]: row for row in result["rows"]}
     assert list(rows) == ["full", "lora", "qlora", "prompt"]
@@ -48,8 +31,8 @@ def test_compare_measures_every_column_for_all_four_methods(llama64, tmp_path):
     assert (tmp_path / "qlora" / "train_config.yaml").read_text().count("quantize: nf4") == 1
 
 
-def test_sweep_trains_every_pair_and_plots(llama64, tmp_path, capsys):
-    args = ["sweep", "--model", llama64, "--budget", "2", "--max-eval", "2", "--ranks", "2,4",
+def test_sweep_trains_every_pair_and_plots(llama64_dir, tmp_path, capsys):
+    args = ["sweep", "--model", llama64_dir, "--budget", "2", "--max-eval", "2", "--ranks", "2,4",
             "--targets", "q,v:all-linear", "--output-dir", str(tmp_path)]
     assert main(args) == 0
     result = json.loads((tmp_path / "sweep.json").read_text())

@@ -246,20 +246,6 @@ def test_cli_rejects_an_unknown_scheme():
     assert done.returncode == 2 and "invalid choice: 'int3'" in done.stderr and "nf4" in done.stderr
 
 
-@pytest.fixture(scope="module")
-def llama64_dir(tmp_path_factory, smollm2_tokenizer) -> str:
-    """Like conftest's tiny_llama_dir (SmolLM2's tokenizer), but 64 wide so that every layer quantizes well."""
-    folder = tmp_path_factory.mktemp("llama64")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=len(smollm2_tokenizer), hidden_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-                                      tie_word_embeddings=True, max_position_embeddings=1024,
-                                      eos_token_id=smollm2_tokenizer.eos_token_id)
-    transformers.LlamaForCausalLM(config).save_pretrained(folder)
-    smollm2_tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
 def test_qlora_training_run_saves_a_normal_adapter_and_evaluates_on_4bit(llama64_dir, tmp_path):
     from lorakit.inference import evaluate_adapter
     result = train(model=llama64_dir, steps=6, quantize="nf4", output_dir=str(tmp_path), **FAST)
