@@ -278,6 +278,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import build_engine, serve
+
+    adapters = {}
+    for item in args.adapter:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise ValueError(f"--adapter {item!r}: write NAME=FOLDER, e.g. --adapter support=runs/support")
+        adapters[name] = folder
+    engine = build_engine(args.base, adapters, dtype=args.dtype, quantize=args.quantize, merge=args.merge,
+                          served_model_name=args.served_model_name, max_adapters=args.max_adapters,
+                          adapter_root=args.adapter_root, max_batch_size=args.max_batch_size,
+                          max_tokens=args.max_tokens)
+    served = ", ".join([engine.base_name] + sorted(engine.adapters))
+    print(f"lorakit serve: {served} on http://{args.host}:{args.port} (OpenAI API under /v1)", flush=True)
+    serve(engine, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description="Exact, fast LoRA fine-tuning for PyTorch models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -417,6 +436,40 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "adapter was trained on it)")
     gen.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate (default: 128)")
     gen.set_defaults(func=cmd_generate)
+
+    srv = sub.add_parser(
+        "serve", help="serve a base model and many adapters over OpenAI's HTTP API",
+        description="Serve one base model and many LoRA adapters over HTTP with OpenAI's API: POST "
+                    "/v1/completions and /v1/chat/completions (\"stream\": true for server-sent events), GET "
+                    "/v1/models; the request's \"model\" picks the adapter (or the base). Adapters are loaded and "
+                    "unloaded at runtime with POST /v1/load_lora_adapter {lora_name, lora_path} and "
+                    "/v1/unload_lora_adapter {lora_name} (vLLM's names). Requests for different adapters are "
+                    "batched together. GET /health, GET /metrics (Prometheus).")
+    srv.add_argument("--base", default="default",
+                     help="the base: 'default' (the embedded SmolLM2-135M-Instruct) or a causal-LM folder")
+    srv.add_argument("--adapter", action="append", default=[], metavar="NAME=FOLDER",
+                     help="an adapter to serve under NAME (repeatable)")
+    srv.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000, help="the port (default: 8000)")
+    srv.add_argument("--max-adapters", type=int, default=8,
+                     help="most adapters in memory at once; the least recently used is evicted and reloaded from "
+                          "its folder when asked for again (default: 8)")
+    srv.add_argument("--adapter-root", default=None, metavar="DIR",
+                     help="allow /v1/load_lora_adapter for folders under DIR (default: runtime loading is off)")
+    srv.add_argument("--max-batch-size", type=int, default=32, help="most requests decoded together (default: 32)")
+    srv.add_argument("--max-tokens", type=int, default=1024,
+                     help="the largest max_tokens a request may ask for (default: 1024)")
+    srv.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                     help="the base model's weights (default: float32)")
+    srv.add_argument("--quantize", default=None, choices=("nf4", "fp4"),
+                     help="serve on a 4-bit base, as QLoRA adapters were trained")
+    srv.add_argument("--merge", action="store_true",
+                     help="fold the one --adapter into the base and serve only it (the base model's speed)")
+    srv.add_argument("--served-model-name", default=None,
+                     help="the base's name in requests (default: SmolLM2-135M-Instruct, or the folder's name)")
+    srv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                     help="uvicorn's log level (default: info)")
+    srv.set_defaults(func=cmd_serve)
     return parser
 
 

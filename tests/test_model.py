@@ -128,9 +128,10 @@ def test_seq_cls_head_is_trained_per_adapter_and_disabled_with_them():
 
 
 @pytest.mark.parametrize("with_base_row", [False, True])
-def test_mixed_batch_rows_equal_single_adapter_runs(three, with_base_row):
+@pytest.mark.parametrize("tokens", [7, 1], ids=["prefill", "decode"])
+def test_mixed_batch_rows_equal_single_adapter_runs(three, with_base_row, tokens):
     torch.manual_seed(1)
-    ids = torch.randint(0, 128, (5, 7))
+    ids = torch.randint(0, 128, (5, tokens))
     assert_rows_match_single_adapter_runs(three, ids, ["a", "b", "c", "__base__" if with_base_row else "a", "b"])
 
 

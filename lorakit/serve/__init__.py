@@ -1,0 +1,86 @@
+"""``lorakit serve``: one base model, many LoRA adapters, OpenAI's HTTP API (FastAPI + uvicorn).
+
+    engine = build_engine("default", {"support": "runs/support", "sql": "runs/sql"})
+    serve(engine, port=8000)          # or: lorakit serve --adapter support=runs/support --adapter sql=runs/sql
+
+A request's ``model`` field picks the adapter (or the base). Requests for different adapters are decoded in one
+batch (see :mod:`lorakit.serve.engine`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .api import create_app, prometheus_text
+from .engine import Engine, Event, Request
+from .sampling import RequestError, SamplingParams
+
+__all__ = ["Engine", "Event", "Request", "RequestError", "SamplingParams", "build_engine", "create_app",
+           "prometheus_text", "serve"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def base_name_for(spec: str) -> str:
+    """The name requests use for the base model: SmolLM2's short name for 'default', else the folder's name."""
+    return "SmolLM2-135M-Instruct" if spec == "default" else Path(spec).resolve().name
+
+
+def build_engine(base: str = "default", adapters: dict[str, str | Path] | None = None, *, dtype: str = "float32",
+                 quantize: str | None = None, merge: bool = False, served_model_name: str | None = None,
+                 **engine_args: Any) -> Engine:
+    """Load a base model and its tokenizer and start an :class:`Engine` on them.
+
+    Args:
+        base: 'default' (the embedded SmolLM2-135M-Instruct) or a Hugging Face causal-LM folder.
+        adapters: Adapters served from the start, name -> folder.
+        dtype: 'float32' or 'bfloat16' for the base model's weights.
+        quantize: 'nf4' or 'fp4' to serve on a 4-bit base (as QLoRA adapters were trained).
+        merge: Fold the one adapter into the base and serve only it, under its name: the base model's speed,
+            no runtime loading.
+        served_model_name: The base's name in requests (default: see :func:`base_name_for`).
+        engine_args: ``max_adapters``, ``adapter_root``, ``max_batch_size``, ``max_tokens`` (see :class:`Engine`).
+
+    Raises:
+        ValueError: An unknown dtype, a base that is not a causal LM, or ``merge`` without exactly one adapter.
+    """
+    from ..pretrained import _transformers, build_model, model_source
+
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    adapters = dict(adapters or {})
+    if merge and len(adapters) != 1:
+        raise ValueError(f"merged mode serves exactly one adapter; got {len(adapters)}: {sorted(adapters)}")
+    if merge and engine_args.get("adapter_root") is not None:
+        raise ValueError("merged mode serves one fixed adapter; it cannot load others (drop --adapter-root)")
+    model = build_model(base, dtype=DTYPES[dtype])
+    if not hasattr(model, "generate") or not type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")):
+        raise ValueError(f"{base!r} is a {type(model).__name__}; lorakit serve needs a causal language model")
+    if quantize is not None:
+        from ..quant import quantize as to_4bit
+
+        to_4bit(model, quantize)
+    tokenizer = _transformers().AutoTokenizer.from_pretrained(str(model_source(base)))
+    name = served_model_name or base_name_for(base)
+    if merge:
+        from ..io import from_pretrained
+
+        ((name, path),) = adapters.items()
+        model = from_pretrained(model, path, name).merge_and_unload()
+        adapters = {}
+    return Engine(model, tokenizer, base_name=name, adapters=adapters, **engine_args)
+
+
+def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Serve ``engine`` over HTTP until interrupted (Ctrl-C), then stop its scheduler."""
+    try:
+        import uvicorn
+    except ImportError as err:
+        raise ImportError("lorakit serve needs FastAPI and uvicorn: pip install 'lorakit[serve]'") from err
+    try:
+        uvicorn.run(create_app(engine), host=host, port=port, log_level=log_level)
+    finally:
+        engine.close()
