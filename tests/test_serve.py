@@ -76,6 +76,11 @@ def root(tmp_path_factory, tiny_llama_dir) -> Path:
     _save_adapter(tiny_llama_dir, root / "a", seed=1)
     _save_adapter(tiny_llama_dir, root / "b", seed=2)
     shutil.copytree(root / "a", root / "c")
+    shutil.copytree(root / "a", root / "listconfig")
+    (root / "listconfig" / "adapter_config.json").write_text("[]")
+    shutil.copytree(root / "a", root / "dora")
+    config = json.loads((root / "a" / "adapter_config.json").read_text())
+    (root / "dora" / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
     (root / "corrupt").mkdir()
     shutil.copy(root / "a" / "adapter_config.json", root / "corrupt")
     (root / "corrupt" / "adapter_model.safetensors").write_bytes((root / "a" / "adapter_model.safetensors")
@@ -171,11 +176,13 @@ def test_chat_streams_server_sent_events(client):
         lines = [line for line in response.iter_lines() if line]
     assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
     chunks = [json.loads(line[6:]) for line in lines[:-1]]
-    assert len(chunks) >= 3, "the text must arrive in pieces"
-    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert len(chunks) >= 4, "the text must arrive in pieces"
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == whole
-    assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "length"
+    # OpenAI's last chunk: an empty delta with the finish reason; none before it has one
+    assert chunks[-1]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
 
 
 def test_completion_stream_with_usage(client):
@@ -186,6 +193,7 @@ def test_completion_stream_with_usage(client):
         chunks = [json.loads(line[6:]) for line in response.iter_lines() if line and line != "data: [DONE]"]
     assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == whole
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 8
+    assert all(c["usage"] is None for c in chunks[:-1])
 
 
 def test_seeded_sampling_repeats_alone_and_in_a_batch(client):
@@ -262,12 +270,17 @@ def test_least_recently_used_adapter_is_evicted_and_reloaded(client, reference, 
     ("/v1/completions", {"model": "a", "prompt": "hi", "top_p": 0}, 400),
     ("/v1/completions", {"model": "a", "prompt": "hi", "n": 2}, 400),
     ("/v1/completions", {"model": "a", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400),
+    ("/v1/completions", {"model": "a", "prompt": "hi", "seed": 2**70, "max_tokens": 2}, 200),  # any int seeds
+    ("/v1/completions", {"model": "a", "prompt": "hi", "temperature": 1e-40, "max_tokens": 2}, 200),  # greedy
     ("/v1/chat/completions", {"model": "a", "messages": []}, 400),
     ("/v1/chat/completions", {"model": "a", "messages": [{"role": "robot", "content": "hi"}]}, 400),
     ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/etc"}, 403),  # outside the root
     ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "a/../../x"}, 403),
     ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "corrupt"}, 400),
     ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "missing"}, 400),
+    ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "bad\u0000path"}, 400),
+    ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "listconfig"}, 400),  # adapter_config.json: []
+    ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "dora"}, 400),
     ("/v1/load_lora_adapter", {"lora_name": "a", "lora_path": "b"}, 400),  # the name is taken
     ("/v1/load_lora_adapter", {"lora_name": "../x", "lora_path": "b"}, 400),
     ("/v1/load_lora_adapter", {"lora_name": "base", "lora_path": "b"}, 400),
@@ -279,7 +292,8 @@ def test_client_mistakes_get_4xx_and_the_server_keeps_serving(client, path, payl
     else:
         response = client.post(path, json=payload)
     assert response.status_code == status, response.text
-    assert response.json()["error"]["message"], "the error must say what is wrong"
+    if status != 200:
+        assert response.json()["error"]["message"], "the error must say what is wrong"
     assert complete(client, "a", PROMPTS[0], max_tokens=2)["choices"][0]["finish_reason"] == "length"
     assert "x" not in client.engine.adapters, "a failed load must register nothing"
 
@@ -293,6 +307,48 @@ def test_symlink_out_of_the_root_is_refused(client, root, tmp_path):
         assert response.status_code == 403, response.text
     finally:
         (root / "link").unlink()
+
+
+def test_symlinked_file_out_of_the_root_is_refused(client, root, tmp_path):
+    secret = tmp_path / "adapter_model.safetensors"
+    shutil.copy(root / "a" / "adapter_model.safetensors", secret)
+    (root / "sneaky").mkdir()
+    shutil.copy(root / "a" / "adapter_config.json", root / "sneaky")
+    (root / "sneaky" / "adapter_model.safetensors").symlink_to(secret)
+    response = client.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "sneaky"})
+    assert response.status_code == 403, response.text
+
+
+def test_unload_while_running_then_reload_waits_for_the_old_one(client, root):
+    engine = client.engine
+    with ThreadPoolExecutor(2) as pool:
+        assert client.post("/v1/load_lora_adapter", json={"lora_name": "d", "lora_path": "b"}).status_code == 200
+        running = pool.submit(complete, client, "d", PROMPTS[3], max_tokens=64, ignore_eos=True)
+        deadline = time.time() + 30
+        while not any(row.request.adapter == "d" for row in list(engine._rows)):
+            assert time.time() < deadline and not running.done()
+            time.sleep(0.001)
+        assert client.post("/v1/unload_lora_adapter", json={"lora_name": "d"}).status_code == 200
+        again = client.post("/v1/load_lora_adapter", json={"lora_name": "d", "lora_path": "a"})
+        assert again.status_code in (200, 409), again.text  # 409 while the old d still runs
+        assert running.result()["usage"]["completion_tokens"] == 64, "a running request finishes after unload"
+    if again.status_code == 409:
+        assert client.post("/v1/load_lora_adapter", json={"lora_name": "d", "lora_path": "a"}).status_code == 200
+    assert "d" in engine.adapters
+    assert client.post("/v1/unload_lora_adapter", json={"lora_name": "d"}).status_code == 200
+
+
+def test_a_stream_closed_early_frees_its_row(client):
+    engine = client.engine
+    cancelled = engine.stats.cancelled
+    request = {"model": "a", "prompt": PROMPTS[0], "max_tokens": 64, "temperature": 0, "ignore_eos": True,
+               "stream": True}
+    with client.stream("POST", "/v1/completions", json=request) as response:
+        next(line for line in response.iter_lines() if line.startswith("data: ") and '"text": "' in line)
+    deadline = time.time() + 30
+    while engine.stats.cancelled == cancelled:
+        assert time.time() < deadline, "the row of a closed stream must leave the batch"
+        time.sleep(0.01)
 
 
 def test_health_and_metrics(client):
@@ -356,3 +412,11 @@ def test_text_stream_holds_back_partial_stop_strings(smollm2_tokenizer):
     assert stream.stopped and "".join(pieces) == "Hello world, "
     plain = TextStream(smollm2_tokenizer, [])
     assert "".join(plain.add(t) for t in ids) + plain.flush() == "Hello world, END of story"
+    # a stop string split across tokens, and characters split across tokens (byte-level BPE)
+    text = "Grüße aus Köln 😀 and ### more"
+    ids = smollm2_tokenizer(text)["input_ids"]
+    split = TextStream(smollm2_tokenizer, ["###"])
+    pieces = [split.add(t) for t in ids]
+    assert "".join(pieces) == "Grüße aus Köln 😀 and " and "\ufffd" not in "".join(pieces)
+    whole = TextStream(smollm2_tokenizer, [])
+    assert "".join(whole.add(t) for t in ids) + whole.flush() == smollm2_tokenizer.decode(ids)

@@ -40,7 +40,7 @@ def build_engine(base: str = "default", adapters: dict[str, str | Path] | None =
         dtype: 'float32' or 'bfloat16' for the base model's weights.
         quantize: 'nf4' or 'fp4' to serve on a 4-bit base (as QLoRA adapters were trained).
         merge: Fold the one adapter into the base and serve only it, under its name: the base model's speed,
-            no runtime loading.
+            no runtime loading (with ``quantize``, the merged layers are quantized again).
         served_model_name: The base's name in requests (default: see :func:`base_name_for`).
         engine_args: ``max_adapters``, ``adapter_root``, ``max_batch_size``, ``max_tokens`` (see :class:`Engine`).
 
@@ -69,7 +69,8 @@ def build_engine(base: str = "default", adapters: dict[str, str | Path] | None =
         from ..io import from_pretrained
 
         ((name, path),) = adapters.items()
-        model = from_pretrained(model, path, name).merge_and_unload()
+        # On a 4-bit base the merged layers are rounded to 4 bits again, so the model stays as small as asked.
+        model = from_pretrained(model, path, name).merge_and_unload(**({"requantize": True} if quantize else {}))
         adapters = {}
     return Engine(model, tokenizer, base_name=name, adapters=adapters, **engine_args)
 

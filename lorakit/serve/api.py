@@ -40,9 +40,7 @@ def create_app(engine: Engine) -> Any:
     app = fastapi.FastAPI(title="lorakit serve", description="One base model, many LoRA adapters, OpenAI's API.")
 
     def error_response(status: int, message: str) -> JSONResponse:
-        kind = {400: "invalid_request_error", 403: "permission_error", 404: "not_found_error",
-                503: "service_unavailable"}.get(status, "server_error")
-        return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+        return JSONResponse({"error": error_body(status, message)}, status_code=status)
 
     @app.exception_handler(RequestError)
     async def request_error(_: Any, err: RequestError) -> JSONResponse:
@@ -70,7 +68,10 @@ def create_app(engine: Engine) -> Any:
             raise RequestError(400, "this model's tokenizer has no chat template; use /v1/completions")
         chat = [{"role": m.role, "content": m.content if isinstance(m.content, str)
                  else "".join(part.text for part in m.content)} for m in messages]
-        return prompt_ids(engine.tokenizer, chat)
+        try:
+            return prompt_ids(engine.tokenizer, chat)
+        except Exception as err:  # noqa: BLE001 - templates refuse some conversations (jinja's raise_exception)
+            raise RequestError(400, f"the chat template refused these messages: {err}") from None
 
     async def run(prompts: list[list[int]], adapter: str | None, params: SamplingParams
                   ) -> tuple[list[Request], asyncio.Queue]:
@@ -115,26 +116,33 @@ def create_app(engine: Engine) -> Any:
         completion = sum(e.completion_tokens for e in events)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    async def sse(requests: list[Request], queue: asyncio.Queue, chunk: Any, include_usage: bool
-                  ) -> AsyncIterator[str]:
-        """Server-sent events: one chunk per piece of text, a last one per choice with its finish reason."""
+    async def sse(requests: list[Request], queue: asyncio.Queue, chunk: Any, include_usage: bool,
+                  opening: list[dict[str, Any]] = ()) -> AsyncIterator[str]:
+        """Server-sent events in OpenAI's shape: ``opening`` chunks, one chunk per piece of text, then per choice a
+        chunk with its ``finish_reason`` and no text, the usage chunk if asked for, and ``[DONE]``."""
+
+        def data(payload: dict[str, Any]) -> str:
+            if include_usage and "usage" not in payload:
+                payload = {**payload, "usage": None}  # OpenAI: null on every chunk but the last
+            return f"data: {json.dumps(payload)}\n\n"
+
         finals: list[Event | None] = [None] * len(requests)
         try:
+            for payload in opening:
+                yield data(payload)
             while any(f is None for f in finals):
                 index, event = await queue.get()
                 if event.error is not None:
-                    error = {"message": event.error.message, "type": "server_error", "code": event.error.status}
-                    yield f"data: {json.dumps({'error': error})}\n\n"
+                    yield data({"error": error_body(event.error.status, event.error.message)})
                     break
-                if event.text or event.final:
-                    yield f"data: {json.dumps(chunk(index, event.text, event.finish_reason))}\n\n"
+                if event.text:
+                    yield data(chunk(index, event.text, None))
                 if event.final:
                     finals[index] = event
+                    yield data(chunk(index, None, event.finish_reason))
             else:
                 if include_usage:
-                    last = chunk(0, "", None)
-                    last.update(choices=[], usage=usage(finals))
-                    yield f"data: {json.dumps(last)}\n\n"
+                    yield data({**chunk(0, None, None), "choices": [], "usage": usage(finals)})
             yield "data: [DONE]\n\n"
         finally:
             for request in requests:
@@ -172,8 +180,8 @@ def create_app(engine: Engine) -> Any:
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": body.model}
         if body.stream:
-            def chunk(index: int, text: str, finish: str | None) -> dict[str, Any]:
-                return {**head, "choices": [{"index": index, "text": text, "logprobs": None,
+            def chunk(index: int, text: str | None, finish: str | None) -> dict[str, Any]:
+                return {**head, "choices": [{"index": index, "text": text or "", "logprobs": None,
                                              "finish_reason": finish}]}
 
             include = bool((body.stream_options or {}).get("include_usage"))
@@ -191,18 +199,15 @@ def create_app(engine: Engine) -> Any:
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk" if body.stream
                 else "chat.completion", "created": int(time.time()), "model": body.model}
         if body.stream:
-            started = set()
-
-            def chunk(index: int, text: str, finish: str | None) -> dict[str, Any]:
-                delta = {"content": text} if text or finish is None else {}
-                if index not in started:  # OpenAI's first delta of a choice carries the role
-                    started.add(index)
-                    delta = {"role": "assistant", **delta}
+            def chunk(index: int, text: str | None, finish: str | None) -> dict[str, Any]:
+                delta = {"content": text} if text is not None else {}
                 return {**head, "choices": [{"index": index, "delta": delta, "logprobs": None,
                                              "finish_reason": finish}]}
 
+            role = {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                         "logprobs": None, "finish_reason": None}]}
             include = bool((body.stream_options or {}).get("include_usage"))
-            return streaming(sse(requests, queue, chunk, include))
+            return streaming(sse(requests, queue, chunk, include, opening=[role]))
         (event,) = await collect(requests, queue)
         return {**head, "choices": [{"index": 0, "message": {"role": "assistant", "content": event.text},
                                      "logprobs": None, "finish_reason": event.finish_reason}],
@@ -223,6 +228,13 @@ def create_app(engine: Engine) -> Any:
         return PlainTextResponse(prometheus_text(engine.snapshot()), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+def error_body(status: int, message: str) -> dict[str, Any]:
+    """OpenAI's error object."""
+    kind = {400: "invalid_request_error", 403: "permission_error", 404: "not_found_error", 409: "conflict_error",
+            503: "service_unavailable"}.get(status, "server_error")
+    return {"message": message, "type": kind, "code": status}
 
 
 def prometheus_text(values: dict[str, float]) -> str:

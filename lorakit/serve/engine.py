@@ -114,17 +114,26 @@ class Engine:
         self._paths: dict[str, Path] = {}  # every registered adapter
         self._resident: collections.OrderedDict[str, None] = collections.OrderedDict()  # LRU order, oldest first
         self._retired: set[str] = set()  # unloaded while rows still used them: evicted once they finish
+        self._rooted: set[str] = set()  # loaded at runtime: their files must stay under adapter_root
         self._waiting: collections.deque[Request] = collections.deque()
         self._commands: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
         self._rows: list[_Row] = []
         self._cache: Any = None  # the running batch's KV cache
         self._mask: torch.Tensor | None = None  # (rows, cached tokens): 1 for real tokens, 0 for left padding
+        self._warned_static = False
         self._routing: tuple[tuple[str | None, ...], ExitStack] | None = None  # the mixed-batch routing now set
         self._cv = threading.Condition()
         self._closing = False
         self.stats = Stats()
-        for name, path in (adapters or {}).items():
+        for i, (name, path) in enumerate((adapters or {}).items()):
             self._register(name, Path(path).resolve())
+            try:  # a bad folder is an error now, not a 400 on the first request for it
+                if i < max_adapters:
+                    self._make_resident(name, busy=set())
+                elif not (self._paths[name] / "adapter_config.json").is_file():
+                    raise RequestError(400, f"{str(self._paths[name])!r} holds no adapter_config.json")
+            except RequestError as err:
+                raise ValueError(f"adapter {name!r}: {err.message}") from None
         self._thread = threading.Thread(target=self._loop, name="lorakit-scheduler", daemon=True)
         self._thread.start()
 
@@ -181,6 +190,8 @@ class Engine:
         """Run ``fn`` on the scheduler thread between two steps and return its result (or raise its error)."""
         future: Future = Future()
         with self._cv:
+            if self._closing:
+                raise RequestError(503, "the server is shutting down")
             self._commands.append((fn, future))
             self._cv.notify()
         return future.result(timeout)
@@ -207,7 +218,10 @@ class Engine:
         def load() -> None:
             if name in self._paths:
                 raise RequestError(400, f"an adapter named {name!r} is already loaded (from {self._paths[name]})")
-            self._register(name, folder)
+            if name in self._retired:
+                raise RequestError(409, f"the adapter {name!r} was unloaded and requests still run on it; load it "
+                                        f"again once they finish")
+            self._register(name, folder, rooted=True)
             try:
                 if not self._make_resident(name, busy=self._busy()):
                     raise RequestError(503, f"all {self.max_adapters} adapter slots are in use by running requests; "
@@ -245,12 +259,18 @@ class Engine:
 
     # -- adapters (scheduler thread) ---------------------------------------------------------------------
 
-    def _register(self, name: str, folder: Path) -> None:
+    def _register(self, name: str, folder: Path, rooted: bool = False) -> None:
+        """Remember an adapter's folder; ``rooted``: it came through load_adapter, so every (re)load checks that
+        its files still lie under the adapter root."""
         if name in self._paths:
             raise ValueError(f"adapter {name!r} is given twice")
         if name == self.base_name:
             raise ValueError(f"adapter name {name!r} is the base model's name; choose another")
         self._paths[name] = folder
+        if rooted:
+            self._rooted.add(name)
+        else:
+            self._rooted.discard(name)
 
     def _allowed(self, path: str | Path) -> Path:
         if self.adapter_root is None:
@@ -258,10 +278,24 @@ class Engine:
         given = Path(path)
         if ".." in given.parts:
             raise RequestError(403, f"lora_path {str(path)!r} contains '..'; give a folder under {self.adapter_root}")
-        folder = (given if given.is_absolute() else self.adapter_root / given).resolve()  # symlinks resolved too
+        try:
+            folder = (given if given.is_absolute() else self.adapter_root / given).resolve()  # symlinks resolved too
+        except (ValueError, OSError, RuntimeError) as err:  # NUL bytes, symlink loops
+            raise RequestError(400, f"lora_path {str(path)!r} is not a usable path: {err}") from None
         if not folder.is_relative_to(self.adapter_root):
             raise RequestError(403, f"lora_path {str(path)!r} is outside the adapter root {str(self.adapter_root)!r}")
         return folder
+
+    def _check_files_inside_root(self, name: str, folder: Path) -> None:
+        """Each file of a runtime-loaded adapter must resolve inside the root too (a symlinked file must not
+        lead out of it); checked again at every reload."""
+        try:
+            files = [p.resolve() for p in folder.iterdir()] if folder.is_dir() else []
+        except (OSError, RuntimeError) as err:
+            raise RequestError(400, f"the adapter {name!r} at {str(folder)!r} cannot be read: {err}") from None
+        outside = [str(p) for p in files if not p.is_relative_to(self.adapter_root)]
+        if outside:
+            raise RequestError(403, f"the adapter {name!r} has files that lead outside the adapter root: {outside}")
 
     def _busy(self) -> set[str]:
         return {row.request.adapter for row in self._rows if row.request.adapter is not None}
@@ -283,15 +317,19 @@ class Engine:
         return True
 
     def _load_into_model(self, name: str, folder: Path) -> None:
-        from ..io import from_pretrained
+        from ..io import from_pretrained, read_adapter_config
 
+        if name in self._rooted:
+            self._check_files_inside_root(name, folder)
         self._close_routing()
         try:
+            if read_adapter_config(folder).get("use_dora"):
+                raise ValueError("DoRA adapters cannot share a batch with other adapters; serve it alone with --merge")
             if self.lora is None:
                 self.lora = from_pretrained(self.base, folder, name)
             else:
                 self.lora.load_adapter(folder, name)
-        except (ValueError, FileNotFoundError, OSError, KeyError) as err:
+        except Exception as err:  # noqa: BLE001 - whatever is wrong with the files, the client gets 400
             raise RequestError(400, f"the adapter {name!r} at {str(folder)!r} could not be loaded: {err}") from None
 
     def _evict(self, name: str) -> None:
@@ -335,17 +373,28 @@ class Engine:
                     logger.error("generation failed:\n%s", traceback.format_exc())
                     self._close_routing()
                     self._fail_running(RequestError(500, "internal error during generation (see the server log)"))
+        closing = RequestError(503, "the server is shutting down")
         self._close_routing()
-        self._fail_running(RequestError(503, "the server is shutting down"))
+        self._fail_running(closing)
         with self._cv:
             waiting, self._waiting = list(self._waiting), collections.deque()
+            commands = list(self._commands)
+            self._commands.clear()
         for request in waiting:
-            request.emit(Event(error=RequestError(503, "the server is shutting down")))
+            request.emit(Event(error=closing))
+        for _, future in commands:
+            future.set_exception(closing)
 
     def _admit(self) -> None:
         """Prefill the waiting requests that fit (batch size, adapter slots) and join them to the running batch."""
         space = self.max_batch_size - len(self._rows)
-        if space <= 0 or (self._rows and not _joinable(self._cache)):
+        if space <= 0:
+            return
+        if self._rows and not _joinable(self._cache):
+            if not self._warned_static:
+                logger.warning("this model's KV cache (%s) cannot be joined: new requests wait for the running "
+                               "batch to finish", type(self._cache).__name__)
+                self._warned_static = True
             return
         with self._cv:
             waiting, self._waiting = list(self._waiting), collections.deque()
@@ -373,8 +422,15 @@ class Engine:
             chosen.append(request)
         with self._cv:
             self._waiting.extendleft(reversed(later))
-        if chosen:
+        if not chosen:
+            return
+        try:
             self._prefill(chosen)
+        except Exception:  # noqa: BLE001 - fail these requests, keep the running ones
+            logger.error("prefill failed:\n%s", traceback.format_exc())
+            self._close_routing()
+            for request in chosen:
+                self._finish_error(request, RequestError(500, "internal error during prefill (see the server log)"))
 
     def _prefill(self, requests: list[Request]) -> None:
         device = self._device()
@@ -467,7 +523,12 @@ class Engine:
             if request.cancelled:
                 self.stats.cancelled += 1
                 continue
-            token = next_token(logits[i], request.params, row.generator)
+            try:
+                token = next_token(logits[i], request.params, row.generator)
+            except Exception as err:  # noqa: BLE001 - one row's problem ends that row only
+                logger.error("sampling failed: %s", err)
+                self._finish_error(request, RequestError(500, f"sampling failed: {err}"))
+                continue
             row.generated += 1
             self.stats.count_token()
             finish = None

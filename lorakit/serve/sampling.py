@@ -55,16 +55,21 @@ class SamplingParams:
             raise RequestError(400, f"stop={self.stop!r}: give at most 4 non-empty strings")
 
     def generator(self) -> torch.Generator:
-        """This request's random generator (CPU: the same draws on every device)."""
-        seed = self.seed if self.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        """This request's random generator (CPU: the same draws on every device). Any integer seeds it."""
+        seed = self.seed % 2**64 if self.seed is not None else int.from_bytes(os.urandom(8), "little")
         return torch.Generator().manual_seed(seed)
+
+
+GREEDY_BELOW = 1e-5  # temperatures this small are greedy (dividing by them overflows)
 
 
 def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """Pick the next token of one row from its ``(vocab,)`` logits."""
-    if params.temperature == 0.0:
+    if params.temperature < GREEDY_BELOW:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float().cpu() / params.temperature, dim=-1)  # (vocab,)
+    probs = torch.softmax(logits.double().cpu() / params.temperature, dim=-1)  # (vocab,)
+    if not torch.isfinite(probs).all():  # logits with inf/NaN in them: no distribution to sample from
+        return int(logits.nan_to_num(nan=float("-inf")).argmax())
     if params.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
@@ -76,42 +81,57 @@ def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
 
 class TextStream:
     """Token ids in, text out: decodes incrementally, holds back what might still become a stop string or is
-    half a UTF-8 character, and cuts the text at the first stop string."""
+    half a UTF-8 character, and cuts the text at the first stop string.
+
+    Only the last few tokens are decoded at each step (vLLM's scheme: the text of ``ids[prefix:]`` minus that of
+    ``ids[prefix:read]``), so a long answer costs linear, not quadratic, time; decoding a window that starts
+    inside the answer, not at its start, keeps the spaces that tokenizers attach to the next word.
+    """
 
     def __init__(self, tokenizer: Any, stop: list[str]) -> None:
         self.tokenizer = tokenizer
         self.stop = stop
         self.ids: list[int] = []
-        self.text = ""
+        self.text = ""  # the complete characters decoded so far
         self.sent = 0  # characters of self.text already handed out
         self.stopped = False
+        self._prefix = self._read = 0  # the decoding window: ids[_prefix:_read] is already in self.text
 
     def add(self, token: int) -> str:
-        """Append a token; return the new text that is safe to send now (may be empty)."""
+        """Append a token; return the new text that is safe to send now (may be empty; always, once stopped)."""
+        if self.stopped:
+            return ""
         self.ids.append(token)
-        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        self.text += self._decode_new()
         search_from = max(0, self.sent - max((len(s) for s in self.stop), default=0))
         hits = [i for i in (self.text.find(s, search_from) for s in self.stop) if i >= 0]
         if hits:
             self.text = self.text[:min(hits)]
             self.stopped = True
             return self.flush()
-        safe = len(self.text)
-        if self.text.endswith("\ufffd"):  # a character split across tokens: wait for the rest
-            safe -= 1
-        safe = min(safe, len(self.text) - self._partial_stop())
-        safe = max(safe, self.sent)
+        safe = max(len(self.text) - self._partial_stop(), self.sent)
         piece, self.sent = self.text[self.sent:safe], safe
         return piece
+
+    def _decode_new(self, final: bool = False) -> str:
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        before = decode(self.ids[self._prefix:self._read])
+        now = decode(self.ids[self._prefix:])
+        if len(now) <= len(before) or (now.endswith("\ufffd") and not final):  # half a character: wait for more
+            return ""
+        self._prefix, self._read = self._read, len(self.ids)
+        return now[len(before):]
 
     def _partial_stop(self) -> int:
         """Length of the longest end of the text that begins a stop string (it may still complete it)."""
         for k in range(max((len(s) - 1 for s in self.stop), default=0), 0, -1):
-            if any(s.startswith(self.text[-k:]) for s in self.stop if len(s) > k) and len(self.text) >= k:
+            if len(self.text) >= k and any(s.startswith(self.text[-k:]) for s in self.stop if len(s) > k):
                 return k
         return 0
 
     def flush(self) -> str:
-        """The text not sent yet (at the end of generation)."""
+        """The text not sent yet, at the end of generation (a last half character included, as ``decode`` does)."""
+        if not self.stopped:
+            self.text += self._decode_new(final=True)
         piece, self.sent = self.text[self.sent:], len(self.text)
         return piece
