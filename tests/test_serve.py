@@ -245,12 +245,12 @@ def test_least_recently_used_adapter_is_evicted_and_reloaded(client, reference, 
     engine = client.engine  # max_adapters=2
     assert client.post("/v1/load_lora_adapter", json={"lora_name": "c2", "lora_path": "c"}).status_code == 200
     try:
-        loads = engine.stats.adapter_loads
+        loads = engine.slots.loads
         for name, adapter in [("a", "a"), ("b", "b"), ("c2", "a"), ("a", "a")]:
             text = complete(client, name, PROMPTS[2], max_tokens=6)["choices"][0]["text"]
             assert text == greedy(reference, smollm2_tokenizer, PROMPTS[2], adapter, 6)
             assert len(engine.resident) <= 2 and engine.resident[-1] == name
-        assert engine.stats.adapter_loads > loads, "three adapters in two slots must reload"
+        assert engine.slots.loads > loads, "three adapters in two slots must reload"
     finally:
         client.post("/v1/unload_lora_adapter", json={"lora_name": "c2"})
 

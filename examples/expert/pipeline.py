@@ -30,7 +30,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from client import chat, models, stream_chat  # noqa: E402
+from client import chat, models, stream_chat
 
 ORDER = "Hi, this is Priya. Could I get three large cappuccinos on Saturday?"
 INSTRUCTION = "Give three tips for staying focused while studying."
@@ -150,8 +150,8 @@ def serve_step(out: Path) -> dict:
         server.wait(timeout=60)
     expected = {"orders": generate(ORDER, adapter=out / "orders", max_new_tokens=48),
                 "alpaca": generate(INSTRUCTION, adapter=out / "alpaca", max_new_tokens=48)}
-    for name in answers:
-        print(f"   {name}: {answers[name]!r}\n   {'':<{len(name)}}  lorakit generate: {expected[name]!r}", flush=True)
+    for name, answer in answers.items():
+        print(f"   {name}: {answer!r}\n   {'':<{len(name)}}  lorakit generate: {expected[name]!r}", flush=True)
     mixed = next(line.split()[1] for line in metrics.splitlines()
                  if line.startswith("lorakit_mixed_adapter_forward_passes_total"))
     return {"models": served, "answers": answers, "expected": expected, "concurrent": concurrent,

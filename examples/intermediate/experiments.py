@@ -142,14 +142,15 @@ def markdown(results: dict) -> str:
     lines += [f"| {row['targets']} | {row['trainable_params']:,d} | {100 * row['accuracy']:.1f}% | "
               f"{row['train_seconds']:.0f} |" for row in results["targets"]]
     tasks = list(results["switching"])
-    lines += ["", "## Three adapters on one base (accuracy of each adapter on each task)", "",
-              "| adapter \\ task | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    header = "| adapter \\ task | " + " | ".join(tasks) + " |"
+    lines += ["", "## Three adapters on one base (accuracy of each adapter on each task)", "", header,
+              "|---|" + "---|" * len(tasks)]
     lines += [f"| {a} | " + " | ".join(f"{100 * results['switching'][a][t]:.1f}%" for t in tasks) + " |"
               for a in tasks]
     merge = results["merge"]
-    lines += ["", "## Merging the SST-2 adapter into the base", "",
-              f"max |logit difference| merged vs unmerged: {merge['max_abs_diff']:.1e}; identical predictions: "
-              f"{merge['same_predictions']}"]
+    summary = (f"max |logit difference| merged vs unmerged: {merge['max_abs_diff']:.1e}; identical predictions: "
+               f"{merge['same_predictions']}")
+    lines += ["", "## Merging the SST-2 adapter into the base", "", summary]
     return "\n".join(lines) + "\n"
 
 

@@ -30,7 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from ..layers import BASE_ROW
+from .kv_cache import concat_caches, joinable, left_pad_cache, new_cache, slice_cache
 from .sampling import RequestError, SamplingParams, TextStream, next_token
+from .slots import AdapterSlots
 
 logger = logging.getLogger("lorakit.serve")
 
@@ -95,26 +97,18 @@ class Engine:
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, base_name: str | None = "base",
                  adapters: dict[str, str | Path] | None = None, max_adapters: int = 8,
                  adapter_root: str | Path | None = None, max_batch_size: int = 32, max_tokens: int = 1024) -> None:
-        if max_adapters < 1:
-            raise ValueError(f"max_adapters must be at least 1, got {max_adapters}")
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
-        self.base = model.eval()
-        self.lora = None  # the LoraModel around self.base once an adapter is resident
+        self.model = model.eval()  # LoRA layers are injected into it in place: it is always the model to call
         self.tokenizer = tokenizer
         self.base_name = base_name
-        self.max_adapters = max_adapters
-        self.adapter_root = Path(adapter_root).resolve() if adapter_root is not None else None
         self.max_batch_size = max_batch_size
         self.max_tokens = max_tokens
         self.context_length = _context_length(model, tokenizer)
         self.eos_ids = _eos_ids(model, tokenizer)
         self._takes_logits_to_keep = _accepts(model, "logits_to_keep")
         self._cache_argument = "cache" if _accepts(model, "cache") else "past_key_values"  # renamed in transformers 5
-        self._paths: dict[str, Path] = {}  # every registered adapter
-        self._resident: collections.OrderedDict[str, None] = collections.OrderedDict()  # LRU order, oldest first
-        self._retired: set[str] = set()  # unloaded while rows still used them: evicted once they finish
-        self._rooted: set[str] = set()  # loaded at runtime: their files must stay under adapter_root
+        self.slots = AdapterSlots(model, max_adapters, adapter_root, before_change=self._close_routing)
         self._waiting: collections.deque[Request] = collections.deque()
         self._commands: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
         self._rows: list[_Row] = []
@@ -126,12 +120,14 @@ class Engine:
         self._closing = False
         self.stats = Stats()
         for i, (name, path) in enumerate((adapters or {}).items()):
-            self._register(name, Path(path).resolve())
+            if name == base_name:
+                raise ValueError(f"adapter name {name!r} is the base model's name; choose another")
+            self.slots.register(name, Path(path).resolve())
             try:  # a bad folder is an error now, not a 400 on the first request for it
                 if i < max_adapters:
-                    self._make_resident(name, busy=set())
-                elif not (self._paths[name] / "adapter_config.json").is_file():
-                    raise RequestError(400, f"{str(self._paths[name])!r} holds no adapter_config.json")
+                    self.slots.place(name, busy=set())
+                elif not (self.slots.paths[name] / "adapter_config.json").is_file():
+                    raise RequestError(400, f"{str(self.slots.paths[name])!r} holds no adapter_config.json")
             except RequestError as err:
                 raise ValueError(f"adapter {name!r}: {err.message}") from None
         self._thread = threading.Thread(target=self._loop, name="lorakit-scheduler", daemon=True)
@@ -142,12 +138,12 @@ class Engine:
     @property
     def adapters(self) -> dict[str, Path]:
         """Every registered adapter (resident or not), name -> folder."""
-        return dict(self._paths)
+        return dict(self.slots.paths)
 
     @property
     def resident(self) -> list[str]:
         """The adapters now in the model, least recently used first."""
-        return list(self._resident)
+        return self.slots.resident
 
     def resolve(self, model: str) -> str | None:
         """The adapter a request's ``model`` field names (None: the base).
@@ -155,11 +151,11 @@ class Engine:
         Raises:
             RequestError: 404 when nothing of that name is served.
         """
-        if model in self._paths:
+        if model in self.slots.paths:
             return model
         if self.base_name is not None and model == self.base_name:
             return None
-        served = ([self.base_name] if self.base_name is not None else []) + sorted(self._paths)
+        served = ([self.base_name] if self.base_name is not None else []) + sorted(self.slots.paths)
         raise RequestError(404, f"the model {model!r} does not exist; this server has {served}")
 
     def submit(self, request: Request) -> None:
@@ -170,8 +166,8 @@ class Engine:
                 adapter that is not registered.
         """
         request.params.validate(self.max_tokens)
-        if request.adapter is not None and request.adapter not in self._paths:
-            raise RequestError(404, f"no adapter named {request.adapter!r}; adapters: {sorted(self._paths)}")
+        if request.adapter is not None and request.adapter not in self.slots.paths:
+            raise RequestError(404, f"no adapter named {request.adapter!r}; adapters: {sorted(self.slots.paths)}")
         if not request.prompt_ids:
             raise RequestError(400, "the prompt is empty")
         total = len(request.prompt_ids) + request.params.max_tokens
@@ -213,21 +209,22 @@ class Engine:
             raise RequestError(400, str(err)) from None
         if name == self.base_name:
             raise RequestError(400, f"{name!r} is the base model's name; choose another adapter name")
-        folder = self._allowed(path)
+        folder = self.slots.allowed(path)
 
         def load() -> None:
-            if name in self._paths:
-                raise RequestError(400, f"an adapter named {name!r} is already loaded (from {self._paths[name]})")
-            if name in self._retired:
+            slots = self.slots
+            if name in slots.paths:
+                raise RequestError(400, f"an adapter named {name!r} is already loaded (from {slots.paths[name]})")
+            if name in slots.retired:
                 raise RequestError(409, f"the adapter {name!r} was unloaded and requests still run on it; load it "
                                         f"again once they finish")
-            self._register(name, folder, rooted=True)
+            slots.register(name, folder, rooted=True)
             try:
-                if not self._make_resident(name, busy=self._busy()):
-                    raise RequestError(503, f"all {self.max_adapters} adapter slots are in use by running requests; "
+                if not slots.place(name, busy=self._busy()):
+                    raise RequestError(503, f"all {slots.capacity} adapter slots are in use by running requests; "
                                             f"try again shortly")
             except BaseException:
-                del self._paths[name]
+                del slots.paths[name]
                 raise
 
         self.call(load)
@@ -241,12 +238,9 @@ class Engine:
         """
 
         def unload() -> None:
-            if name not in self._paths:
-                raise RequestError(404, f"no adapter named {name!r}; adapters: {sorted(self._paths)}")
-            del self._paths[name]
-            if name in self._resident:
-                self._retired.add(name)
-                self._evict_retired()
+            if name not in self.slots.paths:
+                raise RequestError(404, f"no adapter named {name!r}; adapters: {sorted(self.slots.paths)}")
+            self.slots.unregister(name, self._busy())
 
         self.call(unload)
 
@@ -257,94 +251,8 @@ class Engine:
             self._cv.notify()
         self._thread.join(timeout=30)
 
-    # -- adapters (scheduler thread) ---------------------------------------------------------------------
-
-    def _register(self, name: str, folder: Path, rooted: bool = False) -> None:
-        """Remember an adapter's folder; ``rooted``: it came through load_adapter, so every (re)load checks that
-        its files still lie under the adapter root."""
-        if name in self._paths:
-            raise ValueError(f"adapter {name!r} is given twice")
-        if name == self.base_name:
-            raise ValueError(f"adapter name {name!r} is the base model's name; choose another")
-        self._paths[name] = folder
-        if rooted:
-            self._rooted.add(name)
-        else:
-            self._rooted.discard(name)
-
-    def _allowed(self, path: str | Path) -> Path:
-        if self.adapter_root is None:
-            raise RequestError(403, "loading adapters at runtime is off: start the server with --adapter-root DIR")
-        given = Path(path)
-        if ".." in given.parts:
-            raise RequestError(403, f"lora_path {str(path)!r} contains '..'; give a folder under {self.adapter_root}")
-        try:
-            folder = (given if given.is_absolute() else self.adapter_root / given).resolve()  # symlinks resolved too
-        except (ValueError, OSError, RuntimeError) as err:  # NUL bytes, symlink loops
-            raise RequestError(400, f"lora_path {str(path)!r} is not a usable path: {err}") from None
-        if not folder.is_relative_to(self.adapter_root):
-            raise RequestError(403, f"lora_path {str(path)!r} is outside the adapter root {str(self.adapter_root)!r}")
-        return folder
-
-    def _check_files_inside_root(self, name: str, folder: Path) -> None:
-        """Each file of a runtime-loaded adapter must resolve inside the root too (a symlinked file must not
-        lead out of it); checked again at every reload."""
-        try:
-            files = [p.resolve() for p in folder.iterdir()] if folder.is_dir() else []
-        except (OSError, RuntimeError) as err:
-            raise RequestError(400, f"the adapter {name!r} at {str(folder)!r} cannot be read: {err}") from None
-        outside = [str(p) for p in files if not p.is_relative_to(self.adapter_root)]
-        if outside:
-            raise RequestError(403, f"the adapter {name!r} has files that lead outside the adapter root: {outside}")
-
     def _busy(self) -> set[str]:
         return {row.request.adapter for row in self._rows if row.request.adapter is not None}
-
-    def _make_resident(self, name: str, busy: set[str]) -> bool:
-        """Load ``name`` if it is not in the model, evicting the least recently used idle adapter when all slots
-        are taken. False when every slot is busy."""
-        if name in self._resident:
-            self._resident.move_to_end(name)
-            return True
-        while len(self._resident) >= self.max_adapters:
-            idle = next((n for n in self._resident if n not in busy), None)
-            if idle is None:
-                return False
-            self._evict(idle)
-        self._load_into_model(name, self._paths[name])
-        self._resident[name] = None
-        self.stats.adapter_loads += 1
-        return True
-
-    def _load_into_model(self, name: str, folder: Path) -> None:
-        from ..io import from_pretrained, read_adapter_config
-
-        if name in self._rooted:
-            self._check_files_inside_root(name, folder)
-        self._close_routing()
-        try:
-            if read_adapter_config(folder).get("use_dora"):
-                raise ValueError("DoRA adapters cannot share a batch with other adapters; serve it alone with --merge")
-            if self.lora is None:
-                self.lora = from_pretrained(self.base, folder, name)
-            else:
-                self.lora.load_adapter(folder, name)
-        except Exception as err:  # noqa: BLE001 - whatever is wrong with the files, the client gets 400
-            raise RequestError(400, f"the adapter {name!r} at {str(folder)!r} could not be loaded: {err}") from None
-
-    def _evict(self, name: str) -> None:
-        self._close_routing()
-        if len(self.lora.peft_config) == 1:  # the last adapter: back to the plain model
-            self.base = self.lora.unload()
-            self.lora = None
-        else:
-            self.lora.delete_adapter(name)
-        del self._resident[name]
-        self._retired.discard(name)
-
-    def _evict_retired(self) -> None:
-        for name in list(self._retired - self._busy()):
-            self._evict(name)
 
     # -- the scheduler -----------------------------------------------------------------------------------
 
@@ -390,7 +298,7 @@ class Engine:
         space = self.max_batch_size - len(self._rows)
         if space <= 0:
             return
-        if self._rows and not _joinable(self._cache):
+        if self._rows and not joinable(self._cache):
             if not self._warned_static:
                 logger.warning("this model's KV cache (%s) cannot be joined: new requests wait for the running "
                                "batch to finish", type(self._cache).__name__)
@@ -409,9 +317,9 @@ class Engine:
                 continue
             name = request.adapter
             try:
-                if name is not None and name not in self._paths:
+                if name is not None and name not in self.slots.paths:
                     raise RequestError(404, f"the adapter {name!r} was unloaded")
-                if name is not None and not self._make_resident(name, busy):
+                if name is not None and not self.slots.place(name, busy):
                     later.append(request)  # its adapter waits for a free slot
                     continue
             except RequestError as err:
@@ -441,7 +349,7 @@ class Engine:
             ids[i, width - len(request.prompt_ids):] = torch.tensor(request.prompt_ids)
             mask[i, width - len(request.prompt_ids):] = 1
         positions = (mask.cumsum(1) - 1).clamp(min=0)  # (new rows, width): left padding does not shift positions
-        cache = _new_cache(self.base)
+        cache = new_cache(self.model)
         logits = self._forward([r.adapter for r in requests], ids.to(device), mask.to(device),
                                positions.to(device), cache)
         rows = [_Row(r, TextStream(self.tokenizer, r.params.stop), r.params.generator(), position=len(r.prompt_ids))
@@ -457,7 +365,7 @@ class Engine:
             self._rows, self._cache, self._mask = rows, cache, mask
             return
         width = max(self._mask.shape[1], mask.shape[1])
-        self._cache = _concat_caches(_left_pad_cache(self._cache, width), _left_pad_cache(cache, width))
+        self._cache = concat_caches(left_pad_cache(self._cache, width), left_pad_cache(cache, width))
         self._mask = torch.cat([F.pad(self._mask, (width - self._mask.shape[1], 0)),
                                 F.pad(mask, (width - mask.shape[1], 0))])
         self._rows += rows
@@ -481,7 +389,7 @@ class Engine:
         kwargs: dict[str, Any] = {"logits_to_keep": 1} if self._takes_logits_to_keep else {}
         kwargs[self._cache_argument] = cache
         with self._adapters(adapters):
-            out = self.base(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
         self.stats.count_step(len(set(adapters)), len(adapters))
         return out.logits[:, -1, :].float()
 
@@ -492,21 +400,22 @@ class Engine:
         stays set from one step to the next while the rows keep their adapters, since setting it walks every
         layer. Rows that all use one adapter take the plain forward with that adapter active.
         """
-        if self.lora is None:
+        lora = self.slots.lora
+        if lora is None:
             return nullcontext()
         key = tuple(adapters)
         if len(set(key)) > 1:
             if self._routing is None or self._routing[0] != key:
                 self._close_routing()
                 stack = ExitStack()
-                stack.enter_context(self.lora._mixed_batch([BASE_ROW if a is None else a for a in key]))
+                stack.enter_context(lora._mixed_batch([BASE_ROW if a is None else a for a in key]))
                 self._routing = (key, stack)
             return nullcontext()
         self._close_routing()
         if key[0] is None:
-            return self.lora.disable_adapter()
-        if self.lora.active_adapters != [key[0]]:
-            self.lora.set_adapter(key[0])
+            return lora.disable_adapter()
+        if lora.active_adapters != [key[0]]:
+            lora.set_adapter(key[0])
         return nullcontext()
 
     def _close_routing(self) -> None:
@@ -555,31 +464,30 @@ class Engine:
         self._rows = [self._rows[i] for i in keep]
         if not self._rows:
             self._cache = self._mask = None
-            self._evict_retired()
+            self.slots.evict_retired(self._busy())
             return
         index = torch.tensor(keep, device=self._mask.device)
         self._cache.batch_select_indices(index)
         self._mask = self._mask[index]
         first = int(self._mask.any(0).nonzero()[0])  # columns that are padding in every row can go
-        if first > 0 and _joinable(self._cache):
-            self._cache = _slice_cache(self._cache, first)
+        if first > 0 and joinable(self._cache):
+            self._cache = slice_cache(self._cache, first)
             self._mask = self._mask[:, first:]
-        self._evict_retired()
+        self.slots.evict_retired(self._busy())
 
     def _fail_running(self, error: RequestError) -> None:
         self._close_routing()
         for row in self._rows:
             self._finish_error(row.request, error)
         self._rows, self._cache, self._mask = [], None, None
-        if self.lora is not None:
-            self._evict_retired()
+        self.slots.evict_retired(self._busy())
 
     def _finish_error(self, request: Request, error: RequestError) -> None:
         self.stats.failed += 1
         request.emit(Event(error=error))
 
     def _device(self) -> torch.device:
-        return next(self.base.parameters()).device
+        return next(self.model.parameters()).device
 
     def _pad_id(self) -> int:
         pad = self.tokenizer.pad_token_id
@@ -590,7 +498,8 @@ class Engine:
     def snapshot(self) -> dict[str, float]:
         """Counters and gauges for ``/metrics``."""
         return {**self.stats.as_dict(), "queue_depth": len(self._waiting), "running": len(self._rows),
-                "adapters_resident": len(self._resident), "adapters_registered": len(self._paths)}
+                "adapters_resident": len(self.slots.resident), "adapters_registered": len(self.slots.paths),
+                "adapter_loads_total": self.slots.loads}
 
 
 class Stats:
@@ -599,7 +508,7 @@ class Stats:
     def __init__(self, window: float = 10.0) -> None:
         self.started = time.time()
         self.window = window
-        self.requests = self.finished = self.failed = self.cancelled = self.adapter_loads = 0
+        self.requests = self.finished = self.failed = self.cancelled = 0
         self.prompt_tokens = self.generated_tokens = 0
         self.forwards = self.mixed_forwards = self.largest_batch = 0
         self._recent: collections.deque[float] = collections.deque()
@@ -625,47 +534,8 @@ class Stats:
                 "requests_failed_total": self.failed, "requests_cancelled_total": self.cancelled,
                 "prompt_tokens_total": self.prompt_tokens, "generation_tokens_total": self.generated_tokens,
                 "generation_tokens_per_second": round(self.tokens_per_second(), 2),
-                "adapter_loads_total": self.adapter_loads, "forward_passes_total": self.forwards,
+                "forward_passes_total": self.forwards,
                 "mixed_adapter_forward_passes_total": self.mixed_forwards, "largest_batch": self.largest_batch, "uptime_seconds": round(time.time() - self.started, 1)}
-
-
-# -- the KV cache: joining and trimming batches -------------------------------------------------------------
-
-def _new_cache(model: torch.nn.Module) -> Any:
-    from transformers import DynamicCache
-
-    return DynamicCache(config=model.config)
-
-
-def _joinable(cache: Any) -> bool:
-    """Whether this cache's tensors can be padded and concatenated (plain full-attention layers)."""
-    from transformers.cache_utils import DynamicLayer
-
-    layers = getattr(cache, "layers", None)
-    return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
-
-
-def _rebuilt(cache: Any, transform: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    from transformers import DynamicCache
-
-    return DynamicCache([(transform(layer.keys), transform(layer.values)) for layer in cache.layers])
-
-
-def _left_pad_cache(cache: Any, width: int) -> Any:
-    """The cache with zero keys/values on the left up to ``width`` tokens (masked out by the attention mask)."""
-    pad = width - cache.get_seq_length()
-    return cache if pad == 0 else _rebuilt(cache, lambda t: F.pad(t, (0, 0, pad, 0)))  # (batch, heads, width, dim)
-
-
-def _concat_caches(first: Any, second: Any) -> Any:
-    from transformers import DynamicCache
-
-    return DynamicCache([(torch.cat([a.keys, b.keys]), torch.cat([a.values, b.values]))
-                         for a, b in zip(first.layers, second.layers)])
-
-
-def _slice_cache(cache: Any, start: int) -> Any:
-    return _rebuilt(cache, lambda t: t[:, :, start:].contiguous())
 
 
 # -- facts about the model ----------------------------------------------------------------------------------

@@ -114,9 +114,8 @@ class TextStream:
         return piece
 
     def _decode_new(self, final: bool = False) -> str:
-        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-        before = decode(self.ids[self._prefix:self._read])
-        now = decode(self.ids[self._prefix:])
+        before = self.tokenizer.decode(self.ids[self._prefix:self._read], skip_special_tokens=True)
+        now = self.tokenizer.decode(self.ids[self._prefix:], skip_special_tokens=True)
         if len(now) <= len(before) or (now.endswith("\ufffd") and not final):  # half a character: wait for more
             return ""
         self._prefix, self._read = self._read, len(self.ids)
