@@ -129,6 +129,8 @@ def main() -> int:
     same = bool((reloaded_logits.argmax(-1) == logits.argmax(-1)).all())
     max_diff = (reloaded_logits - logits).abs().max().item()
     print(f"reloaded on a fresh base: same predictions: {same} (max |logit diff| {max_diff:.1e})")
+    if not same:
+        raise SystemExit("the reloaded adapter predicts differently: the saved files do not hold what was trained")
 
     results = {"trainable_params": trainable, "all_params": total, "accuracy_before": before,
                "accuracy_after": after, "lora_seconds": lora_seconds, "adapter_bytes": size,

@@ -57,7 +57,7 @@ def stream_chat(url: str, model: str, messages: list[dict[str, str]], max_tokens
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("message", help="the user message")
+    parser.add_argument("message", nargs="?", help="the user message (needed with --model)")
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--model", default=None, help="an adapter's name, or the base's (default: list them)")
     parser.add_argument("--system", default=None, help="a system message")
@@ -67,6 +67,8 @@ def main() -> int:
     if args.model is None:
         print("models:", ", ".join(models(args.url)))
         return 0
+    if args.message is None:
+        parser.error("give the user message to send to --model")
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
         [{"role": "user", "content": args.message}]
     if args.stream:
