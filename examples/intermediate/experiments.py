@@ -123,6 +123,7 @@ def plot(results: dict, path: Path) -> None:
             ax.annotate(label, (row["trainable_params"], 100 * row["accuracy"]), textcoords="offset points",
                         xytext=(4, 4), fontsize=8)
         ax.set_xscale("log")
+        ax.margins(x=0.2, y=0.15)  # room for the labels of the outermost points
         ax.set_xlabel("trainable parameters (log)")
         ax.set_ylabel("SST-2 dev accuracy (%)")
         ax.set_title(title)
