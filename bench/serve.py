@@ -53,8 +53,8 @@ def make_adapters(folder: Path, n: int) -> dict[str, Path]:
         with torch.no_grad():
             for _, layer in lora.lora_layers():
                 layer.adapters[name].lora_B.normal_(0, 0.01)
-        lora.save_pretrained(folder / name, adapter_names=[name])
-        paths[name] = folder / name / name if (folder / name / name).is_dir() else folder / name
+        lora.save_pretrained(folder, adapter_names=[name])  # an adapter not named "default" goes to folder/name
+        paths[name] = folder / name
     return paths
 
 

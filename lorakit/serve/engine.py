@@ -6,9 +6,9 @@ decoding step for every running row. Rows that use different adapters share that
 forward (``LoraModel._mixed_batch``: each row gathers its own A and B); when every row uses one adapter, the plain
 forward with that adapter active is used instead. Finished rows leave the batch at once.
 
-At most ``max_adapters`` adapters are resident in the model; the least recently used one that no running row
-needs is evicted, and reloaded from its folder when a request asks for it again. Adapters are loaded and
-unloaded by the scheduler thread between steps (:meth:`Engine.call`), so nothing changes under a running forward.
+Which adapters are in the model is :class:`~lorakit.serve.slots.AdapterSlots`' business (LRU, reload on demand).
+Adapters are loaded and unloaded by the scheduler thread between steps (:meth:`Engine.call`), so nothing changes
+under a running forward.
 """
 
 from __future__ import annotations
@@ -18,11 +18,10 @@ import logging
 import threading
 import time
 import traceback
-import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from contextlib import ExitStack, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +63,6 @@ class Request:
     adapter: str | None
     params: SamplingParams
     emit: Callable[[Event], None]
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
     cancelled: bool = False  # set by the owner (a client went away): the row leaves the batch at the next step
 
 
