@@ -36,25 +36,26 @@ TARGETS = ("query,value", "query,key,value,attention.output.dense", "all-linear"
 # -- the three tasks, as TSV files lorakit train reads (sentence <TAB> label) -------------------------------
 
 def write_tsv(path: Path, rows: list[tuple[str, int]]) -> Path:
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\")
-        writer.writerow(["sentence", "label"])
-        writer.writerows((text.replace("\t", " "), label) for text, label in rows)
+    """``sentence<TAB>label`` lines under a header, unquoted as lorakit reads TSV (tabs and line breaks in a text
+    become spaces)."""
+    lines = ["sentence\tlabel"] + [f"{' '.join(text.split())}\t{label}" for text, label in rows]
+    path.write_text("\n".join(lines) + "\n")
     return path
 
 
 def read_tsv(path: Path) -> list[tuple[str, int]]:
+    """A TSV of ``sentence<TAB>label`` under a header (SST-2's format, and write_tsv's)."""
     with path.open(newline="") as f:
         return [(row["sentence"], int(row["label"]))
-                for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\")]
+                for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
 
 
 def make_tasks(data: Path, folder: Path, n_train: int, n_eval: int) -> dict[str, tuple[Path, Path]]:
     """Train and held-out files for each task (at most n_train / n_eval rows)."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
-    sst2_train = read_tsv_plain(data / "sst2" / "train.tsv")[:n_train]
-    sst2_dev = read_tsv_plain(data / "sst2" / "dev.tsv")[:n_eval]
+    sst2_train = read_tsv(data / "sst2" / "train.tsv")[:n_train]
+    sst2_dev = read_tsv(data / "sst2" / "dev.tsv")[:n_eval]
     rt = [(line.strip(), 1) for line in (data / "rt_polarity" / "rt-polarity.pos").read_text().splitlines()] + \
          [(line.strip(), 0) for line in (data / "rt_polarity" / "rt-polarity.neg").read_text().splitlines()]
     rng.shuffle(rt)
@@ -70,13 +71,6 @@ def make_tasks(data: Path, folder: Path, n_train: int, n_eval: int) -> dict[str,
               "squad": (squad_train[:n_train], squad_eval[:n_eval])}
     return {name: (write_tsv(folder / f"{name}-train.tsv", tr), write_tsv(folder / f"{name}-eval.tsv", ev))
             for name, (tr, ev) in splits.items()}
-
-
-def read_tsv_plain(path: Path) -> list[tuple[str, int]]:
-    """SST-2's own TSV (no escaping)."""
-    with path.open(newline="") as f:
-        return [(row["sentence"], int(row["label"])) for row in csv.DictReader(f, delimiter="\t",
-                                                                              quoting=csv.QUOTE_NONE)]
 
 
 # -- training runs -------------------------------------------------------------------------------------------
