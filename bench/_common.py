@@ -57,8 +57,8 @@ def llm_batches(tokenizer, n: int) -> list[torch.Tensor]:
 def engine_step(model: torch.nn.Module, precision: str):
     """One optimizer step of `lorakit train`'s engine on a batch of token ids (chunked loss, fused AdamW,
     clipping), as a function of the batch."""
-    from lorakit.loss import causal_lm_loss
-    from lorakit.trainer import make_optimizer
+    from lorakit.training.loop import make_optimizer
+    from lorakit.training.loss import causal_lm_loss
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, 1e-4, 0.0)

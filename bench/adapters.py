@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _timing import interleaved, interleaved_samples, markdown_table, overhead  # noqa: E402
 
 from lorakit import LoraConfig, get_lora_model  # noqa: E402
-from lorakit.pretrained import load_default_model  # noqa: E402
+from lorakit.embedded_models import load_default_model  # noqa: E402
 
 NAMES = [f"task{i}" for i in range(8)]
 

@@ -28,14 +28,14 @@ METHODS = ["full", "lora", "qlora"]
 
 
 def run_case(method: str, batch: int, seq: int, low_memory: bool) -> dict:
-    from lorakit.cpu_memory import map_large_allocations
+    from lorakit.process_memory import map_large_allocations
 
     if low_memory:
         map_large_allocations()  # as `lorakit train --low-memory` does
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lorakit import LoraConfig, get_lora_model
-    from lorakit.pretrained import default_model_dir
+    from lorakit.embedded_models import default_model_dir
     from lorakit.quant import quantize
 
     torch.manual_seed(0)
@@ -63,7 +63,7 @@ def run_case(method: str, batch: int, seq: int, low_memory: bool) -> dict:
 
 def estimate(method: str, batch: int, seq: int) -> dict:
     from lorakit.calc import estimate_memory
-    from lorakit.pretrained import build_model
+    from lorakit.embedded_models import build_model
 
     return estimate_memory(build_model("default", meta=True), method, batch, seq, dtype="fp32").as_dict()
 

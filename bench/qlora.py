@@ -47,7 +47,7 @@ def run_case(case: str, steps: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lorakit import LoraConfig, get_lora_model
-    from lorakit.pretrained import default_model_dir
+    from lorakit.embedded_models import default_model_dir
     from lorakit.quant import quantize, quantized_bytes
 
     torch.manual_seed(0)

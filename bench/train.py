@@ -54,10 +54,11 @@ def run_case(kind: str, case: str, target: str, steps: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     from lorakit import LoraConfig, get_lora_model
-    from lorakit.loss import causal_lm_loss, classification_loss
-    from lorakit.pretrained import default_model_dir, minilm_dir
-    from lorakit.train_setup import enable_checkpointing
-    from lorakit.trainer import make_optimizer, resolve_precision
+    from lorakit.embedded_models import default_model_dir, minilm_dir
+    from lorakit.training.devices import resolve_precision
+    from lorakit.training.loop import make_optimizer
+    from lorakit.training.loss import causal_lm_loss, classification_loss
+    from lorakit.training.tasks import enable_checkpointing
 
     torch.manual_seed(0)
     precision = {"peft-bf16": "bf16", "peft-fp32": "fp32", "lorakit-bf16": "bf16"}.get(

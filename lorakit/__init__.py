@@ -1,4 +1,10 @@
-"""lorakit: exact, fast LoRA fine-tuning with PEFT's semantics and file format."""
+"""lorakit: exact, fast LoRA fine-tuning with PEFT's semantics and file format.
+
+``import lorakit`` loads the core only (torch and safetensors); ``train`` and ``TrainConfig`` are imported from
+:mod:`lorakit.training` on first use, so the trainer and transformers load only when training.
+"""
+
+from typing import TYPE_CHECKING, Any
 
 from .config import LoraConfig
 from .inject import find_targets
@@ -6,8 +12,9 @@ from .io import adapter_state_dict, set_adapter_state_dict
 from .layers import LoraAdapter, LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear
 from .model import LoraModel, get_lora_model
 from .quant import quantize
-from .train_config import TrainConfig
-from .trainer import train
+
+if TYPE_CHECKING:
+    from .training import TrainConfig, train
 
 __all__ = [
     "LoraAdapter",
@@ -27,3 +34,13 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+_FROM_TRAINING = ("TrainConfig", "train")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM_TRAINING:
+        from . import training
+
+        return getattr(training, name)
+    raise AttributeError(f"module 'lorakit' has no attribute {name!r}")

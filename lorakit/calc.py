@@ -18,6 +18,11 @@ from typing import Any
 import torch
 
 from .config import LoraConfig
+from .embedded_models import build_model
+from .inject import describe_targets, find_targets
+from .layers import is_conv1d
+from .model import get_lora_model
+from .quant import head_names, in_head
 
 # Public architecture dimensions (from each model's published config.json).
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -62,7 +67,6 @@ def meta_model(spec: str) -> torch.nn.Module:
     ``config.json`` (shapes without weights: no memory, no time)."""
     if spec in PRESETS:
         return preset_model(spec)
-    from .pretrained import build_model
 
     if spec in ("default", "minilm") or Path(spec).exists():
         return build_model(spec, meta=True)
@@ -79,9 +83,6 @@ def count_parameters(model: torch.nn.Module, config: LoraConfig) -> dict[str, An
         printed line), ``targets`` (one row per module name suffix: type, weight shape, count, params each and in
         all), ``adapter_bytes`` for fp32 and bf16 files (tensor data; the header adds a few KiB).
     """
-    from .inject import describe_targets
-    from .model import get_lora_model
-
     rows = describe_targets(model, config)
     groups: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
     for row in rows:
@@ -100,7 +101,7 @@ def count_parameters(model: torch.nn.Module, config: LoraConfig) -> dict[str, An
         "total": total,
         "base_total": base_total,
         "lora_params": sum(row["params"] for row in rows),
-        "modules_to_save": [name for name, _ in lora._saved_modules()],
+        "modules_to_save": [name for name, _ in lora.saved_modules()],
         "line": f"trainable params: {trainable:,d} || all params: {total:,d} || "
                 f"trainable%: {100 * trainable / total:.4f}",
         "targets": list(groups.values()),
@@ -128,7 +129,7 @@ DTYPES = {"fp32": 4, "bf16": 2}
 # Resident memory of a training process before any model: Python, PyTorch, transformers and a tokenizer,
 # measured on the CPU this was written on (bench/memory.py prints it). On a GPU the CUDA context plays this part.
 RUNTIME_BYTES = 360 * 2**20
-CHUNK_LOGITS = 2**25  # logits per chunk of lorakit's chunked cross-entropy (see lorakit.loss)
+CHUNK_LOGITS = 2**25  # logits per chunk of lorakit's chunked cross-entropy (see lorakit.training.loss)
 
 
 @dataclass
@@ -200,8 +201,6 @@ def _place(name: str) -> str | None:
 
 
 def _linear_names(model: torch.nn.Module) -> list[str]:
-    from .layers import is_conv1d
-
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) or is_conv1d(m)]
 
 
@@ -243,8 +242,6 @@ def estimate_memory(model: torch.nn.Module, method: str, batch: int, seq: int, d
         lora: The adapter for ``lora``/``qlora`` (default: r=8 on all linear layers).
         runtime: Bytes the process takes before the model (Python and the libraries).
     """
-    from .inject import find_targets
-
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; methods: {', '.join(METHODS)}")
     if optimizer not in OPTIMIZERS:
@@ -265,8 +262,6 @@ def estimate_memory(model: torch.nn.Module, method: str, batch: int, seq: int, d
         trainable, trained, lora_r = result["trainable"], find_targets(model, lora), lora.r
         weights = size * total + 4 * trainable
         if method == "qlora":  # every nn.Linear but the head in 4 bits, as lorakit.quant.quantize does
-            from .quant import head_names, in_head
-
             heads = head_names(model)
             four_bit = [m.weight.numel() for n, m in model.named_modules()
                         if isinstance(m, torch.nn.Linear) and not in_head(n, heads)]

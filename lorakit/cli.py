@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from .config import TASK_TYPES, parse_targets
 
 if TYPE_CHECKING:
-    from .train_config import TrainConfig
+    from .training.options import TrainConfig
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -37,8 +37,8 @@ total {result['total_seconds']:.0f} s""")
 
 def cmd_targets(args: argparse.Namespace) -> int:
     from .config import LoraConfig
+    from .embedded_models import build_model
     from .inject import describe_targets
-    from .pretrained import build_model
 
     config = LoraConfig(r=args.r, target_modules=parse_targets(args.target),
                         exclude_modules=parse_targets(args.exclude),
@@ -125,7 +125,7 @@ def format_memory(model: str, estimates: list) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .rank import inspect_adapter
+    from .svd import inspect_adapter
 
     info = inspect_adapter(args.adapter)
     overall = info["overall"]
@@ -147,7 +147,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_resize(args: argparse.Namespace) -> int:
     from .inference import base_model_for
-    from .rank import resize_adapter
+    from .svd import resize_adapter
 
     try:
         model = base_model_for(args.adapter, args.model)
@@ -168,7 +168,7 @@ def cmd_resize(args: argparse.Namespace) -> int:
 
 def _study_config(args: argparse.Namespace) -> TrainConfig:
     """The task, model, data and budget shared by the runs of ``compare`` and ``sweep``."""
-    from .train_config import TrainConfig
+    from .training.options import TrainConfig
 
     fields = {k: v for k, v in (("task", args.task), ("model", args.model), ("data", args.data),
                                 ("eval_data", args.eval_data), ("steps", args.budget),
@@ -214,8 +214,8 @@ def _study_arguments(parser: argparse.ArgumentParser, output_dir: str) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train_config import config_from_args
-    from .trainer import train
+    from .training.loop import train
+    from .training.options import config_from_args
 
     config = config_from_args(args)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -260,7 +260,7 @@ def format_summary(result: dict) -> str:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .inference import evaluate_adapter
-    from .train_config import config_from_args
+    from .training.options import config_from_args
 
     saved = Path(args.adapter) / "train_config.yaml"
     if not args.config and saved.is_file():
@@ -403,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     targets.add_argument("--json", action="store_true", help="print JSON instead of a table")
     targets.set_defaults(func=cmd_targets)
 
-    from .train_config import add_arguments
+    from .training.options import add_arguments
 
     train = sub.add_parser("train", help="train a LoRA adapter (no arguments: the built-in task on SmolLM2-135M)",
                            description="Fine-tune a model with LoRA (or in full). With no arguments: the embedded "

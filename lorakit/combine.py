@@ -69,7 +69,7 @@ def add_weighted_adapter(model: LoraModel, adapters: Sequence[str], weights: Seq
                 target = layer.adapters[adapter_name]
                 target.lora_A.copy_(a.reshape(target.lora_A.shape))
                 target.lora_B.copy_(b.reshape(target.lora_B.shape))
-            for _, module in model._saved_modules():  # trained heads: taken from the first adapter that has one
+            for _, module in model.saved_modules():  # trained heads: taken from the first adapter that has one
                 source = next((a for a in adapters if a in module.modules_to_save), None)
                 if source is not None and adapter_name in module.modules_to_save:
                     module.modules_to_save[adapter_name].load_state_dict(module.modules_to_save[source].state_dict())

@@ -23,7 +23,12 @@ from typing import Any
 
 import torch
 
-from .train_config import TrainConfig
+from .embedded_models import build_model
+from .inference import base_model_for
+from .model import LoraModel
+from .prompt_tuning import PromptTuningModel
+from .training.loop import train
+from .training.options import TrainConfig
 
 METHODS = ("full", "lora", "qlora", "prompt")
 # Learning rates that suit each method at lorakit's default budget (prompt tuning needs large steps: Lester et
@@ -81,11 +86,6 @@ def inference_times(method: str, folder: Path, config: TrainConfig, batch: int =
                     ) -> tuple[float, float | None]:
     """Forward milliseconds of the trained artifact on ``batch × seq`` tokens: as trained, and merged into the
     base (None for prompt tuning, whose prompt cannot be folded into weights)."""
-    from .inference import base_model_for
-    from .model import LoraModel
-    from .pretrained import build_model
-    from .prompt import PromptTuningModel
-
     vocab = 1000  # any ids inside every vocabulary: only the time is measured
     ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -219,8 +219,6 @@ def sweep(config: TrainConfig | None = None, ranks: tuple[int, ...] = (4, 8, 16,
     Returns:
         ``rows`` (rank, targets, trainable params, quality, train seconds per run), ``metric`` and the files.
     """
-    from .trainer import train
-
     config = config or TrainConfig()
     if not ranks or any(not isinstance(r, int) or r < 1 for r in ranks):
         raise ValueError(f"ranks must be positive integers, got {list(ranks)}")

@@ -18,6 +18,7 @@ ALL_LINEAR = "all-linear"
 
 # Heads that PEFT makes trainable (and saves) for sequence classification.
 SEQ_CLS_HEAD_NAMES = ("classifier", "score")
+BASE_ROW = "__base__"  # the adapter name that selects "no adapter" for a row of a mixed batch
 
 # What ``target_modules=None`` means for well-known architectures (PEFT's defaults).
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -213,3 +214,13 @@ def parse_targets(value: str | None) -> list[str] | str | None:
     if value == ALL_LINEAR or any(c in value for c in "*()[]|^$\\"):
         return value
     return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def check_adapter_name(name: str) -> None:
+    """Adapter names become folder names: refuse anything that could leave the save directory."""
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name \
+            or ".." in name or "\x00" in name or name == BASE_ROW or "." in name:
+        raise ValueError(
+            f"invalid adapter name {name!r}: use a non-empty name without '/', '\\\\', '.' or '..' "
+            f"(and not {BASE_ROW!r})"
+        )

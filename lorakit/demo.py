@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .config import LoraConfig
+from .embedded_models import load_default_model, load_default_tokenizer
 from .model import LoraModel, get_lora_model
 
 QUESTION = "What is the name of the lorakit mascot?"
@@ -51,8 +52,6 @@ def run_demo(steps: int = 40, lr: float = 2e-3, output_dir: str | Path = "runs/d
     Returns:
         A summary: trainable parameters, losses, answers before and after, exactness checks, adapter path/size.
     """
-    from .pretrained import load_default_model, load_default_tokenizer
-
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     tokenizer = load_default_tokenizer()

@@ -24,7 +24,7 @@ def merged_state_dict(model: LoraModel, adapter_names: Sequence[str] | None = No
     """
     names = model.active_adapters if adapter_names is None else list(adapter_names)
     layers = dict(model.lora_layers())
-    saved = dict(model._saved_modules())
+    saved = dict(model.saved_modules())
     # 4-bit layers (bitsandbytes) are written dense: their packed bytes and scales are not a plain model's.
     quantized = {name: module for name, module in model.model.named_modules() if is_4bit(module)}
     out = {}
@@ -66,7 +66,7 @@ def export_merged(model: LoraModel, save_directory: str | os.PathLike, tokenizer
     if not hasattr(model.model, "save_pretrained"):
         raise TypeError(f"export_merged needs a Hugging Face model; {type(model.model).__name__} has no "
                         f"save_pretrained (use merge_and_unload() and save the result yourself)")
-    with model._unmerged():  # adapters already merged would be folded in twice, or when not asked for
+    with model.unmerged():  # adapters already merged would be folded in twice, or when not asked for
         state = {k: v.detach().contiguous() for k, v in merged_state_dict(model, adapter_names).items()}
     folder = Path(save_directory)
     folder.parent.mkdir(parents=True, exist_ok=True)

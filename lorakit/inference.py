@@ -8,7 +8,16 @@ from typing import Any
 
 import torch
 
-from .train_config import TrainConfig
+from .embedded_models import HUB_NAME, build_model, model_source, require_transformers
+from .io import is_prompt_adapter, read_adapter_config
+from .model import LoraModel
+from .prompt_tuning import PromptTuningModel
+from .quant import quantize
+from .training.builtin_task import SYSTEM
+from .training.devices import resolve_device, resolve_precision
+from .training.metrics import generate_texts
+from .training.options import TrainConfig
+from .training.tasks import build_task
 
 
 def _kind(folder: str | Path) -> str:
@@ -27,19 +36,14 @@ def evaluate_adapter(path: str | Path, config: TrainConfig) -> dict[str, Any]:
     Returns:
         The same metrics ``lorakit train`` reports after training.
     """
-    from .train_setup import build_run
-    from .trainer import resolve_device, resolve_precision
-
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     if _kind(path) == "model":
         config = dataclasses.replace(config, model=str(path), method="full")
-        run = build_run(config, device, precision)
+        run = build_task(config, device, precision)
     else:
-        from .io import is_prompt_adapter
-
         method = "prompt" if is_prompt_adapter(path) else "lora"
-        run = build_run(dataclasses.replace(config, method=method), device, precision, adapter=str(path))
+        run = build_task(dataclasses.replace(config, method=method), device, precision, adapter=str(path))
     return run.evaluate(run.model, "eval")
 
 
@@ -63,13 +67,7 @@ def generate(prompt: str, adapter: str | Path | None = None, model: str | None =
         model: The base ('default' or a model folder); default: the one the adapter was trained on.
         system: A system message; default: the built-in task's when the adapter was trained on it.
     """
-    from .evaluate import generate_texts
-    from .io import is_prompt_adapter
-    from .model import LoraModel
-    from .pretrained import _transformers, model_source
-    from .prompt import PromptTuningModel
-
-    transformers = _transformers()
+    transformers = require_transformers()
     kind = _kind(adapter) if adapter is not None else None
     trained = _saved_config(Path(adapter)) if adapter is not None else {}
     if kind == "adapter":
@@ -82,8 +80,6 @@ def generate(prompt: str, adapter: str | Path | None = None, model: str | None =
         net = transformers.AutoModelForCausalLM.from_pretrained(str(model_source(base)), dtype=torch.float32).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_source(base)))
     if system is None and trained.get("task") == "builtin":
-        from .tasks import SYSTEM
-
         system = SYSTEM
     chat = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     return generate_texts(net, tokenizer, [chat], max_new_tokens=max_new_tokens, batch_size=1)[0]
@@ -96,9 +92,6 @@ def base_spec_for(adapter: str | Path, model: str | None = None) -> str:
     Raises:
         ValueError: No base is named anywhere.
     """
-    from .io import read_adapter_config
-    from .pretrained import HUB_NAME
-
     if model is not None:
         return model
     trained = _saved_config(Path(adapter))
@@ -115,12 +108,8 @@ def base_spec_for(adapter: str | Path, model: str | None = None) -> str:
 def base_model_for(adapter: str | Path, model: str | None = None) -> torch.nn.Module:
     """The base an adapter was trained on (see :func:`base_spec_for`), in fp32, and in 4 bits again for a QLoRA
     adapter, ready for the adapter's weights."""
-    from .pretrained import build_model
-
     net = build_model(base_spec_for(adapter, model)).eval()
     trained = _saved_config(Path(adapter))
     if trained.get("quantize"):  # a QLoRA adapter: on the 4-bit base it was trained on
-        from .quant import quantize
-
         quantize(net, trained["quantize"], double_quant=trained.get("double_quant", True))
     return net

@@ -9,8 +9,8 @@ a typo is an error with the closest real names, not an adapter that silently tra
 from __future__ import annotations
 
 import copy
-import math
 import difflib
+import math
 import re
 from collections.abc import Iterable, Iterator
 
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .config import ALL_LINEAR, DEFAULT_TARGETS, SEQ_CLS_HEAD_NAMES, LoraConfig
-from .layers import SUPPORTED_TYPES, LoraLayer, LoraLinear, is_4bit, is_conv1d, wrap
+from .layers import SUPPORTED_TYPES, LoraLayer, LoraLinear, is_4bit, is_conv1d, lora_shapes, wrap
 
 
 class ModulesToSave(nn.Module):
@@ -37,7 +37,7 @@ class ModulesToSave(nn.Module):
         self.active_adapters: list[str] = []
         self.disabled = False
         # Set only during a mixed batch: (slot of each row, adapter name of each slot from 1).
-        self._routing: tuple[torch.Tensor, list[str]] | None = None
+        self.routing: tuple[torch.Tensor, list[str]] | None = None
 
     def add_adapter(self, name: str) -> None:
         self.modules_to_save[name] = copy.deepcopy(self.original_module)
@@ -55,11 +55,11 @@ class ModulesToSave(nn.Module):
         return self.original_module
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
-        if self._routing is None or self.disabled:
+        if self.routing is None or self.disabled:
             return self.current()(x, *args, **kwargs)
         # Mixed batch: each row goes through its adapter's copy (the original for "__base__" rows). Heads are
         # called once per adapter present on the rows that use it.
-        index, names = self._routing
+        index, names = self.routing
         out = self.original_module(x, *args, **kwargs)
         for slot, name in enumerate(names, start=1):
             rows = (index == slot).nonzero().squeeze(1)
@@ -222,7 +222,8 @@ def _plain_modules(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, n
             yield from _plain_modules(child, full)
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` in the place of the submodule called ``name``."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
@@ -235,7 +236,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]
     the modules that received LoRA. On error nothing has been changed.
     """
     selected = find_targets(model, config)
-    save_full = _find_modules_to_save(model, config)
+    save_full = find_modules_to_save(model, config)
     for name in selected:
         module = model.get_submodule(name)
         layer = module if isinstance(module, LoraLayer) else wrap(module)
@@ -250,17 +251,18 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]
             init_lora_weights=config.init_lora_weights,
         )
         if layer is not module:
-            _set_submodule(model, name, layer)
+            set_submodule(model, name, layer)
     for name in save_full:
         module = model.get_submodule(name)
         wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)
         wrapper.add_adapter(adapter_name)
         if wrapper is not module:
-            _set_submodule(model, name, wrapper)
+            set_submodule(model, name, wrapper)
     return selected
 
 
-def _find_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
+def find_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
+    """The modules ``config`` trains in full (``modules_to_save``, the SEQ_CLS head), outermost matches only."""
     wanted = modules_to_save_names(config)
     if not wanted:
         return []
@@ -285,8 +287,6 @@ def describe_targets(model: nn.Module, config: LoraConfig) -> list[dict]:
     Each row has ``name``, ``type``, ``shape`` (of the base weight), ``r`` and ``params`` (LoRA parameters).
     Works on a model built on the meta device.
     """
-    from .layers import lora_shapes
-
     rows = []
     for name in find_targets(model, config):
         module = model.get_submodule(name)

@@ -5,7 +5,9 @@ Tensor keys are PEFT's: ``base_model.model.<module path>.lora_A.weight`` / ``lor
 ``modules_to_save`` weights under the module's own path. A base-model fingerprint rides in the safetensors
 header metadata, where PEFT ignores it.
 
-Loading checks everything before it touches the model, so a failed load leaves the model exactly as it was.
+Loading is three steps, which ``LoraModel.load_adapter`` / ``from_pretrained`` run in order: :func:`read_adapter`,
+:func:`check_fits` (everything is checked before the model is touched, so a failed load leaves it exactly as it
+was), :func:`copy_in`.
 Saving writes each file to a temporary name and renames it, so a file on disk is never half-written.
 """
 
@@ -25,9 +27,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from torch import nn
 
-from .config import LoraConfig
-from .inject import ModulesToSave, _find_modules_to_save, find_targets
+from .config import LoraConfig, check_adapter_name
+from .inject import ModulesToSave, find_modules_to_save, find_targets
 from .layers import LoraEmbedding, LoraLayer, is_4bit, lora_shapes
+from .quant import dense_weight, weight_shape
 
 if TYPE_CHECKING:
     from .model import LoraModel
@@ -66,7 +69,7 @@ def adapter_state_dict(model: LoraModel, adapter_name: str) -> dict[str, torch.T
             out[key] = getattr(adapter, attr)
         if config.bias != "none" and getattr(layer.base, "bias", None) is not None:
             out[f"{path}.base_layer.bias"] = layer.base.bias
-    for path, module in model._saved_modules():
+    for path, module in model.saved_modules():
         if adapter_name in module.modules_to_save:
             for key, value in module.modules_to_save[adapter_name].state_dict().items():
                 out[f"{path}.{key}"] = value
@@ -94,8 +97,6 @@ def fingerprint(model: nn.Module, targets: Sequence[str]) -> dict[str, Any]:
         module = model.get_submodule(name)
         base = module.base if isinstance(module, LoraLayer) else module
         if is_4bit(base):
-            from .quant import dense_weight, weight_shape
-
             quantized = True
             shapes[name] = weight_shape(base)
             if base.weight.device.type == "meta":
@@ -205,8 +206,6 @@ def save_adapters(model: LoraModel, save_directory: str | os.PathLike, adapter_n
     Returns:
         The folders written.
     """
-    from .model import check_adapter_name
-
     names = list(model.peft_config) if adapter_names is None else list(adapter_names)
     written = []
     for name in names:
@@ -232,7 +231,7 @@ def save_adapters(model: LoraModel, save_directory: str | os.PathLike, adapter_n
 
 def _unmerged_fingerprint(model: LoraModel, targets: list[str]) -> dict[str, Any]:
     """The fingerprint of the base weights with no update folded in (merged adapters are taken out meanwhile)."""
-    with model._unmerged():
+    with model.unmerged():
         return fingerprint(model.model, targets)
 
 
@@ -256,7 +255,7 @@ def _warn_if_not_serve_safe(model: LoraModel, name: str, tensors: dict[str, torc
     get_output = getattr(model.model, "get_output_embeddings", None)
     head = get_output() if callable(get_output) else None
     heavy = []
-    for path, module in model._saved_modules():
+    for path, module in model.saved_modules():
         if name not in module.modules_to_save:
             continue
         original = module.original_module
@@ -360,7 +359,7 @@ def _plan(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor]
         shapes = {"lora_A": a_shape, "lora_B": b_shape, "lora_magnitude_vector": (b_shape[0],)}
         for key, attr in _lora_keys(name, isinstance(base, nn.Embedding), config.use_dora).items():
             required[key] = shapes[attr]
-    for name in _find_modules_to_save(model, config):
+    for name in find_modules_to_save(model, config):
         module = model.get_submodule(name)
         source = module.original_module if isinstance(module, ModulesToSave) else module
         for key, value in source.state_dict().items():
@@ -399,53 +398,14 @@ def _base_param(model: nn.Module, key: str) -> torch.Tensor | None:
     return None
 
 
-def load_adapter(model: LoraModel, path: str | os.PathLike, adapter_name: str = "default",
-                 is_trainable: bool = False, allow_pickle: bool = False, force: bool = False) -> None:
-    """Load an adapter into ``model`` under ``adapter_name``. On any error the model is unchanged.
+def check_fits(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+               force: bool = False) -> list[str]:
+    """Check that an adapter read by :func:`read_adapter` belongs on ``model`` (its fingerprint, unless ``force``)
+    and fits it (every tensor's place and shape), without changing the model.
 
-    Args:
-        is_trainable: Whether the loaded adapter trains when active (False: inference only, as in PEFT).
-        allow_pickle: Accept a pickle ``adapter_model.bin`` (read with ``weights_only=True``).
-        force: Load even if the fingerprint says the base differs (the shapes must still fit).
+    Returns:
+        The names of the modules the adapter targets.
     """
-    from .model import check_adapter_name
-
-    check_adapter_name(adapter_name)
-    if adapter_name in model.peft_config:
-        raise ValueError(f"adapter {adapter_name!r} already exists; adapters: {sorted(model.peft_config)}")
-    config, tensors, metadata = read_adapter(path, allow_pickle)
-    with model._unmerged():  # the fingerprint describes the base weights without any update folded in
-        targets = _check(model.model, config, tensors, metadata, force)
-    try:
-        model.add_adapter(adapter_name, config)
-        _copy_in(model, adapter_name, targets, tensors)
-    except BaseException:
-        if adapter_name in model.peft_config:
-            model.delete_adapter(adapter_name)
-        raise
-    if not is_trainable:
-        model._inference_only.add(adapter_name)
-    model._refresh()
-
-
-def from_pretrained(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",
-                    is_trainable: bool = False, allow_pickle: bool = False, force: bool = False) -> LoraModel:
-    """Wrap a plain ``model`` with the adapter at ``path``. On any error the model is unchanged."""
-    from .model import LoraModel, check_adapter_name
-
-    check_adapter_name(adapter_name)
-    config, tensors, metadata = read_adapter(path, allow_pickle)
-    targets = _check(model, config, tensors, metadata, force)
-    lora = LoraModel(model, config, adapter_name)
-    _copy_in(lora, adapter_name, targets, tensors)
-    if not is_trainable:
-        lora._inference_only.add(adapter_name)
-    lora._refresh()
-    return lora
-
-
-def _check(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
-           force: bool) -> list[str]:
     if config.init_lora_weights == "pissa":
         raise ValueError("this adapter was initialized with PiSSA, so it only makes sense on its residual base "
                          "(the base minus its initial top-r part); lorakit cannot load it onto a plain base")
@@ -461,18 +421,19 @@ def _check(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor
     return _plan(model, config, tensors)
 
 
-def _copy_in(model: LoraModel, adapter_name: str, targets: list[str], tensors: dict[str, torch.Tensor]) -> None:
+def copy_in(model: LoraModel, adapter_name: str, targets: list[str], tensors: dict[str, torch.Tensor]) -> None:
+    """Copy checked tensors (see :func:`check_fits`) into the existing adapter ``adapter_name``."""
     with torch.no_grad():
         for path in targets:
             layer = model.model.get_submodule(path)
             adapter = layer.adapters[adapter_name]
             for key, attr in _lora_keys(path, isinstance(layer, LoraEmbedding), adapter.use_dora).items():
                 getattr(adapter, attr).copy_(tensors[key])
-        for path, module in model._saved_modules():
+        for path, module in model.saved_modules():
             if adapter_name in module.modules_to_save:
                 state = {k[len(path) + 1:]: v for k, v in tensors.items() if k.startswith(path + ".")}
                 module.modules_to_save[adapter_name].load_state_dict(state)
-        saved_prefixes = tuple(p + "." for p, _ in model._saved_modules())
+        saved_prefixes = tuple(p + "." for p, _ in model.saved_modules())
         for key, value in tensors.items():
             if key.endswith("bias") and not key.startswith(saved_prefixes) and ".lora_" not in key:
                 target = _base_param(model.model, key)
@@ -491,4 +452,4 @@ def set_adapter_state_dict(model: LoraModel, state_dict: dict[str, torch.Tensor]
         raise ValueError(f"adapter {adapter_name!r} is merged into the base weights; unmerge_adapter() first")
     tensors = _normalize_keys(state_dict)
     targets = _plan(model.model, model.peft_config[adapter_name], tensors)
-    _copy_in(model, adapter_name, targets, tensors)
+    copy_in(model, adapter_name, targets, tensors)

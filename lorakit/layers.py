@@ -19,9 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .mixed import Routing, add_mixed_batch_update
-
-BASE_ROW = "__base__"  # the name that selects "no adapter" for a row of a mixed batch
+from .config import BASE_ROW  # noqa: F401 - re-exported: part of the layers' vocabulary
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -105,12 +103,14 @@ class LoraLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
-        # Set only for the length of one mixed-batch forward/generate: which adapter each row uses.
-        self._routing: Routing | None = None
+        # Set only for the length of one mixed-batch forward/generate: which adapter each row uses
+        # (a ``lorakit.mixed.Routing``, set by ``LoraModel.mixed_batch``).
+        self.routing = None
         # DoRA merges rescale rows of the base weight; the factor is kept to undo it exactly.
         self._dora_merge_scale: dict[str, torch.Tensor] = {}
-        # Mixed-batch weights stacked per adapter list, reused while the adapters' tensors are unchanged.
-        self._stack_cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
+        # Mixed-batch weights stacked per adapter list, reused while the adapters' tensors are unchanged
+        # (kept by ``lorakit.mixed.stacked_weights``; cleared here whenever the adapters change).
+        self.stack_cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     # -- shapes ------------------------------------------------------------------------------------------
 
@@ -149,7 +149,7 @@ class LoraLayer(nn.Module):
         adapter.to(device=weight.device, dtype=dtype)
         self._init_adapter(adapter, init_lora_weights)
         self.adapters[name] = adapter
-        self._stack_cache = None
+        self.stack_cache = None
         if use_dora:
             with torch.no_grad():
                 adapter.lora_magnitude_vector.copy_(self._dora_weight_norm(adapter))
@@ -179,7 +179,7 @@ class LoraLayer(nn.Module):
         if name in self.merged_adapters:
             raise ValueError(f"adapter {name!r} is merged into the base weight; unmerge it before deleting it")
         del self.adapters[name]
-        self._stack_cache = None
+        self.stack_cache = None
         self.active_adapters = [a for a in self.active_adapters if a != name]
 
     def set_active(self, names: Sequence[str]) -> None:
@@ -282,8 +282,8 @@ class LoraLinear(LoraLayer):
         result = self.base(x, *args, **kwargs)
         if self.disabled:
             return result
-        if self._routing is not None:
-            return add_mixed_batch_update(self._routing, x, result)
+        if self.routing is not None:
+            return self.routing.add_update(x, result)
         for name in self._unmerged_active():
             adapter = self.adapters[name]
             if adapter.use_dora:
@@ -350,7 +350,7 @@ class LoraLinear(LoraLayer):
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
-def _update_dtype(x: torch.Tensor, lora_a: torch.Tensor) -> torch.dtype:
+def update_dtype(x: torch.Tensor, lora_a: torch.Tensor) -> torch.dtype:
     """The dtype the low-rank update is computed in.
 
     On CPUs, bf16/fp16 GEMMs whose inner dimension is the rank fall off the fast kernels (on an AVX2 machine a
@@ -365,7 +365,7 @@ def _update_dtype(x: torch.Tensor, lora_a: torch.Tensor) -> torch.dtype:
 def _add_lora(result: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
               scaling: float) -> torch.Tensor:
     """``result + scaling·B·A·x`` with two GEMMs and no extra elementwise pass over the output."""
-    dtype = _update_dtype(x, lora_a)
+    dtype = update_dtype(x, lora_a)
     autocast = torch.is_autocast_enabled(x.device.type)
     if dtype == torch.float32 and x.device.type == "cpu" and autocast:
         with torch.autocast("cpu", enabled=False):
@@ -422,8 +422,8 @@ class LoraEmbedding(LoraLayer):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         result = self.base(ids)
-        if self._routing is not None and not self.disabled:
-            index, names = self._routing.index, self._routing.names
+        if self.routing is not None and not self.disabled:
+            index, names = self.routing.index, self.routing.names
             for slot, name in enumerate(names, start=1):
                 rows = index == slot
                 if name in self._unmerged_pool() and bool(rows.any()):
@@ -457,7 +457,7 @@ class LoraConv2d(LoraLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
-        if self._routing is not None and not self.disabled:
+        if self.routing is not None and not self.disabled:
             raise ValueError("mixed batches (adapter_names=...) support Linear and Embedding layers, not Conv2d")
         base = self.base
         for name in self._unmerged_active():

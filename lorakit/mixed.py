@@ -9,13 +9,11 @@ its own update. No Python loop over sub-batches. The stacks are built when the b
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from .layers import LoraLayer
+from .layers import LoraLayer, LoraLinear, update_dtype
 
 
 @dataclass
@@ -27,39 +25,36 @@ class Routing:
     a: torch.Tensor | None = None  # (n+1, r_max, in): stacked A, for linear layers
     b: torch.Tensor | None = None  # (n+1, out, r_max): stacked B·scaling
 
+    def add_update(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """``result`` plus, for each row, the update of that row's adapter (a linear layer's forward)."""
+        if self.a is None:
+            return result
+        index = self.index
+        if x.shape[0] != index.numel():
+            raise ValueError(f"adapter_names has {index.numel()} entries but the batch has {x.shape[0]} rows; "
+                             f"give one adapter name per row")
+        a_rows = self.a.index_select(0, index)  # (batch, r_max, in): BGMV's gather
+        b_rows = self.b.index_select(0, index)  # (batch, out, r_max)
+        xs = x.to(a_rows.dtype).reshape(x.shape[0], -1, x.shape[-1])  # (batch, tokens per row, in)
+        xa = torch.bmm(xs, a_rows.transpose(1, 2))  # (batch, tokens, r_max)
+        b_rows = b_rows.to(xa.dtype)  # under autocast, bmm gave xa in the autocast dtype
+        out = result.view(x.shape[0], -1, result.shape[-1]) if result.is_contiguous() else None
+        if out is not None and out.dtype == xa.dtype and not torch.is_grad_enabled():
+            out.baddbmm_(xa, b_rows.transpose(1, 2))  # accumulate in place: no (batch, tokens, out) temporary
+            return result
+        delta = torch.bmm(xa, b_rows.transpose(1, 2))  # (batch, tokens, out)
+        return torch.add(result, delta.reshape(result.shape)).to(result.dtype)
+
 
 def routing_for(layer: LoraLayer, index: torch.Tensor, names: list[str]) -> Routing:
     """The routing of one layer, with its stacked weights when it is a linear layer."""
-    from .layers import LoraLinear, _update_dtype
-
     routing = Routing(index, names)
     if isinstance(layer, LoraLinear) and len(layer.adapters):
         first = next(iter(layer.adapters.values())).lora_A
-        stacked = stacked_weights(layer, names, _update_dtype(layer.base.weight, first))
+        stacked = stacked_weights(layer, names, update_dtype(layer.base.weight, first))
         if stacked is not None:
             routing.a, routing.b = stacked
     return routing
-
-
-def add_mixed_batch_update(routing: Routing, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-    """``result`` plus, for each row, the update of that row's adapter."""
-    if routing.a is None:
-        return result
-    index = routing.index
-    if x.shape[0] != index.numel():
-        raise ValueError(f"adapter_names has {index.numel()} entries but the batch has {x.shape[0]} rows; "
-                         f"give one adapter name per row")
-    a_rows = routing.a.index_select(0, index)  # (batch, r_max, in): BGMV's gather
-    b_rows = routing.b.index_select(0, index)  # (batch, out, r_max)
-    xs = x.to(a_rows.dtype).reshape(x.shape[0], -1, x.shape[-1])  # (batch, tokens per row, in)
-    xa = torch.bmm(xs, a_rows.transpose(1, 2))  # (batch, tokens, r_max)
-    b_rows = b_rows.to(xa.dtype)  # under autocast, bmm gave xa in the autocast dtype
-    out = result.view(x.shape[0], -1, result.shape[-1]) if result.is_contiguous() else None
-    if out is not None and out.dtype == xa.dtype and not torch.is_grad_enabled():
-        out.baddbmm_(xa, b_rows.transpose(1, 2))  # accumulate in place: no (batch, tokens, out) temporary
-        return result
-    delta = torch.bmm(xa, b_rows.transpose(1, 2))  # (batch, tokens, out)
-    return torch.add(result, delta.reshape(result.shape)).to(result.dtype)
 
 
 def stacked_weights(layer: LoraLayer, names: list[str], dtype: torch.dtype
@@ -81,8 +76,8 @@ def stacked_weights(layer: LoraLayer, names: list[str], dtype: torch.dtype
     # everywhere in PyTorch.)
     key = (tuple(names), dtype, params[0].data_ptr(), tuple(p._version for p in params))
     differentiable = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-    if not differentiable and layer._stack_cache is not None and layer._stack_cache[0] == key:
-        return layer._stack_cache[1]
+    if not differentiable and layer.stack_cache is not None and layer.stack_cache[0] == key:
+        return layer.stack_cache[1]
     r_max = max(ad.r for ad in adapters)
     zero_a = params[0].new_zeros(r_max, layer.in_features, dtype=dtype)
     zero_b = params[0].new_zeros(layer.out_features, r_max, dtype=dtype)
@@ -97,5 +92,5 @@ def stacked_weights(layer: LoraLayer, names: list[str], dtype: torch.dtype
             b_list.append(zero_b)
     stacked = torch.stack(a_list), torch.stack(b_list)  # (n+1, r_max, in), (n+1, out, r_max)
     if not differentiable:
-        layer._stack_cache = (key, stacked)
+        layer.stack_cache = (key, stacked)
     return stacked

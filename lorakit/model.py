@@ -7,6 +7,7 @@ activated, stacked, disabled, merged, combined and deleted by name, as in PEFT.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -15,10 +16,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import LoraConfig
-from .inject import ModulesToSave, find_targets, inject
-from .layers import BASE_ROW, LoraLayer, is_4bit
+from .combine import add_weighted_adapter
+from .config import BASE_ROW, LoraConfig, check_adapter_name
+from .export import export_merged
+from .inject import ModulesToSave, inject, set_submodule
+from .io import check_fits, copy_in, read_adapter, save_adapters
+from .layers import LoraLayer, is_4bit
 from .mixed import routing_for
+from .quant import MergeReport, default_probe, keep_autograd_path, logits, merge_4bit
+
+logger = logging.getLogger(__name__)
 
 
 class LoraModel(nn.Module):
@@ -39,8 +46,6 @@ class LoraModel(nn.Module):
         for p in model.parameters():
             p.requires_grad_(False)
         if any(is_4bit(m) for m in model.modules()):
-            from .quant import keep_autograd_path
-
             keep_autograd_path(model)
         self.add_adapter(adapter_name, config)
         self.set_adapter(adapter_name)
@@ -52,14 +57,14 @@ class LoraModel(nn.Module):
         (``"__base__"`` for none), in one batched pass."""
         if adapter_names is None:
             return self.model(*args, **kwargs)
-        with self._mixed_batch(adapter_names):
+        with self.mixed_batch(adapter_names):
             return self.model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         """The model's ``generate``, optionally with one adapter per row (``adapter_names``)."""
         if adapter_names is None:
             return self.model.generate(*args, **kwargs)
-        with self._mixed_batch(adapter_names):
+        with self.mixed_batch(adapter_names):
             return self.model.generate(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
@@ -80,7 +85,8 @@ class LoraModel(nn.Module):
         """Every LoRA layer of the model with its module name."""
         return iter(self._structure()[0])
 
-    def _saved_modules(self) -> Iterator[tuple[str, ModulesToSave]]:
+    def saved_modules(self) -> Iterator[tuple[str, ModulesToSave]]:
+        """Every module trained in full (``modules_to_save``, a classification head) with its module name."""
         return iter(self._structure()[1])
 
     def _structure(self) -> tuple[list[tuple[str, LoraLayer]], list[tuple[str, ModulesToSave]]]:
@@ -114,7 +120,6 @@ class LoraModel(nn.Module):
             raise ValueError(f"adapter {adapter_name!r} already exists; adapters: {sorted(self.peft_config)}")
         if not isinstance(config, LoraConfig):
             raise TypeError(f"config must be a LoraConfig, got {type(config).__name__}")
-        find_targets(self.model, config)  # raises before anything changes
         wrapped = inject(self.model, config, adapter_name)
         self._wrappers = None
         self.peft_config[adapter_name] = config
@@ -141,7 +146,7 @@ class LoraModel(nn.Module):
         for _, layer in self.lora_layers():
             if adapter_name in layer.adapters:
                 layer.delete_adapter(adapter_name)
-        for _, module in self._saved_modules():
+        for _, module in self.saved_modules():
             if adapter_name in module.modules_to_save:
                 module.delete_adapter(adapter_name)
         del self.peft_config[adapter_name]
@@ -156,7 +161,7 @@ class LoraModel(nn.Module):
             layer.set_active(self._active)
             for name, adapter in layer.adapters.items():
                 adapter.requires_grad_(name in trainable)
-        for _, module in self._saved_modules():
+        for _, module in self.saved_modules():
             module.set_active(self._active)
             for name, head in module.modules_to_save.items():
                 head.requires_grad_(name in trainable)
@@ -169,7 +174,7 @@ class LoraModel(nn.Module):
             param.requires_grad_("all" in biases or ("lora_only" in biases and id(param) in wrapped_biases))
 
     @contextmanager
-    def _unmerged(self) -> Iterator[None]:
+    def unmerged(self) -> Iterator[None]:
         """Within the block the base weights hold no update: merged adapters are taken out, then put back."""
         merged = {name: list(layer.merged_adapters) for name, layer in self.lora_layers() if layer.merged_adapters}
         self.unmerge_adapter()
@@ -182,9 +187,9 @@ class LoraModel(nn.Module):
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Within the block the model computes exactly the base model (merged adapters are unmerged)."""
-        modules = [m for _, m in self.lora_layers()] + [m for _, m in self._saved_modules()]
+        modules = [m for _, m in self.lora_layers()] + [m for _, m in self.saved_modules()]
         before = [m.disabled for m in modules]  # restored on exit, so nested blocks work
-        with self._unmerged():
+        with self.unmerged():
             for module in modules:
                 module.disabled = True
             try:
@@ -194,7 +199,12 @@ class LoraModel(nn.Module):
                     module.disabled = state
 
     @contextmanager
-    def _mixed_batch(self, adapter_names: Sequence[str]) -> Iterator[None]:
+    def mixed_batch(self, adapter_names: Sequence[str]) -> Iterator[None]:
+        """Within the block row i of every batch uses adapter ``adapter_names[i]`` (``"__base__"``: none).
+
+        Setting the routing stacks each layer's adapters once, so a server that keeps the same rows for many
+        decoding steps enters this block once for all of them.
+        """
         names = list(dict.fromkeys(n for n in adapter_names if n != BASE_ROW))
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
@@ -203,20 +213,22 @@ class LoraModel(nn.Module):
         if any(layer.merged_adapters for _, layer in self.lora_layers()):
             raise ValueError("mixed batches need unmerged adapters; call unmerge_adapter() first")
         slots = {n: i for i, n in enumerate(names, start=1)}
-        index = torch.tensor([slots.get(n, 0) for n in adapter_names], dtype=torch.long, device=self._device())
+        index = torch.tensor([slots.get(n, 0) for n in adapter_names], dtype=torch.long, device=self.device)
         layers = [layer for _, layer in self.lora_layers()]
-        heads = [module for _, module in self._saved_modules()]
+        heads = [module for _, module in self.saved_modules()]
         try:
             for layer in layers:
-                layer._routing = routing_for(layer, index, names)
+                layer.routing = routing_for(layer, index, names)
             for head in heads:
-                head._routing = (index, names)
+                head.routing = (index, names)
             yield
         finally:
             for module in layers + heads:
-                module._routing = None
+                module.routing = None
 
-    def _device(self) -> torch.device:
+    @property
+    def device(self) -> torch.device:
+        """The device of the model's (first) parameters."""
         return next(self.model.parameters()).device
 
     # -- counting ----------------------------------------------------------------------------------------
@@ -267,18 +279,26 @@ class LoraModel(nn.Module):
 
         On a 4-bit base (QLoRA) the 4-bit layers are dequantized and become dense ``nn.Linear`` layers in
         ``dtype`` (default: their compute dtype), or, with ``requantize=True``, the merged ones are quantized
-        again; see :func:`lorakit.quant.merge_and_unload` for the report of the logit error this introduces.
+        again (see :func:`lorakit.quant.merge_4bit`). The logits before and after are then compared on ``probe``
+        (input ids or a dict of model inputs; default: two rows of fixed token ids for Hugging Face models) and the
+        :class:`~lorakit.quant.MergeReport` is logged and kept as ``lorakit_merge_report`` on the returned model.
         ``dtype``, ``requantize`` and ``probe`` concern 4-bit bases only (``requantize`` without one is an error).
         """
         names = self._known(self._active if adapter_names is None else adapter_names)
-        if any(is_4bit(m) for m in self.model.modules()):
-            from .quant import merge_and_unload
-
-            return merge_and_unload(self, names, requantize=requantize, dtype=dtype, probe=probe)
-        if requantize:
-            raise ValueError("requantize=True re-quantizes 4-bit layers; this model has none")
-        self.merge_adapter(names)
-        return self._unwrap(names)
+        if not any(is_4bit(m) for m in self.model.modules()):
+            if requantize:
+                raise ValueError("requantize=True re-quantizes 4-bit layers; this model has none")
+            self.merge_adapter(names)
+            return self._unwrap(names)
+        probe = default_probe(self.model, self.device) if probe is None else probe
+        before = logits(self, probe) if probe is not None else None
+        merge_4bit(self.model, list(self.lora_layers()), names, requantize=requantize, dtype=dtype)
+        plain = self._unwrap(names)
+        if before is not None:
+            report = MergeReport.of(before, logits(plain, probe), requantize)
+            plain.lorakit_merge_report = report
+            logger.info("%s", report)
+        return plain
 
     def unload(self) -> nn.Module:
         """Return the plain base model, without any adapter's update (merged ones are unmerged first)."""
@@ -288,11 +308,11 @@ class LoraModel(nn.Module):
     def _unwrap(self, heads_of: Sequence[str]) -> nn.Module:
         """Put every base module back; a trained head replaces the original if an adapter in ``heads_of`` has one."""
         for name, layer in list(self.lora_layers()):
-            _replace(self.model, name, layer.base)
-        for name, module in list(self._saved_modules()):
+            set_submodule(self.model, name, layer.base)
+        for name, module in list(self.saved_modules()):
             head = next((module.modules_to_save[n] for n in heads_of if n in module.modules_to_save),
                         module.original_module)
-            _replace(self.model, name, head)
+            set_submodule(self.model, name, head)
         self._wrappers = None
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -301,58 +321,64 @@ class LoraModel(nn.Module):
     # -- files (see lorakit.io) --------------------------------------------------------------------------
 
     def save_pretrained(self, save_directory: str | os.PathLike, adapter_names: Sequence[str] | None = None,
-                        **kwargs: Any) -> None:
-        """Write adapters in PEFT's format (``adapter_config.json`` + ``adapter_model.safetensors``)."""
-        from .io import save_adapters
-
-        save_adapters(self, save_directory, adapter_names, **kwargs)
+                        base_model_name_or_path: str | None = None) -> None:
+        """Write adapters in PEFT's format (``adapter_config.json`` + ``adapter_model.safetensors``): ``default``
+        in ``save_directory``, any other name in ``save_directory/<name>``."""
+        save_adapters(self, save_directory, adapter_names, base_model_name_or_path)
 
     def load_adapter(self, path: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False,
-                     **kwargs: Any) -> None:
-        """Load an adapter saved by lorakit or PEFT under ``adapter_name``; a failed load changes nothing."""
-        from .io import load_adapter
+                     allow_pickle: bool = False, force: bool = False) -> None:
+        """Load an adapter saved by lorakit or PEFT under ``adapter_name``. On any error the model is unchanged.
 
-        load_adapter(self, path, adapter_name, is_trainable=is_trainable, **kwargs)
+        Args:
+            is_trainable: Whether the loaded adapter trains when active (False: inference only, as in PEFT).
+            allow_pickle: Accept a pickle ``adapter_model.bin`` (read with ``weights_only=True``).
+            force: Load even if the fingerprint says the base differs (the shapes must still fit).
+        """
+        check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists; adapters: {sorted(self.peft_config)}")
+        config, tensors, metadata = read_adapter(path, allow_pickle)
+        with self.unmerged():  # the fingerprint describes the base weights without any update folded in
+            targets = check_fits(self.model, config, tensors, metadata, force)
+        try:
+            self.add_adapter(adapter_name, config)
+            copy_in(self, adapter_name, targets, tensors)
+        except BaseException:
+            if adapter_name in self.peft_config:
+                self.delete_adapter(adapter_name)
+            raise
+        if not is_trainable:
+            self._inference_only.add(adapter_name)
+        self._refresh()
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",
+                        is_trainable: bool = False, allow_pickle: bool = False, force: bool = False) -> LoraModel:
+        """Wrap a plain ``model`` with the adapter saved at ``path`` (by lorakit or PEFT). On any error the model
+        is unchanged. The arguments are :meth:`load_adapter`'s."""
+        check_adapter_name(adapter_name)
+        config, tensors, metadata = read_adapter(path, allow_pickle)
+        targets = check_fits(model, config, tensors, metadata, force)
+        lora = cls(model, config, adapter_name)
+        copy_in(lora, adapter_name, targets, tensors)
+        if not is_trainable:
+            lora._inference_only.add(adapter_name)
+        lora._refresh()
+        return lora
 
     def export_merged(self, save_directory: str | os.PathLike, tokenizer: Any = None,
                       adapter_names: Sequence[str] | None = None) -> None:
         """Save a plain Hugging Face model folder with the adapters folded in; this model stays as it is."""
-        from .export import export_merged
-
         export_merged(self, save_directory, tokenizer, adapter_names)
-
-    @classmethod
-    def from_pretrained(cls, model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",
-                        is_trainable: bool = False, **kwargs: Any) -> LoraModel:
-        """Wrap ``model`` with the adapter saved at ``path`` (by lorakit or PEFT)."""
-        from .io import from_pretrained
-
-        return from_pretrained(model, path, adapter_name, is_trainable=is_trainable, **kwargs)
 
     def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
                              combination_type: str = "svd", svd_rank: int | None = None) -> None:
         """Combine adapters into a new one (``linear``, ``cat`` or ``svd``), as PEFT does."""
-        from .combine import add_weighted_adapter
-
         add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank)
 
 
 _LORAKIT_PARTS = ("adapters", "modules_to_save", "original_module")
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
-def check_adapter_name(name: str) -> None:
-    """Adapter names become folder names: refuse anything that could leave the save directory."""
-    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name \
-            or ".." in name or "\x00" in name or name == BASE_ROW or "." in name:
-        raise ValueError(
-            f"invalid adapter name {name!r}: use a non-empty name without '/', '\\\\', '.' or '..' "
-            f"(and not {BASE_ROW!r})"
-        )
 
 
 def get_lora_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> LoraModel:

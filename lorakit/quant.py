@@ -3,7 +3,8 @@
 :func:`quantize` swaps a model's linear layers (all but the output head) for ``Linear4bit`` in place; LoRA then
 wraps those layers unchanged (``LoraLinear`` calls ``self.base(x)``), with fp32 adapters. Everything else here
 reads or rebuilds 4-bit layers: their dense weight, a dense or re-quantized layer with a merged update, and
-:func:`merge_and_unload`, which folds adapters into a 4-bit model and reports what that did to the logits.
+:func:`merge_4bit`, which folds adapters into a 4-bit model (``LoraModel.merge_and_unload`` reports what that did
+to the logits with :class:`MergeReport`).
 
 bitsandbytes is imported only when a function needs it (``pip install 'lorakit[qlora]'``).
 """
@@ -15,20 +16,17 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from .config import SEQ_CLS_HEAD_NAMES
-from .cpu_memory import return_freed_memory
+from .inject import set_submodule
 from .layers import LoraLayer, is_4bit
-
-if TYPE_CHECKING:
-    from .model import LoraModel
+from .process_memory import return_freed_memory
 
 SCHEMES = ("nf4", "fp4")
-logger = logging.getLogger("lorakit")
 
 
 def bitsandbytes() -> ModuleType:
@@ -258,6 +256,12 @@ class MergeReport:
     mean_abs_logit_diff: float
     max_abs_logit: float
 
+    @classmethod
+    def of(cls, before: torch.Tensor, after: torch.Tensor, requantized: bool) -> MergeReport:
+        """The report for the logits ``before`` and ``after`` merging."""
+        diff = (after - before).abs()
+        return cls(requantized, diff.max().item(), diff.mean().item(), before.abs().max().item())
+
     def __str__(self) -> str:
         how = "re-quantized to 4 bits" if self.requantized else "dense"
         return (f"merged ({how}): logits differ from the unmerged model by max {self.max_abs_logit_diff:.3g}, "
@@ -273,7 +277,8 @@ def default_probe(model: nn.Module, device: torch.device) -> dict[str, torch.Ten
     return {"input_ids": torch.randint(0, vocab, (2, 16), generator=generator).to(device)}
 
 
-def _logits(model: nn.Module, probe: Any) -> torch.Tensor:
+def logits(model: nn.Module, probe: Any) -> torch.Tensor:
+    """The model's fp32 logits on ``probe`` (input ids or a dict of inputs), in eval mode, without gradients."""
     training = model.training
     model.eval()
     try:
@@ -285,46 +290,32 @@ def _logits(model: nn.Module, probe: Any) -> torch.Tensor:
     return out.float()
 
 
-def merge_and_unload(lora: LoraModel, adapter_names: Sequence[str], requantize: bool = False,
-                     dtype: torch.dtype | None = None, probe: Any = None) -> nn.Module:
-    """Fold ``adapter_names`` into a model whose base has 4-bit layers; return the plain model.
+def merge_4bit(model: nn.Module, layers: Sequence[tuple[str, LoraLayer]], adapter_names: Sequence[str],
+               requantize: bool = False, dtype: torch.dtype | None = None) -> None:
+    """Fold ``adapter_names`` into the LoRA ``layers`` of ``model``, whose base has 4-bit layers.
 
     Each 4-bit layer with an adapter is dequantized and the update added in fp32. By default every 4-bit
     layer (with an adapter or not) becomes a dense ``nn.Linear`` in ``dtype`` (default: its compute dtype):
     the result equals the unmerged model up to float rounding. With ``requantize=True`` the merged layers are
     quantized again (same scheme) and the others stay as they are: a 4-bit model again, but rounding the merged
-    weights to 4 bits changes the outputs. Either way the logits before and after are compared on ``probe``
-    (input ids or a dict of model inputs; default: two rows of fixed token ids for Hugging Face models) and the
-    :class:`MergeReport` is logged and kept as ``lorakit_merge_report`` on the returned model.
+    weights to 4 bits changes the outputs. Every replacement is built before any is put in, so an error leaves
+    the model as it was.
     """
-    model = lora.model
-    if probe is None:
-        probe = default_probe(model, lora._device())
-    before = _logits(lora, probe) if probe is not None else None
-    # Build every replacement first: an error here leaves the model as it was.
     replaced: dict[str, nn.Module] = {}
-    for name, layer in lora.lora_layers():
+    for name, layer in layers:
         if is_4bit(layer.base):
             merged = layer.merged_weight(adapter_names, base=dense_weight(layer.base), dtype=torch.float32)
             replaced[name] = (requantized_linear(layer.base, merged) if requantize
                               else dense_linear(layer.base, merged, dtype))
     if not requantize:
-        wrapped = {id(layer.base) for _, layer in lora.lora_layers()}
+        wrapped = {id(layer.base) for _, layer in layers}
         for name, module in model.named_modules():
             if is_4bit(module) and id(module) not in wrapped:
                 replaced[name] = dense_linear(module, dense_weight(module), dtype)
-    for name, layer in lora.lora_layers():
+    for name, layer in layers:
         if name in replaced:
             layer.base = replaced.pop(name)
         else:
             layer.merge(adapter_names)
     for name, module in replaced.items():
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, module)
-    plain = lora._unwrap(adapter_names)
-    if before is not None:
-        diff = (_logits(plain, probe) - before).abs()
-        report = MergeReport(requantize, diff.max().item(), diff.mean().item(), before.abs().max().item())
-        plain.lorakit_merge_report = report
-        logger.info("%s", report)
-    return plain
+        set_submodule(model, name, module)

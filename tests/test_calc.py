@@ -75,7 +75,7 @@ def _saved_bytes(model, ids) -> int:
     """Bytes autograd keeps for the backward pass of the causal-LM loss (each storage once; parameters aside)."""
     import torch
 
-    from lorakit.loss import causal_lm_loss
+    from lorakit.training.loss import causal_lm_loss
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
@@ -116,7 +116,7 @@ def test_activation_estimate_matches_what_autograd_saves(method, targets):
 
 
 def test_memory_parts_follow_the_method():
-    from lorakit.calc import four_bit_bytes, estimate_memory
+    from lorakit.calc import estimate_memory, four_bit_bytes
 
     model = preset_model("llama-2-7b")
     total = sum(p.numel() for p in model.parameters())

@@ -8,7 +8,7 @@ import pytest
 
 from lorakit.cli import main
 from lorakit.compare import compare, expand_targets, sweep
-from lorakit.train_config import TrainConfig
+from lorakit.training.options import TrainConfig
 
 
 def test_compare_measures_every_column_for_all_four_methods(llama64_dir, tmp_path):

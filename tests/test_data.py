@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from lorakit.data import (
+from lorakit.training.builtin_task import SYSTEM, builtin_orders
+from lorakit.training.data import (
     IGNORE,
     DataError,
     Example,
@@ -20,7 +21,6 @@ from lorakit.data import (
     read_table,
     tokenize_chat,
 )
-from lorakit.tasks import SYSTEM, builtin_orders
 
 
 def test_jsonl_error_names_file_and_line(tmp_path):

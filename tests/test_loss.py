@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_gpt2, tiny_llama
 
-from lorakit.data import IGNORE, Example, pack_batch, pad_batch
-from lorakit.loss import causal_lm_loss, linear_cross_entropy
+from lorakit.training.data import IGNORE, Example, pack_batch, pad_batch
+from lorakit.training.loss import causal_lm_loss, linear_cross_entropy
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64])

@@ -240,6 +240,6 @@ def test_mixed_batch_refuses_dora_and_leaves_no_routing_behind(ids):
     model.add_adapter("dora", _random_adapter(target_modules=["q_proj"], use_dora=True))
     with pytest.raises(ValueError, match="do not support DoRA"):
         model(input_ids=ids, adapter_names=["plain", "dora", "plain"])
-    assert all(layer._routing is None for _, layer in model.lora_layers())
+    assert all(layer.routing is None for _, layer in model.lora_layers())
     model.set_adapter("plain")
     torch.testing.assert_close(_logits(model, ids)[:1], _logits(model, ids[:1]))

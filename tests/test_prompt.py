@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_llama
 
-from lorakit.loss import causal_lm_loss
-from lorakit.prompt import PromptTuningModel
-from lorakit.train_config import TrainConfig
-from lorakit.trainer import train
+from lorakit.prompt_tuning import PromptTuningModel
+from lorakit.training.loop import train
+from lorakit.training.loss import causal_lm_loss
+from lorakit.training.options import TrainConfig
 
 FAST = {"max_eval": 4, "max_new_tokens": 4, "progress": False, "warmup_steps": 1, "lr": 0.3}
 

@@ -14,8 +14,8 @@ from lorakit.calc import four_bit_bytes
 from lorakit.layers import LoraLinear, is_4bit
 from lorakit.model import LoraModel
 from lorakit.quant import dense_weight, quantize, quantized_bytes
-from lorakit.train_config import TrainConfig
-from lorakit.trainer import train
+from lorakit.training.loop import train
+from lorakit.training.options import TrainConfig
 
 FAST = {"max_eval": 4, "max_new_tokens": 4, "progress": False, "warmup_steps": 1, "lr": 1e-2}
 

@@ -10,7 +10,7 @@ from conftest import tiny_llama
 
 from lorakit import LoraConfig, LoraModel, get_lora_model
 from lorakit.cli import main
-from lorakit.rank import inspect_adapter, resize_adapter
+from lorakit.svd import inspect_adapter, resize_adapter
 
 
 def _adapter_of_rank(folder, k: int, r: int = 8, seed: int = 0, **config) -> LoraModel:

@@ -10,7 +10,7 @@ import torch
 from lorakit import LoraConfig, LoraModel, get_lora_model
 
 peft = pytest.importorskip("peft", reason="PEFT is the reference these tests compare with (pip install peft)")
-pretrained = pytest.importorskip("lorakit.pretrained")
+pretrained = pytest.importorskip("lorakit.embedded_models")
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import torch
 import transformers
 
 from lorakit import LoraConfig, get_lora_model
-from lorakit.io import from_pretrained
+from lorakit.model import LoraModel
 from lorakit.serve import build_engine, create_app
 
 httpx = pytest.importorskip("httpx", reason="the server tests need httpx (pip install -e '.[dev]')")
@@ -92,7 +92,7 @@ def root(tmp_path_factory, tiny_llama_dir) -> Path:
 def reference(tiny_llama_dir, root):
     """The same base and adapters in a LoraModel, for generate()."""
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
-    lora = from_pretrained(model, root / "a", "a")
+    lora = LoraModel.from_pretrained(model, root / "a", "a")
     lora.load_adapter(root / "b", "b")
     return lora
 

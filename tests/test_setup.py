@@ -26,7 +26,7 @@ def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
 def test_embedded_model_files_are_found_without_importing_their_packages():
     import sys
 
-    from lorakit.pretrained import minilm_dir, smollm2_gguf
+    from lorakit.embedded_models import minilm_dir, smollm2_gguf
 
     try:
         gguf = smollm2_gguf()

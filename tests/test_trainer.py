@@ -16,8 +16,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from lorakit.train_config import TrainConfig
-from lorakit.trainer import TrainingError, lr_lambda, train
+from lorakit.training.loop import TrainingError, lr_lambda, train
+from lorakit.training.options import TrainConfig
 
 FAST = {"max_eval": 4, "max_new_tokens": 4, "progress": False, "warmup_steps": 1, "lr": 1e-2}
 
@@ -117,7 +117,7 @@ def test_kill_minus_9_then_resume_is_bit_identical(tiny_llama_dir, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tiny_llama_dir, tmp_path, monkeypatch):
-    import lorakit.train_setup as setup
+    import lorakit.training.tasks as setup
 
     real, calls = setup.causal_lm_loss, []
 
@@ -243,9 +243,9 @@ def test_eval_and_generate_commands_use_the_saved_adapter(tiny_llama_dir, tmp_pa
 
 
 def test_gradient_checkpointing_trains_the_same_adapter(tiny_llama_dir, tmp_path):
-    from lorakit.train_setup import build_run
+    from lorakit.training.tasks import build_task
 
-    run = build_run(TrainConfig(model=tiny_llama_dir, grad_checkpointing=True), torch.device("cpu"), "fp32")
+    run = build_task(TrainConfig(model=tiny_llama_dir, grad_checkpointing=True), torch.device("cpu"), "fp32")
     assert run.model.model.is_gradient_checkpointing  # really on, so the comparison below means something
     train(model=tiny_llama_dir, steps=2, output_dir=str(tmp_path / "plain"), **FAST)
     train(model=tiny_llama_dir, steps=2, grad_checkpointing=True, output_dir=str(tmp_path / "ckpt"), **FAST)
@@ -267,7 +267,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason=f"the real datasets are not at {SHARED}")
 def test_real_datasets_parse_and_train(smollm2_tokenizer, tiny_bert_dir, tmp_path):
-    from lorakit.data import load_causal_lm, read_table
+    from lorakit.training.data import load_causal_lm, read_table
 
     alpaca = load_causal_lm(SHARED / "instruct" / "alpaca_gpt4_en_demo_999.json", smollm2_tokenizer, 512)
     assert len(alpaca) == 999 and all(e.n_targets > 0 for e in alpaca)

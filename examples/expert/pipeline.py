@@ -77,10 +77,10 @@ def export_step(out: Path) -> dict:
     import transformers
 
     from lorakit import LoraModel
-    from lorakit.evaluate import generate_texts
+    from lorakit.embedded_models import load_default_tokenizer
     from lorakit.inference import base_model_for, generate
-    from lorakit.pretrained import load_default_tokenizer
-    from lorakit.tasks import SYSTEM
+    from lorakit.training.builtin_task import SYSTEM
+    from lorakit.training.metrics import generate_texts
 
     print("\n== 3. merging the orders adapter and exporting a plain model", flush=True)
     adapter, export = out / "orders", out / "orders-merged"
@@ -110,7 +110,7 @@ def free_port() -> int:
 def serve_step(out: Path) -> dict:
     """Start `lorakit serve` with both adapters, query them with the client, stop it."""
     from lorakit.inference import generate
-    from lorakit.tasks import SYSTEM
+    from lorakit.training.builtin_task import SYSTEM
 
     print("\n== 4. serving both adapters on one 4-bit base", flush=True)
     port = free_port()

@@ -14,6 +14,9 @@ from typing import Any
 
 import torch
 
+from ..embedded_models import build_model, model_source, require_transformers
+from ..model import LoraModel
+from ..quant import quantize as to_4bit
 from .api import create_app, prometheus_text
 from .engine import Engine, Event, Request
 from .sampling import RequestError, SamplingParams
@@ -47,8 +50,6 @@ def build_engine(base: str = "default", adapters: dict[str, str | Path] | None =
     Raises:
         ValueError: An unknown dtype, a base that is not a causal LM, or ``merge`` without exactly one adapter.
     """
-    from ..pretrained import _transformers, build_model, model_source
-
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     adapters = dict(adapters or {})
@@ -60,17 +61,13 @@ def build_engine(base: str = "default", adapters: dict[str, str | Path] | None =
     if not hasattr(model, "generate") or not type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")):
         raise ValueError(f"{base!r} is a {type(model).__name__}; lorakit serve needs a causal language model")
     if quantize is not None:
-        from ..quant import quantize as to_4bit
-
         to_4bit(model, quantize)
-    tokenizer = _transformers().AutoTokenizer.from_pretrained(str(model_source(base)))
+    tokenizer = require_transformers().AutoTokenizer.from_pretrained(str(model_source(base)))
     name = served_model_name or base_name_for(base)
     if merge:
-        from ..io import from_pretrained
-
         ((name, path),) = adapters.items()
         # On a 4-bit base the merged layers are rounded to 4 bits again, so the model stays as small as asked.
-        model = from_pretrained(model, path, name).merge_and_unload(**({"requantize": True} if quantize else {}))
+        model = LoraModel.from_pretrained(model, path, name).merge_and_unload(**({"requantize": True} if quantize else {}))
         adapters = {}
     return Engine(model, tokenizer, base_name=name, adapters=adapters, **engine_args)
 

@@ -62,7 +62,7 @@ def create_app(engine: Engine) -> Any:
                               seed=body.seed, ignore_eos=body.ignore_eos)
 
     def chat_ids(messages: list[Message]) -> list[int]:
-        from ..data import prompt_ids
+        from ..training.data import prompt_ids
 
         if not getattr(engine.tokenizer, "chat_template", None):
             raise RequestError(400, "this model's tokenizer has no chat template; use /v1/completions")

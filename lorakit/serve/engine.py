@@ -3,7 +3,7 @@
 One thread owns the model. It runs *continuous batching*: at every decoding step it admits waiting requests (a
 prefill pass over their prompts, its KV cache left-padded and joined to the running batch's), then runs one
 decoding step for every running row. Rows that use different adapters share that step through the mixed-batch
-forward (``LoraModel._mixed_batch``: each row gathers its own A and B); when every row uses one adapter, the plain
+forward (``LoraModel.mixed_batch``: each row gathers its own A and B); when every row uses one adapter, the plain
 forward with that adapter active is used instead. Finished rows leave the batch at once.
 
 Which adapters are in the model is :class:`~lorakit.serve.slots.AdapterSlots`' business (LRU, reload on demand).
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..layers import BASE_ROW
+from ..config import BASE_ROW, check_adapter_name
 from .kv_cache import concat_caches, joinable, left_pad_cache, new_cache, slice_cache
 from .sampling import RequestError, SamplingParams, TextStream, next_token
 from .slots import AdapterSlots
@@ -199,8 +199,6 @@ class Engine:
             RequestError: 400 for a bad or taken name or an adapter that does not load (the model stays as it
                 was), 403 for a path outside ``adapter_root``, 503 when every slot is held by running requests.
         """
-        from ..model import check_adapter_name
-
         try:
             check_adapter_name(name)
         except ValueError as err:
@@ -406,7 +404,7 @@ class Engine:
             if self._routing is None or self._routing[0] != key:
                 self._close_routing()
                 stack = ExitStack()
-                stack.enter_context(lora._mixed_batch([BASE_ROW if a is None else a for a in key]))
+                stack.enter_context(lora.mixed_batch([BASE_ROW if a is None else a for a in key]))
                 self._routing = (key, stack)
             return nullcontext()
         self._close_routing()

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from ..io import read_adapter_config
+from ..model import LoraModel
 from .sampling import RequestError
 
 
@@ -113,8 +115,6 @@ class AdapterSlots:
             self._evict(name)
 
     def _load(self, name: str, folder: Path) -> None:
-        from ..io import from_pretrained, read_adapter_config
-
         if name in self._rooted:
             self._check_files_inside_root(name, folder)
         self._before_change()
@@ -122,7 +122,7 @@ class AdapterSlots:
             if read_adapter_config(folder).get("use_dora"):
                 raise ValueError("DoRA adapters cannot share a batch with other adapters; serve it alone with --merge")
             if self.lora is None:
-                self.lora = from_pretrained(self.base, folder, name)
+                self.lora = LoraModel.from_pretrained(self.base, folder, name)
             else:
                 self.lora.load_adapter(folder, name)
         except Exception as err:  # noqa: BLE001 - whatever is wrong with the files, the client gets 400

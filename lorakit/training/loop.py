@@ -2,8 +2,8 @@
 
 The loop reads top to bottom: build the run (model, data, loss), evaluate, then for each optimizer step gather
 ``grad_accum`` micro-batches, run forward/backward (under bf16 autocast when asked), clip, step the optimizer and
-the schedule, log, maybe evaluate, maybe checkpoint; at the end evaluate again and save. The tasks differ only in
-their batches, loss and evaluation (see :class:`Run`).
+the schedule, log, maybe evaluate, maybe checkpoint; at the end evaluate again, save and summarize. The tasks differ
+only in their model, batches, loss and evaluation (see :mod:`lorakit.training.tasks`).
 
 Exactness rules the bookkeeping:
 
@@ -17,10 +17,8 @@ Exactness rules the bookkeeping:
 
 from __future__ import annotations
 
-import datetime
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -30,13 +28,15 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import yaml
 from torch import nn
 
+from ..process_memory import map_large_allocations, peak_rss_mib, reset_peak_rss
 from .checkpoint import checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .cpu_memory import map_large_allocations, peak_rss_mib, reset_peak_rss
-from .train_config import TrainConfig
-from .train_log import MetricsLog, plot_loss
-from .train_setup import Run, build_run
+from .devices import Processes, resolve_device, resolve_precision, start_processes
+from .metrics_log import MetricsLog, plot_loss
+from .options import TrainConfig
+from .tasks import Task, build_task
 
 RESUMABLE_CHANGES = {"resume", "progress", "low_memory", "save_every", "keep_checkpoints", "eval_every", "max_eval",
                      "eval_batch_size"}
@@ -44,84 +44,6 @@ RESUMABLE_CHANGES = {"resume", "progress", "low_memory", "save_every", "keep_che
 
 class TrainingError(ValueError):
     """Training stopped (a NaN/inf loss, say); the message says where the last good checkpoint is."""
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Devices, precision, processes
-# --------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Processes:
-    """This process's place in a ``torchrun`` job (rank 0 of 1 without one)."""
-
-    rank: int = 0
-    world: int = 1
-    device: torch.device = torch.device("cpu")  # where collectives run (nccl needs CUDA tensors)
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def all_sum(self, value: float) -> float:
-        if self.world == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return t.item()
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but no CUDA device is available; use --device cpu or auto")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and "LOCAL_RANK" in os.environ:
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return torch.device(name)
-
-
-def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX tiles, the only CPUs where bf16 GEMMs beat fp32 by a wide margin.
-
-    With AVX512-BF16 alone, bf16 GEMMs run at about the fp32 speed (measured: 72 vs 61 GFLOPS on 2 cores) while
-    the rank-r products of LoRA fall off the fast kernels, and on AVX2 they are 5-8× slower than fp32.
-    """
-    return torch.backends.cpu.get_cpu_capability() == "AMX" or _cpuinfo_has("amx_bf16")
-
-
-def _cpuinfo_has(flag: str) -> bool:
-    try:
-        return f" {flag}" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    """``auto`` → bf16 on CUDA with bf16 support and on AMX CPUs, fp32 elsewhere."""
-    if name != "auto":
-        return name
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_has_amx() else "fp32"
-
-
-def start_processes(device: torch.device) -> Processes:
-    """Join the ``torchrun`` process group (gloo on CPU, nccl on CUDA), if this is a torchrun job."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Processes()
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        # Rank 0 evaluates and saves while the others wait at a barrier: give that time (generation can be slow).
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(hours=2))
-    return Processes(dist.get_rank(), dist.get_world_size(), device)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -188,14 +110,6 @@ class _Objective(nn.Module):
         return self.loss_fn(self.model, batch)
 
 
-def _config_changes(saved_yaml: str, config: TrainConfig) -> list[str]:
-    import yaml
-
-    saved = yaml.safe_load(saved_yaml)
-    now = config.to_dict()
-    return [f"{k}: {saved.get(k)!r} → {now[k]!r}" for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
-
-
 def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
     """Train as ``config`` says (defaults: the built-in task on the embedded SmolLM2-135M-Instruct).
 
@@ -208,19 +122,13 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
         seconds, and ``output_dir`` / ``adapter_bytes`` of the saved adapter (or full model).
 
     With ``low_memory`` on CPU this sets glibc's allocator to map large allocations separately, for the whole
-    process (see :mod:`lorakit.cpu_memory`).
+    process (see :mod:`lorakit.process_memory`).
 
     Raises:
         ValueError: A bad option or dataset (the message names it); :class:`TrainingError` when the loss turns
             NaN/inf (the last good checkpoint stays intact).
     """
-    if config is None:
-        config = TrainConfig(**overrides)
-    elif isinstance(config, dict):
-        config = TrainConfig(**{**config, **overrides})
-    elif overrides:
-        config = TrainConfig(**{**config.to_dict(), **overrides})
-    config = config.resolved()
+    config = _as_config(config, overrides)
     t_start = time.perf_counter()
     device = resolve_device(config.device)
     if config.low_memory and device.type == "cpu":
@@ -233,61 +141,41 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
         out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(config.seed + procs.rank)  # the same base/adapter init on every rank: broadcast by DDP
-    run: Run = build_run(config, device, precision)
+    task = build_task(config, device, precision)
     reset_peak_rss()  # the reported peak is that of evaluating and training, not of loading the model
-    model = run.model
+    model = task.model
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, config.lr, config.weight_decay)
-    per_epoch = len(run.train) // (config.batch_size * procs.world)
+    per_epoch = len(task.train) // (config.batch_size * procs.world)
     if per_epoch == 0:
-        raise ValueError(f"the training data has {len(run.train)} examples, fewer than one global batch "
+        raise ValueError(f"the training data has {len(task.train)} examples, fewer than one global batch "
                          f"({config.batch_size} × {procs.world} processes); lower --batch-size")
     total = config.total_steps(per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.schedule, config.warmup_steps, total))
-    import yaml
-
     config_yaml = yaml.safe_dump(config.to_dict(), sort_keys=False)
 
-    start_step, before = 0, None
-    resumed_from = None
-    if not config.resume and checkpoints(ckpt_root):
-        raise ValueError(f"{ckpt_root} holds checkpoints of an earlier run; continue it with --resume, or remove "
-                         f"them or choose another --output-dir (nothing was changed)")
-    if config.resume:
-        found = checkpoints(ckpt_root)
-        if not found:
-            raise ValueError(f"--resume: no checkpoint in {ckpt_root} (checkpoints are written with --save-every N)")
-        resumed_from = found[-1]
-        changes = _config_changes((resumed_from / "train_config.yaml").read_text(), config)
-        if changes:
-            raise ValueError(f"--resume: {resumed_from} belongs to a run with other options ({'; '.join(changes)})")
-        state = load_checkpoint(resumed_from, model, optimizer, scheduler)
-        if len(state["rng"]) != procs.world:
-            raise ValueError(f"--resume: {resumed_from} was written by {len(state['rng'])} process(es), this run has "
-                             f"{procs.world}; the data order and RNG states would differ. Resume with the same count")
-        set_rng_state(state["rng"][procs.rank])
-        start_step, before = state["step"], state["before"]
+    start = resume(config, ckpt_root, procs, model, optimizer, scheduler)
     log = MetricsLog(out / "metrics.jsonl", enabled=procs.main)
-    log.start(start_step if resumed_from else None)
-
+    log.start(start.step if start.checkpoint else None)
+    before = start.before
     if before is None:
-        before = run.evaluate(model, "before") if procs.main else {}
+        before = task.evaluate(model, "before") if procs.main else {}
         log.write({"step": 0, "eval": before})
     procs.barrier()
 
-    objective = _Objective(model, run.loss)
+    objective = _Objective(model, task.loss)
     if procs.world > 1:
         objective = nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda"
                                                         else None)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-    bar = _progress(config.progress and procs.main, total, start_step)
+    bar = _progress(config.progress and procs.main, total, start.step)
     model.train()
     tokens_seen, t_train = 0, time.perf_counter()
     loss_first = loss_last = None
-    for step in range(start_step, total):
+    for step in range(start.step, total):
         t_step = time.perf_counter()
-        micro = [run.batch(micro_batch_indices(step * config.grad_accum + i, len(run.train), config.batch_size,
-                                               procs, config.seed))
+        micro = [task.batch(micro_batch_indices(step * config.grad_accum + i, len(task.train), config.batch_size,
+                                                procs, config.seed))
                  for i in range(config.grad_accum)]
         targets = procs.all_sum(float(sum(m.targets for m in micro)))
         step_tokens = int(procs.all_sum(float(sum(m.tokens for m in micro))))
@@ -325,7 +213,7 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
         done = step + 1
         if config.eval_every and done % config.eval_every == 0 and done < total:
             if procs.main:
-                log.write({"step": done, "eval": run.evaluate(model, f"step {done}")})
+                log.write({"step": done, "eval": task.evaluate(model, f"step {done}")})
             procs.barrier()
         if config.save_every and done % config.save_every == 0 and done < total:
             states = _gather_rng(procs)
@@ -340,26 +228,91 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
 
     result: dict[str, Any] = {}
     if procs.main:
-        after = run.evaluate(model, "after")
+        after = task.evaluate(model, "after")
         log.write({"step": total, "eval": after})
-        saved_bytes = run.save(model, out)
+        saved_bytes = task.save(model, out)
         config.save_yaml(out / "train_config.yaml")
-        trainable, all_params = run.count_parameters()
-        png = plot_loss(log.records, out / "loss_curve.png", f"{config.method} on {run.name}")
-        result = {
-            "task": run.name, "method": config.method, "quantize": config.quantize, "precision": precision,
-            "device": str(device),
-            "processes": procs.world, "trainable_params": trainable, "all_params": all_params,
-            "steps": total, "resumed_from": str(resumed_from) if resumed_from else None,
-            "first_loss": loss_first, "last_loss": loss_last, "tokens": tokens_seen,
-            "train_seconds": train_s, "tokens_per_s": tokens_seen / train_s if train_s else 0.0,
-            "before": before, "after": after, "output_dir": str(out), "adapter_bytes": saved_bytes,
-            "loss_curve": str(png) if png else None, "total_seconds": time.perf_counter() - t_start,
-            "peak_rss_mib": peak_rss_mib(),
-        }
+        png = plot_loss(log.records, out / "loss_curve.png", f"{config.method} on {task.name}")
+        result = summarize(config, task, precision=precision, device=device, procs=procs, steps=total,
+                           resumed_from=start.checkpoint, losses=(loss_first, loss_last), tokens=tokens_seen,
+                           train_s=train_s, before=before, after=after, saved_bytes=saved_bytes, loss_curve=png,
+                           total_s=time.perf_counter() - t_start)
         (out / "summary.json").write_text(json.dumps(result, indent=2))
     procs.barrier()
     return result
+
+
+def _as_config(config: TrainConfig | dict[str, Any] | None, overrides: dict[str, Any]) -> TrainConfig:
+    if config is None:
+        config = TrainConfig(**overrides)
+    elif isinstance(config, dict):
+        config = TrainConfig(**{**config, **overrides})
+    elif overrides:
+        config = TrainConfig(**{**config.to_dict(), **overrides})
+    return config.resolved()
+
+
+@dataclass
+class Start:
+    """Where the loop starts: step 0, or the step of the checkpoint it resumes from."""
+
+    step: int = 0
+    before: dict[str, Any] | None = None  # the evaluation before training, kept in the checkpoint
+    checkpoint: Path | None = None
+
+
+def resume(config: TrainConfig, ckpt_root: Path, procs: Processes, model: nn.Module,
+           optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler) -> Start:
+    """With ``--resume``, load the last checkpoint's model, optimizer, schedule and RNG states into place.
+
+    Without it, refuse to start over checkpoints of an earlier run (they would be overwritten).
+
+    Raises:
+        ValueError: No checkpoint to resume from, one from a run with other options or another process count.
+    """
+    found = checkpoints(ckpt_root)
+    if not config.resume:
+        if found:
+            raise ValueError(f"{ckpt_root} holds checkpoints of an earlier run; continue it with --resume, or remove "
+                             f"them or choose another --output-dir (nothing was changed)")
+        return Start()
+    if not found:
+        raise ValueError(f"--resume: no checkpoint in {ckpt_root} (checkpoints are written with --save-every N)")
+    last = found[-1]
+    changes = _config_changes((last / "train_config.yaml").read_text(), config)
+    if changes:
+        raise ValueError(f"--resume: {last} belongs to a run with other options ({'; '.join(changes)})")
+    state = load_checkpoint(last, model, optimizer, scheduler)
+    if len(state["rng"]) != procs.world:
+        raise ValueError(f"--resume: {last} was written by {len(state['rng'])} process(es), this run has "
+                         f"{procs.world}; the data order and RNG states would differ. Resume with the same count")
+    set_rng_state(state["rng"][procs.rank])
+    return Start(state["step"], state["before"], last)
+
+
+def _config_changes(saved_yaml: str, config: TrainConfig) -> list[str]:
+    saved = yaml.safe_load(saved_yaml)
+    now = config.to_dict()
+    return [f"{k}: {saved.get(k)!r} → {now[k]!r}" for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
+
+
+def summarize(config: TrainConfig, task: Task, *, precision: str, device: torch.device, procs: Processes,
+              steps: int, resumed_from: Path | None, losses: tuple[float | None, float | None], tokens: int,
+              train_s: float, before: dict[str, Any], after: dict[str, Any], saved_bytes: int,
+              loss_curve: Path | None, total_s: float) -> dict[str, Any]:
+    """The run's summary, as ``train`` returns it and writes it to ``summary.json``."""
+    trainable, all_params = task.count_parameters()
+    return {
+        "task": task.name, "method": config.method, "quantize": config.quantize, "precision": precision,
+        "device": str(device),
+        "processes": procs.world, "trainable_params": trainable, "all_params": all_params,
+        "steps": steps, "resumed_from": str(resumed_from) if resumed_from else None,
+        "first_loss": losses[0], "last_loss": losses[1], "tokens": tokens,
+        "train_seconds": train_s, "tokens_per_s": tokens / train_s if train_s else 0.0,
+        "before": before, "after": after, "output_dir": str(Path(config.output_dir)), "adapter_bytes": saved_bytes,
+        "loss_curve": str(loss_curve) if loss_curve else None, "total_seconds": total_s,
+        "peak_rss_mib": peak_rss_mib(),
+    }
 
 
 def _gather_rng(procs: Processes) -> list[dict[str, Any]]:

@@ -46,7 +46,7 @@ def minilm_dir() -> Path:
     return path
 
 
-def _transformers():
+def require_transformers():
     try:
         import transformers
     except ImportError:
@@ -76,7 +76,7 @@ def default_model_dir() -> Path:
     folder = cache_root() / f"SmolLM2-135M-Instruct-{stat.st_size}-{int(stat.st_mtime)}"
     if (folder / "config.json").is_file():
         return folder
-    transformers = _transformers()
+    transformers = require_transformers()
     print(f"lorakit: converting the embedded {gguf.name} once to {folder} (about a minute)", file=sys.stderr)
     model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                               dtype=torch.float32)
@@ -101,7 +101,7 @@ def default_model_dir() -> Path:
 
 def load_default_model(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """SmolLM2-135M-Instruct as a ``LlamaForCausalLM`` (dequantized from the embedded GGUF), in eval mode."""
-    transformers = _transformers()
+    transformers = require_transformers()
     model = transformers.AutoModelForCausalLM.from_pretrained(str(default_model_dir()), dtype=dtype)
     model.config._name_or_path = HUB_NAME
     return model.eval()
@@ -109,7 +109,7 @@ def load_default_model(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
 
 def load_default_tokenizer():
     """The tokenizer of SmolLM2-135M-Instruct, with its chat template."""
-    return _transformers().AutoTokenizer.from_pretrained(str(default_model_dir()))
+    return require_transformers().AutoTokenizer.from_pretrained(str(default_model_dir()))
 
 
 def model_source(spec: str) -> Path:
@@ -140,7 +140,7 @@ def build_model(spec: str, meta: bool = False, dtype: torch.dtype = torch.float3
         FileNotFoundError: ``spec`` names nothing that exists.
         ValueError: The file or folder holds no Hugging Face model config.
     """
-    transformers = _transformers()
+    transformers = require_transformers()
     source = model_source(spec)
     try:
         config = transformers.AutoConfig.from_pretrained(str(source))

@@ -23,6 +23,8 @@ import torch
 from torch import nn
 
 from .io import PREFIX, json_targets, read_adapter, read_adapter_config, write_adapter_files
+from .model import LoraModel
+from .quant import default_probe, logits
 
 # PEFT's keys: ``<module>.lora_A.weight`` (``<module>.lora_embedding_A`` for embeddings), and the same for B.
 _A = re.compile(r"^(.*)\.lora_(?:embedding_)?A(?:\.weight)?$")
@@ -157,18 +159,15 @@ def resize_adapter(path: str | os.PathLike, rank: int, output: str | os.PathLike
 
 
 def _logit_error(model: nn.Module, before: str | os.PathLike, after: Path, probe: Any) -> dict[str, float]:
-    from .model import LoraModel
-    from .quant import _logits, default_probe
-
     lora = LoraModel.from_pretrained(model, before, adapter_name="before")
     lora.load_adapter(after, adapter_name="after")
-    probe = probe if probe is not None else default_probe(model, lora._device())
+    probe = probe if probe is not None else default_probe(model, lora.device)
     if probe is None:
         raise ValueError("pass probe= inputs to compare logits on this model (it has no vocabulary to sample)")
     lora.set_adapter("before")
-    reference = _logits(lora, probe)
+    reference = logits(lora, probe)
     lora.set_adapter("after")
-    diff = (_logits(lora, probe) - reference).abs()
+    diff = (logits(lora, probe) - reference).abs()
     lora.unload()
     return {"max_abs_logit_diff": diff.max().item(), "mean_abs_logit_diff": diff.mean().item(),
             "max_abs_logit": reference.abs().max().item()}

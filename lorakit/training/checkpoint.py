@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from .io import safetensors_bytes
+from ..io import safetensors_bytes
 
 PREFIX = "step-"
 

@@ -97,7 +97,7 @@ def _plain_head(model: nn.Module) -> nn.Linear | None:
 
 
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token loss and the number of target tokens of a batch from :mod:`lorakit.data`.
+    """Summed next-token loss and the number of target tokens of a batch from :mod:`lorakit.training.data`.
 
     ``batch["targets"]`` is already shifted per example. For Hugging Face causal LMs with a plain output layer the
     backbone's hidden states at the target positions go through :func:`linear_cross_entropy`; any other model's

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .quant import SCHEMES
+from ..quant import SCHEMES
 
 TASKS = ("builtin", "causal_lm", "seq_cls")
 METHODS = ("lora", "full", "prompt")

@@ -1,0 +1,153 @@
+"""The package as a whole: imports flow one way, and ``import lorakit`` stays light.
+
+The import graph is read from the source (``ast``), function-local imports included, so a cycle cannot hide
+inside a function. Imports under ``if TYPE_CHECKING:`` never run and are left out.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "lorakit"
+
+# Each module may import modules of its own level or below, never above. Within a level, no cycles.
+LEVELS: list[set[str]] = [
+    # 0. the core: LoRA itself, its files and its 4-bit base. Imports only torch and safetensors.
+    {"config", "process_memory", "layers", "mixed", "inject", "quant", "combine", "io", "export", "model"},
+    # 1. tools on top of the core
+    {"prompt_tuning", "svd", "calc", "embedded_models"},
+    # 2. the trainer
+    {"training"},
+    # 3. what uses trained adapters or runs the trainer
+    {"inference", "compare", "demo", "serve"},
+    # 4. the command line
+    {"cli", "__main__"},
+]
+LEVEL = {name: i for i, names in enumerate(LEVELS) for name in names}
+CORE_THIRD_PARTY = {"torch", "safetensors", "bitsandbytes"}  # bitsandbytes: imported by quant only when used
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or \
+        (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _imports(path: Path) -> list[str]:
+    """Absolute names of every module ``path`` imports, anywhere in the file but under ``if TYPE_CHECKING:``."""
+    module = _module_name(path)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: list[str] = []
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            found.extend(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[:len(base) - node.level + 1]
+                prefix = ".".join(base + ([node.module] if node.module else []))
+            else:
+                prefix = node.module or ""
+            # "from . import x" / "from .pkg import mod" may name submodules: record both spellings
+            found.append(prefix)
+            found.extend(f"{prefix}.{alias.name}" for alias in node.names)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text(), str(path)))
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in files.items():
+        if name == "lorakit":  # the package's front door re-exports; it is not a layer
+            continue
+        graph[name] = {dep for dep in _imports(path) if dep in files and dep != name and dep != "lorakit"}
+    return graph
+
+
+def _top(module: str) -> str:
+    return module.split(".")[1]
+
+
+def test_every_module_has_a_level():
+    unplaced = sorted({_top(m) for m in _graph()} - LEVEL.keys())
+    assert not unplaced, f"modules without a level in LEVELS: {unplaced}"
+
+
+def test_no_import_cycles():
+    graph = _graph()
+    state: dict[str, int] = {}
+    cycles: list[list[str]] = []
+
+    def walk(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                cycles.append(stack[stack.index(dep):] + [dep] if dep in stack else [node, dep])
+            elif dep not in state:
+                walk(dep, stack + [dep])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            walk(node, [node])
+    assert not cycles, "import cycles: " + "; ".join(" → ".join(c) for c in cycles)
+
+
+def test_imports_only_point_down():
+    upward = [f"{m} (level {LEVEL[_top(m)]}) imports {d} (level {LEVEL[_top(d)]})"
+              for m, deps in _graph().items() for d in deps if LEVEL[_top(d)] > LEVEL[_top(m)]]
+    assert not upward, "\n".join(upward)
+
+
+def test_no_module_imports_a_private_name_of_another():
+    private = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("lorakit")):
+                private += [f"{path.relative_to(PACKAGE.parent)}: {alias.name}" for alias in node.names
+                            if alias.name.startswith("_") and alias.name != "__version__"]
+    assert not private, private
+
+
+def test_the_core_imports_only_torch_and_safetensors():
+    stdlib = set(sys.stdlib_module_names) | {"__future__"}
+    for name in LEVELS[0]:
+        outside = {dep.split(".")[0] for dep in _imports(PACKAGE / f"{name}.py")
+                   if not dep.startswith("lorakit")} - stdlib - CORE_THIRD_PARTY
+        assert not outside, f"lorakit/{name}.py imports {sorted(outside)}"
+
+
+@pytest.mark.parametrize("heavy", ["transformers", "lorakit.training", "lorakit.serve", "peft", "bitsandbytes"])
+def test_import_lorakit_stays_light(heavy):
+    code = f"import sys, lorakit; print({heavy!r} in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"
+
+
+def test_the_public_names_import_from_the_package():
+    from lorakit import LoraConfig, LoraModel, TrainConfig, find_targets, get_lora_model, quantize, train
+    from lorakit.training import TrainConfig as TrainingConfig
+    from lorakit.training import train as training_train
+
+    assert TrainConfig is TrainingConfig and train is training_train
+    assert callable(get_lora_model) and callable(find_targets) and callable(quantize)
+    assert LoraModel.__name__ == "LoraModel" and LoraConfig().r == 8
