@@ -34,8 +34,11 @@ from client import chat, models, stream_chat
 
 ORDER = "Hi, this is Priya. Could I get three large cappuccinos on Saturday?"
 INSTRUCTION = "Give three tips for staying focused while studying."
-# A smoke run trains 3 steps and evaluates on 4 examples.
-SMOKE = {"steps": 3, "max_eval": 4, "eval_batch_size": 4, "warmup_steps": 1, "progress": False}
+# A smoke run checks the pipeline, not the quality: 2 steps of 2 examples per adapter, evaluation on 2 examples,
+# and short answers everywhere.
+SMOKE = {"steps": 2, "batch_size": 2, "max_eval": 2, "eval_batch_size": 2, "max_new_tokens": 12, "warmup_steps": 1,
+         "progress": False}
+SMOKE_TOKENS, FULL_TOKENS = 12, 48  # answer length in the export and serve stages
 
 
 def headline(metrics: dict) -> str:
@@ -71,7 +74,7 @@ def evaluate_step(out: Path, summaries: dict[str, dict]) -> dict[str, dict]:
     return results
 
 
-def export_step(out: Path) -> dict:
+def export_step(out: Path, tokens: int) -> dict:
     """Merge the orders adapter into its (dequantized) base, save a plain model folder, load it back."""
     import torch
     import transformers
@@ -92,8 +95,8 @@ def export_step(out: Path) -> dict:
     size = sum(f.stat().st_size for f in export.iterdir()) / 2**20
     plain = transformers.AutoModelForCausalLM.from_pretrained(export).eval()  # no lorakit needed from here
     chat_ = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": ORDER}]
-    exported = generate_texts(plain, tokenizer, [chat_], max_new_tokens=48)[0]
-    adapter_answer = generate(ORDER, adapter=adapter, max_new_tokens=48)
+    exported = generate_texts(plain, tokenizer, [chat_], max_new_tokens=tokens)[0]
+    adapter_answer = generate(ORDER, adapter=adapter, max_new_tokens=tokens)
     print(f"   merge: max |logit diff| {report.max_abs_logit_diff:.2e} (mean {report.mean_abs_logit_diff:.2e}); "
           f"exported {size:.0f} MiB to {export}", flush=True)
     print(f"   exported model:   {exported!r}\n   adapter on 4-bit: {adapter_answer!r}", flush=True)
@@ -107,7 +110,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_step(out: Path) -> dict:
+def serve_step(out: Path, tokens: int) -> dict:
     """Start `lorakit serve` with both adapters, query them with the client, stop it."""
     from lorakit.inference import generate
     from lorakit.training.builtin_task import SYSTEM
@@ -136,20 +139,20 @@ def serve_step(out: Path) -> dict:
         print(f"   models: {served}", flush=True)
         orders_messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": ORDER}]
         alpaca_messages = [{"role": "user", "content": INSTRUCTION}]
-        answers = {"orders": chat(url, "orders", orders_messages, max_tokens=48),
-                   "alpaca": chat(url, "alpaca", alpaca_messages, max_tokens=48)}
+        answers = {"orders": chat(url, "orders", orders_messages, max_tokens=tokens),
+                   "alpaca": chat(url, "alpaca", alpaca_messages, max_tokens=tokens)}
         # Both at once, several times: the scheduler puts the two adapters in one batch.
         with ThreadPoolExecutor(4) as pool:
-            jobs = [pool.submit(chat, url, name, messages, 48) for name, messages in
+            jobs = [pool.submit(chat, url, name, messages, tokens) for name, messages in
                     [("orders", orders_messages), ("alpaca", alpaca_messages)] * 2]
             concurrent = [job.result() for job in jobs]
-        streamed = "".join(stream_chat(url, "alpaca", alpaca_messages, max_tokens=48))
+        streamed = "".join(stream_chat(url, "alpaca", alpaca_messages, max_tokens=tokens))
         metrics = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
     finally:
         server.terminate()
         server.wait(timeout=60)
-    expected = {"orders": generate(ORDER, adapter=out / "orders", max_new_tokens=48),
-                "alpaca": generate(INSTRUCTION, adapter=out / "alpaca", max_new_tokens=48)}
+    expected = {"orders": generate(ORDER, adapter=out / "orders", max_new_tokens=tokens),
+                "alpaca": generate(INSTRUCTION, adapter=out / "alpaca", max_new_tokens=tokens)}
     for name, answer in answers.items():
         print(f"   {name}: {answer!r}\n   {'':<{len(name)}}  lorakit generate: {expected[name]!r}", flush=True)
     mixed = next(line.split()[1] for line in metrics.splitlines()
@@ -171,8 +174,9 @@ def main() -> int:
     start = time.time()
     summaries = train_step(configs, out, args.smoke)
     evaluations = evaluate_step(out, summaries)
-    export = export_step(out)
-    serving = serve_step(out)
+    tokens = SMOKE_TOKENS if args.smoke else FULL_TOKENS
+    export = export_step(out, tokens)
+    serving = serve_step(out, tokens)
     results = {"train": {n: {"before": s["before"], "after": s["after"], "train_seconds": s["train_seconds"],
                              "adapter_bytes": s["adapter_bytes"], "peak_rss_mib": s.get("peak_rss_mib")}
                          for n, s in summaries.items()},
