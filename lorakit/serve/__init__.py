@@ -4,7 +4,7 @@
     serve(engine, port=8000)          # or: lorakit serve --adapter support=runs/support --adapter sql=runs/sql
 
 A request's ``model`` field picks the adapter (or the base). Requests for different adapters are decoded in one
-batch (see :mod:`lorakit.serve.engine`).
+batch (see :mod:`lorakit.serve.scheduler`).
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ import torch
 from ..embedded_models import build_model, model_source, require_transformers
 from ..model import LoraModel
 from ..quant import quantize as to_4bit
-from .api import create_app, prometheus_text
-from .engine import Engine, Event, Request
+from .api import create_app
+from .protocol import prometheus_text
+from .request import Event, Request
 from .sampling import RequestError, SamplingParams
+from .scheduler import Engine
 
 __all__ = ["Engine", "Event", "Request", "RequestError", "SamplingParams", "build_engine", "create_app",
            "prometheus_text", "serve"]

@@ -62,8 +62,35 @@ class AdapterSlots:
         else:
             self._rooted.discard(name)
 
+    def add(self, name: str, folder: Path, busy: set[str]) -> None:
+        """Register an adapter that came through the API and make it resident; on failure nothing is registered.
+
+        Raises:
+            RequestError: 400 for a taken name or an adapter that does not load, 409 for a name whose unloaded
+                adapter still serves running requests, 503 when every slot is in ``busy``.
+        """
+        if name in self.paths:
+            raise RequestError(400, f"an adapter named {name!r} is already loaded (from {self.paths[name]})")
+        if name in self.retired:
+            raise RequestError(409, f"the adapter {name!r} was unloaded and requests still run on it; load it "
+                                    f"again once they finish")
+        self.register(name, folder, rooted=True)
+        try:
+            if not self.place(name, busy):
+                raise RequestError(503, f"all {self.capacity} adapter slots are in use by running requests; "
+                                        f"try again shortly")
+        except BaseException:
+            del self.paths[name]
+            raise
+
     def unregister(self, name: str, busy: set[str]) -> None:
-        """Forget ``name``; it leaves the model at once, or when the last request in ``busy`` using it ends."""
+        """Forget ``name``; it leaves the model at once, or when the last request in ``busy`` using it ends.
+
+        Raises:
+            RequestError: 404 when no adapter has that name.
+        """
+        if name not in self.paths:
+            raise RequestError(404, f"no adapter named {name!r}; adapters: {sorted(self.paths)}")
         del self.paths[name]
         if name in self._resident:
             self.retired.add(name)

@@ -1,0 +1,173 @@
+"""OpenAI's API over the engine, without the web framework: request fields to sampling parameters and prompt ids,
+prompts submitted and their events gathered (whole or as server-sent events), OpenAI's chunk, usage and error
+objects, and Prometheus' text format for ``/metrics``.
+
+The endpoints (:mod:`lorakit.serve.routes`) are thin FastAPI functions around these.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from .request import Event, Request
+from .sampling import RequestError, SamplingParams
+from .scheduler import Engine
+
+if TYPE_CHECKING:  # pydantic is the serve extra's, imported only once an app is built
+    from .schema import Message, Sampling
+
+Chunk = Callable[[int, str | None, str | None], dict[str, Any]]  # (choice index, text, finish reason) -> chunk
+
+
+def sampling_params(engine: Engine, body: Sampling, max_tokens: int | None, prompt_len: int) -> SamplingParams:
+    """A request's sampling fields as :class:`SamplingParams` (``max_tokens`` None: as many as fit).
+
+    Raises:
+        RequestError: 400 for ``n`` other than 1.
+    """
+    if body.n != 1:
+        raise RequestError(400, f"n={body.n}: this server returns one choice per prompt (n=1)")
+    if max_tokens is None:  # OpenAI's chat default: as much as the context allows, here within --max-tokens
+        max_tokens = max(1, min(engine.max_tokens, engine.context_length - prompt_len))
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, stop=stop,
+                          seed=body.seed, ignore_eos=body.ignore_eos)
+
+
+def chat_ids(engine: Engine, messages: list[Message]) -> list[int]:
+    """The prompt ids of a conversation, through the tokenizer's chat template.
+
+    Raises:
+        RequestError: 400 when the tokenizer has no chat template or its template refuses the messages.
+    """
+    from ..training.data import prompt_ids  # the trainer's package loads only when a chat request comes
+
+    if not getattr(engine.tokenizer, "chat_template", None):
+        raise RequestError(400, "this model's tokenizer has no chat template; use /v1/completions")
+    chat = [{"role": m.role, "content": m.content if isinstance(m.content, str)
+             else "".join(part.text for part in m.content)} for m in messages]
+    try:
+        return prompt_ids(engine.tokenizer, chat)
+    except Exception as err:  # noqa: BLE001 - templates refuse some conversations (jinja's raise_exception)
+        raise RequestError(400, f"the chat template refused these messages: {err}") from None
+
+
+def _put(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, index: int, event: Event) -> None:
+    # Called on the scheduler thread: the queue belongs to the event loop's thread.
+    loop.call_soon_threadsafe(queue.put_nowait, (index, event))
+
+
+async def submit(engine: Engine, prompts: list[list[int]], adapter: str | None, params: SamplingParams
+                 ) -> tuple[list[Request], asyncio.Queue]:
+    """Submit one request per prompt; their events arrive on the queue as (choice index, event).
+
+    Raises:
+        RequestError: The engine refused a request (none of them runs then).
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    requests = [Request(ids, adapter, params, functools.partial(_put, loop, queue, index))
+                for index, ids in enumerate(prompts)]
+    try:
+        for request in requests:
+            engine.submit(request)
+    except RequestError:
+        for request in requests:
+            request.cancelled = True
+        raise
+    return requests, queue
+
+
+async def collect(requests: list[Request], queue: asyncio.Queue) -> list[Event]:
+    """The whole text and the final event of each request.
+
+    Raises:
+        RequestError: The first error event.
+    """
+    texts = [""] * len(requests)
+    finals: list[Event | None] = [None] * len(requests)
+    try:
+        while any(f is None for f in finals):
+            index, event = await queue.get()
+            if event.error is not None:
+                raise event.error
+            texts[index] += event.text
+            if event.final:
+                finals[index] = event
+    finally:
+        for request in requests:
+            request.cancelled = True  # no-op for finished ones; stops the rest if this task was cancelled
+    return [Event(text=t, finish_reason=f.finish_reason, prompt_tokens=f.prompt_tokens,
+                  completion_tokens=f.completion_tokens) for t, f in zip(texts, finals)]
+
+
+def usage(events: list[Event]) -> dict[str, int]:
+    """OpenAI's usage object: the tokens of the prompts and of the answers."""
+    prompt = sum(e.prompt_tokens for e in events)
+    completion = sum(e.completion_tokens for e in events)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def completion_chunk(head: dict[str, Any], index: int, text: str | None, finish: str | None) -> dict[str, Any]:
+    """A streamed ``/v1/completions`` chunk: ``head`` (id, object, created, model) and one choice."""
+    return {**head, "choices": [{"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}]}
+
+
+def chat_chunk(head: dict[str, Any], index: int, text: str | None, finish: str | None) -> dict[str, Any]:
+    """A streamed ``/v1/chat/completions`` chunk: ``head`` and one choice whose delta holds the text, if any."""
+    delta = {"content": text} if text is not None else {}
+    return {**head, "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+
+def sse_data(payload: dict[str, Any], include_usage: bool) -> str:
+    """One server-sent event carrying ``payload``."""
+    if include_usage and "usage" not in payload:
+        payload = {**payload, "usage": None}  # OpenAI: null on every chunk but the last
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+async def sse(requests: list[Request], queue: asyncio.Queue, chunk: Chunk, include_usage: bool,
+              opening: Sequence[dict[str, Any]] = ()) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's shape: ``opening`` chunks, one chunk per piece of text, then per choice a
+    chunk with its ``finish_reason`` and no text, the usage chunk if asked for, and ``[DONE]``."""
+    finals: list[Event | None] = [None] * len(requests)
+    try:
+        for payload in opening:
+            yield sse_data(payload, include_usage)
+        while any(f is None for f in finals):
+            index, event = await queue.get()
+            if event.error is not None:
+                yield sse_data({"error": error_body(event.error.status, event.error.message)}, include_usage)
+                break
+            if event.text:
+                yield sse_data(chunk(index, event.text, None), include_usage)
+            if event.final:
+                finals[index] = event
+                yield sse_data(chunk(index, None, event.finish_reason), include_usage)
+        else:
+            if include_usage:
+                yield sse_data({**chunk(0, None, None), "choices": [], "usage": usage(finals)}, include_usage)
+        yield "data: [DONE]\n\n"
+    finally:
+        for request in requests:
+            request.cancelled = True  # the client went away: free the rows
+
+
+def error_body(status: int, message: str) -> dict[str, Any]:
+    """OpenAI's error object."""
+    kind = {400: "invalid_request_error", 403: "permission_error", 404: "not_found_error", 409: "conflict_error",
+            503: "service_unavailable"}.get(status, "server_error")
+    return {"message": message, "type": kind, "code": status}
+
+
+def prometheus_text(values: dict[str, float]) -> str:
+    """Prometheus' text format: ``lorakit_<name> <value>``, counters for ``*_total``, gauges otherwise."""
+    lines = []
+    for name, value in values.items():
+        lines.append(f"# TYPE lorakit_{name} {'counter' if name.endswith('_total') else 'gauge'}")
+        lines.append(f"lorakit_{name} {value}")
+    return "\n".join(lines) + "\n"
