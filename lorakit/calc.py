@@ -62,14 +62,13 @@ def preset_model(name: str) -> torch.nn.Module:
         return model_class(config_class(**dims))
 
 
-def meta_model(spec: str) -> torch.nn.Module:
+def meta_model(spec: str, trust_remote_code: bool = False) -> torch.nn.Module:
     """A model built on the meta device from a preset name, ``default``, ``minilm``, a model folder or a
     ``config.json`` (shapes without weights: no memory, no time)."""
     if spec in PRESETS:
         return preset_model(spec)
-
     if spec in ("default", "minilm") or Path(spec).exists():
-        return build_model(spec, meta=True)
+        return build_model(spec, meta=True, trust_remote_code=trust_remote_code)
     raise ValueError(f"unknown model {spec!r}: use a preset ({', '.join(PRESETS)}), 'default', 'minilm', a model "
                      f"folder or a config.json")
 
@@ -179,6 +178,7 @@ class MemoryEstimate:
     activations: int
     logits: int
     runtime: int
+    adapter: str = ""  # lora/qlora: the adapter the estimate assumes, e.g. "r=8 on all-linear (210 modules)"
 
     @property
     def total(self) -> int:
@@ -255,11 +255,13 @@ def estimate_memory(model: torch.nn.Module, method: str, batch: int, seq: int, d
     params = {n: p.numel() for n, p in model.named_parameters()}
     total = sum(params.values())
     tokens = batch * seq
-    lora_r = 0
+    lora_r, adapter = 0, ""
     if method in ("lora", "qlora"):
         lora = lora or LoraConfig(r=8, target_modules="all-linear")
         result = count_parameters(model, lora)
         trainable, trained, lora_r = result["trainable"], find_targets(model, lora), lora.r
+        spec = lora.target_modules if isinstance(lora.target_modules, str) else ",".join(sorted(lora.target_modules))
+        adapter = f"r={lora.r} on {spec} ({len(trained)} modules)"
         weights = size * total + 4 * trainable
         if method == "qlora":  # every nn.Linear but the head in 4 bits, as lorakit.quant.quantize does
             heads = head_names(model)
@@ -284,4 +286,4 @@ def estimate_memory(model: torch.nn.Module, method: str, batch: int, seq: int, d
     return MemoryEstimate(method=method, batch=batch, seq=seq, dtype=dtype, optimizer=optimizer,
                           grad_checkpointing=grad_checkpointing, trainable=trainable, weights=weights,
                           gradients=4 * trainable, optimizer_states=4 * states * trainable,
-                          activations=activations, logits=logits, runtime=runtime)
+                          activations=activations, logits=logits, runtime=runtime, adapter=adapter)

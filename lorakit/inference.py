@@ -52,13 +52,11 @@ def _saved_config(folder: Path) -> dict[str, Any]:
     saved = folder / "train_config.yaml"
     if not saved.is_file():
         return {}
-    import yaml
-
-    return yaml.safe_load(saved.read_text()) or {}
+    return TrainConfig.from_yaml(saved).to_dict()  # checked: a damaged file is an error that names it
 
 
 def generate(prompt: str, adapter: str | Path | None = None, model: str | None = None, max_new_tokens: int = 128,
-             system: str | None = None) -> str:
+             system: str | None = None, trust_remote_code: bool = False) -> str:
     """Greedy answer to one user message, with the model's chat template.
 
     Args:
@@ -66,19 +64,22 @@ def generate(prompt: str, adapter: str | Path | None = None, model: str | None =
         adapter: A LoRA adapter folder (or a fully fine-tuned model folder); None for the base alone.
         model: The base ('default' or a model folder); default: the one the adapter was trained on.
         system: A system message; default: the built-in task's when the adapter was trained on it.
+        trust_remote_code: Run Python code that ships in the model folder (``auto_map``); refused otherwise.
     """
     transformers = require_transformers()
     kind = _kind(adapter) if adapter is not None else None
     trained = _saved_config(Path(adapter)) if adapter is not None else {}
     if kind == "adapter":
         base = base_spec_for(adapter, model)
-        net = base_model_for(adapter, base)
+        net = base_model_for(adapter, base, trust_remote_code)
         net = PromptTuningModel.from_pretrained(net, adapter) if is_prompt_adapter(adapter) else \
             LoraModel.from_pretrained(net, adapter)
     else:
         base = model or (str(adapter) if kind else "default")
-        net = transformers.AutoModelForCausalLM.from_pretrained(str(model_source(base)), dtype=torch.float32).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_source(base)))
+        net = transformers.AutoModelForCausalLM.from_pretrained(
+            str(model_source(base, trust_remote_code)), dtype=torch.float32, trust_remote_code=trust_remote_code).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_source(base, trust_remote_code)),
+                                                           trust_remote_code=trust_remote_code)
     if system is None and trained.get("task") == "builtin":
         system = SYSTEM
     chat = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
@@ -105,10 +106,11 @@ def base_spec_for(adapter: str | Path, model: str | None = None) -> str:
     raise ValueError(f"{adapter} does not say which base it was trained on; pass the base model")
 
 
-def base_model_for(adapter: str | Path, model: str | None = None) -> torch.nn.Module:
+def base_model_for(adapter: str | Path, model: str | None = None, trust_remote_code: bool = False
+                   ) -> torch.nn.Module:
     """The base an adapter was trained on (see :func:`base_spec_for`), in fp32, and in 4 bits again for a QLoRA
     adapter, ready for the adapter's weights."""
-    net = build_model(base_spec_for(adapter, model)).eval()
+    net = build_model(base_spec_for(adapter, model), trust_remote_code=trust_remote_code).eval()
     trained = _saved_config(Path(adapter))
     if trained.get("quantize"):  # a QLoRA adapter: on the 4-bit base it was trained on
         quantize(net, trained["quantize"], double_quant=trained.get("double_quant", True))

@@ -13,6 +13,7 @@ Saving writes each file to a temporary name and renames it, so a file on disk is
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -178,13 +179,36 @@ def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     return len(header).to_bytes(8, "little") + header + raw[8 + size:]
 
 
+@functools.cache
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def temporary_folder(parent: Path, prefix: str) -> Path:
+    """A new empty folder in ``parent`` to write into before renaming it into place, with the permissions a plain
+    ``mkdir`` gives (``tempfile`` makes private 0700 folders, which would stay private after the rename)."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
 def _atomic_write(path: Path, write: Any) -> None:
-    """Write through ``write(tmp_path)`` into a temporary file next to ``path``, then rename it into place."""
+    """Write through ``write(tmp_path)`` into a temporary file next to ``path``, then rename it into place.
+
+    The file gets the permissions a plain ``open`` gives (``tempfile`` makes private 0600 files)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as err:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        kept = f"the existing {path.name} is unchanged" if path.exists() else "nothing was written"
+        raise OSError(f"could not write {path} ({err.strerror or err}); {kept}") from None
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -276,15 +300,27 @@ def _warn_if_not_serve_safe(model: LoraModel, name: str, tensors: dict[str, torc
 # -- loading ---------------------------------------------------------------------------------------------
 
 
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold one object, with an error naming the file for every way it can be damaged."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{str(path)!r} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{str(path)!r} is not valid JSON: {err}") from None
+    except RecursionError:
+        raise ValueError(f"{str(path)!r} nests too deeply to be a config") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{str(path)!r} holds a JSON {type(data).__name__}, not an object of settings")
+    return data
+
+
 def read_adapter_config(folder: Path) -> dict[str, Any]:
     """The ``adapter_config.json`` of an adapter folder as a dict (any PEFT type), with clear errors."""
     path = Path(folder) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{str(folder)!r} has no {CONFIG_NAME}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{str(path)!r} is not valid JSON: {err}") from None
+    return read_json_object(path)
 
 
 def is_prompt_adapter(folder: str | os.PathLike) -> bool:
@@ -306,10 +342,11 @@ def read_adapter(path: str | os.PathLike, allow_pickle: bool = False
     config_file = folder / CONFIG_NAME
     if not config_file.is_file():
         raise FileNotFoundError(f"{str(config_file)!r} not found: not an adapter folder")
+    settings = read_json_object(config_file)
     try:
-        config = LoraConfig.from_dict(json.loads(config_file.read_text()))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{str(config_file)!r} is not valid JSON: {err}") from None
+        config = LoraConfig.from_dict(settings)
+    except (ValueError, TypeError) as err:  # a setting lorakit lacks, or of the wrong type, e.g. "r": [8]
+        raise ValueError(f"{str(config_file)!r}: {err}") from None
     weights = folder / WEIGHTS_NAME
     metadata: dict[str, str] = {}
     if weights.is_file():
@@ -332,7 +369,19 @@ def read_adapter(path: str | os.PathLike, allow_pickle: bool = False
             raise ValueError(f"{str(folder / PICKLE_NAME)!r} could not be read safely: {err}") from None
     else:
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {str(folder)!r}")
+    check_finite(tensors, folder)
     return config, _normalize_keys(tensors), metadata
+
+
+def check_finite(tensors: dict[str, torch.Tensor], folder: Path) -> None:
+    """Refuse NaN or ±inf weights: they would load silently and make every output NaN (empty generated text)."""
+    for key, value in tensors.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{str(folder)!r}: {key!r} is a {type(value).__name__}, not a tensor")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise ValueError(f"{str(folder)!r}: tensor {key!r} holds {bad} NaN or infinite value(s); "
+                             f"the adapter is damaged (was it saved after training diverged?)")
 
 
 def _normalize_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -15,10 +15,11 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from .io import WEIGHTS_NAME, read_adapter_config, write_adapter_files
+from .io import WEIGHTS_NAME, check_finite, read_adapter_config, write_adapter_files
 
 
 class PromptTuningModel(nn.Module):
@@ -112,7 +113,11 @@ class PromptTuningModel(nn.Module):
         if settings.get("peft_type") != "PROMPT_TUNING":
             raise ValueError(f"{folder} holds a {settings.get('peft_type')!r} adapter, not a prompt "
                              f"(peft_type PROMPT_TUNING)")
-        tensors = load_file(str(folder / WEIGHTS_NAME))
+        try:
+            tensors = load_file(str(folder / WEIGHTS_NAME))
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{str(folder / WEIGHTS_NAME)!r} is missing, truncated or corrupt: {err}") from None
+        check_finite(tensors, folder)
         if "prompt_embeddings" not in tensors:
             raise ValueError(f"{folder / WEIGHTS_NAME} has no 'prompt_embeddings' tensor")
         prompt = tensors["prompt_embeddings"]

@@ -46,7 +46,12 @@ def _factors(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[str, str]]:
     """Module name → (key of A, key of B), for every LoRA pair in an adapter's tensors."""
     keys_a = {m.group(1): k for k in tensors if (m := _A.match(k))}
     keys_b = {m.group(1): k for k in tensors if (m := _B.match(k))}
-    return {name: (keys_a[name], keys_b[name]) for name in sorted(keys_a) if name in keys_b}
+    return {name: (keys_a[name], keys_b[name]) for name in sorted(keys_a, key=_natural) if name in keys_b}
+
+
+def _natural(name: str) -> list[tuple[int, int | str]]:
+    """Sort key that puts layers in model order: ``layers.2`` before ``layers.10``."""
+    return [(0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name)]
 
 
 def _svd(a: torch.Tensor, b: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -14,18 +14,19 @@ checkpoint or none of it. ``optimizer.pt`` holds only tensors and plain containe
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ..io import safetensors_bytes
+from ..io import safetensors_bytes, temporary_folder
 
 PREFIX = "step-"
 
@@ -58,15 +59,27 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
     for stale in root.glob(".tmp-*"):  # left by a process killed while writing
         shutil.rmtree(stale, ignore_errors=True)
     final = root / f"{PREFIX}{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    tmp = temporary_folder(root, ".tmp-")
     try:
-        (tmp / "trainable.safetensors").write_bytes(safetensors_bytes(trainable_state(model)))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, **state}))
-        (tmp / "train_config.yaml").write_text(config_yaml)
-        for f in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        writing = tmp / "trainable.safetensors"
+        try:
+            writing.write_bytes(safetensors_bytes(trainable_state(model)))
+            writing = tmp / "optimizer.pt"
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, writing)
+            writing = tmp / "state.json"
+            writing.write_text(json.dumps({"step": step, **state}))
+            writing = tmp / "train_config.yaml"
+            writing.write_text(config_yaml)
+            for f in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
+                writing = f
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
+            earlier = checkpoints(root)
+            kept = f"the previous checkpoint, {earlier[-1]}, is intact" if earlier else "no earlier checkpoint exists"
+            raise OSError(f"could not write {writing.name} of the step-{step} checkpoint in {root} ({reason}); "
+                          f"{kept}") from None
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -86,6 +99,38 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def set_aside(path: Path) -> Path:
+    """Rename a checkpoint whose weights led to a NaN/inf loss to ``diverged-step-N``: kept for inspection, never
+    resumed from."""
+    target = path.with_name(f"diverged-{path.name}")
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(path, target)
+    return target
+
+
+def has_finite_weights(path: Path) -> bool:
+    """Whether every trainable tensor saved in the checkpoint is finite."""
+    try:
+        tensors = load_file(str(path / "trainable.safetensors"))
+    except (OSError, ValueError, SafetensorError):
+        return False
+    return all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point())
+
+
+def file_digests(paths: list[str | None]) -> dict[str, str]:
+    """SHA-256 of each data file a run reads (by its resolved path), so a resume can refuse changed data."""
+    digests = {}
+    for path in paths:
+        if path is not None and Path(path).is_file():
+            sha = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    sha.update(block)
+            digests[str(Path(path).resolve())] = sha.hexdigest()
+    return digests
+
+
 def checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints under ``root``, oldest first (temporary folders of a crashed write are ignored)."""
     if not root.is_dir():
@@ -101,16 +146,37 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     Raises:
         ValueError: The checkpoint's parameters do not match the model's trainable ones.
     """
-    tensors = load_file(str(path / "trainable.safetensors"))
+    # Everything is read and checked before anything is copied: a damaged file changes nothing.
+    damaged = "is damaged; remove this checkpoint to resume from the one before it"
+    try:
+        tensors = load_file(str(path / "trainable.safetensors"))
+    except (OSError, SafetensorError) as err:
+        raise ValueError(f"{path / 'trainable.safetensors'} {damaged} ({err})") from None
     params = dict(model.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}
     if set(tensors) != expected:
         missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
         raise ValueError(f"checkpoint {path} does not fit this model: missing {missing[:3]}, unexpected {extra[:3]}")
-    saved = torch.load(path / "optimizer.pt", weights_only=True)
+    for name, value in tensors.items():
+        if value.shape != params[name].shape:
+            raise ValueError(f"checkpoint {path}: {name} is {list(value.shape)}, the model's is "
+                             f"{list(params[name].shape)}")
+    try:
+        saved = torch.load(path / "optimizer.pt", weights_only=True)
+        if not isinstance(saved, dict) or not {"optimizer", "scheduler"} <= saved.keys():
+            raise ValueError("not an optimizer and scheduler state")
+    except Exception as err:  # noqa: BLE001 - torch.load raises many types for a damaged file
+        raise ValueError(f"{path / 'optimizer.pt'} {damaged} ({str(err).splitlines()[0] if str(err) else err!r})"
+                         ) from None
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int) or "rng" not in state:
+            raise ValueError("no step and RNG states")
+    except (OSError, ValueError, RecursionError) as err:
+        raise ValueError(f"{path / 'state.json'} {damaged} ({err})") from None
     with torch.no_grad():
         for name, value in tensors.items():
             params[name].copy_(value)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
-    return json.loads((path / "state.json").read_text())
+    return state

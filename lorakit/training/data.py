@@ -12,6 +12,7 @@ Every reader error names the file and the line (1-based) it found wrong.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,13 +48,27 @@ class DataError(ValueError):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _existing(path: str | Path) -> Path:
+def existing_file(path: str | Path) -> Path:
+    """``path`` as a ``Path``, after checking it is a non-empty file (with an error that names it)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"dataset file {str(path)!r} does not exist")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty")
     return path
+
+
+def read_text(path: str | Path) -> str:
+    """The text of a UTF-8 file; a byte that is not UTF-8 is an error naming the file and its line."""
+    path = existing_file(path)
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise DataError(f"{path}:{line}: byte 0x{raw[err.start]:02x} (column {column}) is not UTF-8; save the file "
+                        f"as UTF-8") from None
 
 
 def read_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
@@ -63,8 +78,8 @@ def read_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
         FileNotFoundError: The file does not exist.
         DataError: Empty file, malformed JSON (with the line), or a record that is not an object.
     """
-    path = _existing(path)
-    text = path.read_text(encoding="utf-8")
+    path = Path(path)
+    text = read_text(path)
     records: list[tuple[int, Any]] = []
     if text.lstrip().startswith("["):
         try:
@@ -94,6 +109,14 @@ def read_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     return records
 
 
+def _json_type(value: Any) -> str:
+    """How a JSON value reads in a message: null, a number, a list, ..."""
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object"}.get(
+        type(value), type(value).__name__)
+
+
 def _object_lines(text: str) -> list[int]:
     """1-based line numbers where each top-level object of a JSON array starts."""
     lines, depth, line, in_str, escape = [], 0, 1, False, False
@@ -121,17 +144,23 @@ def read_table(path: str | Path, text_field: str = "sentence", label_field: str 
     Raises:
         DataError: Empty file, a missing column or field (with the columns there are), an empty text.
     """
-    path = _existing(path)
+    path = existing_file(path)
     rows: list[tuple[int, str, str]] = []
     if path.suffix.lower() in (".jsonl", ".json"):
         for lineno, record in read_records(path):
             for field in (text_field, label_field):
                 if field not in record:
                     raise DataError(f"{path}:{lineno}: missing field {field!r} (fields: {', '.join(record)})")
-            rows.append((lineno, str(record[text_field]), str(record[label_field])))
+            text, label = record[text_field], record[label_field]
+            if not isinstance(text, str):
+                raise DataError(f"{path}:{lineno}: {text_field!r} is {_json_type(text)}, not a string")
+            if not isinstance(label, (str, int)) or isinstance(label, bool):
+                raise DataError(f"{path}:{lineno}: {label_field!r} is {_json_type(label)}; a label is a string or "
+                                f"an integer")
+            rows.append((lineno, text, str(label)))
     else:
         delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-        with path.open(newline="", encoding="utf-8") as f:
+        with io.StringIO(read_text(path), newline="") as f:
             reader = csv.reader(f, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else
                                 csv.QUOTE_MINIMAL)
             header = next(reader, None)
@@ -168,6 +197,8 @@ def chat_of(record: dict[str, Any], where: str) -> list[dict[str, str]]:
                 raise DataError(f"{where}: messages[{i}] needs 'role' and 'content'")
             if m["role"] not in ("system", "user", "assistant"):
                 raise DataError(f"{where}: messages[{i}] has role {m['role']!r}; allowed: system, user, assistant")
+            if not isinstance(m["content"], str):
+                raise DataError(f"{where}: messages[{i}]['content'] is {_json_type(m['content'])}, not a string")
         if not any(m["role"] == "assistant" for m in messages):
             raise DataError(f"{where}: no assistant message to learn from")
         return messages
@@ -175,6 +206,9 @@ def chat_of(record: dict[str, Any], where: str) -> list[dict[str, str]]:
         if field not in record:
             raise DataError(f"{where}: missing field {field!r}; an Alpaca record has 'instruction', 'input' "
                             f"(optional) and 'output', a chat record has 'messages'")
+    for field in ("instruction", "input", "output"):
+        if field in record and not isinstance(record[field], str) and not (field == "input" and record[field] is None):
+            raise DataError(f"{where}: {field!r} is {_json_type(record[field])}, not a string")
     prompt = record["instruction"]
     if record.get("input"):
         prompt = f"{prompt}\n\n{record['input']}"
@@ -236,7 +270,7 @@ def load_causal_lm(path: str | Path, tokenizer: Any, max_length: int) -> list[Ex
     or from a ``.txt`` file (plain text, one document per blank-line-separated block)."""
     path = Path(path)
     if path.suffix.lower() == ".txt":
-        blocks = [b for b in _existing(path).read_text(encoding="utf-8").split("\n\n") if b.strip()]
+        blocks = [b for b in read_text(path).split("\n\n") if b.strip()]
         if not blocks:
             raise DataError(f"{path}: the file holds only blank lines")
         return [e for block in blocks for e in tokenize_text(tokenizer, block, max_length)]
@@ -244,7 +278,9 @@ def load_causal_lm(path: str | Path, tokenizer: Any, max_length: int) -> list[Ex
     for lineno, record in read_records(path):
         where = f"{path}:{lineno}"
         if "text" in record and "messages" not in record and "instruction" not in record:
-            examples += tokenize_text(tokenizer, str(record["text"]), max_length)
+            if not isinstance(record["text"], str):
+                raise DataError(f"{where}: 'text' is {_json_type(record['text'])}, not a string")
+            examples += tokenize_text(tokenizer, record["text"], max_length)
             continue
         example = tokenize_chat(tokenizer, chat_of(record, where), max_length)
         if example.n_targets == 0:

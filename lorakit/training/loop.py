@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -32,14 +33,27 @@ import yaml
 from torch import nn
 
 from ..process_memory import map_large_allocations, peak_rss_mib, reset_peak_rss
-from .checkpoint import checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (
+    checkpoints,
+    file_digests,
+    has_finite_weights,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_aside,
+    set_rng_state,
+)
 from .devices import Processes, resolve_device, resolve_precision, start_processes
 from .metrics_log import MetricsLog, plot_loss
 from .options import TrainConfig
 from .tasks import Task, build_task
 
 RESUMABLE_CHANGES = {"resume", "progress", "low_memory", "save_every", "keep_checkpoints", "eval_every", "max_eval",
+                     "output_dir",  # the run folder was moved: its checkpoints came along (they are found in it)
                      "eval_batch_size"}
+# May change on resume (to recover from a diverged run), at the price of bit-identity with an uninterrupted run.
+RECOVERY_CHANGES = {"lr", "schedule", "warmup_steps", "max_grad_norm"}
+PATH_OPTIONS = {"model", "data", "eval_data", "output_dir"}
 
 
 class TrainingError(ValueError):
@@ -154,7 +168,7 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.schedule, config.warmup_steps, total))
     config_yaml = yaml.safe_dump(config.to_dict(), sort_keys=False)
 
-    start = resume(config, ckpt_root, procs, model, optimizer, scheduler)
+    start = resume(config, ckpt_root, procs, model, optimizer, scheduler, total)
     log = MetricsLog(out / "metrics.jsonl", enabled=procs.main)
     log.start(start.step if start.checkpoint else None)
     before = start.before
@@ -192,11 +206,11 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
             loss_sum += summed.item()
         loss = procs.all_sum(loss_sum) / targets  # the same value on every process, so all of them stop together
         if not math.isfinite(loss):
-            _stop_on_nan(loss, step + 1, ckpt_root)
+            _stop_on_nan(loss, step + 1, ckpt_root, config)
         grad_norm = (torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm) if config.max_grad_norm > 0
                      else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
         if not torch.isfinite(grad_norm):
-            _stop_on_nan(grad_norm.item(), step + 1, ckpt_root, what="gradient norm")
+            _stop_on_nan(grad_norm.item(), step + 1, ckpt_root, config, what="gradient norm")
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -211,6 +225,8 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_seen / elapsed:.0f}")
             bar.update(1)
         done = step + 1
+        if step == start.step and procs.main and total - done > 0:
+            _estimate(time.perf_counter() - t_step, total - start.step, bar)
         if config.eval_every and done % config.eval_every == 0 and done < total:
             if procs.main:
                 log.write({"step": done, "eval": task.evaluate(model, f"step {done}")})
@@ -219,7 +235,8 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
             states = _gather_rng(procs)
             if procs.main:
                 save_checkpoint(ckpt_root, done, model, optimizer, scheduler,
-                                {"micro_batches": done * config.grad_accum, "before": before, "rng": states},
+                                {"micro_batches": done * config.grad_accum, "before": before, "rng": states,
+                                 "loss": loss, "data": file_digests([config.data, config.eval_data])},
                                 config_yaml, config.keep_checkpoints)
             procs.barrier()
     if bar is not None:
@@ -262,13 +279,16 @@ class Start:
 
 
 def resume(config: TrainConfig, ckpt_root: Path, procs: Processes, model: nn.Module,
-           optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler) -> Start:
+           optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, total: int) -> Start:
     """With ``--resume``, load the last checkpoint's model, optimizer, schedule and RNG states into place.
 
-    Without it, refuse to start over checkpoints of an earlier run (they would be overwritten).
+    Without it, refuse to start over checkpoints of an earlier run (they would be overwritten). The options must be
+    the checkpoint's, except the learning rate, schedule, warmup and gradient clipping, which may change to recover
+    from a diverged run (the schedule then continues from this step with the new values; said on stderr).
 
     Raises:
-        ValueError: No checkpoint to resume from, one from a run with other options or another process count.
+        ValueError: No checkpoint to resume from, one from a run with other options, another process count or
+            other data (the files' SHA-256 are kept in the checkpoint).
     """
     found = checkpoints(ckpt_root)
     if not config.resume:
@@ -279,21 +299,51 @@ def resume(config: TrainConfig, ckpt_root: Path, procs: Processes, model: nn.Mod
     if not found:
         raise ValueError(f"--resume: no checkpoint in {ckpt_root} (checkpoints are written with --save-every N)")
     last = found[-1]
-    changes = _config_changes((last / "train_config.yaml").read_text(), config)
-    if changes:
-        raise ValueError(f"--resume: {last} belongs to a run with other options ({'; '.join(changes)})")
+    try:
+        saved = yaml.safe_load((last / "train_config.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise ValueError(f"{last / 'train_config.yaml'} is damaged; remove this checkpoint to resume from the one "
+                         f"before it ({str(err).splitlines()[0]})") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{last / 'train_config.yaml'} is damaged (not a mapping of options); remove this "
+                         f"checkpoint to resume from the one before it")
+    changes = _config_changes(saved, config)
+    refused = [change for key, change in changes.items() if key not in RECOVERY_CHANGES]
+    if refused:
+        raise ValueError(f"--resume: {last} belongs to a run with other options ({'; '.join(refused)})")
     state = load_checkpoint(last, model, optimizer, scheduler)
     if len(state["rng"]) != procs.world:
         raise ValueError(f"--resume: {last} was written by {len(state['rng'])} process(es), this run has "
                          f"{procs.world}; the data order and RNG states would differ. Resume with the same count")
+    for path, digest in file_digests([config.data, config.eval_data]).items():
+        if state.get("data", {}).get(path, digest) != digest:
+            raise ValueError(f"--resume: {path} changed since {last} was written; resuming would train on other "
+                             f"data than the checkpoint's run. Restore the file, or start a new run")
+    if changes:  # only recovery options changed: the schedule restarts from the new values at this step
+        if procs.main:
+            print(f"lorakit: resuming with {'; '.join(changes.values())}: the run is no longer bit-identical to "
+                  f"an uninterrupted one", file=sys.stderr, flush=True)
+        factor = lr_lambda(config.schedule, config.warmup_steps, total)
+        scheduler.base_lrs = [config.lr] * len(optimizer.param_groups)
+        scheduler.lr_lambdas = [factor] * len(optimizer.param_groups)
+        for group in optimizer.param_groups:
+            group["initial_lr"] = config.lr
+            group["lr"] = config.lr * factor(scheduler.last_epoch)
     set_rng_state(state["rng"][procs.rank])
     return Start(state["step"], state["before"], last)
 
 
-def _config_changes(saved_yaml: str, config: TrainConfig) -> list[str]:
-    saved = yaml.safe_load(saved_yaml)
+def _config_changes(saved: dict[str, Any], config: TrainConfig) -> dict[str, str]:
+    """Options that differ from a checkpoint's, as "name: old → new" by name; paths compare resolved."""
     now = config.to_dict()
-    return [f"{k}: {saved.get(k)!r} → {now[k]!r}" for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
+
+    def same(key: str, a: Any, b: Any) -> bool:
+        if key in PATH_OPTIONS and isinstance(a, str) and isinstance(b, str):
+            return Path(a).resolve() == Path(b).resolve()
+        return a == b
+
+    return {k: f"{k}: {saved.get(k)!r} → {now[k]!r}" for k in now
+            if k not in RESUMABLE_CHANGES and not same(k, saved.get(k), now[k])}
 
 
 def summarize(config: TrainConfig, task: Task, *, precision: str, device: torch.device, procs: Processes,
@@ -324,12 +374,37 @@ def _gather_rng(procs: Processes) -> list[dict[str, Any]]:
     return states
 
 
-def _stop_on_nan(value: float, step: int, ckpt_root: Path, what: str = "loss") -> None:
+def _stop_on_nan(value: float, step: int, ckpt_root: Path, config: TrainConfig, what: str = "loss") -> None:
+    """Stop with a message that says how to recover: the newest checkpoint whose weights gave a finite loss is
+    named, the newer ones (whose weights led here) are set aside, and the command to resume at a lower rate."""
+    diverged = []
     found = checkpoints(ckpt_root)
-    last = f"the last good checkpoint, {found[-1]}, is intact (resume with --resume)" if found else \
-        "no checkpoint was written (use --save-every N to have some)"
-    raise TrainingError(f"the {what} is {value} at step {step}; training stopped before the optimizer step, so "
-                        f"{last}. Try a lower --lr, --max-grad-norm 1.0 or --precision fp32")
+    # The checkpoint of the previous step holds the weights this NaN came from; any that is not finite is bad too.
+    while found and (int(found[-1].name.split("-")[-1]) >= step - 1 or not has_finite_weights(found[-1])):
+        diverged.append(set_aside(found.pop()))
+    aside = f" {len(diverged)} checkpoint(s) whose weights led here were renamed {diverged[0].parent}/diverged-*." \
+        if diverged else ""
+    if not found:
+        raise TrainingError(f"the {what} is {value} at step {step}; training stopped before the optimizer step.{aside} "
+                            f"No good checkpoint is left (use --save-every N to have some). Try a lower --lr (e.g. "
+                            f"{config.lr / 10:g}), --max-grad-norm 1.0 or --precision fp32")
+    good = found[-1]
+    raise TrainingError(
+        f"the {what} is {value} at step {step}; training stopped before the optimizer step.{aside} The last good "
+        f"checkpoint, {good}, is intact. Resume from it with a lower learning rate (from this directory):\n"
+        f"  lorakit train --config {good / 'train_config.yaml'} --resume --lr {config.lr / 10:g}\n"
+        f"(or try --max-grad-norm 1.0 or --precision fp32)")
+
+
+def _estimate(first_step_s: float, steps: int, bar: Any) -> None:
+    """Say how long training will take, from the first step (later steps are usually a little faster)."""
+    minutes = first_step_s * steps / 60
+    when = f"about {minutes:.0f} min" if minutes >= 1.5 else f"about {first_step_s * steps:.0f} s"
+    message = f"lorakit: the first step took {first_step_s:.1f} s; {steps} steps will take {when} (plus evaluation)"
+    if bar is not None:
+        bar.write(message, file=sys.stderr)  # above the bar, not through it
+    else:
+        print(message, file=sys.stderr, flush=True)
 
 
 def _progress(enabled: bool, total: int, initial: int):

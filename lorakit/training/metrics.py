@@ -70,27 +70,34 @@ def exact_match(model: torch.nn.Module, tokenizer: Any, records: Sequence[dict],
 
 
 def lm_loss(loss_fn: Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]], model: torch.nn.Module,
-            batches: Sequence[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """Mean token loss and perplexity over ``batches``; ``loss_fn(batch)`` returns ``(loss sum, token count)``."""
+            batches: Sequence[dict[str, torch.Tensor]], progress: Callable[[int], Any] | None = None
+            ) -> dict[str, float]:
+    """Mean token loss and perplexity over ``batches``; ``loss_fn(batch)`` returns ``(loss sum, token count)``.
+    ``progress(n)`` is told each batch's examples."""
     total, count = 0.0, 0
     with _evaluating(model):
         for batch in batches:
             loss_sum, n = loss_fn(batch)
             total += loss_sum.item()
             count += int(n)
+            if progress is not None:
+                progress(len(batch["input_ids"]))
     mean = total / max(count, 1)
     return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": count}
 
 
-def classification(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]], n_labels: int
-                   ) -> dict[str, float]:
-    """Accuracy and macro-F1 of a sequence classifier over ``batches`` (each with ``labels``)."""
+def classification(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]], n_labels: int,
+                   progress: Callable[[int], Any] | None = None) -> dict[str, float]:
+    """Accuracy and macro-F1 of a sequence classifier over ``batches`` (each with ``labels``). ``progress(n)`` is
+    told each batch's examples."""
     predictions, labels = [], []
     with _evaluating(model):
         for batch in batches:
             inputs = {k: v for k, v in batch.items() if k != "labels"}
             predictions.append(model(**inputs).logits.argmax(-1).cpu())
             labels.append(batch["labels"].cpu())
+            if progress is not None:
+                progress(len(batch["labels"]))
     pred, gold = torch.cat(predictions), torch.cat(labels)
     f1s = []
     for c in range(n_labels):

@@ -4,6 +4,7 @@ loss curve with the held-out metric."""
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +25,21 @@ class MetricsLog:
         if resume_step is None or not self.path.exists():
             self.path.write_text("")
             return
-        # Drop what was logged after the checkpoint we resume from: those steps are run again.
-        lines = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-        self.records = [r for r in lines if r.get("step", 0) <= resume_step]
+        # Drop what was logged after the checkpoint we resume from: those steps are run again. A line cut short by a
+        # crash (or otherwise damaged) is dropped too, and said.
+        records, damaged = [], 0
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line) if line.strip() else None
+            except (json.JSONDecodeError, RecursionError):
+                record = "damaged"
+            if isinstance(record, dict) and isinstance(record.get("step", 0), int):
+                records.append(record)
+            elif record is not None:
+                damaged += 1
+        if damaged:
+            print(f"lorakit: {self.path}: dropped {damaged} damaged line(s) of the metrics log", file=sys.stderr)
+        self.records = [r for r in records if r.get("step", 0) <= resume_step]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
 
     def write(self, record: dict[str, Any]) -> None:

@@ -55,6 +55,8 @@ class TrainConfig:
     target_modules: str | None = _opt(None, "modules to wrap: comma-separated names, 'all-linear' or a regex "
                                             "(default: all-linear for language models, the architecture's PEFT "
                                             "default for seq_cls, e.g. query,value for BERT)")
+    trust_remote_code: bool = _opt(False, "run Python code that ships in the model folder (auto_map in its "
+                                          "config.json); refused without this option")
     quantize: str | None = _opt(None, "QLoRA: hold the base's linear layers in 4 bits (bitsandbytes nf4 or fp4; "
                                       "the adapter still trains in fp32)", SCHEMES)
     double_quant: bool = _opt(True, "with --quantize: quantize the per-block scales too (--no-double-quant)")
@@ -150,7 +152,14 @@ class TrainConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-        values = yaml.safe_load(path.read_text()) or {}
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        except yaml.YAMLError as err:
+            where = getattr(err, "problem_mark", None)
+            line = f":{where.line + 1}" if where is not None else ""
+            raise ValueError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', None) or err})") from None
         if not isinstance(values, dict):
             raise ValueError(f"{path}: expected a mapping of option: value, got {type(values).__name__}")
         values = {str(k).replace("-", "_"): v for k, v in values.items()}
@@ -160,7 +169,7 @@ class TrainConfig:
             raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)}; see `lorakit train --help`")
         try:
             return cls(**{**values, **overrides})
-        except ValueError as err:
+        except (ValueError, TypeError) as err:
             raise ValueError(f"{path}: {err}") from None
 
     def save_yaml(self, path: str | Path) -> None:

@@ -9,7 +9,8 @@ questions: ``batch`` (the tensors of some training examples), ``loss``, ``evalua
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,12 +20,13 @@ from torch import nn
 
 from ..config import ALL_LINEAR, LoraConfig, parse_targets
 from ..embedded_models import HUB_NAME, model_source, require_transformers
+from ..inject import find_targets
 from ..io import WEIGHTS_NAME, is_prompt_adapter
 from ..model import LoraModel, get_lora_model
 from ..prompt_tuning import PromptTuningModel
 from ..quant import quantize
 from .builtin_task import builtin_orders
-from .data import Example, label_ids, load_causal_lm, pack_batch, pad_batch, read_table, tokenize_chat
+from .data import Example, existing_file, label_ids, load_causal_lm, pack_batch, pad_batch, read_table, tokenize_chat
 from .loss import causal_lm_loss, classification_loss
 from .metrics import classification, exact_match, lm_loss
 from .options import TrainConfig
@@ -89,8 +91,25 @@ def build_task(config: TrainConfig, device: torch.device, precision: str, adapte
     # With bf16 autocast a frozen base is kept in bf16 (its weights are not cast again at every step);
     # trainable weights stay fp32 (LoRA adapters are created in fp32; full fine-tuning keeps fp32 masters).
     base_dtype = torch.bfloat16 if precision == "bf16" and config.method in ("lora", "prompt") else torch.float32
+    check_before_loading(config, adapter)
     task_class = ClassificationTask if config.task == "seq_cls" else CausalLMTask
     return task_class(config, device, base_dtype, adapter)
+
+
+def check_before_loading(config: TrainConfig, adapter: str | None = None) -> None:
+    """What can be checked before any weight is loaded: the data files exist, and the LoRA targets match modules
+    of the model (on a copy built from its config on the meta device, which costs no memory and no time).
+
+    Raises:
+        FileNotFoundError: A data file or the model does not exist.
+        ValueError: A target matches no module (with the closest real names).
+    """
+    for path in (config.data, config.eval_data):
+        if path is not None:
+            existing_file(path)
+    if config.method == "lora" and adapter is None:
+        task_type = "SEQ_CLS" if config.task == "seq_cls" else "CAUSAL_LM"
+        find_targets(_meta_model(config, task_type), _lora_config(config, task_type))
 
 
 class CausalLMTask(Task):
@@ -136,12 +155,14 @@ class CausalLMTask(Task):
 
     def evaluate(self, model: nn.Module, label: str) -> dict[str, Any]:
         batches = [{k: v.to(self.device) for k, v in b.items()} for b in self.eval_batches]
-        metrics = lm_loss(lambda b: self.loss(model, b), model, batches)
+        with _progress(self.config.progress, sum(len(b["input_ids"]) for b in batches), f"loss ({label})") as bar:
+            metrics = lm_loss(lambda b: self.loss(model, b), model, batches, progress=bar)
         if self.eval_records is not None:
             records = _limit(self.eval_records, self.config)
             _say(f"evaluating exact match on {len(records)} held-out examples ({label})")
-            metrics.update(exact_match(model, self.tokenizer, records, self.config.max_new_tokens,
-                                       self.config.eval_batch_size))
+            with _progress(self.config.progress, len(records), f"exact match ({label})") as bar:
+                metrics.update(exact_match(model, self.tokenizer, records, self.config.max_new_tokens,
+                                           self.config.eval_batch_size, progress=bar))
         return metrics
 
 
@@ -162,6 +183,7 @@ class ClassificationTask(Task):
         self.train = [(text, y) for (_, text, _), y in zip(train_rows, train_y)]
         held_out = list(_limit([(text, y) for (_, text, _), y in zip(eval_rows, eval_y)], config))
         model, self.tokenizer = _load(config, dtype, num_labels=len(self.labels))
+        _give_pad_token(model, self.tokenizer, config.model)
         model.config.id2label = dict(enumerate(self.labels))
         model.config.label2id = {name: i for i, name in enumerate(self.labels)}
         self.model = _prepare(config, model, "SEQ_CLS", adapter).to(device)
@@ -183,28 +205,30 @@ class ClassificationTask(Task):
 
     def evaluate(self, model: nn.Module, label: str) -> dict[str, Any]:
         batches = [{k: v.to(self.device) for k, v in b.items()} for b in self.eval_batches]
-        return classification(model, batches, len(self.labels))
+        with _progress(self.config.progress, sum(len(b["labels"]) for b in batches), f"accuracy ({label})") as bar:
+            return classification(model, batches, len(self.labels), progress=bar)
 
 
 # -- shared by the tasks ---------------------------------------------------------------------------------------
 
 
 def _say(message: str) -> None:
-    print(f"lorakit train: {message}", file=sys.stderr, flush=True)
+    print(f"lorakit: {message}", file=sys.stderr, flush=True)
 
 
 def _load(config: TrainConfig, dtype: torch.dtype, num_labels: int | None = None) -> tuple[nn.Module, Any]:
     """The base model and its tokenizer."""
     transformers = require_transformers()
-    source = model_source(config.model)
+    source = model_source(config.model, config.trust_remote_code)
     if not (source / "config.json").is_file():
         raise FileNotFoundError(f"model {config.model!r} is not a Hugging Face model folder (no config.json)")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(source))
+    trust = config.trust_remote_code
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust)
     if num_labels is None:
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype)
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype, trust_remote_code=trust)
     else:
-        model = transformers.AutoModelForSequenceClassification.from_pretrained(str(source), dtype=dtype,
-                                                                                num_labels=num_labels)
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(
+            str(source), dtype=dtype, num_labels=num_labels, trust_remote_code=trust)
     if config.model == "default":
         model.config._name_or_path = HUB_NAME
     if config.quantize:
@@ -239,16 +263,62 @@ def _prepare(config: TrainConfig, model: nn.Module, task_type: str, adapter: str
         return model
     if config.method == "prompt":
         return PromptTuningModel(model, config.num_virtual_tokens, seed=config.seed)
-    targets = parse_targets(config.target_modules)
-    if targets is None and task_type == "CAUSAL_LM":
-        targets = ALL_LINEAR
-    lora = LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=targets, task_type=task_type)
-    model = get_lora_model(model, lora)
+    model = get_lora_model(model, _lora_config(config, task_type))
     for p in model.parameters():  # a head copied from a bf16 base would train in bf16: keep fp32 masters
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
     return model
+
+
+def _give_pad_token(model: nn.Module, tokenizer: Any, name: str) -> None:
+    """A decoder classifies from its last real token, found through ``pad_token_id``; many decoder configs have
+    none (transformers then refuses batches of more than one). Take the tokenizer's pad token, else its EOS, as PEFT
+    users do by hand."""
+    if getattr(model.config, "pad_token_id", None) is not None:
+        return
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"model {name!r} has no pad token and no end-of-sequence token to pad batches with")
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    _say(f"the model's config has no pad_token_id; padding with the tokenizer's token {tokenizer.pad_token!r} "
+         f"(id {tokenizer.pad_token_id})")
+
+
+def _lora_config(config: TrainConfig, task_type: str) -> LoraConfig:
+    """The adapter a run trains: all linear layers of a language model unless ``target_modules`` says otherwise;
+    for classification, the architecture's PEFT default and the head."""
+    targets = parse_targets(config.target_modules)
+    if targets is None and task_type == "CAUSAL_LM":
+        targets = ALL_LINEAR
+    return LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=targets, task_type=task_type)
+
+
+def _meta_model(config: TrainConfig, task_type: str) -> nn.Module:
+    """The model's modules without weights, from its ``config.json``."""
+    transformers = require_transformers()
+    source = model_source(config.model, config.trust_remote_code)
+    if not (source / "config.json").is_file():
+        raise FileNotFoundError(f"model {config.model!r} is not a Hugging Face model folder (no config.json)")
+    auto = (transformers.AutoModelForSequenceClassification if task_type == "SEQ_CLS"
+            else transformers.AutoModelForCausalLM)
+    trust = config.trust_remote_code
+    with torch.device("meta"):
+        return auto.from_config(transformers.AutoConfig.from_pretrained(str(source), trust_remote_code=trust),
+                                trust_remote_code=trust)
+
+
+@contextmanager
+def _progress(enabled: bool, total: int, what: str) -> Iterator[Callable[[int], None] | None]:
+    """A progress bar over ``total`` examples (examples done, time left), or None when progress is off."""
+    if not enabled or total == 0:
+        yield None
+        return
+    from tqdm.auto import tqdm  # an optional dependency (the hf extra), as transformers is
+
+    with tqdm(total=total, desc=what, unit="example", dynamic_ncols=True, leave=False) as bar:
+        yield bar.update
 
 
 def _split(items: list[Any], config: TrainConfig) -> tuple[list[Any], list[Any]]:
