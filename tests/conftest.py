@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
+
+from lorakit import LoraConfig, get_lora_model
 
 transformers = pytest.importorskip("transformers", reason="the tests need transformers (pip install -e '.[dev]')")
 
@@ -12,6 +18,15 @@ def tiny_llama(seed: int = 0, tie: bool = False) -> torch.nn.Module:
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                       num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=tie)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def tiny_llama_64(seed: int = 0) -> torch.nn.Module:
+    """A tiny random Llama 64 wide, for 4-bit bases: on some CPUs (AVX-512) bitsandbytes' CPU quantizer mis-rounds
+    layers with 32 inputs (the 32-wide tiny models), which quantize() refuses."""
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=128)
     return transformers.LlamaForCausalLM(config).eval()
 
 
@@ -51,6 +66,33 @@ def tiny_conv(seed: int = 0) -> torch.nn.Module:
 def ids() -> torch.Tensor:
     torch.manual_seed(123)
     return torch.randint(0, 128, (3, 9))
+
+
+def train_cli(*args: str, env: dict | None = None, **popen) -> subprocess.Popen:
+    """``python -m lorakit train ARGS`` in a new process, its stdout and stderr together in ``stdout``."""
+    return subprocess.Popen([sys.executable, "-m", "lorakit", "train", *args], env={**os.environ, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def random_lora(r: int = 4, **kwargs) -> LoraConfig:
+    """A LoraConfig whose adapters start with a non-zero update (random A and B), as if trained."""
+    return LoraConfig(r=r, lora_alpha=2 * r, init_lora_weights=False, **kwargs)
+
+
+@pytest.fixture
+def three():
+    """A tiny Llama with adapters a (q,v), b (all-linear) and c (q,v, rank 2), all with non-zero updates."""
+    model = get_lora_model(tiny_llama(), random_lora(target_modules=["q_proj", "v_proj"]), "a")
+    model.add_adapter("b", random_lora(target_modules="all-linear"))
+    model.add_adapter("c", random_lora(r=2, target_modules=["q_proj", "v_proj"]))
+    return model
+
+
+@pytest.fixture
+def peft():
+    """PEFT, the reference lorakit's files and outputs are compared with; a test that asks for it is skipped
+    where it is not installed."""
+    return pytest.importorskip("peft", reason="PEFT is the reference this test compares with (pip install peft)")
 
 
 def assert_rows_match_single_adapter_runs(model, ids: torch.Tensor, names: list[str]) -> None:

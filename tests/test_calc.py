@@ -1,16 +1,18 @@
-"""Parameter arithmetic from configs on the meta device, checked against PEFT."""
+"""Parameter and memory arithmetic (lorakit params / memory) from configs on the meta device, checked against
+PEFT's counts and against what autograd really saves."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
+import transformers
 
-from lorakit import LoraConfig
-from lorakit.calc import PRESETS, count_parameters, preset_model
+from lorakit import LoraConfig, get_lora_model
+from lorakit.calc import PRESETS, count_parameters, estimate_memory, four_bit_bytes, preset_model
 from lorakit.cli import main
-
-peft = pytest.importorskip("peft", reason="PEFT is the reference these tests compare with (pip install peft)")
+from lorakit.training.loss import causal_lm_loss
 
 
 def test_llama_2_7b_preset_gives_the_papers_numbers(capsys):
@@ -33,7 +35,7 @@ def test_llama_2_7b_preset_gives_the_papers_numbers(capsys):
     ("llama-3-8b", dict(r=8, target_modules="all-linear")),
     ("mistral-7b", dict(r=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])),
 ])
-def test_counts_equal_peft_on_meta(preset, kwargs):
+def test_counts_equal_peft_on_meta(preset, kwargs, peft):
     ours = count_parameters(preset_model(preset), LoraConfig(**kwargs))
     theirs = peft.get_peft_model(preset_model(preset), peft.LoraConfig(**kwargs))
     assert (ours["trainable"], ours["total"]) == theirs.get_nb_trainable_parameters()
@@ -73,10 +75,6 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys):
 
 def _saved_bytes(model, ids) -> int:
     """Bytes autograd keeps for the backward pass of the causal-LM loss (each storage once; parameters aside)."""
-    import torch
-
-    from lorakit.training.loss import causal_lm_loss
-
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
@@ -95,12 +93,6 @@ def _saved_bytes(model, ids) -> int:
 @pytest.mark.parametrize(("method", "targets"), [("lora", "all-linear"), ("lora", ["q_proj", "v_proj"]),
                                                  ("full", None)])
 def test_activation_estimate_matches_what_autograd_saves(method, targets):
-    import torch
-    import transformers
-
-    from lorakit import get_lora_model
-    from lorakit.calc import estimate_memory
-
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=256, hidden_size=128, num_hidden_layers=3, num_attention_heads=4,
                                       num_key_value_heads=2, intermediate_size=344)
@@ -116,8 +108,6 @@ def test_activation_estimate_matches_what_autograd_saves(method, targets):
 
 
 def test_memory_parts_follow_the_method():
-    from lorakit.calc import estimate_memory, four_bit_bytes
-
     model = preset_model("llama-2-7b")
     total = sum(p.numel() for p in model.parameters())
     full = estimate_memory(model, "full", 1, 512, dtype="bf16")
@@ -155,8 +145,6 @@ def test_memory_cli_table_and_json(capsys):
 
 
 def test_memory_bad_input_is_one_clear_line(capsys):
-    from lorakit.calc import estimate_memory
-
     assert main(["memory", "--model", "llama-9b"]) == 2
     assert "unknown model 'llama-9b': use a preset" in capsys.readouterr().err
     assert main(["memory", "--model", "llama-2-7b", "--batch", "0"]) == 2

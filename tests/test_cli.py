@@ -1,10 +1,12 @@
-"""The CLI parses and calls one library function per command."""
+"""The CLI parses and calls one library function per command: --help text for every option, lorakit targets on a
+config file and on the embedded model, and one clear line for each error."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import transformers
 
 from lorakit.cli import build_parser, main
 
@@ -19,7 +21,6 @@ def test_every_option_has_help_text():
 
 
 def test_targets_on_a_config_file_without_weights(tmp_path, capsys):
-    transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                                       intermediate_size=11008, vocab_size=32000, architectures=["LlamaForCausalLM"])
     config.save_pretrained(tmp_path)
@@ -49,3 +50,26 @@ def test_errors_are_one_clear_line(tmp_path, capsys):
         main(["targets", "--r", "x"])
     assert main(["targets", "--r", "0"]) == 2
     assert "r must be a positive integer (r >= 1), got 0" in capsys.readouterr().err
+
+
+def test_targets_previews_what_train_wraps(capsys):
+    assert main(["targets", "--json"]) == 0  # no --target: what `lorakit train` wraps on the default model
+    modules = json.loads(capsys.readouterr().out)["modules"]
+    assert len(modules) == 210 and {m["name"].rsplit(".", 1)[1] for m in modules} == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_memory_says_which_adapter_its_lora_columns_assume(capsys):
+    assert main(["memory", "--model", "llama-2-7b"]) == 0
+    assert "lora and qlora: an adapter of r=8 on all-linear (224 modules)" in capsys.readouterr().out
+    assert main(["memory", "--model", "llama-2-7b", "--target", "q_proj,v_proj", "--r", "16"]) == 0
+    assert "r=16 on q_proj,v_proj (64 modules)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("command", "usage"), [("train", "usage: lorakit train [--config FILE.yaml] [options]"),
+                                                ("eval", "usage: lorakit eval ADAPTER [--config FILE.yaml] [--json]")])
+def test_help_starts_with_a_short_usage_line(command, usage, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert out.startswith(usage) and out.index("options:") < 1000  # the text comes before 29 lines of usage would

@@ -1,3 +1,8 @@
+"""LoraConfig: PEFT's defaults, validation that names the bad value and the allowed range, per-module rank and alpha
+patterns, and the dict round trip with PEFT's fields."""
+
+from __future__ import annotations
+
 import pytest
 
 from lorakit import LoraConfig

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
-
-pytest.importorskip("transformers")
+from lorakit.demo import run_demo
 
 
 def test_demo_learns_the_fact_and_keeps_the_core_promises(tmp_path):
-    from lorakit.demo import run_demo
-
     result = run_demo(steps=16, output_dir=tmp_path / "adapter")
     assert "Pebble" not in result["answer_before"]
     assert result["learned"], result["answer_after"]

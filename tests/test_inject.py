@@ -1,4 +1,5 @@
-"""Target matching as PEFT does it, and strict errors where PEFT is silent."""
+"""Target matching as PEFT does it, module swapping, and strict errors (raised before anything is wrapped)
+where PEFT is silent."""
 
 from __future__ import annotations
 
@@ -109,3 +110,26 @@ def test_a_second_adapter_reuses_the_lora_layers():
     lora.add_adapter("other", LoraConfig(r=4, target_modules="all-linear"))
     layers = list(lora.lora_layers())
     assert len(layers) == 14 and all(set(layer.adapters) == {"default", "other"} for _, layer in layers)
+
+
+def test_a_layer_type_error_is_found_before_anything_is_wrapped():
+    model = tiny_llama()
+    types = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match="use_dora is supported for Linear and Conv1D layers; target "
+                                         "'model.embed_tokens' is a Embedding"):
+        get_lora_model(model, LoraConfig(target_modules=["q_proj", "embed_tokens"], use_dora=True))
+    assert [type(m) for m in model.modules()] == types
+    lora = get_lora_model(model, LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="init_lora_weights='pissa' is supported for Linear and Conv1D"):
+        lora.add_adapter("p", LoraConfig(target_modules=["v_proj", "embed_tokens"], init_lora_weights="pissa"))
+    assert sorted(lora.peft_config) == ["default"]
+    assert sum(1 for _ in lora.lora_layers()) == 2
+
+
+def test_layers_to_transform_keeps_targets_named_in_full_as_peft_does(peft):
+    kwargs = dict(target_modules=["model.layers.0.self_attn.q_proj", "v_proj"], layers_to_transform=[1])
+    ours = [n for n, _ in get_lora_model(tiny_llama(), LoraConfig(**kwargs)).lora_layers()]
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**kwargs))
+    expected = [n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
+                if type(m).__name__ == "Linear" and hasattr(m, "lora_A")]
+    assert ours == expected == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]

@@ -1,20 +1,23 @@
-"""PEFT-format files both ways, fingerprints, and the safety of loading and saving."""
+"""Adapter files (lorakit.io): PEFT's format both ways, base fingerprints, and the safety of loading and saving
+(wrong bases, bad shapes, corrupt files, pickles, adapter names, atomic writes)."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import warnings
 
 import pytest
 import torch
-from conftest import tiny_bert_cls, tiny_gpt2, tiny_llama
+import transformers
+from conftest import random_lora, tiny_bert_cls, tiny_gpt2, tiny_llama
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lorakit import LoraConfig, LoraModel, get_lora_model
+from lorakit import LoraConfig, LoraModel, adapter_state_dict, find_targets, get_lora_model, set_adapter_state_dict
 from lorakit import io as lk_io
-
-peft = pytest.importorskip("peft", reason="PEFT is the reference these tests compare with (pip install peft)")
 
 CASES = {
     "llama": (tiny_llama, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])),
@@ -54,7 +57,7 @@ def _unchanged(model, snap):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_lorakit_save_loads_in_peft_with_the_same_logits(case, tmp_path, ids):
+def test_lorakit_save_loads_in_peft_with_the_same_logits(case, tmp_path, ids, peft):
     make, kwargs = CASES[case]
     ours = _trained(make, kwargs)
     ours.save_pretrained(tmp_path)
@@ -63,7 +66,7 @@ def test_lorakit_save_loads_in_peft_with_the_same_logits(case, tmp_path, ids):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_peft_save_loads_in_lorakit_with_the_same_logits(case, tmp_path, ids):
+def test_peft_save_loads_in_lorakit_with_the_same_logits(case, tmp_path, ids, peft):
     make, kwargs = CASES[case]
     theirs = peft.get_peft_model(make(), peft.LoraConfig(init_lora_weights=False, **kwargs))
     if kwargs.get("task_type") == "SEQ_CLS":
@@ -118,19 +121,42 @@ def test_wrong_base_is_refused_and_force_loads_it(tmp_path, ids):
     assert LoraModel.from_pretrained(other, tmp_path, force=True).active_adapters == ["default"]
 
 
-def test_fp32_bf16_and_merged_then_unmerged_copies_of_one_base_share_a_fingerprint(tmp_path):
+def test_fp32_bf16_and_merged_then_unmerged_copies_of_one_base_share_a_fingerprint(tmp_path, ids):
     model = _trained(tiny_llama, dict(r=4, target_modules="all-linear"))
+    expected = _logits(model, ids)
+    model.save_pretrained(tmp_path / "fresh")  # from the untouched base
     for _ in range(3):
         model.merge_adapter()
         model.unmerge_adapter()  # leaves fp32 rounding residue in the base weights
-    model.save_pretrained(tmp_path)
-    LoraModel.from_pretrained(tiny_llama().to(torch.bfloat16), tmp_path)
-    LoraModel.from_pretrained(tiny_llama(), tmp_path)
+    fresh = dict(tiny_llama().named_parameters())
+    assert any(not torch.equal(p, fresh[n.replace(".base.", ".")]) for n, p in model.model.named_parameters()
+               if ".base." in n), "merge/unmerge left no residue: the merged-then-unmerged copy would test nothing"
+    model.save_pretrained(tmp_path / "cycled")
+    bf16 = tiny_llama().to(torch.bfloat16)
+    for folder in ("fresh", "cycled"):
+        config, tensors, metadata = lk_io.read_adapter(tmp_path / folder)
+        targets = find_targets(tiny_llama(), config)
+        saved = json.loads(metadata[lk_io.FINGERPRINT_KEY])
+        assert saved["architecture"] == "LlamaForCausalLM" and sorted(saved["digest"]) == sorted(targets)
+        if folder == "fresh":  # what was saved is the fingerprint of the base it was saved from
+            assert lk_io.fingerprint(tiny_llama(), targets) == saved
+        assert lk_io.fingerprint(bf16, targets)["digest"] != saved["digest"]  # bf16 rounding shows in the digest,
+        for copy in (tiny_llama(), bf16, model.model):  # yet all three copies are recognized as the saved base
+            assert lk_io.check_fits(copy, config, tensors, metadata) == targets
+        with pytest.raises(ValueError, match="different base model: same shapes, but the base weights differ"):
+            lk_io.check_fits(tiny_llama(seed=99), config, tensors, metadata)  # while another checkpoint is not
+        on_fp32 = LoraModel.from_pretrained(tiny_llama(), tmp_path / folder)
+        torch.testing.assert_close(_logits(on_fp32, ids), expected, atol=1e-5, rtol=1e-5)
+        on_bf16 = _logits(LoraModel.from_pretrained(tiny_llama().to(torch.bfloat16), tmp_path / folder), ids)
+        assert on_bf16.dtype == torch.bfloat16
+        torch.testing.assert_close(on_bf16.float(), expected, atol=1e-2, rtol=1e-2)  # bf16 base: ~3 digits
+        model.load_adapter(tmp_path / folder, folder)  # onto the merged-then-unmerged copy itself
+        model.set_adapter(folder)
+        torch.testing.assert_close(_logits(model, ids), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_architecture_difference_is_named(tmp_path):
     _trained(tiny_gpt2, dict(r=4, target_modules=["c_attn"])).save_pretrained(tmp_path)
-    transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64)
     with pytest.raises(ValueError, match="architecture 'GPT2LMHeadModel' vs this model's 'GPT2Model'"):
@@ -245,15 +271,12 @@ def test_serve_safety_warning_for_full_embedding_or_head_weights(tmp_path):
     with pytest.warns(UserWarning, match=r"carries full embedding/LM-head weights \(lm_head\): 0.0 MiB of its"):
         model.save_pretrained(tmp_path)
     quiet = get_lora_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"]))
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         quiet.save_pretrained(tmp_path / "quiet")
 
 
 def test_adapter_file_size_is_four_bytes_per_parameter_plus_a_small_header(tmp_path):
-    transformers = pytest.importorskip("transformers")
     # SmolLM2-135M's shapes (the adapter does not depend on the vocabulary, so a small one keeps this fast).
     config = transformers.LlamaConfig(hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
                                       num_key_value_heads=3, intermediate_size=1536, vocab_size=64)
@@ -265,29 +288,75 @@ def test_adapter_file_size_is_four_bytes_per_parameter_plus_a_small_header(tmp_p
     assert 4 * params <= size <= 4 * params * 1.01
 
 
-@pytest.mark.parametrize("make", [tiny_llama, tiny_bert_cls])
-def test_export_merged_loads_as_a_plain_transformers_model(make, tmp_path):
-    transformers = pytest.importorskip("transformers")
-    kwargs = dict(r=4, target_modules="all-linear") | ({"task_type": "SEQ_CLS"} if make is tiny_bert_cls else {})
-    model = _trained(make, kwargs)
-    ids = torch.randint(0, 128, (2, 7))
-    expected = _logits(model, ids)
-    model.export_merged(tmp_path / "merged")
-    auto = transformers.AutoModelForSequenceClassification if make is tiny_bert_cls else \
-        transformers.AutoModelForCausalLM
-    plain = auto.from_pretrained(tmp_path / "merged").eval()
-    torch.testing.assert_close(_logits(plain, ids), expected, atol=1e-5, rtol=1e-5)
-    assert torch.equal(_logits(model, ids), expected)  # the LoraModel is unchanged (still unmerged)
-    assert not any(layer.merged_adapters for _, layer in model.lora_layers())
-
-
 def test_saved_files_are_byte_identical_across_processes():
     """safetensors orders header metadata by a per-process hash seed; lorakit's files must not depend on it."""
-    import subprocess
-    import sys
-
     code = ("import sys, torch; from lorakit.io import safetensors_bytes; "
             "sys.stdout.buffer.write(safetensors_bytes({'w': torch.arange(4.)}, "
             "{'format': 'pt', 'lorakit_fingerprint': '{}', 'x': 'y'}))")
     outputs = {subprocess.run([sys.executable, "-c", code], capture_output=True, check=True).stdout for _ in range(4)}
     assert len(outputs) == 1
+
+
+def _two():
+    model = get_lora_model(tiny_llama(), random_lora(target_modules=["q_proj", "v_proj"]), "a")
+    model.add_adapter("b", random_lora(target_modules="all-linear"))
+    return model
+
+
+def test_state_dict_into_a_merged_adapter_is_refused():
+    model = _two()
+    state = {k: v.clone() for k, v in adapter_state_dict(model, "a").items()}
+    model.merge_adapter()
+    with pytest.raises(ValueError, match="adapter 'a' is merged into the base weights; unmerge_adapter"):
+        set_adapter_state_dict(model, state, "a")
+
+
+def test_saving_while_merged_keeps_the_base_fingerprint(tmp_path, ids):
+    model = _two()
+    expected = _logits(model, ids)
+    model.merge_adapter()
+    model.save_pretrained(tmp_path)
+    loaded = LoraModel.from_pretrained(tiny_llama(), tmp_path / "a", adapter_name="a")  # fresh, unmerged base
+    torch.testing.assert_close(_logits(loaded, ids), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_pissa_adapters_are_refused_on_load(tmp_path):
+    get_lora_model(tiny_llama(), LoraConfig(target_modules=["q_proj"], init_lora_weights="pissa")).save_pretrained(
+        tmp_path)
+    with pytest.raises(ValueError, match="initialized with PiSSA"):
+        LoraModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_a_failed_write_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    import errno
+
+    model = _trained(tiny_llama, dict(r=4, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path)
+    before = (tmp_path / "adapter_model.safetensors").read_bytes()
+
+    def disk_full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(lk_io.Path, "write_bytes", disk_full)
+    with pytest.raises(OSError, match=r"could not write .*adapter_model.safetensors \(No space left on device\); "
+                                      r"the existing adapter_model.safetensors is unchanged"):
+        model.save_pretrained(tmp_path)
+    monkeypatch.undo()
+    assert (tmp_path / "adapter_model.safetensors").read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    mask = os.umask(0o022)
+    try:
+        model = _trained(tiny_llama, dict(r=4, target_modules=["q_proj"]))
+        model.save_pretrained(tmp_path)
+        model.export_merged(tmp_path / "merged")
+    finally:
+        os.umask(mask)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name  # not tempfile's private 0600
+    assert stat.S_IMODE((tmp_path / "merged").stat().st_mode) == 0o755  # not tempfile's private 0700

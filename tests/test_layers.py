@@ -1,14 +1,17 @@
-"""Invariants of the LoRA layers on single modules: zero update, merge/unmerge, init schemes, dtypes."""
+"""Invariants of the LoRA layers on single modules: zero update, h = W0·x + (α/r)·B·A·x, merge/unmerge, init
+schemes, dropout, dtypes, and the base's hooks."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import transformers
+from conftest import tiny_llama
 from torch import nn
 
+from lorakit import LoraConfig, get_lora_model, set_adapter_state_dict
 from lorakit.layers import LoraConv2d, LoraEmbedding, LoraLinear, wrap
 
-transformers = pytest.importorskip("transformers")
 Conv1D = transformers.pytorch_utils.Conv1D
 
 
@@ -188,3 +191,27 @@ def test_rslora_scaling():
 def test_grouped_conv_is_refused():
     with pytest.raises(ValueError, match="groups=1, got groups=2"):
         wrap(nn.Conv2d(4, 4, 3, groups=2))
+
+
+def test_hooks_on_the_base_layer_still_fire(ids):
+    model = tiny_llama()
+    calls = []
+    model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda *_: calls.append(1))
+    lora = get_lora_model(model, LoraConfig(target_modules=["q_proj"]))
+    with torch.no_grad():
+        lora(input_ids=ids)
+    assert calls == [1]
+
+
+def test_bf16_base_with_fp32_adapter_rounds_once_like_peft(peft):
+    config = dict(r=4, target_modules=["q_proj", "v_proj"])
+    theirs = peft.get_peft_model(tiny_llama().to(torch.bfloat16), peft.LoraConfig(init_lora_weights=False, **config))
+    ours = get_lora_model(tiny_llama().to(torch.bfloat16), LoraConfig(**config))
+    set_adapter_state_dict(ours, peft.get_peft_model_state_dict(theirs))
+    layer_ours = ours.model.model.layers[0].self_attn.q_proj
+    layer_theirs = theirs.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(3, 5, 32).to(torch.bfloat16)
+    with torch.no_grad():
+        a, b = layer_ours(x), layer_theirs(x)
+    assert a.dtype == b.dtype == torch.bfloat16
+    assert (a != b).float().mean() < 0.02  # equal but for rare 1-ulp ties from a different GEMM order

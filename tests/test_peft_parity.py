@@ -1,14 +1,14 @@
-"""Counts and outputs equal PEFT's for the same config (PEFT is a dev dependency, used only as a reference)."""
+"""Counts, outputs and trained parameters equal PEFT's for the same config, across architectures and options
+(PEFT is a dev dependency, used only as a reference; the tests that need it skip without it)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 from conftest import tiny_bert_cls, tiny_conv, tiny_gpt2, tiny_llama
 
 from lorakit import LoraConfig, get_lora_model, set_adapter_state_dict
-
-peft = pytest.importorskip("peft", reason="PEFT is the reference these tests compare with (pip install peft)")
 
 CASES = [
     ("llama-qv", tiny_llama, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])),
@@ -44,7 +44,7 @@ def _out(model, inputs):
     return out if torch.is_tensor(out) else out.logits
 
 
-def _build(make, kwargs):
+def _build(peft, make, kwargs):
     """The same random base twice; PEFT with a random (non-zero) update, ours with its values copied in."""
     peft_model = peft.get_peft_model(make(), peft.LoraConfig(init_lora_weights=False, **kwargs))
     ours = get_lora_model(make(), LoraConfig(**kwargs))
@@ -53,15 +53,15 @@ def _build(make, kwargs):
 
 
 @pytest.mark.parametrize(("name", "make", "kwargs"), CASES, ids=[c[0] for c in CASES])
-def test_counts_equal_peft(name, make, kwargs):
+def test_counts_equal_peft(name, make, kwargs, peft):
     peft_model = peft.get_peft_model(make(), peft.LoraConfig(**kwargs))
     ours = get_lora_model(make(), LoraConfig(**kwargs))
     assert ours.get_nb_trainable_parameters() == peft_model.get_nb_trainable_parameters()
 
 
 @pytest.mark.parametrize(("name", "make", "kwargs"), CASES, ids=[c[0] for c in CASES])
-def test_forward_equals_peft_with_the_same_weights(name, make, kwargs):
-    peft_model, ours = _build(make, kwargs)
+def test_forward_equals_peft_with_the_same_weights(name, make, kwargs, peft):
+    peft_model, ours = _build(peft, make, kwargs)
     inputs = _inputs(name)
     with torch.no_grad():
         expected, got = _out(peft_model, inputs), _out(ours, inputs)
@@ -70,7 +70,7 @@ def test_forward_equals_peft_with_the_same_weights(name, make, kwargs):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_print_trainable_parameters_is_peft_line(capsys):
+def test_print_trainable_parameters_is_peft_line(capsys, peft):
     make, kwargs = tiny_bert_cls, dict(r=4, target_modules=["query", "value"], task_type="SEQ_CLS")
     peft.get_peft_model(make(), peft.LoraConfig(**kwargs)).print_trainable_parameters()
     expected = capsys.readouterr().out
@@ -80,7 +80,6 @@ def test_print_trainable_parameters_is_peft_line(capsys):
 
 
 def _meta_llama_7b():
-    transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                                       intermediate_size=11008, vocab_size=32000)
     with torch.device("meta"):
@@ -95,7 +94,7 @@ def test_llama_7b_on_meta_device_prints_the_papers_count(capsys):
     assert model.get_nb_trainable_parameters()[0] == 16_777_216
 
 
-def test_gradients_reach_only_what_peft_trains():
+def test_gradients_reach_only_what_peft_trains(peft):
     for make, kwargs in [(tiny_bert_cls, dict(r=4, target_modules=["query"], task_type="SEQ_CLS", bias="lora_only")),
                          (tiny_llama, dict(r=4, target_modules="all-linear", lora_dropout=0.1))]:
         peft_model = peft.get_peft_model(make(), peft.LoraConfig(**kwargs))

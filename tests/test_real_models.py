@@ -1,4 +1,5 @@
-"""A few checks on the real embedded models (SmolLM2-135M-Instruct, all-MiniLM-L6-v2), against PEFT."""
+"""A few checks on the real embedded models (SmolLM2-135M-Instruct, all-MiniLM-L6-v2): counts, merging and files
+against PEFT, 4-bit quality, and a short training run."""
 
 from __future__ import annotations
 
@@ -6,11 +7,11 @@ import copy
 
 import pytest
 import torch
+import transformers
 
-from lorakit import LoraConfig, LoraModel, get_lora_model
-
-peft = pytest.importorskip("peft", reason="PEFT is the reference these tests compare with (pip install peft)")
-pretrained = pytest.importorskip("lorakit.embedded_models")
+from lorakit import LoraConfig, LoraModel, get_lora_model, train
+from lorakit import embedded_models as pretrained
+from lorakit.quant import quantize, quantized_bytes
 
 
 @pytest.fixture(scope="module")
@@ -23,13 +24,12 @@ def smollm2():
 
 @pytest.fixture(scope="module")
 def minilm_cls():
-    transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     return transformers.AutoModelForSequenceClassification.from_pretrained(str(pretrained.minilm_dir()),
                                                                            num_labels=2).eval()
 
 
-def test_smollm2_counts_zero_update_and_merge(smollm2, tmp_path):
+def test_smollm2_counts_zero_update_and_merge(smollm2, tmp_path, peft):
     config = dict(r=8, lora_alpha=16, target_modules="all-linear")
     ours = get_lora_model(copy.deepcopy(smollm2), LoraConfig(**config))
     theirs = peft.get_peft_model(copy.deepcopy(smollm2), peft.LoraConfig(**config))
@@ -53,8 +53,6 @@ def test_smollm2_counts_zero_update_and_merge(smollm2, tmp_path):
 
 
 def test_smollm2_in_nf4_is_a_quarter_of_bf16_and_keeps_its_predictions(smollm2):
-    from lorakit.quant import quantize, quantized_bytes
-
     model = quantize(copy.deepcopy(smollm2), "nf4", double_quant=True)
     packed, bf16 = quantized_bytes(model)
     assert bf16 == 2 * 106_168_320  # every linear layer but the (tied) head: 30 layers × 7
@@ -67,7 +65,7 @@ def test_smollm2_in_nf4_is_a_quarter_of_bf16_and_keeps_its_predictions(smollm2):
     assert agree >= 0.7, f"top-1 predictions of the 4-bit model agree on {agree:.0%} of positions"
 
 
-def test_minilm_sequence_classification_round_trip_with_peft(minilm_cls, tmp_path):
+def test_minilm_sequence_classification_round_trip_with_peft(minilm_cls, tmp_path, peft):
     config = dict(r=8, target_modules=["query", "value"], task_type="SEQ_CLS")
     ours = get_lora_model(copy.deepcopy(minilm_cls), LoraConfig(**config))
     theirs = peft.get_peft_model(copy.deepcopy(minilm_cls), peft.LoraConfig(**config))
@@ -87,11 +85,11 @@ def test_minilm_sequence_classification_round_trip_with_peft(minilm_cls, tmp_pat
 
 def test_lorakit_train_on_the_embedded_default(tmp_path):
     """The main job, shortened: the real model and the built-in task, a few steps, every output written."""
-    from lorakit import train
-
     result = train(steps=3, max_eval=4, max_new_tokens=40, output_dir=str(tmp_path), progress=False)
     assert result["before"]["exact_match"] == 0.0  # the base model does not produce the exact JSON
-    assert result["last_loss"] < result["first_loss"]
+    # The held-out loss, not the first and last step's: those are on different batches, and three warmup steps move
+    # the weights too little to outweigh that (in bf16, the AMX CPUs' default, the last step's loss came out higher).
+    assert result["after"]["loss"] < result["before"]["loss"]
     assert result["trainable_params"] == 2_442_240 and result["precision"] in ("fp32", "bf16")
     reloaded = LoraModel.from_pretrained(pretrained.load_default_model(), tmp_path)
     assert sum(1 for _ in reloaded.lora_layers()) == 210

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
 
 from lorakit import LoraConfig, get_lora_model
 from lorakit.model import LoraModel
@@ -72,7 +73,8 @@ def save_adapter(base_dir: str, folder: Path, seed: int) -> None:
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory, tiny_llama_dir) -> Path:
-    """The adapter root: adapters a and b, c (a copy of a under another name) and a corrupt one."""
+    """The adapter root: adapters a and b, c (a copy of a under another name), and damaged ones: a corrupt file,
+    a config that is a list, a DoRA config, and NaN and inf in two tensors ("nan")."""
     root = tmp_path_factory.mktemp("adapters")
     save_adapter(tiny_llama_dir, root / "a", seed=1)
     save_adapter(tiny_llama_dir, root / "b", seed=2)
@@ -86,6 +88,12 @@ def root(tmp_path_factory, tiny_llama_dir) -> Path:
     shutil.copy(root / "a" / "adapter_config.json", root / "corrupt")
     (root / "corrupt" / "adapter_model.safetensors").write_bytes((root / "a" / "adapter_model.safetensors")
                                                                  .read_bytes()[:200])
+    shutil.copytree(root / "a", root / "nan")
+    tensors = load_file(root / "nan" / "adapter_model.safetensors")
+    first, second = sorted(tensors)[:2]
+    tensors[first][0, 0] = float("nan")
+    tensors[second][-1, -1] = float("-inf")
+    save_file(tensors, root / "nan" / "adapter_model.safetensors", metadata={"format": "pt"})
     return root
 
 

@@ -95,6 +95,7 @@ def test_load_use_unload_then_404(client, reference, smollm2_tokenizer):
 
 @pytest.mark.parametrize(("path", "payload", "status"), [
     ("/v1/completions", b'{"model": "a", "prompt": ', 400),  # malformed JSON
+    ("/v1/completions", b'{"model": "a", "prompt": "\xff"}', 400),  # not UTF-8
     ("/v1/completions", {"prompt": "hi"}, 400),  # no model
     ("/v1/completions", {"model": "a", "prompt": 5}, 400),  # a number for a prompt
     ("/v1/completions", {"model": "nope", "prompt": "hi"}, 404),
@@ -117,6 +118,7 @@ def test_load_use_unload_then_404(client, reference, smollm2_tokenizer):
     ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "bad\u0000path"}, 400),
     ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "listconfig"}, 400),  # adapter_config.json: []
     ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "dora"}, 400),
+    ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "nan"}, 400),  # NaN and inf in its tensors
     ("/v1/load_lora_adapter", {"lora_name": "a", "lora_path": "b"}, 400),  # the name is taken
     ("/v1/load_lora_adapter", {"lora_name": "../x", "lora_path": "b"}, 400),
     ("/v1/load_lora_adapter", {"lora_name": "base", "lora_path": "b"}, 400),
@@ -132,6 +134,13 @@ def test_client_mistakes_get_4xx_and_the_server_keeps_serving(client, path, payl
         assert response.json()["error"]["message"], "the error must say what is wrong"
     assert complete(client, "a", PROMPTS[0], max_tokens=2)["choices"][0]["finish_reason"] == "length"
     assert "x" not in client.engine.adapters, "a failed load must register nothing"
+
+
+def test_a_body_over_the_default_limit_gets_413(client):
+    body = b'{"model": "a", "prompt": "' + b"a" * 2**20 + b'"}'  # just over 1 MiB
+    response = client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 413 and str(2**20) in response.json()["error"]["message"]
+    assert complete(client, "a", PROMPTS[0], max_tokens=2)["choices"][0]["finish_reason"] == "length"
 
 
 # -- health and metrics -----------------------------------------------------------------------------------

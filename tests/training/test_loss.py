@@ -1,14 +1,14 @@
-"""The chunked linear cross-entropy and the causal-LM loss on padded and packed batches."""
+"""The chunked linear cross-entropy, the causal-LM loss on padded and packed batches, and the classification loss."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_gpt2, tiny_llama
+from conftest import tiny_bert_cls, tiny_gpt2, tiny_llama
 
 from lorakit.training.data import IGNORE, Example, pack_batch, pad_batch
-from lorakit.training.loss import causal_lm_loss, linear_cross_entropy
+from lorakit.training.loss import causal_lm_loss, classification_loss, linear_cross_entropy
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64])
@@ -97,3 +97,14 @@ def test_full_logits_path_keeps_packed_examples_apart():
     packed = causal_lm_loss(model, pack_batch(examples, max_length=24, pad_id=0))
     assert padded[1] == packed[1]
     assert abs(padded[0].item() - packed[0].item()) <= 1e-4 * padded[0].item()
+
+
+def test_classification_loss_is_the_summed_cross_entropy_over_examples():
+    model = tiny_bert_cls(num_labels=3)
+    torch.manual_seed(0)
+    batch = {"input_ids": torch.randint(0, 128, (4, 6)), "attention_mask": torch.ones(4, 6, dtype=torch.long),
+             "labels": torch.tensor([0, 2, 1, 2])}
+    loss_sum, count = classification_loss(model, batch)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(loss_sum, F.cross_entropy(logits, batch["labels"], reduction="sum"))
+    assert int(count) == 4

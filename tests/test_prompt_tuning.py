@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 from conftest import tiny_llama
 
+from lorakit.inference import evaluate_adapter
 from lorakit.prompt_tuning import PromptTuningModel
 from lorakit.training.loop import train
 from lorakit.training.loss import causal_lm_loss
@@ -46,9 +48,7 @@ def test_only_the_prompt_trains_and_the_chunked_loss_equals_the_full_one():
     assert tuned.prompt.grad is not None and tuned.prompt.grad.abs().sum() > 0
 
 
-def test_labels_skip_the_virtual_tokens_as_in_peft(tmp_path):
-    import peft
-
+def test_labels_skip_the_virtual_tokens_as_in_peft(tmp_path, peft):
     tuned = PromptTuningModel(tiny_llama(), 5)
     tuned.save_pretrained(tmp_path)
     theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path)
@@ -85,9 +85,7 @@ def test_generate_returns_the_input_then_greedy_tokens():
     assert torch.equal(logits.argmax(-1)[:, 8:], out[:, 9:])
 
 
-def test_save_load_round_trip_and_peft_reads_it(tmp_path):
-    import peft
-
+def test_save_load_round_trip_and_peft_reads_it(tmp_path, peft):
     tuned = PromptTuningModel(tiny_llama(), 5, seed=3)
     tuned.save_pretrained(tmp_path)
     loaded = PromptTuningModel.from_pretrained(tiny_llama(), tmp_path)
@@ -115,13 +113,9 @@ def test_bad_input_is_a_clear_error(tmp_path):
 
 
 def test_prompt_tuning_through_the_trainer(tiny_llama_dir, tmp_path):
-    from lorakit.inference import evaluate_adapter
-
     result = train(model=tiny_llama_dir, steps=6, method="prompt", num_virtual_tokens=4, output_dir=str(tmp_path),
                    **FAST)
     assert result["method"] == "prompt" and result["trainable_params"] == 4 * 32  # the prompt (32 wide)
-    import transformers
-
     base = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     start = PromptTuningModel(base, 4, seed=0).prompt  # the trainer's initialization (seed 0)
     trained = PromptTuningModel.from_pretrained(base, tmp_path).prompt

@@ -1,4 +1,5 @@
-"""Dataset reading, chat rendering with loss masks, padding and packing."""
+"""Reading datasets (JSON, JSONL, TSV/CSV) with errors that name the file and line, chat rendering with loss
+masks, padding and packing."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import json
 
 import pytest
 
-from lorakit.training.builtin_task import SYSTEM, builtin_orders
 from lorakit.training.data import (
     IGNORE,
     DataError,
@@ -111,16 +111,3 @@ def test_pack_batch_positions_and_targets():
     padded = pad_batch([a, b], pad_id=0)
     assert padded["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
     assert padded["targets"][1].tolist() == [5, IGNORE, IGNORE]
-
-
-def test_builtin_task_is_deterministic_and_disjoint():
-    train, held_out = builtin_orders(300, 50, seed=7)
-    again, _ = builtin_orders(300, 50, seed=7)
-    assert train == again
-    requests = {r["messages"][1]["content"] for r in train}
-    assert not requests & {r["messages"][1]["content"] for r in held_out}
-    record = held_out[0]["messages"]
-    assert record[0] == {"role": "system", "content": SYSTEM}
-    answer = json.loads(record[2]["content"])
-    assert list(answer) == ["name", "item", "size", "quantity", "day"]
-    assert isinstance(answer["quantity"], int) and answer["day"].islower()

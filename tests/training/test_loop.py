@@ -1,25 +1,31 @@
-"""The training loop on tiny models: exactness of accumulation, DDP and resume; files; errors."""
+"""The training loop on tiny models: what a run writes; exactness of accumulation, packing, DDP and gradient
+checkpointing; the schedule and data order; NaN stops; refusing to mix runs; the task types end to end."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
+import re
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from conftest import train_cli
 from safetensors.torch import load_file
 
-from lorakit.training.loop import TrainingError, lr_lambda, train
+import lorakit.training.tasks
+from lorakit.training.data import load_causal_lm, read_table
+from lorakit.training.devices import Processes
+from lorakit.training.loop import TrainingError, lr_lambda, micro_batch_indices, train
 from lorakit.training.options import TrainConfig
+from lorakit.training.tasks import build_task
 
-FAST = {"max_eval": 4, "max_new_tokens": 4, "progress": False, "warmup_steps": 1, "lr": 1e-2}
+# fp32 on every CPU: precision 'auto' picks bf16 on AMX CPUs, and these tests compare runs to 1e-6.
+FAST = {"max_eval": 4, "max_new_tokens": 4, "progress": False, "warmup_steps": 1, "lr": 1e-2, "precision": "fp32"}
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 def _adapter(out: Path) -> dict[str, torch.Tensor]:
@@ -31,9 +37,10 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def _cli(*args: str, env: dict | None = None, **popen) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "lorakit", "train", *args], env={**os.environ, **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_builtin_task_on_tiny_model_writes_everything(tiny_llama_dir, tmp_path):
@@ -65,61 +72,32 @@ def test_packing_and_padding_train_the_same_adapter(tiny_llama_dir, tmp_path):
     assert _max_diff(_adapter(tmp_path / "packed"), _adapter(tmp_path / "padded")) <= 1e-5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_ddp_equals_one_process_with_twice_the_batch(tiny_llama_dir, tmp_path):
     common = ["--model", tiny_llama_dir, "--steps", "3", "--max-eval", "2", "--max-new-tokens", "2",
-              "--no-progress", "--lr", "2e-3", "--warmup-steps", "1"]
+              "--no-progress", "--lr", "2e-3", "--warmup-steps", "1", "--precision", "fp32"]
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "lorakit", "train",
                           *common, "--batch-size", "2", "--output-dir", str(tmp_path / "ddp")],
                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert ddp.returncode == 0, ddp.stdout[-2000:] + ddp.stderr[-2000:]
     assert "2 processes" in ddp.stdout
-    single = _cli(*common, "--batch-size", "4", "--output-dir", str(tmp_path / "one"))
+    single = train_cli(*common, "--batch-size", "4", "--output-dir", str(tmp_path / "one"))
     assert single.wait(timeout=300) == 0, single.stdout.read()[-2000:]
     assert _max_diff(_adapter(tmp_path / "ddp"), _adapter(tmp_path / "one")) <= 1e-6
 
 
-def test_kill_minus_9_then_resume_is_bit_identical(tiny_llama_dir, tmp_path):
-    common = ["--model", tiny_llama_dir, "--steps", "120", "--save-every", "10", "--lora-dropout", "0.1",
-              "--max-eval", "2", "--max-new-tokens", "2", "--no-progress", "--lr", "1e-2"]
-    reference = _cli(*common, "--output-dir", str(tmp_path / "reference"))
-    assert reference.wait(timeout=600) == 0, reference.stdout.read()[-2000:]
-
-    out = tmp_path / "killed"
-    victim = _cli(*common, "--output-dir", str(out), start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and victim.poll() is None:
-        if len(list((out / "checkpoints").glob("step-*"))) and any(
-                int(p.name[5:]) >= 30 for p in (out / "checkpoints").glob("step-*")):
-            break
-        time.sleep(0.02)
-    os.killpg(victim.pid, signal.SIGKILL)
-    victim.wait()
-    assert victim.returncode == -signal.SIGKILL
-    assert not (out / "adapter_model.safetensors").exists(), "the run finished before it could be killed"
-
-    resumed = _cli(*common, "--output-dir", str(out), "--resume")
-    output = resumed.communicate(timeout=600)[0]
-    assert resumed.returncode == 0, output[-2000:]
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["resumed_from"] and int(Path(summary["resumed_from"]).name[5:]) >= 30
-    assert (out / "adapter_model.safetensors").read_bytes() == \
-        (tmp_path / "reference" / "adapter_model.safetensors").read_bytes()
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
-             if "loss" in json.loads(line)]
-    assert steps == list(range(1, 121))  # steps logged after the checkpoint were dropped and run again
+def test_micro_batches_of_the_processes_are_the_slices_of_one_global_batch():
+    one = [micro_batch_indices(k, 10, 4, Processes(), seed=3) for k in range(4)]
+    two = [[micro_batch_indices(k, 10, 2, Processes(rank, 2), seed=3) for rank in (0, 1)] for k in range(4)]
+    assert [a + b for a, b in two] == one  # process r takes the r-th slice of the same global batch
+    assert len(set(one[0] + one[1])) == 8  # an epoch has 10 // 4 = 2 batches, without repeats
+    assert one[2:] != one[:2]  # the next epoch is shuffled anew (seed + 1)
+    assert one == [micro_batch_indices(k, 10, 4, Processes(), seed=3) for k in range(4)]  # and is reproducible
 
 
-def test_nan_loss_stops_and_keeps_the_last_checkpoint(tiny_llama_dir, tmp_path, monkeypatch):
-    import lorakit.training.tasks as setup
-
-    real, calls = setup.causal_lm_loss, []
+def test_nan_loss_stops_names_the_last_good_checkpoint_and_the_command_to_recover(tiny_llama_dir, tmp_path,
+                                                                                     monkeypatch, capsys):
+    real, calls = lorakit.training.tasks.causal_lm_loss, []
 
     def loss_turning_nan_at_step_5(model, batch):
         loss, count = real(model, batch)
@@ -129,17 +107,41 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tiny_llama_dir, tmp_path, 
                 return loss * float("nan"), count
         return loss, count
 
-    monkeypatch.setattr(setup, "causal_lm_loss", loss_turning_nan_at_step_5)
-    with pytest.raises(TrainingError, match=r"the loss is nan at step 5; .*step-000004, is intact"):
+    monkeypatch.setattr(lorakit.training.tasks, "causal_lm_loss", loss_turning_nan_at_step_5)
+    with pytest.raises(TrainingError) as raised:
         train(model=tiny_llama_dir, steps=40, save_every=2, output_dir=str(tmp_path), **FAST)
+    message = str(raised.value)
     ckpt = tmp_path / "checkpoints"
-    assert sorted(p.name for p in ckpt.iterdir()) == ["step-000002", "step-000004"]  # no half-written folder
-    assert json.loads((ckpt / "step-000004" / "state.json").read_text())["step"] == 4
+    # The weights of step 4 gave the NaN loss of step 5: set aside; step 2 is the good one, named with a command.
+    assert "the loss is nan at step 5" in message and f"{ckpt / 'step-000002'}, is intact" in message
+    command = f"lorakit train --config {ckpt / 'step-000002' / 'train_config.yaml'} --resume --lr 0.001"
+    assert command in message
+    assert sorted(p.name for p in ckpt.iterdir()) == ["diverged-step-000004", "step-000002"]  # nothing half-written
     assert not (tmp_path / "adapter_model.safetensors").exists()
-    # The checkpoint is usable: resuming without the fault finishes the run.
-    monkeypatch.setattr(setup, "causal_lm_loss", real)
-    result = train(model=tiny_llama_dir, steps=40, save_every=2, resume=True, output_dir=str(tmp_path), **FAST)
-    assert result["resumed_from"].endswith("step-000004") and result["steps"] == 40
+    # The printed command works: resuming at a lower rate is allowed, with a warning, and finishes the run.
+    monkeypatch.setattr(lorakit.training.tasks, "causal_lm_loss", real)
+    result = train(TrainConfig.from_yaml(ckpt / "step-000002" / "train_config.yaml", resume=True, lr=1e-3))
+    assert result["resumed_from"].endswith("step-000002") and result["steps"] == 40
+    assert "lr: 0.01 → 0.001" in capsys.readouterr().err
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+           if "lr" in json.loads(line)]
+    assert max(lrs[2:]) <= 1e-3  # the steps after the checkpoint ran at the new rate
+
+
+def test_resume_refuses_changed_data_and_accepts_the_same_folder_by_another_path(tiny_llama_dir, tmp_path,
+                                                                                  monkeypatch):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"say {i}", "output": f"{i} {i}"}) + "\n" for i in range(40)))
+    out = tmp_path / "run"
+    options = dict(model=tiny_llama_dir, task="causal_lm", data=str(data), steps=4, save_every=2, **FAST)
+    train(output_dir=str(out), **options)
+    monkeypatch.chdir(tmp_path)  # the same folder, now as a relative path: resumable
+    assert train(output_dir="run", resume=True, **options)["resumed_from"].endswith("step-000002")
+    data.write_text(data.read_text().replace("say 3", "say three"))
+    with pytest.raises(ValueError, match=r"data.jsonl changed since .*step-000002 was written"):
+        train(output_dir=str(out), resume=True, **options)
+    with pytest.raises(ValueError, match=r"other options \(r: 8 → 4\)"):
+        train(output_dir=str(out), resume=True, **{**options, "r": 4})
 
 
 def test_resume_refuses_another_run(tiny_llama_dir, tmp_path):
@@ -152,38 +154,6 @@ def test_resume_refuses_another_run(tiny_llama_dir, tmp_path):
     with pytest.raises(ValueError, match="holds checkpoints of an earlier run; continue it with --resume"):
         train(model=tiny_llama_dir, steps=4, save_every=2, output_dir=str(tmp_path), **FAST)
     assert (tmp_path / "checkpoints" / "step-000002").is_dir()
-
-
-def test_yaml_config_with_cli_overrides(tiny_llama_dir, tmp_path):
-    config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({"model": tiny_llama_dir, "steps": 2, "r": 4, "max-eval": 2,
-                                      "max_new_tokens": 2, "output_dir": str(tmp_path / "out")}) + "lr: 2e-4\n")
-    proc = _cli("--config", str(config), "--r", "2", "--no-progress")
-    output = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 0, output[-2000:]
-    saved = yaml.safe_load((tmp_path / "out" / "train_config.yaml").read_text())
-    assert saved["r"] == 2 and saved["steps"] == 2 and saved["max_eval"] == 2  # the command line wins
-    assert saved["lr"] == 2e-4  # YAML reads 2e-4 as a string; the config makes it a float
-    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["r"] == 2
-    assert "trained:" in output and "held-out:" in output and "saved:" in output
-
-    config.write_text("model: x\nlearning_rate: 3\n")
-    proc = _cli("--config", str(config))
-    assert proc.wait(timeout=120) == 2
-    assert "unknown option(s) learning_rate" in proc.stdout.read()
-    config.write_text("steps: 2.5\n")
-    proc = _cli("--config", str(config))
-    assert proc.wait(timeout=120) == 2
-    assert "run.yaml: steps=2.5 is not a valid int" in proc.stdout.read()
-
-
-def test_bad_options_are_clear():
-    with pytest.raises(ValueError, match="schedule='step' is not allowed; choose one of linear, cosine, constant"):
-        TrainConfig(schedule="step")
-    with pytest.raises(ValueError, match="batch_size=0 must be at least 1"):
-        TrainConfig(batch_size=0)
-    with pytest.raises(ValueError, match="--task causal_lm needs --data"):
-        TrainConfig(task="causal_lm")
 
 
 def test_schedule_shapes():
@@ -225,26 +195,7 @@ def test_sequence_classification_from_tsv(tiny_bert_dir, tmp_path):
               output_dir=str(tmp_path / "bad"), **FAST)
 
 
-def test_eval_and_generate_commands_use_the_saved_adapter(tiny_llama_dir, tmp_path):
-    result = train(model=tiny_llama_dir, steps=2, output_dir=str(tmp_path), **FAST)
-    from lorakit.cli import main
-    from lorakit.inference import evaluate_adapter, generate
-
-    again = evaluate_adapter(tmp_path, TrainConfig.from_yaml(tmp_path / "train_config.yaml"))
-    assert again["loss"] == pytest.approx(result["after"]["loss"], rel=1e-5)
-    assert again["exact_match"] == result["after"]["exact_match"]
-    proc = subprocess.run([sys.executable, "-m", "lorakit", "eval", str(tmp_path), "--json"], capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads(proc.stdout)["loss"] == pytest.approx(again["loss"], rel=1e-5)
-    text = generate("Order for Ada: 2 x scone (small), monday.", adapter=tmp_path, max_new_tokens=3)
-    assert isinstance(text, str)
-    assert main(["generate", "hi", "--adapter", str(tmp_path / "missing")]) == 2
-
-
 def test_gradient_checkpointing_trains_the_same_adapter(tiny_llama_dir, tmp_path):
-    from lorakit.training.tasks import build_task
-
     run = build_task(TrainConfig(model=tiny_llama_dir, grad_checkpointing=True), torch.device("cpu"), "fp32")
     assert run.model.model.is_gradient_checkpointing  # really on, so the comparison below means something
     train(model=tiny_llama_dir, steps=2, output_dir=str(tmp_path / "plain"), **FAST)
@@ -252,23 +203,14 @@ def test_gradient_checkpointing_trains_the_same_adapter(tiny_llama_dir, tmp_path
     assert _max_diff(_adapter(tmp_path / "plain"), _adapter(tmp_path / "ckpt")) <= 1e-6
 
 
-def test_every_train_option_has_help():
-    from lorakit.cli import build_parser
-
-    train_parser = build_parser()._subparsers._group_actions[0].choices["train"]
-    options = [a for a in train_parser._actions if a.option_strings and a.dest != "help"]
-    assert len(options) == len(TrainConfig.__dataclass_fields__) + 1  # + --config
-    for action in options:
-        assert action.help and len(action.help) > 15, action.option_strings
-
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+def test_bf16_autocast_trains_fp32_adapters_on_any_cpu(tiny_llama_dir, tmp_path):
+    result = train(model=tiny_llama_dir, steps=4, output_dir=str(tmp_path), **{**FAST, "precision": "bf16"})
+    assert result["precision"] == "bf16" and result["last_loss"] < result["first_loss"]
+    assert all(t.dtype == torch.float32 for t in _adapter(tmp_path).values())
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason=f"the real datasets are not at {SHARED}")
 def test_real_datasets_parse_and_train(smollm2_tokenizer, tiny_bert_dir, tmp_path):
-    from lorakit.training.data import load_causal_lm, read_table
-
     alpaca = load_causal_lm(SHARED / "instruct" / "alpaca_gpt4_en_demo_999.json", smollm2_tokenizer, 512)
     assert len(alpaca) == 999 and all(e.n_targets > 0 for e in alpaca)
     rows = read_table(SHARED / "sst2" / "train.tsv")
@@ -276,3 +218,12 @@ def test_real_datasets_parse_and_train(smollm2_tokenizer, tiny_bert_dir, tmp_pat
     result = train(model=tiny_bert_dir, task="seq_cls", data=str(SHARED / "sst2" / "dev.tsv"), steps=3,
                    batch_size=8, target_modules="query,value", output_dir=str(tmp_path), **FAST)
     assert result["after"]["n"] == 4 and result["tokens"] > 0
+
+
+def test_a_run_says_how_long_it_will_take_and_shows_evaluation_progress(tiny_llama_dir, tmp_path, capsys):
+    train(model=tiny_llama_dir, steps=3, output_dir=str(tmp_path), **{**FAST, "progress": True})
+    err = capsys.readouterr().err
+    assert re.search(r"lorakit: the first step took \d+\.\d s; 3 steps will take about \d+ s", err)
+    for bar in ("loss (before)", "exact match (before)", "loss (after)", "exact match (after)"):
+        assert re.search(re.escape(bar) + r": +\d+%\|.*\| \d/4 ", err), bar  # examples done of 4, time left
+    assert "lorakit train:" not in err  # the library's messages say lorakit:, whichever command runs them

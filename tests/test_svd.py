@@ -1,4 +1,5 @@
-"""Rank advice: inspect reports the rank an update really has; resize cuts it by truncated SVD."""
+"""Singular values of adapter updates (lorakit.svd): inspect reports the rank an update really has; resize cuts it
+by truncated SVD into a normal adapter that lorakit and PEFT load."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 
 import pytest
 import torch
+import transformers
 from conftest import tiny_llama
 
 from lorakit import LoraConfig, LoraModel, get_lora_model
@@ -63,9 +65,7 @@ def test_resize_below_the_rank_used_costs_accuracy_and_at_it_does_not(tmp_path, 
         torch.testing.assert_close(loaded(ids).logits, original(ids).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_peft_reads_a_resized_adapter(tmp_path, ids):
-    import peft
-
+def test_peft_reads_a_resized_adapter(tmp_path, ids, peft):
     original = _adapter_of_rank(tmp_path / "a", k=8)
     resize_adapter(tmp_path / "a", 8, tmp_path / "b")
     theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "b").eval()
@@ -86,8 +86,6 @@ def test_cli_inspect_and_resize(tmp_path, capsys):
 
 
 def test_layers_narrower_than_the_rank_are_resized_too(tmp_path, ids):
-    import transformers
-
     def narrow_llama() -> torch.nn.Module:  # k_proj and v_proj have 8 outputs: fewer than r = 16
         torch.manual_seed(0)
         return transformers.LlamaForCausalLM(transformers.LlamaConfig(
@@ -122,3 +120,17 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
     _adapter_of_rank(tmp_path / "dora", k=3, use_dora=True)
     with pytest.raises(ValueError, match="DoRA"):
         resize_adapter(tmp_path / "dora", 2, tmp_path / "c")
+
+
+def test_inspect_lists_layers_in_model_order(tmp_path, capsys):
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=12, num_attention_heads=2,
+                                      intermediate_size=32)
+    torch.manual_seed(0)
+    lora = get_lora_model(transformers.LlamaForCausalLM(config), LoraConfig(r=2, target_modules=["q_proj"],
+                                                                            init_lora_weights=False))
+    lora.save_pretrained(tmp_path)
+    layers = [int(m.name.split(".")[2]) for m in inspect_adapter(tmp_path)["modules"]]
+    assert layers == list(range(12))  # 0, 1, 2, ... 10, 11; not 0, 1, 10, 11, 2
+    assert main(["inspect", str(tmp_path)]) == 0
+    rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:13]]
+    assert rows == [f"model.layers.{i}.self_attn.q_proj" for i in range(12)]

@@ -1,0 +1,1 @@
+"""Tests of lorakit.training, one file per module (a package, so that names like test_data.py cannot clash)."""

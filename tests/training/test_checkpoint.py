@@ -1,0 +1,159 @@
+"""Resumable checkpoints: what a checkpoint holds and restores, how many are kept, that a crash mid-write leaves
+none half-written, and that a run killed with SIGKILL resumes to the bit-identical adapter."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import train_cli
+
+from lorakit.training.checkpoint import (
+    checkpoints,
+    file_digests,
+    has_finite_weights,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_aside,
+    set_rng_state,
+)
+
+
+def _run(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """A small model with a frozen part, its optimizer and schedule, after two steps (so Adam has state)."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    model[0].requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (step + 1))
+    for _ in range(2):
+        model(torch.randn(3, 4)).square().sum().backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    return model, optimizer, scheduler
+
+
+def test_a_checkpoint_restores_parameters_optimizer_and_schedule(tmp_path):
+    model, optimizer, scheduler = _run()
+    state = {"data": 6, "rng": [rng_state()]}  # as the loop saves it: one RNG state per process
+    path = save_checkpoint(tmp_path, 2, model, optimizer, scheduler, state, "r: 8\n", keep=2)
+    assert path == tmp_path / "step-000002"
+    assert sorted(p.name for p in path.iterdir()) == ["optimizer.pt", "state.json", "train_config.yaml",
+                                                      "trainable.safetensors"]
+    assert (path / "train_config.yaml").read_text() == "r: 8\n"
+    other, other_optimizer, other_scheduler = _run(seed=1)
+    restored = load_checkpoint(path, other, other_optimizer, other_scheduler)
+    assert restored == {"step": 2, **json.loads(json.dumps(state))}  # the state as saved, through JSON
+    assert torch.equal(other[1].weight, model[1].weight) and torch.equal(other[1].bias, model[1].bias)
+    assert not torch.equal(other[0].weight, model[0].weight)  # frozen: not saved, not restored
+    adam, restored_adam = optimizer.state_dict()["state"], other_optimizer.state_dict()["state"]
+    assert all(torch.equal(adam[i]["exp_avg"], restored_adam[i]["exp_avg"]) for i in adam)
+    assert other_scheduler.state_dict()["last_epoch"] == scheduler.state_dict()["last_epoch"] == 2
+
+
+def test_only_the_newest_are_kept_and_unfinished_writes_are_ignored_then_removed(tmp_path):
+    model, optimizer, scheduler = _run()
+    (tmp_path / ".tmp-crashed").mkdir(parents=True)  # what a process killed while writing leaves
+    (tmp_path / "step-notanumber").mkdir()
+    for step in (9, 10, 11):
+        save_checkpoint(tmp_path, step, model, optimizer, scheduler, {}, "", keep=2)
+    assert [p.name for p in checkpoints(tmp_path)] == ["step-000010", "step-000011"]  # by number, oldest first
+    assert not (tmp_path / ".tmp-crashed").exists()
+    assert checkpoints(tmp_path / "nothing") == []
+
+
+def test_a_checkpoint_of_another_model_is_refused_and_changes_nothing(tmp_path):
+    model, optimizer, scheduler = _run()
+    path = save_checkpoint(tmp_path, 1, model, optimizer, scheduler, {"rng": [rng_state()]}, "", keep=1)
+    model[0].requires_grad_(True)  # now another set of trainable parameters
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"does not fit this model: missing \['0.bias', '0.weight'\], "
+                                         r"unexpected \[\]"):
+        load_checkpoint(path, model, optimizer, scheduler)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_diverged_checkpoint_is_recognized_and_set_aside(tmp_path):
+    model, optimizer, scheduler = _run()
+    good = save_checkpoint(tmp_path, 1, model, optimizer, scheduler, {}, "", keep=5)
+    with torch.no_grad():
+        model[1].weight[0, 0] = float("nan")
+    bad = save_checkpoint(tmp_path, 2, model, optimizer, scheduler, {}, "", keep=5)
+    assert has_finite_weights(good) and not has_finite_weights(bad)
+    assert not has_finite_weights(tmp_path / "step-000099")  # none there
+    moved = set_aside(bad)
+    assert moved == tmp_path / "diverged-step-000002" and moved.is_dir() and not bad.exists()
+    assert checkpoints(tmp_path) == [good]  # never resumed from
+
+
+def test_file_digests_change_with_the_content_and_skip_what_is_not_a_file(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "a"}\n')
+    first = file_digests([str(data), None, str(tmp_path / "missing.jsonl"), str(tmp_path)])
+    assert list(first) == [str(data.resolve())] and len(first[str(data.resolve())]) == 64
+    assert file_digests([str(data)]) == first
+    data.write_text('{"text": "b"}\n')
+    assert file_digests([str(data)]) != first
+
+
+def test_rng_states_survive_json_and_restore_the_same_random_numbers():
+    state = json.loads(json.dumps(rng_state()))  # a checkpoint stores them in state.json
+    expected = (random.random(), torch.rand(3))
+    random.random(), torch.rand(3)
+    set_rng_state(state)
+    again = (random.random(), torch.rand(3))
+    assert again[0] == expected[0] and torch.equal(again[1], expected[1])
+
+
+def test_kill_minus_9_then_resume_is_bit_identical(tiny_llama_dir, tmp_path):
+    common = ["--model", tiny_llama_dir, "--steps", "120", "--save-every", "10", "--lora-dropout", "0.1",
+              "--max-eval", "2", "--max-new-tokens", "2", "--no-progress", "--lr", "1e-2", "--precision", "fp32"]
+    reference = train_cli(*common, "--output-dir", str(tmp_path / "reference"))
+    assert reference.wait(timeout=600) == 0, reference.stdout.read()[-2000:]
+
+    out = tmp_path / "killed"
+    victim = train_cli(*common, "--output-dir", str(out), start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and victim.poll() is None:
+        if len(list((out / "checkpoints").glob("step-*"))) and any(
+                int(p.name[5:]) >= 30 for p in (out / "checkpoints").glob("step-*")):
+            break
+        time.sleep(0.02)
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+    assert not (out / "adapter_model.safetensors").exists(), "the run finished before it could be killed"
+
+    resumed = train_cli(*common, "--output-dir", str(out), "--resume")
+    output = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, output[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from"] and int(Path(summary["resumed_from"]).name[5:]) >= 30
+    assert (out / "adapter_model.safetensors").read_bytes() == \
+        (tmp_path / "reference" / "adapter_model.safetensors").read_bytes()
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == list(range(1, 121))  # steps logged after the checkpoint were dropped and run again
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    model, optimizer, scheduler = _run()
+    state = {"rng": [rng_state()], "before": {}}
+    save_checkpoint(tmp_path, 2, model, optimizer, scheduler, state, "r: 4\n", keep=3)
+
+    def disk_full(*args, **kwargs):  # what torch.save raises when the disk fills up
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 1024 vs 512")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match=r"could not write optimizer.pt of the step-4 checkpoint .*"
+                                      r"the previous checkpoint, .*step-000002, is intact"):
+        save_checkpoint(tmp_path, 4, model, optimizer, scheduler, state, "r: 4\n", keep=3)
+    assert [p.name for p in tmp_path.iterdir()] == ["step-000002"]  # nothing half-written left behind
