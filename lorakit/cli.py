@@ -299,7 +299,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = build_engine(args.base, adapters, dtype=args.dtype, quantize=args.quantize, merge=args.merge,
                           served_model_name=args.served_model_name, max_adapters=args.max_adapters,
                           adapter_root=args.adapter_root, max_batch_size=args.max_batch_size,
-                          max_tokens=args.max_tokens)
+                          max_tokens=args.max_tokens, max_request_bytes=args.max_request_bytes,
+                          trust_remote_code=args.trust_remote_code)
     served = ", ".join([engine.base_name] + sorted(engine.adapters))
     print(f"lorakit serve: {served} on http://{args.host}:{args.port} (OpenAI API under /v1)", flush=True)
     serve(engine, host=args.host, port=args.port, log_level=args.log_level)
@@ -475,6 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-batch-size", type=int, default=32, help="most requests decoded together (default: 32)")
     srv.add_argument("--max-tokens", type=int, default=1024,
                      help="the largest max_tokens a request may ask for (default: 1024)")
+    srv.add_argument("--max-request-bytes", type=int, default=2**20,
+                     help="the largest request body accepted; larger ones get 413 (default: 1048576, 1 MiB)")
     srv.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                      help="the base model's weights (default: float32)")
     srv.add_argument("--quantize", default=None, choices=("nf4", "fp4"),
@@ -485,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the base's name in requests (default: SmolLM2-135M-Instruct, or the folder's name)")
     srv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                      help="uvicorn's log level (default: info)")
+    _trust_argument(srv)
     srv.set_defaults(func=cmd_serve)
     return parser
 

@@ -36,7 +36,7 @@ def base_name_for(spec: str) -> str:
 
 def build_engine(base: str = "default", adapters: dict[str, str | Path] | None = None, *, dtype: str = "float32",
                  quantize: str | None = None, merge: bool = False, served_model_name: str | None = None,
-                 **engine_args: Any) -> Engine:
+                 trust_remote_code: bool = False, **engine_args: Any) -> Engine:
     """Load a base model and its tokenizer and start an :class:`Engine` on them.
 
     Args:
@@ -47,10 +47,14 @@ def build_engine(base: str = "default", adapters: dict[str, str | Path] | None =
         merge: Fold the one adapter into the base and serve only it, under its name: the base model's speed,
             no runtime loading (with ``quantize``, the merged layers are quantized again).
         served_model_name: The base's name in requests (default: see :func:`base_name_for`).
-        engine_args: ``max_adapters``, ``adapter_root``, ``max_batch_size``, ``max_tokens`` (see :class:`Engine`).
+        trust_remote_code: Run Python code that ships in the base's folder (``auto_map`` in its config.json or
+            tokenizer_config.json); without it such a base is refused.
+        engine_args: ``max_adapters``, ``adapter_root``, ``max_batch_size``, ``max_tokens``, ``max_request_bytes``
+            (see :class:`Engine`).
 
     Raises:
-        ValueError: An unknown dtype, a base that is not a causal LM, or ``merge`` without exactly one adapter.
+        ValueError: An unknown dtype, a base that is not a causal LM or that ships code without
+            ``trust_remote_code``, an adapter that does not load, or ``merge`` without exactly one adapter.
     """
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -59,12 +63,13 @@ def build_engine(base: str = "default", adapters: dict[str, str | Path] | None =
         raise ValueError(f"merged mode serves exactly one adapter; got {len(adapters)}: {sorted(adapters)}")
     if merge and engine_args.get("adapter_root") is not None:
         raise ValueError("merged mode serves one fixed adapter; it cannot load others (drop --adapter-root)")
-    model = build_model(base, dtype=DTYPES[dtype])
+    model = build_model(base, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     if not hasattr(model, "generate") or not type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")):
         raise ValueError(f"{base!r} is a {type(model).__name__}; lorakit serve needs a causal language model")
     if quantize is not None:
         to_4bit(model, quantize)
-    tokenizer = require_transformers().AutoTokenizer.from_pretrained(str(model_source(base)))
+    tokenizer = require_transformers().AutoTokenizer.from_pretrained(
+        str(model_source(base, trust_remote_code)), trust_remote_code=trust_remote_code)
     name = served_model_name or base_name_for(base)
     if merge:
         ((name, path),) = adapters.items()
@@ -75,7 +80,8 @@ def build_engine(base: str = "default", adapters: dict[str, str | Path] | None =
 
 
 def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Serve ``engine`` over HTTP until interrupted (Ctrl-C), then stop its scheduler."""
+    """Serve ``engine`` over HTTP until interrupted (Ctrl-C), then stop its scheduler. Request bodies are limited
+    to ``engine.max_request_bytes``."""
     try:
         import uvicorn
     except ImportError as err:

@@ -1,8 +1,10 @@
-"""OpenAI's API over the engine, without the web framework: request fields to sampling parameters and prompt ids,
-prompts submitted and their events gathered (whole or as server-sent events), OpenAI's chunk, usage and error
-objects, and Prometheus' text format for ``/metrics``.
+"""OpenAI's API over the engine, without the web framework: request bodies parsed and checked, request fields to
+sampling parameters and prompt ids, prompts submitted and their events gathered (whole or as server-sent events),
+OpenAI's chunk, usage and error objects, and Prometheus' text format for ``/metrics``.
 
-The endpoints (:mod:`lorakit.serve.routes`) are thin FastAPI functions around these.
+The endpoints (:mod:`lorakit.serve.routes`) are thin FastAPI functions around these. :func:`parse_body`,
+:func:`completion_ids` and :func:`chat_ids` cost CPU time in proportion to the body: the endpoints run them in worker
+threads, never on the event loop.
 """
 
 from __future__ import annotations
@@ -18,24 +20,79 @@ from .sampling import RequestError, SamplingParams
 from .scheduler import Engine
 
 if TYPE_CHECKING:  # pydantic is the serve extra's, imported only once an app is built
-    from .schema import Message, Sampling
+    import pydantic
+
+    from .schema import Body, CompletionRequest, Message, Sampling
 
 Chunk = Callable[[int, str | None, str | None], dict[str, Any]]  # (choice index, text, finish reason) -> chunk
 
+MAX_PROMPTS = 128  # prompts in one /v1/completions request
+
+
+def parse_body(schema: type[Body], raw: bytes, content_type: str | None) -> Body:
+    """A request body as ``schema``: UTF-8 JSON whose fields have the right types (see :mod:`~lorakit.serve.schema`).
+
+    Raises:
+        RequestError: 415 for a Content-Type that is not JSON; 400 for a body that is not UTF-8, not JSON, or whose
+            fields are missing, of the wrong type or out of range (the message names each of them).
+    """
+    import pydantic
+
+    media = (content_type or "application/json").split(";")[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        raise RequestError(415, f"the body is {media}; send JSON with Content-Type: application/json")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RequestError(400, f"the body is not UTF-8 ({err.reason} at byte {err.start})") from None
+    try:
+        return schema.model_validate_json(text)
+    except pydantic.ValidationError as err:
+        raise RequestError(400, f"invalid request: {invalid_fields(err)}") from None
+
+
+def invalid_fields(err: pydantic.ValidationError, most: int = 5) -> str:
+    """One line naming the first ``most`` bad fields and what is wrong with each (never the value: it may be
+    megabytes)."""
+    problems = err.errors(include_url=False, include_input=False)
+    line = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in problems[:most])
+    return line + (f"; and {len(problems) - most} more" if len(problems) > most else "")
+
+
+def completion_ids(engine: Engine, body: CompletionRequest) -> list[list[int]]:
+    """The token ids of each prompt of a completions request.
+
+    Raises:
+        RequestError: 400 for an empty list of prompts or more than :data:`MAX_PROMPTS`.
+    """
+    texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if not texts:
+        raise RequestError(400, "prompt is an empty list")
+    if len(texts) > MAX_PROMPTS:
+        raise RequestError(400, f"prompt is a list of {len(texts)} prompts; one request takes at most {MAX_PROMPTS}")
+    return [engine.tokenizer(text)["input_ids"] for text in texts]
+
 
 def sampling_params(engine: Engine, body: Sampling, max_tokens: int | None, prompt_len: int) -> SamplingParams:
-    """A request's sampling fields as :class:`SamplingParams` (``max_tokens`` None: as many as fit).
+    """A request's sampling fields as :class:`SamplingParams` (``max_tokens`` None: as many as fit; other fields
+    None: OpenAI's defaults).
 
     Raises:
         RequestError: 400 for ``n`` other than 1.
     """
-    if body.n != 1:
+    if body.n not in (None, 1):
         raise RequestError(400, f"n={body.n}: this server returns one choice per prompt (n=1)")
     if max_tokens is None:  # OpenAI's chat default: as much as the context allows, here within --max-tokens
         max_tokens = max(1, min(engine.max_tokens, engine.context_length - prompt_len))
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, stop=stop,
-                          seed=body.seed, ignore_eos=body.ignore_eos)
+    return SamplingParams(max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
+                          top_p=1.0 if body.top_p is None else body.top_p, stop=stop, seed=body.seed,
+                          ignore_eos=body.ignore_eos)
+
+
+def include_usage(body: Sampling) -> bool:
+    """Whether a stream ends with a usage chunk (``stream_options.include_usage``)."""
+    return bool(body.stream_options and body.stream_options.include_usage)
 
 
 def chat_ids(engine: Engine, messages: list[Message]) -> list[int]:
@@ -159,8 +216,8 @@ async def sse(requests: list[Request], queue: asyncio.Queue, chunk: Chunk, inclu
 
 def error_body(status: int, message: str) -> dict[str, Any]:
     """OpenAI's error object."""
-    kind = {400: "invalid_request_error", 403: "permission_error", 404: "not_found_error", 409: "conflict_error",
-            503: "service_unavailable"}.get(status, "server_error")
+    kind = {403: "permission_error", 404: "not_found_error", 409: "conflict_error", 503: "service_unavailable"
+            }.get(status, "invalid_request_error" if 400 <= status < 500 else "server_error")
     return {"message": message, "type": kind, "code": status}
 
 

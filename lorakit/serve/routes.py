@@ -1,52 +1,91 @@
-"""The endpoints of the HTTP API, one function per route, and its two exception handlers. Each endpoint finds the
+"""The endpoints of the HTTP API, one function per route, and its exception handlers. Each endpoint finds the
 engine on its application (``request.app.state.engine``); :func:`~lorakit.serve.api.create_app` registers them.
 
+The endpoints read their bodies themselves and hand parsing, chat templates and tokenization to a worker thread
+(``run_in_threadpool``): on the event loop, those would hold up every other client for as long as they take.
+
 This module imports FastAPI and pydantic, the serve extra, so only ``create_app`` imports it. (No
-``from __future__ import annotations`` here: FastAPI reads the request bodies from the endpoints' annotations,
-which must stay real classes.)
+``from __future__ import annotations`` here, as FastAPI reads the endpoints' annotations.)
 """
 
 import functools
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeVar
 
 import fastapi
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
 from .protocol import (
     chat_chunk,
     chat_ids,
     collect,
     completion_chunk,
+    completion_ids,
     error_body,
+    include_usage,
+    parse_body,
     prometheus_text,
     sampling_params,
     sse,
     submit,
     usage,
 )
-from .sampling import RequestError
-from .schema import ChatRequest, CompletionRequest, LoadRequest, UnloadRequest
+from .sampling import RequestError, quoted
+from .schema import Body, ChatRequest, CompletionRequest, LoadRequest, UnloadRequest
+
+B = TypeVar("B", bound=Body)
 
 
-def error_response(status: int, message: str) -> JSONResponse:
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     """OpenAI's error body with ``status``."""
-    return JSONResponse({"error": error_body(status, message)}, status_code=status)
+    return JSONResponse({"error": error_body(status, message)}, status_code=status, headers=headers)
 
 
 async def request_error(_: Any, err: RequestError) -> JSONResponse:
     return error_response(err.status, err.message)
 
 
-async def validation_error(_: Any, err: RequestValidationError) -> JSONResponse:
-    # FastAPI answers 422 by default; OpenAI's clients expect 400 and one message naming the bad fields.
-    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}"
-                         for e in err.errors())
-    return error_response(400, f"invalid request: {problems}")
+async def http_error(request: fastapi.Request, err: HTTPException) -> JSONResponse:
+    # Starlette's own errors: a path no route has (404), a method the route does not take (405).
+    if err.status_code == 404:
+        message = f"no endpoint {quoted(request.url.path)}; see /docs for the endpoints"
+    elif err.status_code == 405:
+        message = f"{request.method} is not allowed on {quoted(request.url.path)}"
+        allowed = (err.headers or {}).get("Allow") or (err.headers or {}).get("allow")
+        message += f"; use {allowed}" if allowed else ""
+    else:
+        message = str(err.detail)
+    return error_response(err.status_code, message, err.headers)
+
+
+async def internal_error(_: Any, err: Exception) -> JSONResponse:
+    # Starlette logs the traceback after this answer: the client learns only that it was not its fault.
+    return error_response(500, f"internal error ({type(err).__name__}); see the server log")
+
+
+async def read_body(request: fastapi.Request, schema: type[B]) -> B:
+    """The request's body checked against ``schema``, parsed in a worker thread (see :func:`parse_body`)."""
+    raw = await request.body()  # at most --max-request-bytes: the BodyLimit middleware has read it
+    return await run_in_threadpool(parse_body, schema, raw, request.headers.get("content-type"))
+
+
+def request_body(schema: type[Body]) -> dict[str, Any]:
+    """``openapi_extra`` that documents ``schema`` as a route's JSON body (its definitions inlined)."""
+    full = schema.model_json_schema()
+    definitions = full.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(definitions[node["$ref"].rsplit("/", 1)[-1]])
+            return {key: inline(value) for key, value in node.items()}
+        return [inline(value) for value in node] if isinstance(node, list) else node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(full)}}}}
 
 
 def streaming(events: AsyncIterator[str]) -> StreamingResponse:
@@ -72,30 +111,28 @@ async def models(request: fastapi.Request) -> dict[str, Any]:
     return {"object": "list", "data": data}
 
 
-async def completions(request: fastapi.Request, body: CompletionRequest) -> Any:
+async def completions(request: fastapi.Request) -> Any:
     engine = request.app.state.engine
+    body = await read_body(request, CompletionRequest)
     adapter = engine.resolve(body.model)
-    texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    if not texts:
-        raise RequestError(400, "prompt is an empty list")
-    prompts = [engine.tokenizer(text)["input_ids"] for text in texts]
+    prompts = await run_in_threadpool(completion_ids, engine, body)
     params = sampling_params(engine, body, body.max_tokens if body.max_tokens is not None else 16,
                              max(map(len, prompts)))
     requests, queue = await submit(engine, prompts, adapter, params)
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": body.model}
     if body.stream:
-        include = bool((body.stream_options or {}).get("include_usage"))
-        return streaming(sse(requests, queue, functools.partial(completion_chunk, head), include))
+        return streaming(sse(requests, queue, functools.partial(completion_chunk, head), include_usage(body)))
     events = await collect(requests, queue)
     return {**head, "choices": [{"index": i, "text": e.text, "logprobs": None, "finish_reason": e.finish_reason}
                                 for i, e in enumerate(events)], "usage": usage(events)}
 
 
-async def chat_completions(request: fastapi.Request, body: ChatRequest) -> Any:
+async def chat_completions(request: fastapi.Request) -> Any:
     engine = request.app.state.engine
+    body = await read_body(request, ChatRequest)
     adapter = engine.resolve(body.model)
-    ids = chat_ids(engine, body.messages)
+    ids = await run_in_threadpool(chat_ids, engine, body.messages)
     params = sampling_params(engine, body, body.max_completion_tokens or body.max_tokens, len(ids))
     requests, queue = await submit(engine, [ids], adapter, params)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk" if body.stream
@@ -103,21 +140,23 @@ async def chat_completions(request: fastapi.Request, body: ChatRequest) -> Any:
     if body.stream:
         role = {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                      "logprobs": None, "finish_reason": None}]}
-        include = bool((body.stream_options or {}).get("include_usage"))
-        return streaming(sse(requests, queue, functools.partial(chat_chunk, head), include, opening=[role]))
+        return streaming(sse(requests, queue, functools.partial(chat_chunk, head), include_usage(body),
+                             opening=[role]))
     (event,) = await collect(requests, queue)
     return {**head, "choices": [{"index": 0, "message": {"role": "assistant", "content": event.text},
                                  "logprobs": None, "finish_reason": event.finish_reason}],
             "usage": usage([event])}
 
 
-async def load_lora_adapter(request: fastapi.Request, body: LoadRequest) -> PlainTextResponse:
+async def load_lora_adapter(request: fastapi.Request) -> PlainTextResponse:
+    body = await read_body(request, LoadRequest)
     # The load waits for the scheduler thread; a worker thread waits for it, not the event loop.
     await run_in_threadpool(request.app.state.engine.load_adapter, body.lora_name, body.lora_path)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 
-async def unload_lora_adapter(request: fastapi.Request, body: UnloadRequest) -> PlainTextResponse:
+async def unload_lora_adapter(request: fastapi.Request) -> PlainTextResponse:
+    body = await read_body(request, UnloadRequest)
     await run_in_threadpool(request.app.state.engine.unload_adapter, body.lora_name)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 

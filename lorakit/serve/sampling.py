@@ -22,6 +22,14 @@ class RequestError(ValueError):
         self.message = message
 
 
+def quoted(text: str, limit: int = 100) -> str:
+    """``repr(text)``, cut after ``limit`` characters: error messages name what a client sent, which may be huge."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
+
+
+MAX_STOP_CHARS = 256  # each stop string is searched for at every token: its length bounds that cost
+
+
 @dataclass
 class SamplingParams:
     """OpenAI's sampling fields. ``temperature=0`` is greedy decoding (the same tokens as ``generate``).
@@ -51,8 +59,10 @@ class SamplingParams:
             raise RequestError(400, f"temperature={self.temperature} is outside 0..2")
         if not 0.0 < self.top_p <= 1.0:
             raise RequestError(400, f"top_p={self.top_p} must be in (0, 1]")
-        if len(self.stop) > 4 or any(not s for s in self.stop):
-            raise RequestError(400, f"stop={self.stop!r}: give at most 4 non-empty strings")
+        if len(self.stop) > 4 or any(not 0 < len(s) <= MAX_STOP_CHARS for s in self.stop):
+            shown = [s if len(s) <= 20 else s[:20] + "..." for s in self.stop[:5]]
+            raise RequestError(400, f"stop={shown!r}{'...' if len(self.stop) > 5 else ''}: give at most 4 non-empty "
+                                    f"strings of at most {MAX_STOP_CHARS} characters")
 
     def generator(self) -> torch.Generator:
         """This request's random generator (CPU: the same draws on every device). Any integer seeds it."""
@@ -123,8 +133,8 @@ class TextStream:
 
     def _partial_stop(self) -> int:
         """Length of the longest end of the text that begins a stop string (it may still complete it)."""
-        for k in range(max((len(s) - 1 for s in self.stop), default=0), 0, -1):
-            if len(self.text) >= k and any(s.startswith(self.text[-k:]) for s in self.stop if len(s) > k):
+        for k in range(min(len(self.text), max((len(s) - 1 for s in self.stop), default=0)), 0, -1):
+            if any(s.startswith(self.text[-k:]) for s in self.stop if len(s) > k):
                 return k
         return 0
 

@@ -29,11 +29,13 @@ from ..config import check_adapter_name
 from .batch import Batch, Row, left_padded
 from .kv_cache import joinable, new_cache
 from .request import Event, Request
-from .sampling import RequestError, TextStream, next_token
+from .sampling import RequestError, TextStream, next_token, quoted
 from .slots import AdapterSlots
 from .stats import Stats
 
 logger = logging.getLogger("lorakit.serve")
+
+MAX_REQUEST_BYTES = 2**20  # 1 MiB: a prompt of ~200,000 tokens, far past any context this server runs
 
 
 class Engine:
@@ -50,6 +52,8 @@ class Engine:
         adapter_root: The folder under which runtime loads (``load_adapter``) must lie; None turns them off.
         max_batch_size: Most requests decoded together.
         max_tokens: The largest ``max_tokens`` a request may ask for.
+        max_request_bytes: The largest request body the HTTP API accepts (:func:`~lorakit.serve.api.create_app`
+            answers larger ones with 413 before reading them).
 
     Attributes:
         slots: The adapters registered and resident.
@@ -59,14 +63,18 @@ class Engine:
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, base_name: str | None = "base",
                  adapters: dict[str, str | Path] | None = None, max_adapters: int = 8,
-                 adapter_root: str | Path | None = None, max_batch_size: int = 32, max_tokens: int = 1024) -> None:
+                 adapter_root: str | Path | None = None, max_batch_size: int = 32, max_tokens: int = 1024,
+                 max_request_bytes: int = MAX_REQUEST_BYTES) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        if max_request_bytes < 1:
+            raise ValueError(f"max_request_bytes must be at least 1, got {max_request_bytes}")
         self.model = model.eval()  # LoRA layers are injected into it in place: it is always the model to call
         self.tokenizer = tokenizer
         self.base_name = base_name
         self.max_batch_size = max_batch_size
         self.max_tokens = max_tokens
+        self.max_request_bytes = max_request_bytes
         self.context_length = _context_length(model, tokenizer)
         self.eos_ids = _eos_ids(model, tokenizer)
         self._takes_logits_to_keep = _accepts(model, "logits_to_keep")
@@ -94,9 +102,10 @@ class Engine:
                 if i < self.slots.capacity:
                     self.slots.place(name, busy=set())
                 elif not (self.slots.paths[name] / "adapter_config.json").is_file():
-                    raise RequestError(400, f"{str(self.slots.paths[name])!r} holds no adapter_config.json")
-            except RequestError as err:
-                raise ValueError(f"adapter {name!r}: {err.message}") from None
+                    raise RequestError(400, f"the adapter {name!r} at {str(self.slots.paths[name])!r} has no "
+                                            f"adapter_config.json")
+            except RequestError as err:  # its message names the adapter and its folder
+                raise ValueError(err.message) from None
 
     # -- the public surface ------------------------------------------------------------------------------
 
@@ -121,7 +130,7 @@ class Engine:
         if self.base_name is not None and model == self.base_name:
             return None
         served = ([self.base_name] if self.base_name is not None else []) + sorted(self.slots.paths)
-        raise RequestError(404, f"the model {model!r} does not exist; this server has {served}")
+        raise RequestError(404, f"the model {quoted(model)} does not exist; this server has {served}")
 
     def submit(self, request: Request) -> None:
         """Queue a request. Its events arrive through ``request.emit``.
@@ -167,6 +176,8 @@ class Engine:
                 was), 403 for a path outside ``adapter_root``, 409 for the name of an unloaded adapter that running
                 requests still use, 503 when every slot is held by running requests.
         """
+        if len(name) > 255:  # a folder name's limit on most file systems
+            raise RequestError(400, f"lora_name {quoted(name)} is longer than 255 characters")
         try:
             check_adapter_name(name)
         except ValueError as err:

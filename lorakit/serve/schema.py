@@ -1,17 +1,29 @@
 """The request bodies of the HTTP API (pydantic models): OpenAI's fields, and vLLM's for loading adapters.
 
 Unknown fields are ignored, as OpenAI-compatible servers do, so clients that send more (``user``, ...) still work.
+Known fields are checked strictly, as OpenAI does: a string is not a number ("0.5"), a number not a boolean, and
+NaN or infinities are no numbers at all. The optional fields that OpenAI's reference marks nullable take ``null`` as
+"the default", since OpenAI's client library sends ``null`` for an argument given as ``None``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Literal, TypeVar
 
 import pydantic
 
+T = TypeVar("T")
+# A list whose validation stops at its first bad item: a megabyte of bad items would otherwise make as many errors,
+# for seconds, holding the GIL (pydantic validates in Rust) and so the event loop.
+List = Annotated[list[T], pydantic.Field(fail_fast=True)]
+
 
 class Body(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="ignore", protected_namespaces=())
+    model_config = pydantic.ConfigDict(extra="ignore", protected_namespaces=(), strict=True, allow_inf_nan=False)
+
+
+class StreamOptions(Body):
+    include_usage: bool | None = None
 
 
 class Sampling(Body):
@@ -19,18 +31,18 @@ class Sampling(Body):
 
     model: str
     max_tokens: int | None = pydantic.Field(default=None, ge=1)
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: str | list[str] | None = None
+    temperature: float | None = None  # None: 1
+    top_p: float | None = None  # None: 1
+    stop: str | List[str] | None = None
     seed: int | None = None
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    n: int = 1
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    n: int | None = None  # None: 1
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens tokens whatever comes
 
 
 class CompletionRequest(Sampling):
-    prompt: str | list[str]
+    prompt: str | List[str]
 
 
 class TextPart(Body):
@@ -40,11 +52,11 @@ class TextPart(Body):
 
 class Message(Body):
     role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
+    content: str | List[TextPart]
 
 
 class ChatRequest(Sampling):
-    messages: list[Message] = pydantic.Field(min_length=1)
+    messages: List[Message] = pydantic.Field(min_length=1)
     max_completion_tokens: int | None = pydantic.Field(default=None, ge=1)  # OpenAI's newer name for max_tokens
 
 

@@ -17,7 +17,7 @@ import torch
 
 from ..io import read_adapter_config
 from ..model import LoraModel
-from .sampling import RequestError
+from .sampling import RequestError, quoted
 
 
 class AdapterSlots:
@@ -101,19 +101,22 @@ class AdapterSlots:
 
         Raises:
             RequestError: 403 without a root, for ``..`` or a folder outside the root (symlinks resolved); 400 for a
-                path that cannot be resolved.
+                path that is too long or cannot be resolved.
         """
         if self.root is None:
             raise RequestError(403, "loading adapters at runtime is off: start the server with --adapter-root DIR")
+        if len(str(path)) > 4096:  # PATH_MAX on Linux
+            raise RequestError(400, f"lora_path {quoted(str(path))} is longer than 4096 characters")
         given = Path(path)
         if ".." in given.parts:
-            raise RequestError(403, f"lora_path {str(path)!r} contains '..'; give a folder under {self.root}")
+            raise RequestError(403, f"lora_path {quoted(str(path))} contains '..'; give a folder under {self.root}")
         try:
             folder = (given if given.is_absolute() else self.root / given).resolve()  # symlinks resolved too
         except (ValueError, OSError, RuntimeError) as err:  # NUL bytes, symlink loops
-            raise RequestError(400, f"lora_path {str(path)!r} is not a usable path: {err}") from None
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else err  # strerror: without the path
+            raise RequestError(400, f"lora_path {quoted(str(path))} is not a usable path: {reason}") from None
         if not folder.is_relative_to(self.root):
-            raise RequestError(403, f"lora_path {str(path)!r} is outside the adapter root {str(self.root)!r}")
+            raise RequestError(403, f"lora_path {quoted(str(path))} is outside the adapter root {str(self.root)!r}")
         return folder
 
     def place(self, name: str, busy: set[str]) -> bool:
@@ -153,7 +156,8 @@ class AdapterSlots:
             else:
                 self.lora.load_adapter(folder, name)
         except Exception as err:  # noqa: BLE001 - whatever is wrong with the files, the client gets 400
-            raise RequestError(400, f"the adapter {name!r} at {str(folder)!r} could not be loaded: {err}") from None
+            where = "" if str(folder) in str(err) else f" at {str(folder)!r}"  # most errors name their file
+            raise RequestError(400, f"the adapter {name!r}{where} could not be loaded: {err}") from None
 
     def _check_files_inside_root(self, name: str, folder: Path) -> None:
         try:
