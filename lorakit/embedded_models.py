@@ -8,7 +8,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -82,10 +84,14 @@ def default_model_dir() -> Path:
     if (folder / "config.json").is_file():
         return folder
     transformers = require_transformers()
-    print(f"lorakit: converting the embedded {gguf.name} once to {folder} (30 s to a few minutes, depending on the CPU)", file=sys.stderr)
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                              dtype=torch.float32)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    print(f"lorakit: converting the embedded {gguf.name} once to {folder} (30 s to a few minutes, depending on "
+          f"the CPU)", file=sys.stderr, flush=True)
+    # transformers draws its own GGUF progress bar with tqdm directly (its switch does not reach it); the line
+    # above says what is happening, so that bar is kept off the terminal.
+    with contextlib.redirect_stderr(io.StringIO()):
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                                  dtype=torch.float32)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # The weights are already dequantized fp32 tensors; only transformers' GGUF bookkeeping stops saving them.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

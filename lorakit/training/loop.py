@@ -225,8 +225,9 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_seen / elapsed:.0f}")
             bar.update(1)
         done = step + 1
-        if step == start.step and procs.main and total - done > 0:
-            _estimate(time.perf_counter() - t_step, total - start.step, bar)
+        if step == start.step + 1 and procs.main and total - done > 0:
+            # From the second step: the first one also pays one-time costs (allocations, kernel choices).
+            _estimate(time.perf_counter() - t_step, total - done, time.perf_counter() - t_train, bar)
         if config.eval_every and done % config.eval_every == 0 and done < total:
             if procs.main:
                 log.write({"step": done, "eval": task.evaluate(model, f"step {done}")})
@@ -396,11 +397,11 @@ def _stop_on_nan(value: float, step: int, ckpt_root: Path, config: TrainConfig, 
         f"(or try --max-grad-norm 1.0 or --precision fp32)")
 
 
-def _estimate(first_step_s: float, steps: int, bar: Any) -> None:
-    """Say how long training will take, from the first step (later steps are usually a little faster)."""
-    minutes = first_step_s * steps / 60
-    when = f"about {minutes:.0f} min" if minutes >= 1.5 else f"about {first_step_s * steps:.0f} s"
-    message = f"lorakit: the first step took {first_step_s:.1f} s; {steps} steps will take {when} (plus evaluation)"
+def _estimate(step_s: float, steps_left: int, elapsed_s: float, bar: Any) -> None:
+    """Say how long training will take: the steps so far plus the rest at the second step's pace."""
+    seconds = elapsed_s + step_s * steps_left
+    when = f"about {seconds / 60:.0f} min" if seconds >= 90 else f"about {seconds:.0f} s"
+    message = f"lorakit: a step takes {step_s:.1f} s; training will take {when} in all (plus evaluation)"
     if bar is not None:
         bar.write(message, file=sys.stderr)  # above the bar, not through it
     else:

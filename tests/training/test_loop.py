@@ -225,7 +225,7 @@ def test_real_datasets_parse_and_train(smollm2_tokenizer, tiny_bert_dir, tmp_pat
 def test_a_run_says_how_long_it_will_take_and_shows_evaluation_progress(tiny_llama_dir, tmp_path, capsys):
     train(model=tiny_llama_dir, steps=3, output_dir=str(tmp_path), **{**FAST, "progress": True})
     err = capsys.readouterr().err
-    assert re.search(r"lorakit: the first step took \d+\.\d s; 3 steps will take about \d+ s", err)
+    assert re.search(r"lorakit: a step takes \d+\.\d s; training will take about \d+ s in all", err)
     for bar in ("loss (before)", "exact match (before)", "loss (after)", "exact match (after)"):
         assert re.search(re.escape(bar) + r": +\d+%\|.*\| \d/4 ", err), bar  # examples done of 4, time left
     assert "lorakit train:" not in err  # the library's messages say lorakit:, whichever command runs them
