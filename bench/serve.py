@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -106,6 +107,23 @@ async def scenario(url: str, adapters: list[str], clients: int, requests: int, m
             "expected": clients * requests}
 
 
+def wait_until_serving(server: subprocess.Popen, url: str, server_log: Callable[[], str]) -> bool:
+    """Wait (up to 300 s) until ``/health`` answers; False, with the server's log printed, if it exited first."""
+    deadline = time.time() + 300
+    while True:
+        if server.poll() is not None:
+            print(server_log(), file=sys.stderr)
+            return False
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return True
+        except httpx.TransportError:
+            pass
+        if time.time() > deadline:
+            raise TimeoutError("lorakit serve did not start within 300 s")
+        time.sleep(0.5)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -132,19 +150,8 @@ def main() -> int:
                                   env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
         url = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.time() + 300
-            while True:
-                if server.poll() is not None:
-                    print(server.stderr.read(), file=sys.stderr)
-                    return 1
-                try:
-                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.time() > deadline:
-                    raise TimeoutError("lorakit serve did not start within 300 s")
-                time.sleep(0.5)
+            if not wait_until_serving(server, url, server.stderr.read):
+                return 1
             names = list(paths)
             asyncio.run(scenario(url, names, args.clients, 1, 4))  # warm-up: every adapter resident, caches hot
             runs: dict[str, list[dict]] = {"single": [], "mixed": []}

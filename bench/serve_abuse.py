@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from serve import PROMPTS, free_port, make_adapters  # bench/serve.py
+from serve import PROMPTS, free_port, make_adapters, wait_until_serving  # bench/serve.py
 
 REPO = Path(__file__).resolve().parents[1]
 LIMIT = 2**20  # the server's default --max-request-bytes
@@ -187,20 +187,12 @@ def main() -> int:
         server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True,
                                   env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
         try:
-            deadline = time.time() + 300
-            while True:
-                if server.poll() is not None:
-                    log.seek(0)
-                    print(log.read(), file=sys.stderr)
-                    return 1
-                try:
-                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.time() > deadline:
-                    raise TimeoutError("lorakit serve did not start within 300 s")
-                time.sleep(0.5)
+            def server_log() -> str:
+                log.seek(0)
+                return log.read()
+
+            if not wait_until_serving(server, url, server_log):
+                return 1
             models = ["SmolLM2-135M-Instruct", *paths]
             jobs = [(m, p) for p in PROMPTS for m in models]  # 18 distinct requests
             # What each request gives alone, one at a time: the answers the streams under load must match.

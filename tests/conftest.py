@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from lorakit import LoraConfig, get_lora_model
+from lorakit import LoraConfig, LoraModel, get_lora_model
 
 transformers = pytest.importorskip("transformers", reason="the tests need transformers (pip install -e '.[dev]')")
 
@@ -162,3 +162,14 @@ def tiny_bert_dir(tmp_path_factory) -> str:
     transformers.BertModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+def trained_lora(make, kwargs: dict, seed: int = 3) -> LoraModel:
+    """A LoraModel on ``make()`` with a non-zero update and a changed head, as if trained."""
+    torch.manual_seed(seed)
+    model = get_lora_model(make(), LoraConfig(init_lora_weights=False, **kwargs))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    return model

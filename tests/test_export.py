@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import transformers
-from conftest import random_lora, tiny_bert_cls, tiny_llama, tiny_llama_64
+from conftest import random_lora, tiny_bert_cls, tiny_llama, tiny_llama_64, trained_lora
 
 from lorakit import LoraConfig, get_lora_model
 from lorakit.quant import quantize
@@ -19,21 +19,10 @@ def _logits(model, ids):
         return model(input_ids=ids).logits
 
 
-def _trained(make, kwargs, seed=3):
-    """A LoraModel with a non-zero update and a changed head, as if trained."""
-    torch.manual_seed(seed)
-    model = get_lora_model(make(), LoraConfig(init_lora_weights=False, **kwargs))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
-    return model
-
-
 @pytest.mark.parametrize("make", [tiny_llama, tiny_bert_cls])
 def test_export_merged_loads_as_a_plain_transformers_model(make, tmp_path):
     kwargs = dict(r=4, target_modules="all-linear") | ({"task_type": "SEQ_CLS"} if make is tiny_bert_cls else {})
-    model = _trained(make, kwargs)
+    model = trained_lora(make, kwargs)
     ids = torch.randint(0, 128, (2, 7))
     expected = _logits(model, ids)
     model.export_merged(tmp_path / "merged")

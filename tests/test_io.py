@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 import transformers
-from conftest import random_lora, tiny_bert_cls, tiny_gpt2, tiny_llama
+from conftest import random_lora, tiny_bert_cls, tiny_gpt2, tiny_llama, trained_lora
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -32,17 +32,6 @@ def _logits(model, ids):
         return model(input_ids=ids).logits
 
 
-def _trained(make, kwargs, seed=3):
-    """Our model with a non-zero update and a changed head, as if trained."""
-    torch.manual_seed(seed)
-    model = get_lora_model(make(), LoraConfig(init_lora_weights=False, **kwargs))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
-    return model
-
-
 def _snapshot(model):
     return ({k: v.clone() for k, v in model.state_dict().items()}, [type(m) for m in model.modules()],
             dict(getattr(model, "peft_config", {})))
@@ -59,7 +48,7 @@ def _unchanged(model, snap):
 @pytest.mark.parametrize("case", CASES)
 def test_lorakit_save_loads_in_peft_with_the_same_logits(case, tmp_path, ids, peft):
     make, kwargs = CASES[case]
-    ours = _trained(make, kwargs)
+    ours = trained_lora(make, kwargs)
     ours.save_pretrained(tmp_path)
     theirs = peft.PeftModel.from_pretrained(make(), tmp_path)
     torch.testing.assert_close(_logits(theirs, ids), _logits(ours, ids), atol=1e-5, rtol=1e-5)
@@ -81,7 +70,7 @@ def test_peft_save_loads_in_lorakit_with_the_same_logits(case, tmp_path, ids, pe
 
 
 def test_file_layout_and_keys_are_peft_s(tmp_path):
-    model = _trained(tiny_llama, dict(r=2, target_modules=["embed_tokens", "q_proj"]))
+    model = trained_lora(tiny_llama, dict(r=2, target_modules=["embed_tokens", "q_proj"]))
     model.add_adapter("second", LoraConfig(r=2, target_modules=["v_proj"], use_dora=True))
     model.save_pretrained(tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors", "second"]
@@ -99,7 +88,7 @@ def test_file_layout_and_keys_are_peft_s(tmp_path):
 
 
 def test_save_then_load_gives_the_same_logits_for_every_adapter(tmp_path, ids):
-    model = _trained(tiny_llama, dict(r=4, target_modules="all-linear"))
+    model = trained_lora(tiny_llama, dict(r=4, target_modules="all-linear"))
     model.add_adapter("other", LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
     model.save_pretrained(tmp_path)
     loaded = LoraModel.from_pretrained(tiny_llama(), tmp_path)
@@ -111,7 +100,7 @@ def test_save_then_load_gives_the_same_logits_for_every_adapter(tmp_path, ids):
 
 
 def test_wrong_base_is_refused_and_force_loads_it(tmp_path, ids):
-    _trained(tiny_llama, dict(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    trained_lora(tiny_llama, dict(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path)
     other = tiny_llama(seed=99)
     snap = _snapshot(other)
     with pytest.raises(ValueError, match="trained on a different base model: same shapes, but the base weights "
@@ -122,7 +111,7 @@ def test_wrong_base_is_refused_and_force_loads_it(tmp_path, ids):
 
 
 def test_fp32_bf16_and_merged_then_unmerged_copies_of_one_base_share_a_fingerprint(tmp_path, ids):
-    model = _trained(tiny_llama, dict(r=4, target_modules="all-linear"))
+    model = trained_lora(tiny_llama, dict(r=4, target_modules="all-linear"))
     expected = _logits(model, ids)
     model.save_pretrained(tmp_path / "fresh")  # from the untouched base
     for _ in range(3):
@@ -156,7 +145,7 @@ def test_fp32_bf16_and_merged_then_unmerged_copies_of_one_base_share_a_fingerpri
 
 
 def test_architecture_difference_is_named(tmp_path):
-    _trained(tiny_gpt2, dict(r=4, target_modules=["c_attn"])).save_pretrained(tmp_path)
+    trained_lora(tiny_gpt2, dict(r=4, target_modules=["c_attn"])).save_pretrained(tmp_path)
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64)
     with pytest.raises(ValueError, match="architecture 'GPT2LMHeadModel' vs this model's 'GPT2Model'"):
@@ -164,7 +153,7 @@ def test_architecture_difference_is_named(tmp_path):
 
 
 def test_shape_mismatch_names_the_tensor_and_both_shapes(tmp_path):
-    model = _trained(tiny_llama, dict(r=4, target_modules=["q_proj"]))
+    model = trained_lora(tiny_llama, dict(r=4, target_modules=["q_proj"]))
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     (tmp_path / "adapter_config.json").write_text(json.dumps(config | {"r": 8}))
@@ -177,7 +166,7 @@ def test_shape_mismatch_names_the_tensor_and_both_shapes(tmp_path):
 
 
 def test_truncated_file_is_a_clear_error_and_changes_nothing(tmp_path, ids):
-    _trained(tiny_llama, dict(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path / "a")
+    trained_lora(tiny_llama, dict(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path / "a")
     weights = tmp_path / "a" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
     model = get_lora_model(tiny_llama(), LoraConfig(r=2, target_modules=["v_proj"]))
@@ -192,7 +181,7 @@ def test_truncated_file_is_a_clear_error_and_changes_nothing(tmp_path, ids):
 
 
 def test_pickle_is_refused_unless_asked_for_and_then_weights_only(tmp_path, ids):
-    source = _trained(tiny_llama, dict(r=4, target_modules=["q_proj"]))
+    source = trained_lora(tiny_llama, dict(r=4, target_modules=["q_proj"]))
     source.save_pretrained(tmp_path)
     weights = tmp_path / "adapter_model.safetensors"
     with safe_open(str(weights), "pt") as f:
@@ -209,7 +198,7 @@ def test_pickle_is_refused_unless_asked_for_and_then_weights_only(tmp_path, ids)
 
 
 def test_pickle_with_code_is_refused_even_when_allowed(tmp_path):
-    _trained(tiny_llama, dict(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    trained_lora(tiny_llama, dict(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path)
     (tmp_path / "adapter_model.safetensors").unlink()
 
     class Evil:
@@ -223,7 +212,7 @@ def test_pickle_with_code_is_refused_even_when_allowed(tmp_path):
 
 @pytest.mark.parametrize("name", ["../escape", "a/b", "..", "x.y"])
 def test_bad_adapter_names_are_refused_on_load_and_save(tmp_path, name):
-    model = _trained(tiny_llama, dict(r=4, target_modules=["q_proj"]))
+    model = trained_lora(tiny_llama, dict(r=4, target_modules=["q_proj"]))
     model.save_pretrained(tmp_path / "ok")
     snap = _snapshot(model)
     with pytest.raises(ValueError, match="invalid adapter name"):
@@ -237,7 +226,7 @@ def test_bad_adapter_names_are_refused_on_load_and_save(tmp_path, name):
 def test_missing_folder_and_unknown_extra_tensor(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         LoraModel.from_pretrained(tiny_llama(), tmp_path / "nope")
-    _trained(tiny_llama, dict(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    trained_lora(tiny_llama, dict(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path)
     weights = tmp_path / "adapter_model.safetensors"
     with safe_open(str(weights), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -248,7 +237,7 @@ def test_missing_folder_and_unknown_extra_tensor(tmp_path):
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):
-    model = _trained(tiny_llama, dict(r=4, target_modules=["q_proj"]))
+    model = trained_lora(tiny_llama, dict(r=4, target_modules=["q_proj"]))
     model.save_pretrained(tmp_path)
     before = (tmp_path / "adapter_model.safetensors").read_bytes()
 
@@ -330,7 +319,7 @@ def test_pissa_adapters_are_refused_on_load(tmp_path):
 def test_a_failed_write_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
     import errno
 
-    model = _trained(tiny_llama, dict(r=4, target_modules=["q_proj"]))
+    model = trained_lora(tiny_llama, dict(r=4, target_modules=["q_proj"]))
     model.save_pretrained(tmp_path)
     before = (tmp_path / "adapter_model.safetensors").read_bytes()
 
@@ -352,7 +341,7 @@ def test_saved_files_get_the_usual_permissions(tmp_path):
 
     mask = os.umask(0o022)
     try:
-        model = _trained(tiny_llama, dict(r=4, target_modules=["q_proj"]))
+        model = trained_lora(tiny_llama, dict(r=4, target_modules=["q_proj"]))
         model.save_pretrained(tmp_path)
         model.export_merged(tmp_path / "merged")
     finally:
