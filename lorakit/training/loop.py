@@ -53,7 +53,7 @@ RESUMABLE_CHANGES = {"resume", "progress", "low_memory", "save_every", "keep_che
                      "eval_batch_size"}
 # May change on resume (to recover from a diverged run), at the price of bit-identity with an uninterrupted run.
 RECOVERY_CHANGES = {"lr", "schedule", "warmup_steps", "max_grad_norm"}
-PATH_OPTIONS = {"model", "data", "eval_data", "output_dir"}
+PATH_OPTIONS = {"model", "data", "eval_data"}
 
 
 class TrainingError(ValueError):
@@ -167,8 +167,9 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
     total = config.total_steps(per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.schedule, config.warmup_steps, total))
     config_yaml = yaml.safe_dump(config.to_dict(), sort_keys=False)
+    data_digests = file_digests([config.data, config.eval_data])  # read once; every checkpoint records them
 
-    start = resume(config, ckpt_root, procs, model, optimizer, scheduler, total)
+    start = resume(config, ckpt_root, procs, model, optimizer, scheduler, total, data_digests)
     log = MetricsLog(out / "metrics.jsonl", enabled=procs.main)
     log.start(start.step if start.checkpoint else None)
     before = start.before
@@ -237,7 +238,7 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
             if procs.main:
                 save_checkpoint(ckpt_root, done, model, optimizer, scheduler,
                                 {"micro_batches": done * config.grad_accum, "before": before, "rng": states,
-                                 "loss": loss, "data": file_digests([config.data, config.eval_data])},
+                                 "loss": loss, "data": data_digests},
                                 config_yaml, config.keep_checkpoints)
             procs.barrier()
     if bar is not None:
@@ -280,7 +281,8 @@ class Start:
 
 
 def resume(config: TrainConfig, ckpt_root: Path, procs: Processes, model: nn.Module,
-           optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, total: int) -> Start:
+           optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, total: int,
+           data_digests: dict[str, str]) -> Start:
     """With ``--resume``, load the last checkpoint's model, optimizer, schedule and RNG states into place.
 
     Without it, refuse to start over checkpoints of an earlier run (they would be overwritten). The options must be
@@ -316,7 +318,7 @@ def resume(config: TrainConfig, ckpt_root: Path, procs: Processes, model: nn.Mod
     if len(state["rng"]) != procs.world:
         raise ValueError(f"--resume: {last} was written by {len(state['rng'])} process(es), this run has "
                          f"{procs.world}; the data order and RNG states would differ. Resume with the same count")
-    for path, digest in file_digests([config.data, config.eval_data]).items():
+    for path, digest in data_digests.items():
         if state.get("data", {}).get(path, digest) != digest:
             raise ValueError(f"--resume: {path} changed since {last} was written; resuming would train on other "
                              f"data than the checkpoint's run. Restore the file, or start a new run")
