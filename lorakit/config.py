@@ -12,12 +12,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 BIAS_CHOICES = ("none", "all", "lora_only")
-TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "FEATURE_EXTRACTION")
+TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "QUESTION_ANS", "TOKEN_CLS", "FEATURE_EXTRACTION")
 INIT_CHOICES = (True, False, "gaussian", "pissa")
+# Initializations PEFT has and lorakit does not implement. A trained adapter that records one loads (once trained,
+# the init no longer matters), but a new adapter cannot be initialized with it.
+PEFT_ONLY_INITS = ("olora", "orthogonal", "eva", "corda", "loftq", "mica", "lora_ga")
+# Initializations that move part of the base weight into the adapter: the adapter needs the residual base they left.
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 ALL_LINEAR = "all-linear"
 
 # Heads that PEFT makes trainable (and saves) for sequence classification.
 SEQ_CLS_HEAD_NAMES = ("classifier", "score")
+QA_HEAD_NAMES = ("qa_outputs",)  # and for extractive question answering
 BASE_ROW = "__base__"  # the adapter name that selects "no adapter" for a row of a mixed batch
 
 # What ``target_modules=None`` means for well-known architectures (PEFT's defaults).
@@ -36,12 +42,16 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "roberta": ["query", "value"],
     "distilbert": ["q_lin", "v_lin"],
     "t5": ["q", "v"],
+    "mt5": ["q", "v"],
+    "bart": ["q_proj", "v_proj"],
 }
 
 # Keys PEFT writes into adapter_config.json that carry no meaning for a plain LoRA adapter.
 _PEFT_BOOKKEEPING = {
     "peft_type", "peft_version", "auto_mapping", "revision", "inference_mode", "megatron_core",
     "qalora_group_size", "base_model_name_or_path",
+    # Settings of initializations lorakit does not run: they shaped the adapter before training, not its use.
+    "eva_config", "corda_config", "loftq_config", "lora_ga_config",
 }
 
 
@@ -66,20 +76,28 @@ class LoraConfig:
         exclude_modules: Modules never wrapped, matched like ``target_modules``.
         lora_dropout: Dropout probability on the adapter's input, in [0, 1).
         bias: Which biases train: ``"none"``, ``"all"`` or ``"lora_only"`` (those of wrapped layers).
-        task_type: ``CAUSAL_LM``, ``SEQ_CLS``, ``TOKEN_CLS``, ``FEATURE_EXTRACTION`` or None. ``SEQ_CLS`` makes
-            the classification head (``classifier`` / ``score``) trainable and saved.
+        task_type: ``CAUSAL_LM``, ``SEQ_CLS``, ``SEQ_2_SEQ_LM``, ``QUESTION_ANS``, ``TOKEN_CLS``,
+            ``FEATURE_EXTRACTION`` or None. ``SEQ_CLS`` and ``TOKEN_CLS`` make the classification head
+            (``classifier`` / ``score``) trainable and saved, ``QUESTION_ANS`` the span head (``qa_outputs``).
         modules_to_save: Modules trained in full and saved with the adapter (each adapter gets its own copy).
         init_lora_weights: ``True`` (Kaiming-uniform A, zero B: the update starts at zero), ``"gaussian"``
             (normal A with std 1/r, zero B), ``"pissa"`` (A, B from the top-r SVD of the base weight, which
-            keeps the residual) or ``False`` (random A and B, a non-zero update; for tests).
+            keeps the residual) or ``False`` (random A and B, a non-zero update; for tests). The labels of PEFT's
+            other initializations (``olora``, ``orthogonal``, ``eva``, ``corda``, ``loftq``, ``mica``, ``lora_ga``,
+            ``pissa_niter_<n>``) are accepted in configs of trained adapters being loaded, not for new adapters.
         use_rslora: Scale by ``α/√r`` instead of ``α/r`` (rank-stabilized LoRA).
         use_dora: Weight-decomposed LoRA: a trainable per-output magnitude times the normalized weight.
-            Supported on Linear and Conv1D layers.
+            Supported on Linear, Conv1D, Embedding and Conv1d/2d/3d layers.
         layers_to_transform: Only wrap modules in these layer indices (list targets only).
         layers_pattern: Name of the module list holding the layers (``"layers"``, ``"h"``), to find the index.
         rank_pattern: Per-module rank overrides, ``{regex: r}``, matched against the end of the module name.
         alpha_pattern: Per-module α overrides, ``{regex: alpha}``.
         fan_in_fan_out: The base weight is stored (in, out), as GPT-2's Conv1D does. Set automatically for Conv1D.
+        lora_bias: B gets a trainable bias (PEFT's ``lora_bias``), added as ``scaling·b``; merging adds it to the
+            base layer's bias, so the base layer must have one. Not with DoRA or on embeddings.
+        trainable_token_indices: Rows of embedding layers trained in full, the rest frozen (PEFT's trainable
+            tokens). A list of token ids applies to the input embedding; ``{module name: [ids]}`` names the layers
+            (Embedding or Linear, matched like ``target_modules`` list entries).
         base_model_name_or_path: Recorded in ``adapter_config.json`` for whoever loads the adapter.
     """
 
@@ -99,6 +117,8 @@ class LoraConfig:
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     fan_in_fan_out: bool = False
+    lora_bias: bool = False
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     base_model_name_or_path: str | None = None
 
     def __post_init__(self) -> None:
@@ -121,12 +141,17 @@ class LoraConfig:
             raise ValueError(f"bias must be one of {', '.join(map(repr, BIAS_CHOICES))}; got {self.bias!r}")
         if self.task_type is not None and self.task_type not in TASK_TYPES:
             raise ValueError(f"task_type must be one of {', '.join(TASK_TYPES)} or None; got {self.task_type!r}")
-        if self.init_lora_weights not in INIT_CHOICES or isinstance(self.init_lora_weights, int) and not isinstance(
-            self.init_lora_weights, bool
-        ):
+        if not is_known_init(self.init_lora_weights):
             raise ValueError(
-                f"init_lora_weights must be one of True, False, 'gaussian', 'pissa'; got {self.init_lora_weights!r}"
+                f"init_lora_weights must be one of True, False, 'gaussian', 'pissa' (or, for a trained adapter being "
+                f"loaded, one of PEFT's labels {', '.join(PEFT_ONLY_INITS)}, 'pissa_niter_<n>'); "
+                f"got {self.init_lora_weights!r}"
             )
+        if not isinstance(self.lora_bias, bool):
+            raise TypeError(f"lora_bias must be True or False, got {self.lora_bias!r}")
+        if self.lora_bias and self.use_dora:
+            raise ValueError("lora_bias=True does not work with use_dora=True (PEFT refuses it too); drop one")
+        _check_token_indices(self.trainable_token_indices)
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if isinstance(value, str):
@@ -204,6 +229,35 @@ class LoraConfig:
             listed = ", ".join(f"{k}={v!r}" for k, v in sorted(unsupported.items()))
             raise ValueError(f"adapter_config.json uses PEFT options lorakit does not support: {listed}")
         return cls(**kwargs)
+
+
+def is_known_init(init: Any) -> bool:
+    """Whether ``init`` is an ``init_lora_weights`` value lorakit implements or a PEFT label it can load."""
+    if isinstance(init, bool):
+        return True
+    if not isinstance(init, str):
+        return False
+    return init in INIT_CHOICES or init in PEFT_ONLY_INITS or re.fullmatch(r"pissa_niter_\d+", init) is not None
+
+
+def changes_base(init: Any) -> bool:
+    """Whether the initialization ``init`` changed the base weights (the adapter then needs that residual base)."""
+    return isinstance(init, str) and init.split("_niter_")[0] in BASE_CHANGING_INITS
+
+
+def _check_token_indices(value: Any) -> None:
+    if value is None:
+        return
+    groups = value.items() if isinstance(value, dict) else [(None, value)]
+    for name, indices in groups:
+        where = "trainable_token_indices" if name is None else f"trainable_token_indices[{name!r}]"
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ValueError(f"trainable_token_indices keys must be module names, got {name!r}")
+        if not isinstance(indices, list) or not indices or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices):
+            raise ValueError(f"{where} must be a non-empty list of token ids (integers >= 0), got {indices!r}")
+        if len(set(indices)) != len(indices):
+            raise ValueError(f"{where} lists a token id twice: {indices!r}")
 
 
 def parse_targets(value: str | None) -> list[str] | str | None:

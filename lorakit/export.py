@@ -33,7 +33,11 @@ def merged_state_dict(model: LoraModel, adapter_names: Sequence[str] | None = No
             continue
         owner, _, leaf = key.rpartition(".base.")
         if owner in layers:  # a LoRA layer's base: back under the layer's own name
-            out[f"{owner}.{leaf}"] = _merged_weight(layers[owner], names) if leaf == "weight" else value
+            if leaf == "weight":
+                value = _merged_weight(layers[owner], names)
+            elif leaf == "bias":  # adapters with lora_bias fold their bias into the base's
+                value = layers[owner].merged_bias(names)
+            out[f"{owner}.{leaf}"] = value
         elif (module := quantized.get(key.removesuffix(".weight"))) is not None and key.endswith(".weight"):
             out[key] = _dense(module, dense_weight(module))
         elif not any(key.startswith(p + ".") for p in (*layers, *saved)):  # adapters and heads come below

@@ -17,8 +17,17 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-from .config import ALL_LINEAR, DEFAULT_TARGETS, SEQ_CLS_HEAD_NAMES, LoraConfig
-from .layers import SUPPORTED_TYPES, LoraLayer, LoraLinear, is_4bit, is_conv1d, lora_shapes, wrap
+from .config import ALL_LINEAR, DEFAULT_TARGETS, INIT_CHOICES, QA_HEAD_NAMES, SEQ_CLS_HEAD_NAMES, LoraConfig
+from .layers import (
+    SUPPORTED_TYPES,
+    LoraLayer,
+    LoraLinear,
+    TrainableTokensLayer,
+    is_4bit,
+    is_conv1d,
+    lora_shapes,
+    wrap,
+)
 
 
 class ModulesToSave(nn.Module):
@@ -100,16 +109,21 @@ def _head_names(model: nn.Module, config: LoraConfig) -> set[str]:
     output = get_output() if callable(get_output) else None
     if output is not None:
         heads.append(output)
-    elif config.task_type == "SEQ_CLS":
-        heads += [getattr(model, n) for n in SEQ_CLS_HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)]
+    else:
+        heads += [getattr(model, n) for n in _task_heads(config) if isinstance(getattr(model, n, None), nn.Module)]
     return {name for name, module in model.named_modules() if any(module is h for h in heads)}
 
 
+def _task_heads(config: LoraConfig) -> tuple[str, ...]:
+    """The heads PEFT trains in full for the config's task type (and writes into ``modules_to_save``)."""
+    return {"SEQ_CLS": SEQ_CLS_HEAD_NAMES, "TOKEN_CLS": SEQ_CLS_HEAD_NAMES,
+            "QUESTION_ANS": QA_HEAD_NAMES}.get(config.task_type or "", ())
+
+
 def modules_to_save_names(config: LoraConfig) -> list[str]:
-    """The modules trained in full: ``modules_to_save`` plus, for SEQ_CLS, the classification head."""
+    """The modules trained in full: ``modules_to_save`` plus the task's head (SEQ_CLS, TOKEN_CLS, QUESTION_ANS)."""
     names = list(config.modules_to_save or [])
-    if config.task_type == "SEQ_CLS":
-        names += [n for n in SEQ_CLS_HEAD_NAMES if n not in names]
+    names += [n for n in _task_heads(config) if n not in names]
     return names
 
 
@@ -194,10 +208,13 @@ def _check_wrappable(name: str, module: nn.Module, config: LoraConfig) -> None:
     if not isinstance(module, LoraLayer) and not _wrappable(module):
         raise ValueError(f"target {name!r} is a {type(module).__name__}; LoRA wraps {SUPPORTED_TYPES} layers "
                          f"(name the linear layers inside it instead)")
+    if isinstance(module, TrainableTokensLayer):
+        raise TypeError(f"target {name!r} holds trainable tokens (trainable_token_indices); PEFT does not put LoRA "
+                         f"on such a layer, and neither does lorakit")
     linear = _is_linear(base)
-    if config.use_dora and not linear:
-        raise ValueError(f"use_dora is supported for Linear and Conv1D layers; target {name!r} is a "
-                         f"{type(base).__name__}")
+    if config.lora_bias and isinstance(base, nn.Embedding):
+        raise ValueError(f"lora_bias is supported for Linear, Conv1D and Conv1d/2d/3d layers; target {name!r} is an "
+                         f"Embedding (PEFT refuses it too)")
     if config.init_lora_weights == "pissa" and not linear:
         raise ValueError(f"init_lora_weights='pissa' is supported for Linear and Conv1D layers; target {name!r} is "
                          f"a {type(base).__name__}")
@@ -205,12 +222,15 @@ def _check_wrappable(name: str, module: nn.Module, config: LoraConfig) -> None:
         what = "use_dora" if config.use_dora else "init_lora_weights='pissa'"
         raise ValueError(f"{what} needs the base weight in full precision; target {name!r} is a 4-bit "
                          f"{type(base).__name__} (lorakit supports plain LoRA on 4-bit layers)")
-    if isinstance(base, nn.Conv2d) and base.groups != 1:
-        raise ValueError(f"LoRA on Conv2d needs groups=1; target {name!r} has groups={base.groups}")
+    if isinstance(base, _CONVS) and base.groups != 1:
+        raise ValueError(f"LoRA on {type(base).__name__} needs groups=1; target {name!r} has groups={base.groups}")
+
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def _wrappable(module: nn.Module) -> bool:
-    return _is_linear(module) or isinstance(module, (nn.Embedding, nn.Conv2d))
+    return _is_linear(module) or isinstance(module, (nn.Embedding, *_CONVS))
 
 
 def _plain_modules(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
@@ -229,14 +249,24 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]:
+def inject(model: nn.Module, config: LoraConfig, adapter_name: str, init_weights: bool = True) -> list[str]:
     """Add adapter ``adapter_name`` to every module ``config`` targets, wrapping plain modules in place.
 
-    Also wraps the modules trained in full (``modules_to_save``, the SEQ_CLS head). Returns the names of
-    the modules that received LoRA. On error nothing has been changed.
+    Also wraps the modules trained in full (``modules_to_save``, the SEQ_CLS head) and the embeddings with
+    trainable tokens. Returns the names of the modules that received LoRA. On error nothing has been changed.
+
+    Args:
+        init_weights: Initialize the adapter as ``config.init_lora_weights`` says. False: leave A and B zero and
+            the base untouched, for an adapter whose trained values are copied in next (loading); a trained
+            adapter's initialization no longer matters, and one that changed the base must not change it again.
     """
+    init = config.init_lora_weights if init_weights else None
+    if init is not None and not isinstance(init, bool) and init not in INIT_CHOICES:
+        raise ValueError(f"init_lora_weights={init!r}: lorakit loads adapters trained with this PEFT initialization "
+                         f"but cannot initialize new ones with it; use True, False, 'gaussian' or 'pissa'")
     selected = find_targets(model, config)
     save_full = find_modules_to_save(model, config)
+    tokens = find_token_targets(model, config, selected)
     for name in selected:
         module = model.get_submodule(name)
         layer = module if isinstance(module, LoraLayer) else wrap(module)
@@ -248,10 +278,20 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]
             lora_dropout=config.lora_dropout,
             use_rslora=config.use_rslora,
             use_dora=config.use_dora,
-            init_lora_weights=config.init_lora_weights,
+            init_lora_weights=init,
+            lora_bias=config.lora_bias,
         )
         if layer is not module:
             set_submodule(model, name, layer)
+    for name, (indices, tied) in tokens.items():
+        module = model.get_submodule(name)
+        layer = module if isinstance(module, TrainableTokensLayer) else TrainableTokensLayer(module)
+        layer.add_tokens(adapter_name, indices)
+        if layer is not module:
+            set_submodule(model, name, layer)
+        for head in tied:
+            if not isinstance(model.get_submodule(head), TrainableTokensLayer):
+                set_submodule(model, head, TrainableTokensLayer(model.get_submodule(head), tied_to=layer))
     for name in save_full:
         module = model.get_submodule(name)
         wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)
@@ -261,6 +301,82 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]
     return selected
 
 
+def find_token_targets(model: nn.Module, config: LoraConfig, lora_targets: Iterable[str] = ()
+                       ) -> dict[str, tuple[list[int], list[str]]]:
+    """The layers whose rows ``config.trainable_token_indices`` trains: module name → (token ids, names of output
+    heads tied to it, which get the same rows). Changes nothing.
+
+    Raises:
+        ValueError: A name matches no module or several, a layer of the wrong type or one that also gets LoRA,
+            a token id outside the layer's rows, or tied layers given different ids.
+    """
+    wanted = config.trainable_token_indices
+    if wanted is None:
+        return {}
+    names = [n for n, _ in _plain_modules(model)]
+    get_input = getattr(model, "get_input_embeddings", None)
+    embedding = get_input() if callable(get_input) else None
+    embedding_name = next((n for n, m in model.named_modules() if embedding is not None and m is embedding), None)
+    if isinstance(wanted, dict):
+        keys = wanted
+    elif embedding_name is not None:
+        keys = {embedding_name: wanted}
+    elif any(_matches_list(n, ["embed_tokens"]) for n in names):
+        keys = {"embed_tokens": wanted}
+    else:
+        raise ValueError("trainable_token_indices is a list, but this model has no input embedding "
+                         "(get_input_embeddings) and no 'embed_tokens'; give {module name: [token ids]}")
+    found: dict[str, list[int]] = {}
+    for key, indices in keys.items():
+        matches = [n for n in names if _matches_list(n, [key])]
+        if len(matches) != 1:
+            what = "no module" if not matches else f"{len(matches)} modules ({', '.join(matches[:4])})"
+            raise ValueError(f"trainable_token_indices key {key!r} matches {what}; name exactly one Embedding or "
+                             f"Linear layer" + (f" ({_suggest(key, names)})" if not matches else ""))
+        found[matches[0]] = list(indices)
+    tied_heads = _heads_tied_to(model, embedding)
+    out: dict[str, tuple[list[int], list[str]]] = {}
+    lora_targets = set(lora_targets)
+    for name, indices in found.items():
+        module = model.get_submodule(name)
+        base = module.base if isinstance(module, LoraLayer) else module
+        if name in lora_targets or isinstance(module, LoraLayer) and not isinstance(module, TrainableTokensLayer):
+            raise ValueError(f"{name!r} gets LoRA and trainable tokens at once; PEFT refuses that, and so does "
+                             f"lorakit: train its rows with trainable_token_indices or target it with LoRA")
+        if not isinstance(base, (nn.Embedding, nn.Linear)):
+            raise TypeError(f"trainable_token_indices names {name!r}, a {type(base).__name__}; trainable tokens "
+                             f"work on Embedding and Linear layers")
+        rows = base.weight.shape[0]
+        bad = [i for i in indices if i >= rows]
+        if bad:
+            raise ValueError(f"trainable_token_indices has token id(s) {bad} out of range for {name!r}, which has "
+                             f"{rows} rows (token ids 0..{rows - 1})")
+        if name in tied_heads and embedding_name in found:
+            if found[embedding_name] != indices:
+                raise ValueError(f"{name!r} shares its weight with {embedding_name!r} (tied embeddings), but "
+                                 f"trainable_token_indices gives them different token ids; give the same ids")
+            continue  # its rows come with the embedding's
+        heads = [h for h, of in tied_heads.items() if of == name]
+        out[name] = (list(indices), heads)
+    return out
+
+
+def _heads_tied_to(model: nn.Module, embedding: nn.Module | None) -> dict[str, str]:
+    """Output heads whose weight is the input embedding's (tied embeddings): head name → embedding name."""
+    if embedding is None:
+        return {}
+    get_output = getattr(model, "get_output_embeddings", None)
+    head = get_output() if callable(get_output) else None
+    if head is None:
+        return {}
+    head_base = head.base if isinstance(head, LoraLayer) else head
+    embedding_base = embedding.base if isinstance(embedding, LoraLayer) else embedding
+    if getattr(head_base, "weight", None) is not embedding_base.weight:
+        return {}
+    names = {id(m): n for n, m in model.named_modules()}
+    return {names[id(head)]: names[id(embedding)]}
+
+
 def find_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
     """The modules ``config`` trains in full (``modules_to_save``, the SEQ_CLS head), outermost matches only."""
     wanted = modules_to_save_names(config)
@@ -268,9 +384,9 @@ def find_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
         return []
     names = [n for n, _ in _plain_modules(model)]
     found = [n for n in names if _matches_list(n, wanted)]
-    # The SEQ_CLS head names ('classifier', 'score') are a convention that PEFT also writes into saved configs;
-    # every other name must exist.
-    optional = SEQ_CLS_HEAD_NAMES if config.task_type == "SEQ_CLS" else ()
+    # The task heads' names ('classifier', 'score', 'qa_outputs') are a convention that PEFT also writes into saved
+    # configs; every other name must exist.
+    optional = _task_heads(config)
     missing = [m for m in config.modules_to_save or [] if m not in optional
                and not any(_matches_list(n, [m]) for n in names)]
     if missing:
@@ -293,7 +409,7 @@ def describe_targets(model: nn.Module, config: LoraConfig) -> list[dict]:
         base = module.base if isinstance(module, LoraLayer) else module
         r = config.rank_for(name)
         a_shape, b_shape = lora_shapes(base, r)
-        params = math.prod(a_shape) + math.prod(b_shape) + (b_shape[0] if config.use_dora else 0)
+        params = math.prod(a_shape) + math.prod(b_shape) + b_shape[0] * (config.use_dora + config.lora_bias)
         rows.append({"name": name, "type": type(base).__name__, "shape": list(base.weight.shape), "r": r,
                      "params": params})
     return rows

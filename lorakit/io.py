@@ -1,7 +1,8 @@
 """Adapter files in PEFT's format, both ways: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
 Tensor keys are PEFT's: ``base_model.model.<module path>.lora_A.weight`` / ``lora_B.weight`` (embeddings:
-``lora_embedding_A`` / ``lora_embedding_B``; DoRA: ``lora_magnitude_vector``), the adapter name stripped,
+``lora_embedding_A`` / ``lora_embedding_B``; DoRA: ``lora_magnitude_vector``; ``lora_bias``: ``lora_B.bias``;
+trainable tokens: ``token_adapter.trainable_tokens_delta``), the adapter name stripped,
 ``modules_to_save`` weights under the module's own path. A base-model fingerprint rides in the safetensors
 header metadata, where PEFT ignores it.
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import tempfile
 import warnings
@@ -28,10 +28,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from torch import nn
 
-from .config import LoraConfig, check_adapter_name
-from .inject import ModulesToSave, find_modules_to_save, find_targets
-from .layers import LoraEmbedding, LoraLayer, is_4bit, lora_shapes
-from .quant import dense_weight, weight_shape
+from .config import LoraConfig, changes_base, check_adapter_name
+from .fingerprint import compare_fingerprints, fingerprint
+from .inject import ModulesToSave, find_modules_to_save, find_targets, find_token_targets
+from .layers import LoraEmbedding, LoraLayer, TrainableTokensLayer, lora_shapes
 
 if TYPE_CHECKING:
     from .model import LoraModel
@@ -41,13 +41,16 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 FINGERPRINT_KEY = "lorakit_fingerprint"
-_SAMPLE = 4  # sampled values per targeted weight in the fingerprint
+# The init of an adapter that changed its base (PiSSA, OLoRA, ...). adapter_config.json says True, as PEFT asks
+# (PEFT would run the decomposition again on load, on the residual base); the label rides here instead.
+INIT_KEY = "lorakit_init"
+TOKENS_KEY = "token_adapter.trainable_tokens_delta"  # PEFT's key of trainable tokens, after the module path
 
 
 # -- keys ------------------------------------------------------------------------------------------------
 
 
-def _lora_keys(path: str, embedding: bool, use_dora: bool) -> dict[str, str]:
+def _lora_keys(path: str, embedding: bool, use_dora: bool, lora_bias: bool = False) -> dict[str, str]:
     """PEFT key → our attribute name on the adapter, for the LoRA layer at ``path``."""
     if embedding:
         keys = {f"{path}.lora_embedding_A": "lora_A", f"{path}.lora_embedding_B": "lora_B"}
@@ -55,7 +58,17 @@ def _lora_keys(path: str, embedding: bool, use_dora: bool) -> dict[str, str]:
         keys = {f"{path}.lora_A.weight": "lora_A", f"{path}.lora_B.weight": "lora_B"}
     if use_dora:
         keys[f"{path}.lora_magnitude_vector"] = "lora_magnitude_vector"
+    if lora_bias:
+        keys[f"{path}.lora_B.bias"] = "lora_B_bias"
     return keys
+
+
+def _layer_keys(path: str, layer: LoraLayer, adapter_name: str) -> dict[str, str]:
+    """PEFT key → attribute of adapter ``adapter_name`` on ``layer`` (a head tied to trainable tokens: none)."""
+    if isinstance(layer, TrainableTokensLayer):
+        return {} if layer.tied_to else {f"{path}.{TOKENS_KEY}": "trainable_tokens_delta"}
+    adapter = layer.adapters[adapter_name]
+    return _lora_keys(path, isinstance(layer, LoraEmbedding), adapter.use_dora, adapter.lora_B_bias is not None)
 
 
 def adapter_state_dict(model: LoraModel, adapter_name: str) -> dict[str, torch.Tensor]:
@@ -66,8 +79,10 @@ def adapter_state_dict(model: LoraModel, adapter_name: str) -> dict[str, torch.T
         if adapter_name not in layer.adapters:
             continue
         adapter = layer.adapters[adapter_name]
-        for key, attr in _lora_keys(path, isinstance(layer, LoraEmbedding), adapter.use_dora).items():
+        for key, attr in _layer_keys(path, layer, adapter_name).items():
             out[key] = getattr(adapter, attr)
+        if isinstance(layer, TrainableTokensLayer):
+            continue
         if config.bias != "none" and getattr(layer.base, "bias", None) is not None:
             out[f"{path}.base_layer.bias"] = layer.base.bias
     for path, module in model.saved_modules():
@@ -80,86 +95,6 @@ def adapter_state_dict(model: LoraModel, adapter_name: str) -> dict[str, torch.T
                                                                               "original_module")):
                 out[name] = param
     return out
-
-
-# -- fingerprint -----------------------------------------------------------------------------------------
-
-
-def fingerprint(model: nn.Module, targets: Sequence[str]) -> dict[str, Any]:
-    """What identifies the base an adapter was trained on: architecture, targeted weight shapes, and a digest
-    of the targeted weights (per weight: its L2 norm and a few fixed sampled values).
-
-    The digest is compared at bf16 precision, not bit for bit, so the fp32 and bf16 copies of one base agree,
-    and so does a base that went through merge/unmerge, while another checkpoint does not. 4-bit layers are
-    digested from their dequantized weights and marked ``quantized``: those comparisons allow for 4-bit rounding.
-    """
-    shapes, digest, quantized = {}, {}, False
-    for name in sorted(targets):
-        module = model.get_submodule(name)
-        base = module.base if isinstance(module, LoraLayer) else module
-        if is_4bit(base):
-            quantized = True
-            shapes[name] = weight_shape(base)
-            if base.weight.device.type == "meta":
-                continue
-            weight = dense_weight(base)
-        else:
-            weight = base.weight.detach()
-            shapes[name] = list(weight.shape)
-            if weight.device.type == "meta":
-                continue
-        flat = weight.reshape(-1).float()
-        picks = flat[:: max(1, flat.numel() // _SAMPLE)][:_SAMPLE]
-        digest[name] = [float(f"{v:.5g}") for v in [flat.norm().item(), *picks.tolist()]]
-    found = {"architecture": type(model).__name__, "shapes": shapes, "digest": digest}
-    return (found | {"quantized": True}) if quantized else found
-
-
-def _compare_fingerprints(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    diffs = []
-    if saved.get("architecture") != current["architecture"]:
-        diffs.append(f"architecture {saved.get('architecture')!r} vs this model's {current['architecture']!r}")
-    for name, shape in saved.get("shapes", {}).items():
-        if current["shapes"].get(name) != shape:
-            diffs.append(f"{name}: weight shape {shape} vs {current['shapes'].get(name)}")
-    if diffs:
-        return diffs
-    pairs = [(name, values, current["digest"][name]) for name, values in saved.get("digest", {}).items()
-             if len(current["digest"].get(name, ())) == len(values)]
-    quantized = saved.get("quantized") or current.get("quantized")
-    differ = _differ_quantized(pairs) if quantized else _differ(pairs, current["shapes"])
-    if differ:
-        diffs.append(f"same shapes, but the base weights differ ({differ}): another checkpoint")
-    return diffs
-
-
-def _differ(pairs: list[tuple[str, list[float], list[float]]], shapes: dict[str, list[int]]) -> str | None:
-    """The first weight whose norm or sampled values differ by more than bf16-level rounding, if any (as
-    "first at <name>")."""
-    for name, saved, now in pairs:
-        rms = saved[0] / math.sqrt(max(1, math.prod(shapes[name])))
-        if any(abs(a - b) > 1e-2 * abs(a) + 1e-2 * rms for a, b in zip(saved, now)):
-            return f"first at {name}"
-    return None
-
-
-def _differ_quantized(pairs: list[tuple[str, list[float], list[float]]]) -> str | None:
-    """What differs by more than 4-bit rounding explains (a weight's name, or the sampled values), if anything.
-
-    4-bit rounding moves single values by up to several times the weights' RMS, so values are not compared
-    one by one: each norm must agree within 10% (rounding errors average out over a whole weight: ~0.5% on real
-    layers, ~5% on tiny ones), and the
-    sampled values of all weights together within 50% relative L2 error (NF4's is ~10% on real layers, up to
-    ~30% on tiny ones; an unrelated checkpoint's is ~140%).
-    """
-    for name, saved, now in pairs:
-        if abs(saved[0] - now[0]) > 0.1 * abs(saved[0]):
-            return f"first at {name}"
-    squared_error = sum((x - y) ** 2 for _, (_, *a), (_, *b) in pairs for x, y in zip(a, b))
-    squared_norm = sum(x * x for _, (_, *a), _ in pairs for x in a)
-    if pairs and squared_error > 0.5 ** 2 * squared_norm:
-        return "the sampled values of all targeted weights"
-    return None
 
 
 # -- saving ----------------------------------------------------------------------------------------------
@@ -224,8 +159,19 @@ def write_adapter_files(folder: Path, config: dict[str, Any], tensors: dict[str,
 
 
 def save_adapters(model: LoraModel, save_directory: str | os.PathLike, adapter_names: Sequence[str] | None = None,
-                  base_model_name_or_path: str | None = None) -> list[Path]:
+                  base_model_name_or_path: str | None = None,
+                  path_initial_model_for_weight_conversion: str | os.PathLike | None = None) -> list[Path]:
     """Save adapters as PEFT does: ``default`` in ``save_directory``, any other name in ``save_directory/<name>``.
+
+    An adapter whose initialization changed the base (PiSSA, OLoRA, CorDA) is written with
+    ``init_lora_weights: true`` in its config, as PEFT asks (PEFT would otherwise decompose the residual base again
+    when loading it); its real label and the fingerprint of the residual base ride in the safetensors metadata.
+
+    Args:
+        path_initial_model_for_weight_conversion: The folder of the adapter as it was right after its PiSSA
+            (OLoRA, CorDA) initialization, before training. The trained adapter is then written as an ordinary
+            LoRA adapter for the *original* base, as PEFT's option of the same name does: ΔW = s·B·A − s·B₀·A₀,
+            so A' = [A; A₀], B' = [B, −B₀], of rank 2r, with α doubled (×√2 with rsLoRA) to keep the scaling.
 
     Returns:
         The folders written.
@@ -241,8 +187,18 @@ def save_adapters(model: LoraModel, save_directory: str | os.PathLike, adapter_n
         tensors = {PREFIX + k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model, name).items()}
         _warn_if_not_serve_safe(model, name, tensors)
         targets = [path for path, layer in model.lora_layers() if name in layer.adapters]
-        metadata = {"format": "pt", FINGERPRINT_KEY: json.dumps(_unmerged_fingerprint(model, targets))}
+        fingerprint_now = _unmerged_fingerprint(model, targets)
         config = model.peft_config[name].to_dict()
+        metadata = {"format": "pt"}
+        if path_initial_model_for_weight_conversion is not None:
+            config, tensors = _convert_to_lora(model.peft_config[name], config, tensors,
+                                               Path(path_initial_model_for_weight_conversion))
+            # For the original base, whose fingerprint this model cannot give: the file is checked by shape.
+        else:
+            metadata[FINGERPRINT_KEY] = json.dumps(fingerprint_now)
+            if changes_base(config["init_lora_weights"]):
+                metadata[INIT_KEY] = config["init_lora_weights"]
+                config["init_lora_weights"] = True
         config["target_modules"] = json_targets(config["target_modules"])
         if base_model_name_or_path is not None:
             config["base_model_name_or_path"] = base_model_name_or_path
@@ -251,6 +207,40 @@ def save_adapters(model: LoraModel, save_directory: str | os.PathLike, adapter_n
         write_adapter_files(folder, config, _untie(tensors), metadata)
         written.append(folder)
     return written
+
+
+def _convert_to_lora(lora_config: LoraConfig, config: dict[str, Any], tensors: dict[str, torch.Tensor],
+                     initial: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """PEFT's PiSSA → LoRA conversion of one adapter's config and tensors (see :func:`save_adapters`)."""
+    if lora_config.use_rslora and (lora_config.rank_pattern or lora_config.alpha_pattern):
+        raise ValueError("path_initial_model_for_weight_conversion does not work with use_rslora together with "
+                         "rank_pattern or alpha_pattern (the doubled rank would change the scaling; PEFT refuses it too)")
+    if lora_config.use_dora:
+        raise ValueError("path_initial_model_for_weight_conversion cannot convert a DoRA adapter: its magnitude "
+                         "vector is not a difference of two low-rank updates")
+    init_config, init_tensors, _ = read_adapter(initial)
+    init_tensors = {PREFIX + k: v for k, v in init_tensors.items()}
+    if (init_config.r, init_config.rank_pattern) != (lora_config.r, lora_config.rank_pattern):
+        raise ValueError(f"{str(initial)!r} holds an adapter of rank {init_config.r}, this one has rank "
+                         f"{lora_config.r}: it is not this adapter's initial state")
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        is_a = key.endswith((".lora_A.weight", ".lora_embedding_A"))
+        is_b = key.endswith((".lora_B.weight", ".lora_embedding_B"))
+        if not (is_a or is_b):
+            out[key] = value
+            continue
+        if key not in init_tensors or init_tensors[key].shape != value.shape:
+            raise ValueError(f"{str(initial)!r} lacks {key!r} (or has it in another shape): it is not this "
+                             f"adapter's initial state")
+        start = init_tensors[key].to(value.dtype)
+        # B·A − B₀·A₀ = [B, −B₀]·[A; A₀]: A stacks along the rank (dim 0), B along its rank (dim 1).
+        out[key] = torch.cat([value, start], dim=0) if is_a else torch.cat([value, -start], dim=1)
+    config = dict(config, init_lora_weights=True, r=2 * config["r"])
+    config["lora_alpha"] = config["lora_alpha"] * (2 ** 0.5 if config["use_rslora"] else 2)
+    config["rank_pattern"] = {k: 2 * v for k, v in config["rank_pattern"].items()}
+    config["alpha_pattern"] = {k: 2 * v for k, v in config["alpha_pattern"].items()}
+    return config, out
 
 
 def _unmerged_fingerprint(model: LoraModel, targets: list[str]) -> dict[str, Any]:
@@ -370,6 +360,9 @@ def read_adapter(path: str | os.PathLike, allow_pickle: bool = False
     else:
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {str(folder)!r}")
     check_finite(tensors, folder)
+    label = metadata.get(INIT_KEY)
+    if config.init_lora_weights is True and isinstance(label, str) and changes_base(label):
+        config.init_lora_weights = label  # what the adapter really is; the config says True for PEFT's sake
     return config, _normalize_keys(tensors), metadata
 
 
@@ -405,9 +398,16 @@ def _plan(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor]
         module = model.get_submodule(name)
         base = module.base if isinstance(module, LoraLayer) else module
         a_shape, b_shape = lora_shapes(base, config.rank_for(name))
-        shapes = {"lora_A": a_shape, "lora_B": b_shape, "lora_magnitude_vector": (b_shape[0],)}
-        for key, attr in _lora_keys(name, isinstance(base, nn.Embedding), config.use_dora).items():
+        conv = len(b_shape) > 2  # PEFT stores a convolution's magnitude as (1, out, 1…)
+        magnitude = (1, b_shape[0], *b_shape[2:]) if conv else (b_shape[0],)
+        shapes = {"lora_A": a_shape, "lora_B": b_shape, "lora_magnitude_vector": magnitude,
+                  "lora_B_bias": (b_shape[0],)}
+        for key, attr in _lora_keys(name, isinstance(base, nn.Embedding), config.use_dora, config.lora_bias).items():
             required[key] = shapes[attr]
+    for name, (indices, _) in find_token_targets(model, config, targets).items():
+        module = model.get_submodule(name)
+        base = module.base if isinstance(module, LoraLayer) else module
+        required[f"{name}.{TOKENS_KEY}"] = (len(indices), base.weight.shape[1])
     for name in find_modules_to_save(model, config):
         module = model.get_submodule(name)
         source = module.original_module if isinstance(module, ModulesToSave) else module
@@ -455,29 +455,47 @@ def check_fits(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Te
     Returns:
         The names of the modules the adapter targets.
     """
-    if config.init_lora_weights == "pissa":
-        raise ValueError("this adapter was initialized with PiSSA, so it only makes sense on its residual base "
-                         "(the base minus its initial top-r part); lorakit cannot load it onto a plain base")
+    init = config.init_lora_weights
+    residual = (f"this adapter was initialized with {init!r}, which moved part of each targeted base weight into "
+                f"the adapter: it only fits the residual base that initialization left")
+    if changes_base(init) and FINGERPRINT_KEY not in metadata and not force:
+        raise ValueError(f"{residual}, and the file carries no fingerprint of that base (a PEFT file), so lorakit "
+                         f"cannot tell a residual base from a plain one. If this model is the residual base, pass "
+                         f"force=True; for the original base, convert the adapter to plain LoRA "
+                         f"(save_pretrained(..., path_initial_model_for_weight_conversion=...))")
     if FINGERPRINT_KEY in metadata:
         try:
             saved = json.loads(metadata[FINGERPRINT_KEY])
         except json.JSONDecodeError:
             raise ValueError(f"the adapter's {FINGERPRINT_KEY} metadata is not valid JSON") from None
-        diffs = _compare_fingerprints(saved, fingerprint(model, find_targets(model, config)))
+        diffs = compare_fingerprints(saved, fingerprint(model, adapter_modules(model, config)))
         if diffs and not force:
+            if changes_base(init):
+                raise ValueError(f"{residual}, and this model's base weights are not that residual (a plain base?): "
+                                 + "; ".join(diffs[:5]) + ". Load it onto the residual base, or convert it to plain "
+                                 "LoRA for the original base (save_pretrained(..., "
+                                 "path_initial_model_for_weight_conversion=...)).")
             raise ValueError("this adapter was trained on a different base model: " + "; ".join(diffs[:5])
                              + ". Pass force=True to load it anyway (the shapes must still fit).")
     return _plan(model, config, tensors)
 
 
+def adapter_modules(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Every module an adapter of ``config`` lives on: its LoRA targets, the layers with trainable tokens and the
+    output heads tied to them (what the fingerprint covers)."""
+    targets = find_targets(model, config)
+    tokens = find_token_targets(model, config, targets)
+    return targets + list(tokens) + [head for _, heads in tokens.values() for head in heads]
+
+
 def copy_in(model: LoraModel, adapter_name: str, targets: list[str], tensors: dict[str, torch.Tensor]) -> None:
     """Copy checked tensors (see :func:`check_fits`) into the existing adapter ``adapter_name``."""
     with torch.no_grad():
-        for path in targets:
-            layer = model.model.get_submodule(path)
-            adapter = layer.adapters[adapter_name]
-            for key, attr in _lora_keys(path, isinstance(layer, LoraEmbedding), adapter.use_dora).items():
-                getattr(adapter, attr).copy_(tensors[key])
+        for path, layer in model.lora_layers():
+            if adapter_name in layer.adapters:
+                adapter = layer.adapters[adapter_name]
+                for key, attr in _layer_keys(path, layer, adapter_name).items():
+                    getattr(adapter, attr).copy_(tensors[key])
         for path, module in model.saved_modules():
             if adapter_name in module.modules_to_save:
                 state = {k[len(path) + 1:]: v for k, v in tensors.items() if k.startswith(path + ".")}

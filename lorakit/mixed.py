@@ -8,10 +8,14 @@ its own update. No Python loop over sub-batches. The stacks are built when the b
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .layers import LoraLayer, LoraLinear, update_dtype
 
@@ -31,8 +35,7 @@ class Routing:
             return result
         index = self.index
         if x.shape[0] != index.numel():
-            raise ValueError(f"adapter_names has {index.numel()} entries but the batch has {x.shape[0]} rows; "
-                             f"give one adapter name per row")
+            raise rows_mismatch(index.numel(), x.shape[0])
         a_rows = self.a.index_select(0, index)  # (batch, r_max, in): BGMV's gather
         b_rows = self.b.index_select(0, index)  # (batch, out, r_max)
         xs = x.to(a_rows.dtype).reshape(x.shape[0], -1, x.shape[-1])  # (batch, tokens per row, in)
@@ -68,8 +71,7 @@ def stacked_weights(layer: LoraLayer, names: list[str], dtype: torch.dtype
     if not live:
         return None
     adapters = [layer.adapters[n] for n in live]
-    if any(ad.use_dora for ad in adapters):
-        raise ValueError("mixed batches (adapter_names=...) do not support DoRA adapters")
+    assert not any(ad.use_dora for ad in adapters), "LoraModel.mixed_batch refuses DoRA adapters"
     params = [p for ad in adapters for p in (ad.lora_A, ad.lora_B)]
     # In-place updates (optimizer steps, loads) bump versions; moving the model replaces every tensor's storage;
     # adding or deleting an adapter clears the cache. (Writes through ``.data`` bypass version counters, as
@@ -94,3 +96,57 @@ def stacked_weights(layer: LoraLayer, names: list[str], dtype: torch.dtype
     if not differentiable:
         layer.stack_cache = (key, stacked)
     return stacked
+
+
+# -- checks and beam search: the arguments of a mixed-batch forward or generate ------------------------------------
+
+_INPUT_KEYS = ("input_ids", "inputs_embeds", "inputs", "input_features", "pixel_values", "x")
+
+
+def batch_rows(args: Sequence[Any], kwargs: Mapping[str, Any]) -> int | None:
+    """The number of rows of a forward or generate call's input (its first tensor argument), or None if unknown."""
+    for value in [*args[:1], *(kwargs.get(key) for key in _INPUT_KEYS)]:
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    return None
+
+
+def check_rows(adapter_names: Sequence[str], args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+    """Refuse ``adapter_names`` whose length is not the batch's number of rows (before any layer runs: an
+    embedding layer would otherwise fail on mismatched shapes)."""
+    rows = batch_rows(args, kwargs)
+    if rows is not None and rows != len(adapter_names):
+        raise rows_mismatch(len(adapter_names), rows)
+
+
+def rows_mismatch(names: int, rows: int) -> ValueError:
+    """The error for ``names`` adapter names given for a batch of ``rows`` rows."""
+    return ValueError(f"adapter_names has {names} entries but the batch has {rows} rows; give one adapter name per "
+                      f"row")
+
+
+def copies_per_row(model: nn.Module, kwargs: Mapping[str, Any]) -> int:
+    """How many rows Hugging Face's ``generate`` makes of each input row: ``max(num_beams, num_return_sequences)``,
+    each read from the call's arguments, else its ``generation_config``, else the model's (the priority
+    ``generate`` itself uses)."""
+    configs = [kwargs.get("generation_config"), getattr(model, "generation_config", None)]
+
+    def setting(key: str) -> int:
+        for value in [kwargs.get(key), *(getattr(c, key, None) for c in configs if c is not None)]:
+            if value is not None:
+                try:  # operator.index: any integer type (numpy's too), never a float or bool
+                    count = operator.index(value) if not isinstance(value, bool) else 0
+                except TypeError:
+                    count = 0
+                if count < 1:
+                    raise ValueError(f"{key} must be a positive integer, got {value!r}")
+                return count
+        return 1
+
+    return max(setting("num_beams"), setting("num_return_sequences"))
+
+
+def expand_for_generation(adapter_names: Sequence[str], copies: int) -> list[str]:
+    """Each row's name repeated for its ``copies`` consecutive rows, as ``generate`` repeats the rows
+    (``repeat_interleave``): ``["a", "b"]``, 2 → ``["a", "a", "b", "b"]``."""
+    return [name for name in adapter_names for _ in range(copies)]

@@ -22,8 +22,9 @@ from .export import export_merged
 from .inject import ModulesToSave, inject, set_submodule
 from .io import check_fits, copy_in, read_adapter, save_adapters
 from .layers import LoraLayer, is_4bit
-from .mixed import routing_for
+from .mixed import check_rows, copies_per_row, expand_for_generation, routing_for
 from .quant import MergeReport, default_probe, keep_autograd_path, logits, merge_4bit
+from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,8 @@ class LoraModel(nn.Module):
         peft_config: Each adapter's :class:`LoraConfig`, by name.
     """
 
-    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> None:
+    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default", *,
+                 init_weights: bool = True) -> None:
         super().__init__()
         self.model = model
         self._wrappers: tuple[list, list] | None = None
@@ -47,7 +49,7 @@ class LoraModel(nn.Module):
             p.requires_grad_(False)
         if any(is_4bit(m) for m in model.modules()):
             keep_autograd_path(model)
-        self.add_adapter(adapter_name, config)
+        self.add_adapter(adapter_name, config, init_weights=init_weights)
         self.set_adapter(adapter_name)
 
     # -- forwarding to the model -------------------------------------------------------------------------
@@ -57,14 +59,24 @@ class LoraModel(nn.Module):
         (``"__base__"`` for none), in one batched pass."""
         if adapter_names is None:
             return self.model(*args, **kwargs)
+        check_rows(adapter_names, args, kwargs)
         with self.mixed_batch(adapter_names):
             return self.model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
-        """The model's ``generate``, optionally with one adapter per row (``adapter_names``)."""
+        """The model's ``generate``, optionally with one adapter per row (``adapter_names``).
+
+        With beam search (``num_beams``) or several sequences per row (``num_return_sequences``) each name is
+        repeated for its row's copies (PEFT repeats them for ``num_beams`` given to the call only; lorakit also for
+        ``num_return_sequences`` and for either read from the generation config); an encoder-decoder's encoder
+        sees each row once.
+        """
         if adapter_names is None:
             return self.model.generate(*args, **kwargs)
-        with self.mixed_batch(adapter_names):
+        check_rows(adapter_names, args, kwargs)
+        expanded = expand_for_generation(adapter_names, copies_per_row(self.model, kwargs))
+        encoder = adapter_names if self._is_encoder_decoder else None
+        with self.mixed_batch(expanded, encoder_adapter_names=encoder):
             return self.model.generate(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
@@ -109,8 +121,9 @@ class LoraModel(nn.Module):
         """The first active adapter (PEFT's attribute)."""
         return self._active[0]
 
-    def add_adapter(self, adapter_name: str, config: LoraConfig) -> list[str]:
-        """Add a new, trainable adapter; it becomes active only through ``set_adapter``.
+    def add_adapter(self, adapter_name: str, config: LoraConfig, *, init_weights: bool = True) -> list[str]:
+        """Add a new, trainable adapter; it becomes active only through ``set_adapter``. ``init_weights=False``
+        leaves it zero and the base untouched, for trained values copied in next (what loading does).
 
         Returns:
             The names of the modules that received it.
@@ -120,7 +133,7 @@ class LoraModel(nn.Module):
             raise ValueError(f"adapter {adapter_name!r} already exists; adapters: {sorted(self.peft_config)}")
         if not isinstance(config, LoraConfig):
             raise TypeError(f"config must be a LoraConfig, got {type(config).__name__}")
-        wrapped = inject(self.model, config, adapter_name)
+        wrapped = inject(self.model, config, adapter_name, init_weights=init_weights)
         self._wrappers = None
         self.peft_config[adapter_name] = config
         self._refresh()
@@ -198,33 +211,113 @@ class LoraModel(nn.Module):
                 for module, state in zip(modules, before):
                     module.disabled = state
 
+    def disable_adapter_layers(self) -> None:
+        """Turn every adapter layer and trained head off until :meth:`enable_adapter_layers`: the model computes
+        the base model (merged adapters are unmerged first) and no adapter trains. As PEFT's; for a block of code,
+        ``with disable_adapter():`` is the safer form."""
+        biased = [n for n in self._active if self.peft_config[n].bias != "none"]
+        if biased:  # PEFT's warning: the trained base biases stay in the model
+            logger.warning("adapters %s train base biases (bias != 'none'); with the adapter layers disabled the "
+                           "model is still not the original base model", biased)
+        self.unmerge_adapter()
+        for _, module in [*self.lora_layers(), *self.saved_modules()]:
+            module.disabled = True
+        self.set_requires_grad(list(self.peft_config), False)
+
+    def enable_adapter_layers(self) -> None:
+        """Turn the adapter layers on again after :meth:`disable_adapter_layers`; the active adapters train again."""
+        for _, module in [*self.lora_layers(), *self.saved_modules()]:
+            module.disabled = False
+        self._refresh()
+
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        """Let the parameters of ``adapter_names`` (A, B, DoRA magnitudes, trained heads) train, or stop them, as
+        PEFT's method does. ``set_adapter`` and ``enable_adapter_layers`` set them again from the active list."""
+        if not isinstance(requires_grad, bool):
+            raise TypeError(f"requires_grad must be True or False, got {requires_grad!r}")
+        if isinstance(adapter_names, str):
+            adapter_names = [adapter_names]
+        elif not (isinstance(adapter_names, Sequence) and all(isinstance(n, str) for n in adapter_names)):
+            raise TypeError(f"adapter_names must be an adapter name or a list of them, got {adapter_names!r}")
+        names = self._known(adapter_names)
+        for _, module in self.lora_layers():
+            for name in names:
+                if name in module.adapters:
+                    module.adapters[name].requires_grad_(requires_grad)
+        for _, module in self.saved_modules():
+            for name in names:
+                if name in module.modules_to_save:
+                    module.modules_to_save[name].requires_grad_(requires_grad)
+
+    def get_layer_status(self) -> list[TunerLayerStatus]:
+        """One :class:`~lorakit.status.TunerLayerStatus` per LoRA layer and trained head (PEFT's method)."""
+        return get_layer_status(self)
+
+    def get_model_status(self) -> TunerModelStatus:
+        """The :class:`~lorakit.status.TunerModelStatus` of the whole model (PEFT's method)."""
+        return get_model_status(self)
+
     @contextmanager
-    def mixed_batch(self, adapter_names: Sequence[str]) -> Iterator[None]:
+    def mixed_batch(self, adapter_names: Sequence[str], *,
+                    encoder_adapter_names: Sequence[str] | None = None) -> Iterator[None]:
         """Within the block row i of every batch uses adapter ``adapter_names[i]`` (``"__base__"``: none).
 
         Setting the routing stacks each layer's adapters once, so a server that keeps the same rows for many
-        decoding steps enters this block once for all of them.
+        decoding steps enters this block once for all of them. ``encoder_adapter_names`` routes an
+        encoder-decoder's encoder, which beam search runs before it repeats the rows: one name per input row, so
+        that repeating each k times gives ``adapter_names``.
+
+        Raises:
+            ValueError: Unknown names, DoRA adapters, merged adapters, or ``encoder_adapter_names`` on a model that
+                is not an encoder-decoder or that do not repeat into ``adapter_names``.
         """
         names = list(dict.fromkeys(n for n in adapter_names if n != BASE_ROW))
-        unknown = [n for n in names if n not in self.peft_config]
+        unknown = [n for n in dict.fromkeys([*adapter_names, *(encoder_adapter_names or [])])
+                   if n != BASE_ROW and n not in self.peft_config]
         if unknown:
             raise ValueError(f"adapter_names has unknown adapter(s) {unknown}; adapters: {sorted(self.peft_config)} "
                              f"or {BASE_ROW!r} for the base model")
+        if encoder_adapter_names is not None:
+            if not self._is_encoder_decoder:
+                raise ValueError("encoder_adapter_names routes an encoder-decoder's encoder; this model has no "
+                                 "encoder (config.is_encoder_decoder is not set)")
+            rows = len(encoder_adapter_names)
+            copies = len(adapter_names) // rows if rows else 0
+            if not copies or expand_for_generation(encoder_adapter_names, copies) != list(adapter_names):
+                raise ValueError(f"encoder_adapter_names ({rows} entries) must be adapter_names "
+                                 f"({len(adapter_names)} entries) with each row once: repeating each name k times "
+                                 f"must give adapter_names")
+        dora = [n for n in names if self.peft_config[n].use_dora]
+        if dora:
+            raise ValueError(f"mixed batches (adapter_names=..., with or without num_beams) do not support DoRA "
+                             f"adapters; {dora} use DoRA")
         if any(layer.merged_adapters for _, layer in self.lora_layers()):
             raise ValueError("mixed batches need unmerged adapters; call unmerge_adapter() first")
         slots = {n: i for i, n in enumerate(names, start=1)}
-        index = torch.tensor([slots.get(n, 0) for n in adapter_names], dtype=torch.long, device=self.device)
+
+        def index_of(rows: Sequence[str]) -> torch.Tensor:
+            return torch.tensor([slots.get(n, 0) for n in rows], dtype=torch.long, device=self.device)
+
+        index = index_of(adapter_names)
+        encoder: set[int] = set()
+        if encoder_adapter_names is not None:
+            encoder = {id(m) for m in self.model.get_encoder().modules()}
+        encoder_index = index_of(encoder_adapter_names) if encoder else index
         layers = [layer for _, layer in self.lora_layers()]
         heads = [module for _, module in self.saved_modules()]
         try:
             for layer in layers:
-                layer.routing = routing_for(layer, index, names)
+                layer.routing = routing_for(layer, encoder_index if id(layer) in encoder else index, names)
             for head in heads:
-                head.routing = (index, names)
+                head.routing = (encoder_index if id(head) in encoder else index, names)
             yield
         finally:
             for module in layers + heads:
                 module.routing = None
+
+    @property
+    def _is_encoder_decoder(self) -> bool:
+        return bool(getattr(getattr(self.model, "config", None), "is_encoder_decoder", False))
 
     @property
     def device(self) -> torch.device:
@@ -253,8 +346,15 @@ class LoraModel(nn.Module):
     # -- merging -----------------------------------------------------------------------------------------
 
     def merge_adapter(self, adapter_names: Sequence[str] | None = None) -> None:
-        """Fold adapters (default: the active ones) into the base weights, in fp32; undo with ``unmerge_adapter``."""
+        """Fold adapters (default: the active ones) into the base weights, in fp32; undo with ``unmerge_adapter``.
+
+        Refused (ValueError) while the adapter layers are disabled: ``disable_adapter_layers`` promises the base model.
+        """
         names = self._known(self._active if adapter_names is None else adapter_names)
+        if any(layer.disabled and set(names) & set(layer.adapters) for _, layer in self.lora_layers()):
+            # A disabled layer computes the base alone; a merged update would bring the adapter back.
+            raise ValueError(f"cannot merge adapter(s) {names} while the adapter layers are disabled (a disabled "
+                             f"layer computes the base model alone); call enable_adapter_layers() first")
         if any(is_4bit(layer.base) and set(names) & set(layer.adapters) for _, layer in self.lora_layers()):
             raise ValueError("merging into a 4-bit base weight would round it to 4 bits again (lossy, and unmerge "
                              "could not undo it); use merge_and_unload(), which returns dense layers, or "
@@ -321,10 +421,16 @@ class LoraModel(nn.Module):
     # -- files (see lorakit.io) --------------------------------------------------------------------------
 
     def save_pretrained(self, save_directory: str | os.PathLike, adapter_names: Sequence[str] | None = None,
-                        base_model_name_or_path: str | None = None) -> None:
+                        base_model_name_or_path: str | None = None,
+                        path_initial_model_for_weight_conversion: str | os.PathLike | None = None) -> None:
         """Write adapters in PEFT's format (``adapter_config.json`` + ``adapter_model.safetensors``): ``default``
-        in ``save_directory``, any other name in ``save_directory/<name>``."""
-        save_adapters(self, save_directory, adapter_names, base_model_name_or_path)
+        in ``save_directory``, any other name in ``save_directory/<name>``.
+
+        ``path_initial_model_for_weight_conversion``: the folder of a PiSSA (or OLoRA, CorDA) adapter saved right
+        after its initialization; the trained adapter is then written as an ordinary LoRA adapter of twice the
+        rank for the *original* base (PEFT's conversion, see :func:`lorakit.io.save_adapters`)."""
+        save_adapters(self, save_directory, adapter_names, base_model_name_or_path,
+                      path_initial_model_for_weight_conversion)
 
     def load_adapter(self, path: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False,
                      allow_pickle: bool = False, force: bool = False) -> None:
@@ -342,7 +448,7 @@ class LoraModel(nn.Module):
         with self.unmerged():  # the fingerprint describes the base weights without any update folded in
             targets = check_fits(self.model, config, tensors, metadata, force)
         try:
-            self.add_adapter(adapter_name, config)
+            self.add_adapter(adapter_name, config, init_weights=False)
             copy_in(self, adapter_name, targets, tensors)
         except BaseException:
             if adapter_name in self.peft_config:
@@ -360,7 +466,7 @@ class LoraModel(nn.Module):
         check_adapter_name(adapter_name)
         config, tensors, metadata = read_adapter(path, allow_pickle)
         targets = check_fits(model, config, tensors, metadata, force)
-        lora = cls(model, config, adapter_name)
+        lora = cls(model, config, adapter_name, init_weights=False)
         copy_in(lora, adapter_name, targets, tensors)
         if not is_trainable:
             lora._inference_only.add(adapter_name)
@@ -373,9 +479,14 @@ class LoraModel(nn.Module):
         export_merged(self, save_directory, tokenizer, adapter_names)
 
     def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
-                             combination_type: str = "svd", svd_rank: int | None = None) -> None:
-        """Combine adapters into a new one (``linear``, ``cat`` or ``svd``), as PEFT does."""
-        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank)
+                             combination_type: str = "svd", svd_rank: int | None = None,
+                             svd_clamp: float | None = None, density: float | None = None,
+                             majority_sign_method: str = "total") -> None:
+        """Combine adapters into a new one, as PEFT does: ``linear``, ``cat``, ``svd``, ``ties``, ``dare_linear``,
+        ``dare_ties``, ``magnitude_prune`` and the ``_svd`` variants of the last four (see
+        :func:`lorakit.combine.add_weighted_adapter` for the arguments)."""
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp, density,
+                             majority_sign_method)
 
 
 _LORAKIT_PARTS = ("adapters", "modules_to_save", "original_module")

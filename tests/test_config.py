@@ -25,16 +25,21 @@ def test_defaults_are_peft_defaults():
         ({"lora_dropout": 1.0}, "lora_dropout must be in [0, 1), got 1.0"),
         ({"lora_dropout": -0.1}, "got -0.1"),
         ({"bias": "some"}, "bias must be one of 'none', 'all', 'lora_only'; got 'some'"),
-        ({"task_type": "CAUSAL"}, "task_type must be one of CAUSAL_LM, SEQ_CLS, TOKEN_CLS, FEATURE_EXTRACTION or None; "
-                                  "got 'CAUSAL'"),
+        ({"task_type": "CAUSAL"}, "task_type must be one of CAUSAL_LM, SEQ_CLS, SEQ_2_SEQ_LM, QUESTION_ANS, TOKEN_CLS, "
+                                  "FEATURE_EXTRACTION or None; got 'CAUSAL'"),
         ({"target_modules": "q_proj("}, "target_modules 'q_proj(' is not a valid regular expression"),
         ({"exclude_modules": "[a-"}, "exclude_modules '[a-' is not a valid regular expression"),
         ({"rank_pattern": {"(": 4}}, "rank_pattern key '(' is not a valid regular expression"),
         ({"rank_pattern": {"q": 0}}, "rank_pattern['q'] must be a positive integer, got 0"),
         ({"alpha_pattern": {"q": -2}}, "alpha_pattern['q'] must be a number > 0, got -2"),
         ({"layers_pattern": "la(yers"}, "layers_pattern 'la(yers' is not a valid regular expression"),
-        ({"init_lora_weights": "olora"}, "init_lora_weights must be one of True, False, 'gaussian', 'pissa'; "
-                                         "got 'olora'"),
+        ({"init_lora_weights": "svd"}, "init_lora_weights must be one of True, False, 'gaussian', 'pissa' (or, for a "
+                                       "trained adapter being loaded, one of PEFT's labels olora, orthogonal"),
+        ({"init_lora_weights": 1}, "init_lora_weights must be one of"),
+        ({"lora_bias": True, "use_dora": True}, "lora_bias=True does not work with use_dora=True"),
+        ({"trainable_token_indices": [3, -1]}, "trainable_token_indices must be a non-empty list of token ids "
+                                               "(integers >= 0), got [3, -1]"),
+        ({"trainable_token_indices": {"embed_tokens": [2, 2]}}, "lists a token id twice"),
         ({"target_modules": []}, "target_modules is an empty list"),
         ({"target_modules": ".*q", "layers_to_transform": [0]}, "layers_to_transform only works with a list"),
     ],

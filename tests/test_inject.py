@@ -115,9 +115,20 @@ def test_a_second_adapter_reuses_the_lora_layers():
 def test_a_layer_type_error_is_found_before_anything_is_wrapped():
     model = tiny_llama()
     types = [type(m) for m in model.modules()]
-    with pytest.raises(ValueError, match="use_dora is supported for Linear and Conv1D layers; target "
-                                         "'model.embed_tokens' is a Embedding"):
-        get_lora_model(model, LoraConfig(target_modules=["q_proj", "embed_tokens"], use_dora=True))
+    with pytest.raises(ValueError, match="lora_bias is supported for Linear, Conv1D and Conv1d/2d/3d layers; target "
+                                         "'model.embed_tokens' is an Embedding"):
+        get_lora_model(model, LoraConfig(target_modules=["q_proj", "embed_tokens"], lora_bias=True))
+    assert [type(m) for m in model.modules()] == types
+    with pytest.raises(ValueError, match="init_lora_weights='olora': lorakit loads adapters trained with"):
+        get_lora_model(model, LoraConfig(target_modules=["q_proj", "v_proj"], init_lora_weights="olora"))
+    assert [type(m) for m in model.modules()] == types
+    with pytest.raises(ValueError, match=r"token id\(s\) \[128\] out of range for 'model.embed_tokens', which has "
+                                         r"128 rows \(token ids 0..127\)"):
+        get_lora_model(model, LoraConfig(target_modules=["q_proj"], trainable_token_indices=[5, 128]))
+    with pytest.raises(ValueError, match="'model.embed_tokens' gets LoRA and trainable tokens at once"):
+        get_lora_model(model, LoraConfig(target_modules=["q_proj", "embed_tokens"], trainable_token_indices=[5]))
+    with pytest.raises(ValueError, match="trainable_token_indices key 'embeddings' matches no module"):
+        get_lora_model(model, LoraConfig(target_modules=["q_proj"], trainable_token_indices={"embeddings": [5]}))
     assert [type(m) for m in model.modules()] == types
     lora = get_lora_model(model, LoraConfig(target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="init_lora_weights='pissa' is supported for Linear and Conv1D"):

@@ -309,11 +309,24 @@ def test_saving_while_merged_keeps_the_base_fingerprint(tmp_path, ids):
     torch.testing.assert_close(_logits(loaded, ids), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_pissa_adapters_are_refused_on_load(tmp_path):
-    get_lora_model(tiny_llama(), LoraConfig(target_modules=["q_proj"], init_lora_weights="pissa")).save_pretrained(
-        tmp_path)
-    with pytest.raises(ValueError, match="initialized with PiSSA"):
-        LoraModel.from_pretrained(tiny_llama(), tmp_path)
+def test_pissa_adapter_is_refused_on_a_plain_base_and_loads_on_its_residual(tmp_path, ids):
+    model = get_lora_model(tiny_llama(), LoraConfig(target_modules=["q_proj"], init_lora_weights="pissa"))
+    model.save_pretrained(tmp_path)
+    expected = _logits(model, ids)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["init_lora_weights"] is True  # as PEFT asks: PEFT would decompose the residual again otherwise
+    plain = tiny_llama()
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    with pytest.raises(ValueError, match="initialized with 'pissa'.*not that residual"):
+        LoraModel.from_pretrained(plain, tmp_path)
+    assert all(torch.equal(v, before[k]) for k, v in plain.state_dict().items())
+    residual = model.unload()
+    residual_weights = {k: v.clone() for k, v in residual.state_dict().items()}
+    loaded = LoraModel.from_pretrained(residual, tmp_path)
+    torch.testing.assert_close(_logits(loaded, ids), expected, atol=1e-5, rtol=1e-5)
+    assert loaded.peft_config["default"].init_lora_weights == "pissa"
+    # loading does not run the decomposition again on the residual base
+    assert all(torch.equal(v, residual_weights[k]) for k, v in loaded.unload().state_dict().items())
 
 
 def test_a_failed_write_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):

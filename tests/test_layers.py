@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from conftest import tiny_llama
+from conftest import assert_rows_match_single_adapter_runs, tiny_gpt2, tiny_llama
 from torch import nn
 
 from lorakit import LoraConfig, get_lora_model, set_adapter_state_dict
-from lorakit.layers import LoraConv2d, LoraEmbedding, LoraLinear, wrap
+from lorakit.layers import LoraConv1d, LoraConv2d, LoraConv3d, LoraEmbedding, LoraLinear, TrainableTokensLayer, wrap
 
 Conv1D = transformers.pytorch_utils.Conv1D
 
@@ -23,16 +23,22 @@ def _layer_and_input(kind: str):
         return Conv1D(12, 16), torch.randn(3, 5, 16)  # Conv1D(nf=out, nx=in): weight (16, 12)
     if kind == "embedding":
         return nn.Embedding(20, 12, padding_idx=0), torch.randint(0, 20, (3, 5))
+    if kind == "nn.conv1d":
+        return nn.Conv1d(4, 6, 3, stride=2, padding=1), torch.randn(2, 4, 9)
+    if kind == "conv3d":
+        return nn.Conv3d(3, 5, 3, stride=2, padding=1), torch.randn(2, 3, 5, 5, 5)
     return nn.Conv2d(4, 6, 3, stride=2, padding=1), torch.randn(2, 4, 9, 9)
 
 
-KINDS = ["linear", "conv1d", "embedding", "conv2d"]
+KINDS = ["linear", "conv1d", "embedding", "conv2d", "nn.conv1d", "conv3d"]
+CONVS = ("conv2d", "nn.conv1d", "conv3d")
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_wrap_picks_the_right_class(kind):
     base, _ = _layer_and_input(kind)
-    expected = {"linear": LoraLinear, "conv1d": LoraLinear, "embedding": LoraEmbedding, "conv2d": LoraConv2d}[kind]
+    expected = {"linear": LoraLinear, "conv1d": LoraLinear, "embedding": LoraEmbedding, "conv2d": LoraConv2d,
+                "nn.conv1d": LoraConv1d, "conv3d": LoraConv3d}[kind]
     layer = wrap(base)
     assert type(layer) is expected and layer.base is base
     assert not any(p.requires_grad for p in base.parameters())
@@ -51,10 +57,16 @@ def test_zero_b_gives_the_base_output_bit_for_bit(kind, grad):
     assert torch.equal(got, expected)
 
 
-def _randomized(kind: str, dora: bool = False):
+def _randomized(kind: str, dora: bool = False, lora_bias: bool = False):
     base, x = _layer_and_input(kind)
     layer = wrap(base)
-    layer.add_adapter("a", r=4, lora_alpha=8, init_lora_weights=False, use_dora=dora)
+    adapter = layer.add_adapter("a", r=4, lora_alpha=8, init_lora_weights=False, use_dora=dora, lora_bias=lora_bias)
+    if lora_bias:
+        with torch.no_grad():
+            adapter.lora_B_bias.normal_()
+    if dora:  # a magnitude away from ‖W0 + ΔW‖, as after training
+        with torch.no_grad():
+            adapter.lora_magnitude_vector.mul_(1.5)
     layer.set_active(["a"])
     return layer, x
 
@@ -70,20 +82,21 @@ def test_update_is_scaling_b_a_x(kind):
         elif kind == "embedding":
             expected = adapter.scaling * adapter.lora_A.T[x] @ adapter.lora_B.T
         else:
-            expected = nn.functional.conv2d(x, layer.delta_weight("a"), stride=2, padding=1)
+            expected = layer.conv(x, layer.delta_weight("a"), stride=2, padding=1)
     torch.testing.assert_close(delta, expected, atol=1e-5, rtol=1e-5)
     assert delta.abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("dora", [False, True])
-def test_merge_equals_unmerged_and_unmerge_restores(kind, dora):
-    if dora and kind in ("embedding", "conv2d"):
-        with pytest.raises(ValueError, match="use_dora is supported for Linear and Conv1D layers"):
-            _randomized(kind, dora=True)
+@pytest.mark.parametrize("variant", ["lora", "dora", "lora_bias"])
+def test_merge_equals_unmerged_and_unmerge_restores(kind, variant):
+    if variant == "lora_bias" and kind == "embedding":
+        with pytest.raises(ValueError, match="lora_bias is supported for Linear, Conv1D and Conv1d/2d/3d"):
+            _randomized(kind, lora_bias=True)
         return
-    layer, x = _randomized(kind, dora)
+    layer, x = _randomized(kind, dora=variant == "dora", lora_bias=variant == "lora_bias")
     original = layer.base.weight.detach().clone()
+    original_bias = None if getattr(layer.base, "bias", None) is None else layer.base.bias.detach().clone()
     with torch.no_grad():
         unmerged = layer(x)
         layer.merge()
@@ -93,8 +106,50 @@ def test_merge_equals_unmerged_and_unmerge_restores(kind, dora):
         after = layer(x)
     torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(layer.base.weight, original, atol=1e-6, rtol=0)
+    if original_bias is not None:
+        torch.testing.assert_close(layer.base.bias, original_bias, atol=1e-6, rtol=0)
     torch.testing.assert_close(after, unmerged, atol=1e-6, rtol=1e-6)
     assert layer.merged_adapters == []
+    with torch.no_grad():
+        assert (unmerged - layer.base(x)).abs().max() > 1e-3  # the update is not zero
+
+
+def test_lora_bias_is_scaled_and_refused_in_a_merge_into_a_base_without_bias():
+    torch.manual_seed(0)
+    layer = wrap(nn.Linear(8, 6, bias=False))
+    adapter = layer.add_adapter("a", r=2, lora_alpha=4, lora_bias=True)  # B = 0: only the bias acts
+    layer.set_active(["a"])
+    with torch.no_grad():
+        adapter.lora_B_bias.normal_()
+        x = torch.randn(3, 8)
+        torch.testing.assert_close(layer(x) - layer.base(x), (adapter.scaling * adapter.lora_B_bias).expand(3, 6))
+    weight = layer.base.weight.detach().clone()
+    with pytest.raises(ValueError, match="has no bias to fold"):
+        layer.merge()
+    assert torch.equal(layer.base.weight, weight) and layer.merged_adapters == []
+
+
+def test_trainable_tokens_replace_only_their_rows_and_merge_exactly():
+    torch.manual_seed(0)
+    base = nn.Embedding(20, 6)
+    original = base.weight.detach().clone()
+    layer = TrainableTokensLayer(base)
+    rows = layer.add_tokens("a", [2, 7])
+    layer.set_active(["a"])
+    ids = torch.tensor([[2, 3, 7, 2]])
+    with torch.no_grad():
+        assert torch.equal(layer(ids), base(ids))  # starts from the rows as they are
+        rows.trainable_tokens_delta.add_(1.0)
+        out = layer(ids)
+        assert torch.equal(out[0, 1], original[3]) and torch.equal(out[0, 0], original[2] + 1.0)
+        layer.merge()
+        assert torch.equal(layer(ids), out)
+        layer.unmerge()
+    assert torch.equal(base.weight, original)
+    with pytest.raises(ValueError, match=r"out of range: this Embedding has 20 rows \(token ids 0..19\)"):
+        layer.add_tokens("b", [19, 20])
+    with pytest.raises(ValueError, match="holds trainable tokens"):
+        layer.add_adapter("c", r=2, lora_alpha=4)
 
 
 def test_merge_is_computed_in_fp32_for_a_bf16_weight():
@@ -215,3 +270,31 @@ def test_bf16_base_with_fp32_adapter_rounds_once_like_peft(peft):
         a, b = layer_ours(x), layer_theirs(x)
     assert a.dtype == b.dtype == torch.bfloat16
     assert (a != b).float().mean() < 0.02  # equal but for rare 1-ulp ties from a different GEMM order
+
+
+def test_mixed_batch_rows_with_lora_bias_and_trainable_tokens_equal_their_single_adapter_runs():
+    torch.manual_seed(0)
+    model = get_lora_model(tiny_gpt2(), LoraConfig(r=2, target_modules=["c_attn"], lora_bias=True,
+                                                   init_lora_weights=False, fan_in_fan_out=True), "bias")
+    model.add_adapter("tokens", LoraConfig(r=2, target_modules=["c_proj"], trainable_token_indices=[3, 5],
+                                           fan_in_fan_out=True))
+    with torch.no_grad():
+        for _, layer in model.lora_layers():
+            for adapter in layer.adapters.values():
+                for p in adapter.parameters():
+                    p.add_(0.5 * torch.randn_like(p))
+    ids = torch.randint(0, 128, (3, 6))
+    ids[:, 0] = 3
+    assert_rows_match_single_adapter_runs(model, ids, ["tokens", "__base__", "bias"])
+
+
+def test_tied_head_gets_the_embeddings_trainable_rows():
+    model = get_lora_model(tiny_llama(tie=True), LoraConfig(target_modules=["q_proj"], trainable_token_indices=[4]))
+    embed, head = model.model.model.embed_tokens, model.model.lm_head
+    assert isinstance(embed, TrainableTokensLayer) and isinstance(head, TrainableTokensLayer)
+    assert head.tied_to == [embed] and head.adapters is embed.adapters
+    with torch.no_grad():
+        embed.adapters["default"].trainable_tokens_delta.add_(1.0)
+        hidden = torch.randn(1, 2, 32)
+        expected = hidden @ embed._weight_with(["default"], embed.base.weight).T
+        torch.testing.assert_close(head(hidden), expected)

@@ -18,13 +18,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lorakit"
 # Each module may import modules of its own level or below, never above. Within a level, no cycles.
 LEVELS: list[set[str]] = [
     # 0. the core: LoRA itself, its files and its 4-bit base. Imports only torch and safetensors.
-    {"config", "process_memory", "layers", "mixed", "inject", "quant", "combine", "io", "export", "model"},
+    {"config", "process_memory", "layer_base", "layers", "conv_layers", "trainable_tokens", "mixed", "inject", "quant",
+     "combine", "status", "fingerprint", "io", "export", "model"},
     # 1. tools on top of the core
     {"prompt_tuning", "svd", "calc", "embedded_models"},
     # 2. the trainer
     {"training"},
     # 3. what uses trained adapters or runs the trainer
-    {"inference", "compare", "demo", "serve"},
+    {"inference", "predict", "compare", "demo", "serve"},
     # 4. the command line
     {"cli", "__main__"},
 ]
