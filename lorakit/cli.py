@@ -251,7 +251,10 @@ def format_summary(result: dict) -> str:
     base = f" on a 4-bit {result['quantize']} base" if result.get("quantize") else ""
     lines = [
         f"task:     {result['task']} ({result['method']}{base}, {result['precision']}, {result['device']}"
-        f"{', %d processes' % result['processes'] if result['processes'] > 1 else ''})",
+        f"{', %d processes' % result['processes'] if result['processes'] > 1 else ''}"
+        f"{' sharded (FSDP)' if result.get('fsdp') else ''})",
+        *([f"dtype:    {result['precision_reason']}"] if str(result.get("precision_reason")).startswith("auto")
+          else []),
         f"trained:  {trainable:,d} of {total:,d} parameters ({100 * trainable / total:.2f}%)",
         f"steps:    {result['steps']} in {result['train_seconds']:.0f} s, {result['tokens']:,d} tokens, "
         f"{result['tokens_per_s']:.0f} tokens/s; loss {result['first_loss']:.3f} -> {result['last_loss']:.3f}",
@@ -269,13 +272,23 @@ def format_summary(result: dict) -> str:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .inference import evaluate_adapter
-    from .training.options import config_from_args
+    from .training.options import typed_options
+    from .training.saved_adapter import eval_config
 
-    saved = Path(args.adapter) / "train_config.yaml"
-    if not args.config and saved.is_file():
-        args.config = str(saved)  # the task and data the adapter was trained on
-    result = evaluate_adapter(args.adapter, config_from_args(args))
+    result = evaluate_adapter(args.adapter, eval_config(args.adapter, args.config, **typed_options(args)))
     print(json.dumps(result, indent=2) if args.json else _metric(result))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import predict
+
+    n = predict(args.adapter, args.data, args.output, model=args.model, text_field=args.text_field,
+                label_field=args.label_field, label_map=args.label_map, batch_size=args.batch_size,
+                max_length=args.max_length, max_new_tokens=args.max_new_tokens, device=args.device,
+                trust_remote_code=args.trust_remote_code, progress=args.progress)
+    if args.output is not None:
+        print(f"lorakit predict: {n} predictions in {args.output}", file=sys.stderr)
     return 0
 
 
@@ -300,7 +313,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           served_model_name=args.served_model_name, max_adapters=args.max_adapters,
                           adapter_root=args.adapter_root, max_batch_size=args.max_batch_size,
                           max_tokens=args.max_tokens, max_request_bytes=args.max_request_bytes,
-                          trust_remote_code=args.trust_remote_code)
+                          trust_remote_code=args.trust_remote_code, device=args.device)
     served = ", ".join([engine.base_name] + sorted(engine.adapters))
     print(f"lorakit serve: {served} on http://{args.host}:{args.port} (OpenAI API under /v1)", flush=True)
     serve(engine, host=args.host, port=args.port, log_level=args.log_level)
@@ -434,13 +447,45 @@ def build_parser() -> argparse.ArgumentParser:
                               usage="lorakit eval ADAPTER [--config FILE.yaml] [--json] [options]",
                               description="Load an adapter onto its base and evaluate it as `lorakit train` does: "
                                           "exact match for the built-in task, loss/perplexity for causal_lm, "
-                                          "accuracy/F1 for seq_cls. The adapter folder's train_config.yaml supplies "
-                                          "the task and data unless options override them.")
+                                          "accuracy/F1 (and, with --json, the confusion matrix) for seq_cls. The "
+                                          "adapter folder's train_config.yaml supplies the task and held-out data "
+                                          "unless options override them; --eval-data FILE evaluates on that file "
+                                          "alone, all of it unless --max-eval says otherwise. An adapter without "
+                                          "train_config.yaml is evaluated on its recorded base and task type.")
     evaluate.add_argument("adapter", help="the adapter folder (as written by lorakit train)")
     evaluate.add_argument("--config", help="a YAML file of options (default: the adapter's train_config.yaml)")
     evaluate.add_argument("--json", action="store_true", help="print every metric as JSON")
     add_arguments(evaluate)
     evaluate.set_defaults(func=cmd_eval)
+
+    pred = sub.add_parser("predict", help="predictions of an adapter on a data file, as JSON lines",
+                          usage="lorakit predict ADAPTER --data FILE [--output preds.jsonl] [options]",
+                          description="Run a saved adapter on every example of a file. A classifier writes each "
+                                      "text's predicted class and the probability of every class; a language model "
+                                      "writes its greedy answer to each prompt (chat, Alpaca or {\"prompt\": ...} "
+                                      "records, or a .txt file with one prompt per line). Labels or answers in the "
+                                      "file are copied as \"reference\". One JSON line per example, in file order.")
+    pred.add_argument("adapter", help="the adapter folder")
+    pred.add_argument("--data", required=True, help="the examples: CSV/TSV/JSON(L) for a classifier; JSON(L) or "
+                                                    ".txt prompts for a language model")
+    pred.add_argument("--output", default=None, help="the JSONL file to write (default: standard output)")
+    pred.add_argument("--model", default=None, help="the base (default: the one the adapter was trained on)")
+    pred.add_argument("--text-field", default="sentence", help="classifier: the text column or field "
+                                                               "(default: sentence)")
+    pred.add_argument("--label-field", default="label", help="classifier: the reference label column, if any "
+                                                             "(default: label)")
+    pred.add_argument("--label-map", type=lambda s: [v.strip() for v in s.split(",")], default=None,
+                      help="classifier: FILE_LABEL=CLASS pairs for the reference labels, comma-separated")
+    pred.add_argument("--batch-size", type=int, default=32, help="examples per forward pass (default: 32)")
+    pred.add_argument("--max-length", type=int, default=512, help="classifier: tokens per text (default: 512)")
+    pred.add_argument("--max-new-tokens", type=int, default=128, help="language model: tokens to generate per "
+                                                                      "answer (default: 128)")
+    pred.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                      help="auto: CUDA when present, else CPU")
+    pred.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                      help="show a progress bar on stderr (default: on)")
+    _trust_argument(pred)
+    pred.set_defaults(func=cmd_predict)
 
     gen = sub.add_parser("generate", help="try a model or adapter on one prompt (greedy)",
                          description="Answer one prompt with the chat template of the model, greedily.")
@@ -466,6 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the base: 'default' (the embedded SmolLM2-135M-Instruct) or a causal-LM folder")
     srv.add_argument("--adapter", action="append", default=[], metavar="NAME=FOLDER",
                      help="an adapter to serve under NAME (repeatable)")
+    srv.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                     help="where the model runs; auto: CUDA when present, else CPU (default: auto)")
     srv.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1)")
     srv.add_argument("--port", type=int, default=8000, help="the port (default: 8000)")
     srv.add_argument("--max-adapters", type=int, default=8,

@@ -15,7 +15,10 @@ import json
 import os
 import shutil
 import sys
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -160,8 +163,29 @@ def refuse_remote_code(source: Path) -> None:
                              f"(trust_remote_code=True) if you trust {source}")
 
 
+def load_pretrained(auto: Any, source: Path, *, dtype: torch.dtype, trust_remote_code: bool = False,
+                    supplied: Sequence[str] = (), **kwargs: Any) -> torch.nn.Module:
+    """``auto.from_pretrained(source)``, with lorakit saying which weights the checkpoint lacks.
+
+    transformers reports every missing weight as "newly initialized", including a classification head that an
+    adapter is about to supply (a false alarm), and lorakit keeps transformers' warnings off. Here the weights
+    under the module names in ``supplied`` (e.g. ``classifier``) are expected to be missing; any other missing
+    weight is reported as a warning that names it.
+    """
+    model, info = auto.from_pretrained(str(source), dtype=dtype, trust_remote_code=trust_remote_code,
+                                       output_loading_info=True, **kwargs)
+    expected = set(supplied)
+    missing = sorted(k for k in info["missing_keys"] if not expected & set(k.split(".")))
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        warnings.warn(f"{source} lacks {len(missing)} weight(s) of {type(model).__name__}, which start from random "
+                      f"values: {shown}", stacklevel=2)
+    return model
+
+
 def build_model(spec: str, meta: bool = False, dtype: torch.dtype = torch.float32,
-                trust_remote_code: bool = False) -> torch.nn.Module:
+                trust_remote_code: bool = False, num_labels: int | None = None,
+                supplied: Sequence[str] = ()) -> torch.nn.Module:
     """A model from a short spec, for the CLI.
 
     Args:
@@ -169,6 +193,8 @@ def build_model(spec: str, meta: bool = False, dtype: torch.dtype = torch.float3
             sequence classifier), a Hugging Face model folder, or a ``config.json`` file (with ``meta=True``).
         meta: Build on the meta device from the config alone: shapes without weights (no memory, no time).
         trust_remote_code: Run Python code that ships in the model folder (``auto_map``); refused otherwise.
+        num_labels: Build a sequence classifier with this many classes (default: what the spec's config says).
+        supplied: Modules whose weights come from elsewhere (an adapter's head): not reported as missing.
 
     Raises:
         FileNotFoundError: ``spec`` names nothing that exists.
@@ -181,9 +207,12 @@ def build_model(spec: str, meta: bool = False, dtype: torch.dtype = torch.float3
     except (OSError, ValueError, KeyError) as err:
         raise ValueError(f"{spec!r} does not hold a Hugging Face model config: {err}") from None
     architectures = config.architectures or []
-    if spec == "minilm" or any(a.endswith("ForSequenceClassification") for a in architectures):
+    labels = {} if num_labels is None else {"num_labels": num_labels}
+    config.update(labels)
+    if num_labels is not None or spec == "minilm" or any(a.endswith("ForSequenceClassification")
+                                                         for a in architectures):
         auto = transformers.AutoModelForSequenceClassification
-    elif any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in architectures):
+    elif any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
         auto = transformers.AutoModelForCausalLM
     else:
         auto = transformers.AutoModel
@@ -192,4 +221,5 @@ def build_model(spec: str, meta: bool = False, dtype: torch.dtype = torch.float3
             return auto.from_config(config, trust_remote_code=trust_remote_code)
     if source.is_file():
         raise ValueError(f"{spec!r} is a config file without weights; pass a model folder (or use meta=True)")
-    return auto.from_pretrained(str(source), dtype=dtype, trust_remote_code=trust_remote_code).eval()
+    return load_pretrained(auto, source, dtype=dtype, trust_remote_code=trust_remote_code, supplied=supplied,
+                           **labels).eval()

@@ -8,16 +8,20 @@ from typing import Any
 
 import torch
 
-from .embedded_models import HUB_NAME, build_model, model_source, require_transformers
+from .embedded_models import build_model, model_source, require_transformers
 from .io import is_prompt_adapter, read_adapter_config
 from .model import LoraModel
 from .prompt_tuning import PromptTuningModel
 from .quant import quantize
 from .training.builtin_task import SYSTEM
 from .training.devices import resolve_device, resolve_precision
+from .training.labels import HEADS, adapter_classes, is_classifier
 from .training.metrics import generate_texts
 from .training.options import TrainConfig
-from .training.tasks import build_task
+from .training.saved_adapter import base_spec_for, eval_config, saved_config
+from .training.tasks import build_task, give_pad_token
+
+__all__ = ["base_model_for", "base_spec_for", "evaluate_adapter", "generate", "load_adapter_model"]
 
 
 def _kind(folder: str | Path) -> str:
@@ -30,37 +34,43 @@ def _kind(folder: str | Path) -> str:
                             f"(config.json)")
 
 
-def evaluate_adapter(path: str | Path, config: TrainConfig) -> dict[str, Any]:
-    """Evaluate the adapter (or fully fine-tuned model) at ``path`` on ``config``'s held-out data.
+def evaluate_adapter(path: str | Path, config: TrainConfig | None = None, **options: Any) -> dict[str, Any]:
+    """Evaluate the adapter (or fully fine-tuned model) at ``path`` on held-out data.
+
+    Args:
+        path: The adapter folder (or a fully fine-tuned model folder).
+        config: The options; default: :func:`~lorakit.training.saved_adapter.eval_config` of the adapter with
+            ``options`` on top (its training run's options, or what its ``adapter_config.json`` says).
+        **options: TrainConfig fields, e.g. ``eval_data="new.csv", text_field="text", label_map=["neg=0"]``. With
+            ``eval_data`` only that file is read (all of it, unless ``max_eval`` is given).
 
     Returns:
-        The same metrics ``lorakit train`` reports after training.
+        The same metrics ``lorakit train`` reports after training; for a classifier also the ``confusion``
+        matrix (rows: true class, columns: predicted) and the class names (``labels``).
     """
+    if config is None:
+        config = eval_config(path, **options)
+    elif options:
+        config = dataclasses.replace(config, **options)
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     if _kind(path) == "model":
-        config = dataclasses.replace(config, model=str(path), method="full")
-        run = build_task(config, device, precision)
+        config = dataclasses.replace(config, model=str(path), method="full", init_adapter=None)
+        run = build_task(config, device, precision, evaluate_only=True)
     else:
         method = "prompt" if is_prompt_adapter(path) else "lora"
-        run = build_task(dataclasses.replace(config, method=method), device, precision, adapter=str(path))
+        run = build_task(dataclasses.replace(config, method=method, init_adapter=None), device, precision,
+                         adapter=str(path), evaluate_only=True)
     return run.evaluate(run.model, "eval")
-
-
-def _saved_config(folder: Path) -> dict[str, Any]:
-    """The ``train_config.yaml`` that ``lorakit train`` wrote next to an adapter ({} when there is none)."""
-    saved = folder / "train_config.yaml"
-    if not saved.is_file():
-        return {}
-    return TrainConfig.from_yaml(saved).to_dict()  # checked: a damaged file is an error that names it
 
 
 def generate(prompt: str, adapter: str | Path | None = None, model: str | None = None, max_new_tokens: int = 128,
              system: str | None = None, trust_remote_code: bool = False) -> str:
-    """Greedy answer to one user message, with the model's chat template.
+    """Greedy answer to one user message, with the model's chat template; for an encoder-decoder adapter
+    (``SEQ_2_SEQ_LM``, from ``--task seq2seq``) the decoder's output for the prompt as the encoder's input.
 
     Args:
-        prompt: The user message.
+        prompt: The user message (the input text of a seq2seq adapter).
         adapter: A LoRA adapter folder (or a fully fine-tuned model folder); None for the base alone.
         model: The base ('default' or a model folder); default: the one the adapter was trained on.
         system: A system message; default: the built-in task's when the adapter was trained on it.
@@ -68,7 +78,9 @@ def generate(prompt: str, adapter: str | Path | None = None, model: str | None =
     """
     transformers = require_transformers()
     kind = _kind(adapter) if adapter is not None else None
-    trained = _saved_config(Path(adapter)) if adapter is not None else {}
+    if kind == "adapter" and read_adapter_config(Path(adapter)).get("task_type") == "SEQ_2_SEQ_LM":
+        return _generate_seq2seq(prompt, adapter, model, max_new_tokens, trust_remote_code)
+    trained = saved_config(adapter) if adapter is not None else {}
     if kind == "adapter":
         base = base_spec_for(adapter, model)
         net = base_model_for(adapter, base, trust_remote_code)
@@ -86,32 +98,64 @@ def generate(prompt: str, adapter: str | Path | None = None, model: str | None =
     return generate_texts(net, tokenizer, [chat], max_new_tokens=max_new_tokens, batch_size=1)[0]
 
 
-def base_spec_for(adapter: str | Path, model: str | None = None) -> str:
-    """Which base an adapter belongs on: ``model`` if given, else the ``model`` of its ``train_config.yaml``, else
-    its ``base_model_name_or_path`` when that is SmolLM2's hub name ('default') or a local folder.
-
-    Raises:
-        ValueError: No base is named anywhere.
-    """
-    if model is not None:
-        return model
-    trained = _saved_config(Path(adapter))
-    if trained.get("model"):
-        return trained["model"]
-    named = read_adapter_config(Path(adapter)).get("base_model_name_or_path")
-    if named == HUB_NAME:
-        return "default"
-    if named and Path(named).exists():
-        return named
-    raise ValueError(f"{adapter} does not say which base it was trained on; pass the base model")
+def _generate_seq2seq(prompt: str, adapter: str | Path, model: str | None, max_new_tokens: int,
+                      trust_remote_code: bool) -> str:
+    """Greedy decoder output of an encoder-decoder (T5/BART) base with a seq2seq adapter, for ``prompt``."""
+    transformers = require_transformers()
+    source = str(model_source(base_spec_for(adapter, model), trust_remote_code))
+    net = transformers.AutoModelForSeq2SeqLM.from_pretrained(source, dtype=torch.float32,
+                                                             trust_remote_code=trust_remote_code).eval()
+    net = LoraModel.from_pretrained(net, adapter)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    inputs = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = net.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                           max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)  # (1, T)
+    return tokenizer.decode(out[0], skip_special_tokens=True).strip()
 
 
 def base_model_for(adapter: str | Path, model: str | None = None, trust_remote_code: bool = False
                    ) -> torch.nn.Module:
-    """The base an adapter was trained on (see :func:`base_spec_for`), in fp32, and in 4 bits again for a QLoRA
-    adapter, ready for the adapter's weights."""
-    net = build_model(base_spec_for(adapter, model), trust_remote_code=trust_remote_code).eval()
-    trained = _saved_config(Path(adapter))
+    """The base an adapter was trained on (see :func:`~lorakit.training.saved_adapter.base_spec_for`), in fp32, and
+    in 4 bits again for a QLoRA adapter, ready for the adapter's weights. For a classifier, with as many classes as
+    the adapter's head and their names in its config (``id2label``); the head's weights come with the adapter."""
+    classes = adapter_classes(adapter) if is_classifier(adapter) else None
+    if classes is None:
+        net = build_model(base_spec_for(adapter, model), trust_remote_code=trust_remote_code).eval()
+    else:
+        heads = set(HEADS) | set(read_adapter_config(Path(adapter)).get("modules_to_save") or ())
+        net = build_model(base_spec_for(adapter, model), trust_remote_code=trust_remote_code,
+                          num_labels=len(classes), supplied=sorted(heads)).eval()
+        net.config.id2label = dict(enumerate(classes))
+        net.config.label2id = {name: i for i, name in enumerate(classes)}
+    trained = saved_config(adapter)
     if trained.get("quantize"):  # a QLoRA adapter: on the 4-bit base it was trained on
         quantize(net, trained["quantize"], double_quant=trained.get("double_quant", True))
     return net
+
+
+def load_adapter_model(adapter: str | Path, model: str | None = None, trust_remote_code: bool = False
+                       ) -> tuple[LoraModel | PromptTuningModel, Any]:
+    """A saved adapter on its base, ready to use, and the base's tokenizer: one call, as PEFT's
+    ``AutoPeftModel*.from_pretrained(adapter)``.
+
+    The base is the one the adapter names (see :func:`~lorakit.training.saved_adapter.base_spec_for`), or
+    ``model``. A classifier gets its trained head and class names from the adapter folder, without transformers'
+    false "newly initialized" alarm for the head (weights missing for any other reason are still reported).
+
+    Raises:
+        FileNotFoundError: ``adapter`` holds no adapter.
+        ValueError: The base cannot be found, or the adapter does not fit it.
+    """
+    if _kind(adapter) != "adapter":
+        raise FileNotFoundError(f"{str(adapter)!r} holds no adapter (adapter_config.json)")
+    transformers = require_transformers()
+    base = base_spec_for(adapter, model)
+    net = base_model_for(adapter, base, trust_remote_code)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_source(base, trust_remote_code)),
+                                                           trust_remote_code=trust_remote_code)
+    if is_classifier(adapter):
+        give_pad_token(net, tokenizer, base)
+    if is_prompt_adapter(adapter):
+        return PromptTuningModel.from_pretrained(net, adapter), tokenizer
+    return LoraModel.from_pretrained(net, adapter), tokenizer

@@ -173,3 +173,22 @@ def trained_lora(make, kwargs: dict, seed: int = 3) -> LoraModel:
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
     return model
+
+
+SENTIMENT = [("a fine film", "1"), ("a dull film", "0"), ("truly fine", "1"), ("so dull", "0")] * 10
+
+
+@pytest.fixture(scope="session")
+def sentiment_run(tmp_path_factory, tiny_bert_dir):
+    """A seq_cls adapter trained by ``lorakit train`` on the tiny BERT (classes "0" and "1", as SST-2's), with
+    ``new.csv``: the same sentences under a ``text`` column with neg/pos labels, as another dataset writes them."""
+    from lorakit.training.loop import train
+
+    folder = tmp_path_factory.mktemp("sentiment")
+    data = folder / "train.tsv"
+    data.write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in SENTIMENT))
+    (folder / "new.csv").write_text("text,label\n" + "".join(f"{t},{'pos' if y == '1' else 'neg'}\n"
+                                                            for t, y in SENTIMENT[:12]))
+    train(model=tiny_bert_dir, task="seq_cls", data=str(data), steps=12, batch_size=4, target_modules="query,value",
+          output_dir=str(folder / "run"), max_eval=4, progress=False, warmup_steps=1, lr=5e-2, precision="fp32")
+    return folder

@@ -4,17 +4,20 @@ base an adapter belongs on is found from what was saved with it."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import warnings
 
 import pytest
+import torch
 import yaml
 from conftest import tiny_llama
 
-from lorakit import LoraConfig, get_lora_model
+from lorakit import LoraConfig, LoraModel, get_lora_model
 from lorakit.cli import main
-from lorakit.embedded_models import HUB_NAME
-from lorakit.inference import base_spec_for, evaluate_adapter, generate
+from lorakit.embedded_models import HUB_NAME, build_model
+from lorakit.inference import base_model_for, base_spec_for, evaluate_adapter, generate, load_adapter_model
 from lorakit.training.loop import train
 from lorakit.training.options import TrainConfig
 
@@ -53,3 +56,54 @@ def test_the_base_of_an_adapter_is_found_from_what_was_saved_with_it(tmp_path):
 def test_a_folder_with_neither_adapter_nor_model_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="holds neither a LoRA adapter .adapter_config.json. nor a model"):
         generate("hi", adapter=tmp_path)
+
+
+def _eval(*args: str, capsys) -> tuple[int, str, str]:
+    code = main(["eval", *args, "--no-progress"])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_eval_on_new_data_reads_only_that_file_and_checks_its_labels(sentiment_run, tmp_path, capsys):
+    run, new = sentiment_run / "run", str(sentiment_run / "new.csv")
+    moved = tmp_path / "run"  # the training file it names is gone: evaluating new data must not need it
+    shutil.copytree(run, moved)
+    saved = yaml.safe_load((moved / "train_config.yaml").read_text())
+    (moved / "train_config.yaml").write_text(yaml.safe_dump(saved | {"data": str(tmp_path / "gone.tsv")}))
+    code, _, err = _eval(str(moved), "--eval-data", new, "--text-field", "text", capsys=capsys)
+    assert code == 2 and "new.csv:2: label 'pos' is not one of the classes (0, 1)" in err and "--label-map" in err
+    code, out, _ = _eval(str(moved), "--eval-data", new, "--text-field", "text", "--label-map", "neg=0,pos=1",
+                         "--json", capsys=capsys)
+    right = json.loads(out)
+    assert code == 0 and right["n"] == 12 and right["labels"] == ["0", "1"]  # all of it, not --max-eval's 4
+    confusion = torch.tensor(right["confusion"])
+    assert confusion.sum() == 12 and confusion.diagonal().sum() / 12 == pytest.approx(right["accuracy"])
+    code, out, _ = _eval(str(moved), "--eval-data", new, "--text-field", "text", "--label-map", "neg=1,pos=0",
+                         "--json", capsys=capsys)
+    flipped = json.loads(out)  # the map is really applied: a flipped one swaps the confusion matrix's rows
+    assert flipped["confusion"] == right["confusion"][::-1]
+
+
+def test_eval_of_an_adapter_saved_from_python_uses_its_recorded_base(sentiment_run, tmp_path, tiny_bert_dir, capsys):
+    lora = LoraModel.from_pretrained(base_model_for(sentiment_run / "run"), sentiment_run / "run")
+    lora.save_pretrained(tmp_path, base_model_name_or_path=tiny_bert_dir)  # no train_config.yaml, no labels.json
+    code, _, err = _eval(str(tmp_path), capsys=capsys)
+    assert code == 2 and "has no train_config.yaml to say what it was trained on" in err
+    code, out, _ = _eval(str(tmp_path), "--eval-data", str(sentiment_run / "new.csv"), "--text-field", "text",
+                         "--label-map", "neg=0,pos=1", "--json", capsys=capsys)
+    expected = evaluate_adapter(sentiment_run / "run", eval_data=str(sentiment_run / "new.csv"), text_field="text",
+                                label_map=["neg=0", "pos=1"], progress=False)
+    assert code == 0 and json.loads(out)["confusion"] == expected["confusion"]
+
+
+def test_a_classifier_loads_with_its_head_and_labels_without_a_false_alarm(sentiment_run, tiny_bert_dir):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lora, tokenizer = load_adapter_model(sentiment_run / "run")
+    assert not [w for w in caught if "start from random values" in str(w.message)]
+    assert lora.config.id2label == {0: "0", 1: "1"}
+    probs = lora(**tokenizer(["a fine film", "so dull"], return_tensors="pt", padding=True)).logits.softmax(-1)
+    assert probs.argmax(-1).tolist() == [1, 0]  # the trained head, not a random one
+    with pytest.warns(UserWarning, match=r"lacks 2 weight\(s\) of BertForSequenceClassification, which start from "
+                                         r"random values: classifier.bias, classifier.weight"):
+        build_model(tiny_bert_dir, num_labels=2)  # no adapter supplies the head: a real warning

@@ -17,6 +17,7 @@ import torch
 from ..embedded_models import build_model, model_source, require_transformers
 from ..model import LoraModel
 from ..quant import quantize as to_4bit
+from ..training.devices import resolve_device
 from .api import create_app
 from .protocol import prometheus_text
 from .request import Event, Request
@@ -36,7 +37,7 @@ def base_name_for(spec: str) -> str:
 
 def build_engine(base: str = "default", adapters: dict[str, str | Path] | None = None, *, dtype: str = "float32",
                  quantize: str | None = None, merge: bool = False, served_model_name: str | None = None,
-                 trust_remote_code: bool = False, **engine_args: Any) -> Engine:
+                 trust_remote_code: bool = False, device: str = "auto", **engine_args: Any) -> Engine:
     """Load a base model and its tokenizer and start an :class:`Engine` on them.
 
     Args:
@@ -49,6 +50,7 @@ def build_engine(base: str = "default", adapters: dict[str, str | Path] | None =
         served_model_name: The base's name in requests (default: see :func:`base_name_for`).
         trust_remote_code: Run Python code that ships in the base's folder (``auto_map`` in its config.json or
             tokenizer_config.json); without it such a base is refused.
+        device: 'auto' (CUDA when present, else CPU), 'cpu' or 'cuda'.
         engine_args: ``max_adapters``, ``adapter_root``, ``max_batch_size``, ``max_tokens``, ``max_request_bytes``
             (see :class:`Engine`).
 
@@ -68,6 +70,7 @@ def build_engine(base: str = "default", adapters: dict[str, str | Path] | None =
         raise ValueError(f"{base!r} is a {type(model).__name__}; lorakit serve needs a causal language model")
     if quantize is not None:
         to_4bit(model, quantize)
+    model.to(resolve_device(device))  # adapters loaded later follow their base layers' device
     tokenizer = require_transformers().AutoTokenizer.from_pretrained(
         str(model_source(base, trust_remote_code)), trust_remote_code=trust_remote_code)
     name = served_model_name or base_name_for(base)

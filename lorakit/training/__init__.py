@@ -6,6 +6,7 @@
 - :mod:`~lorakit.training.tasks`: one class per task type (model, batches, loss, evaluation, saving);
 - :mod:`~lorakit.training.loss`, :mod:`~lorakit.training.metrics`: the losses and the evaluation metrics;
 - :mod:`~lorakit.training.devices`: device, precision and the processes of a ``torchrun`` job;
+- :mod:`~lorakit.training.fsdp`: sharding the model across those processes (FSDP2, ``--fsdp``);
 - :mod:`~lorakit.training.checkpoint`, :mod:`~lorakit.training.metrics_log`: what a run writes as it goes;
 - :mod:`~lorakit.training.loop`: :func:`train`, the loop itself.
 """

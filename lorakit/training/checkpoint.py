@@ -7,6 +7,9 @@ A checkpoint is a folder ``<output_dir>/checkpoints/step-000050`` holding
 - ``state.json``: the step, the data position, the metrics so far and each rank's RNG states (as lists);
 - ``train_config.yaml``: the run's config, to refuse resuming a different run.
 
+Under FSDP the weights and optimizer state are gathered from the shards first, so the files are those of a
+one-process run; on resume each process cuts its own shard from them.
+
 It is written under a temporary name and renamed into place, so a crash (even ``kill -9``) leaves either the whole
 checkpoint or none of it. ``optimizer.pt`` holds only tensors and plain containers and is read with
 ``torch.load(weights_only=True)``: no pickled code runs on resume.
@@ -27,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..io import safetensors_bytes, temporary_folder
+from .fsdp import shard_like, shard_optimizer_state
 
 PREFIX = "step-"
 
@@ -53,8 +57,13 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, state: dict[str, Any], config_yaml: str, keep: int) -> Path:
-    """Write checkpoint ``step`` under ``root`` atomically and keep only the ``keep`` newest."""
+                    scheduler: Any, state: dict[str, Any], config_yaml: str, keep: int,
+                    optimizer_state: dict[str, Any] | None = None) -> Path:
+    """Write checkpoint ``step`` under ``root`` atomically and keep only the ``keep`` newest.
+
+    ``optimizer_state`` replaces ``optimizer.state_dict()`` when given: under FSDP, the state gathered from every
+    process's shards (:func:`~lorakit.training.fsdp.full_optimizer_state`), so the file is a one-process run's.
+    """
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):  # left by a process killed while writing
         shutil.rmtree(stale, ignore_errors=True)
@@ -65,7 +74,8 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
         try:
             writing.write_bytes(safetensors_bytes(trainable_state(model)))
             writing = tmp / "optimizer.pt"
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, writing)
+            torch.save({"optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
+                        "scheduler": scheduler.state_dict()}, writing)
             writing = tmp / "state.json"
             writing.write_text(json.dumps({"step": step, **state}))
             writing = tmp / "train_config.yaml"
@@ -176,7 +186,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         raise ValueError(f"{path / 'state.json'} {damaged} ({err})") from None
     with torch.no_grad():
         for name, value in tensors.items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(saved["optimizer"])
+            params[name].copy_(shard_like(value, params[name]))  # under FSDP: this process's shard of it
+    optimizer.load_state_dict(shard_optimizer_state(saved["optimizer"], optimizer))
     scheduler.load_state_dict(saved["scheduler"])
     return state

@@ -137,27 +137,28 @@ def _object_lines(text: str) -> list[int]:
     return lines
 
 
-def read_table(path: str | Path, text_field: str = "sentence", label_field: str = "label"
-               ) -> list[tuple[int, str, str]]:
-    """``(line, text, label)`` rows of a CSV/TSV file with a header, or of a JSONL/JSON file.
+def read_table(path: str | Path, text_field: str = "sentence", label_field: str = "label",
+               labels_required: bool = True) -> list[tuple[int, str, str | None]]:
+    """``(line, text, label)`` rows of a CSV/TSV file with a header, or of a JSONL/JSON file. Without
+    ``labels_required``, a file with no label column (or a record without the field) gives ``None`` labels.
 
     Raises:
         DataError: Empty file, a missing column or field (with the columns there are), an empty text.
     """
     path = existing_file(path)
-    rows: list[tuple[int, str, str]] = []
+    rows: list[tuple[int, str, str | None]] = []
     if path.suffix.lower() in (".jsonl", ".json"):
         for lineno, record in read_records(path):
-            for field in (text_field, label_field):
+            for field in (text_field, label_field) if labels_required else (text_field,):
                 if field not in record:
                     raise DataError(f"{path}:{lineno}: missing field {field!r} (fields: {', '.join(record)})")
-            text, label = record[text_field], record[label_field]
+            text, label = record[text_field], record.get(label_field)
             if not isinstance(text, str):
                 raise DataError(f"{path}:{lineno}: {text_field!r} is {_json_type(text)}, not a string")
-            if not isinstance(label, (str, int)) or isinstance(label, bool):
+            if label is not None and (not isinstance(label, (str, int)) or isinstance(label, bool)):
                 raise DataError(f"{path}:{lineno}: {label_field!r} is {_json_type(label)}; a label is a string or "
                                 f"an integer")
-            rows.append((lineno, text, str(label)))
+            rows.append((lineno, text, None if label is None else str(label)))
     else:
         delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
         with io.StringIO(read_text(path), newline="") as f:
@@ -166,23 +167,62 @@ def read_table(path: str | Path, text_field: str = "sentence", label_field: str 
             header = next(reader, None)
             if not header:
                 raise DataError(f"{path}:1: no header row")
-            for field in (text_field, label_field):
+            for field in (text_field, label_field) if labels_required else (text_field,):
                 if field not in header:
                     raise DataError(f"{path}:1: no column {field!r} (columns: {', '.join(header)})")
-            ti, li = header.index(text_field), header.index(label_field)
+            ti = header.index(text_field)
+            li = header.index(label_field) if label_field in header else None
             for row in reader:
                 lineno = reader.line_num  # the file's line, even after quoted line breaks
                 if not row:
                     continue
                 if len(row) != len(header):
                     raise DataError(f"{path}:{lineno}: {len(row)} columns, the header has {len(header)}")
-                rows.append((lineno, row[ti], row[li]))
+                rows.append((lineno, row[ti], None if li is None else row[li]))
     if not rows:
         raise DataError(f"{path}: no rows after the header")
     for lineno, text, _ in rows:
         if not text.strip():
             raise DataError(f"{path}:{lineno}: empty {text_field!r}")
     return rows
+
+
+def read_prompts(path: str | Path) -> list[tuple[int, list[dict[str, str]], str | None]]:
+    """``(line, chat, reference)`` of each prompt in a file, for generating answers: chat records (the messages
+    before the last assistant turn; that turn is the reference), Alpaca records (``instruction`` and ``input``;
+    ``output``, when present, is the reference), ``{"prompt": ...}`` records, or a ``.txt`` file with one prompt
+    per non-blank line.
+
+    Raises:
+        DataError: A record that is none of these (with its file and line), or no prompt at all.
+    """
+    path = existing_file(path)
+    if path.suffix.lower() == ".txt":
+        prompts = [(i, [{"role": "user", "content": line.strip()}], None)
+                   for i, line in enumerate(read_text(path).splitlines(), 1) if line.strip()]
+        if not prompts:
+            raise DataError(f"{path}: the file holds only blank lines")
+        return prompts
+    out: list[tuple[int, list[dict[str, str]], str | None]] = []
+    for lineno, record in read_records(path):
+        where = f"{path}:{lineno}"
+        if "prompt" in record and "messages" not in record and "instruction" not in record:
+            if not isinstance(record["prompt"], str) or not record["prompt"].strip():
+                raise DataError(f"{where}: 'prompt' must be a non-empty string")
+            out.append((lineno, [{"role": "user", "content": record["prompt"]}], None))
+            continue
+        if "messages" not in record and "instruction" in record and "output" not in record:
+            record = {**record, "output": ""}  # a prompt without a reference answer
+        chat = chat_of(record, where) if "messages" not in record or any(
+            m.get("role") == "assistant" for m in record["messages"] if isinstance(m, dict)) else None
+        if chat is None:  # a chat that ends with the user's turn: all of it is the prompt
+            chat = chat_of({"messages": [*record["messages"], {"role": "assistant", "content": ""}]}, where)
+        last = max(i for i, m in enumerate(chat) if m["role"] == "assistant")
+        reference = chat[last]["content"] or None
+        if not any(m["role"] == "user" for m in chat[:last]):
+            raise DataError(f"{where}: no user message before the answer")
+        out.append((lineno, chat[:last], reference))
+    return out
 
 
 def chat_of(record: dict[str, Any], where: str) -> list[dict[str, str]]:
@@ -289,17 +329,6 @@ def load_causal_lm(path: str | Path, tokenizer: Any, max_length: int) -> list[Ex
     return examples
 
 
-def label_ids(rows: Sequence[tuple[int, str, str]], path: str | Path, labels: Sequence[str]) -> list[int]:
-    """Map label strings to class indices; an unknown label names its line and the labels allowed."""
-    index = {name: i for i, name in enumerate(labels)}
-    out = []
-    for lineno, _, label in rows:
-        if label not in index:
-            raise DataError(f"{path}:{lineno}: unknown label {label!r}; the labels are {', '.join(labels)}")
-        out.append(index[label])
-    return out
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Batching
 # --------------------------------------------------------------------------------------------------------------
@@ -347,3 +376,16 @@ def pack_batch(examples: Sequence[Example], max_length: int, pad_id: int) -> dic
             start = end
         positions[i, start:] = torch.arange(width - start)
     return {"input_ids": ids, "position_ids": positions, "targets": targets}
+
+
+def pad_encodings(encodings: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Tokenizer outputs of different lengths (``input_ids``, ``attention_mask``, ``token_type_ids``, ...) right-padded
+    into tensors: ``input_ids`` with ``pad_id``, every other field with 0 (masked out, segment 0)."""
+    width = max(len(e["input_ids"]) for e in encodings)
+    out = {}
+    for key in encodings[0]:
+        tensor = torch.full((len(encodings), width), pad_id if key == "input_ids" else 0, dtype=torch.long)  # (B, L)
+        for row, e in enumerate(encodings):
+            tensor[row, :len(e[key])] = torch.tensor(e[key])
+        out[key] = tensor
+    return out

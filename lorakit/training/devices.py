@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
-from dataclasses import dataclass
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -17,7 +22,7 @@ class Processes:
 
     rank: int = 0
     world: int = 1
-    device: torch.device = torch.device("cpu")  # where collectives run (nccl needs CUDA tensors)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where collectives run (nccl: CUDA)
 
     @property
     def main(self) -> bool:
@@ -34,6 +39,14 @@ class Processes:
         if self.world > 1:
             dist.barrier()
 
+    def all_gather(self, value: Any) -> list[Any]:
+        """Every process's ``value`` (any picklable object), by rank."""
+        if self.world == 1:
+            return [value]
+        values: list[Any] = [None] * self.world
+        dist.all_gather_object(values, value)
+        return values
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
@@ -45,29 +58,179 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX tiles, the only CPUs where bf16 GEMMs beat fp32 by a wide margin.
-
-    With AVX512-BF16 alone, bf16 GEMMs run at about the fp32 speed (measured: 72 vs 61 GFLOPS on 2 cores) while
-    the rank-r products of LoRA fall off the fast kernels, and on AVX2 they are 5-8× slower than fp32.
-    """
-    return torch.backends.cpu.get_cpu_capability() == "AMX" or _cpuinfo_has("amx_bf16")
+Shape = tuple[int, int, int]  # (rows, inner, columns) of one matrix product: (tokens, in) @ (in, out)
+# SmolLM2-135M's layer sizes, for a decision without a model (lorakit eval of a folder whose config gives none).
+DEFAULT_SHAPES: tuple[Shape, ...] = ((256, 576, 576), (256, 576, 1536), (256, 1536, 576))
+BF16_MARGIN = 0.9  # bf16 must be at least 10% faster: below that, fp32's exactness is worth more
+BENCH_SECONDS = 0.0125  # per measurement after a warm-up round; two per dtype: ~50 ms in all
 
 
-def _cpuinfo_has(flag: str) -> bool:
-    try:
-        return f" {flag}" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+@dataclass
+class Precision:
+    """The precision a run uses and why (for the summary)."""
+
+    name: str  # "bf16" or "fp32"
+    reason: str
+    fp32_ms: float | None = None  # the measured time of one round of the model's products, when measured
+    bf16_ms: float | None = None
 
 
-def resolve_precision(name: str, device: torch.device) -> str:
-    """``auto`` → bf16 on CUDA with bf16 support and on AMX CPUs, fp32 elsewhere."""
-    if name != "auto":
-        return name
+def gemm_shapes(model_config: dict[str, Any], tokens: int) -> list[Shape]:
+    """The matrix products of one layer of a transformer with this ``config.json``, for ``tokens`` rows (capped at
+    256 to keep the measurement short): attention projections and the MLP's two products. Empty when the config
+    gives no width."""
+    hidden = next((model_config[k] for k in ("hidden_size", "n_embd", "d_model") if k in model_config), None)
+    if not isinstance(hidden, int) or hidden < 1:
+        return []
+    inner = next((model_config[k] for k in ("intermediate_size", "n_inner", "ffn_dim") if model_config.get(k)),
+                 4 * hidden)
+    rows = max(1, min(tokens, 256))
+    return [(rows, hidden, hidden), (rows, hidden, inner), (rows, inner, hidden)]
+
+
+def time_gemms(shapes: list[Shape], dtype: torch.dtype, device: torch.device) -> float:
+    """Seconds for one round of the products ``shapes`` in ``dtype`` on ``device``: the best round within
+    :data:`BENCH_SECONDS` after a warm-up round (so kernel selection and first-touch allocation are not counted)."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    pairs = [(torch.randn(m, k, generator=gen).to(device, dtype), torch.randn(k, n, generator=gen).to(device, dtype))
+             for m, k, n in shapes]
+
+    def one_round() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for a, b in pairs:
+            torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    one_round()
+    best, spent = float("inf"), 0.0
+    while spent < BENCH_SECONDS or best == float("inf"):
+        took = one_round()
+        best, spent = min(best, took), spent + took
+    return best
+
+
+def machine_key(device: torch.device, shapes: list[Shape]) -> str:
+    """What a measurement depends on: the processor (CPU model or GPU name), the torch version and the shapes."""
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_has_amx() else "fp32"
+        chip = torch.cuda.get_device_name(device)
+    else:
+        chip = _cpu_model() or platform.processor() or platform.machine()
+    threads = torch.get_num_threads() if device.type == "cpu" else 0
+    return f"{chip} | {threads} threads | torch {torch.__version__} | {device.type} | {shapes}"
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def default_cache() -> Path:
+    """``$XDG_CACHE_HOME/lorakit/precision.json`` (``~/.cache/lorakit/precision.json`` by default)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lorakit" / "precision.json"
+
+
+def pick(fp32_s: float, bf16_s: float) -> str:
+    """bf16 when its products take at most :data:`BF16_MARGIN` of fp32's time, else fp32."""
+    return "bf16" if bf16_s <= BF16_MARGIN * fp32_s else "fp32"
+
+
+def decide_precision(name: str, device: torch.device, shapes: list[Shape] | None = None, *,
+                     cache: Path | None = None,
+                     measure: Callable[[list[Shape], torch.dtype, torch.device], float] = time_gemms) -> Precision:
+    """The precision of a run: ``name`` unless it is ``auto``; then the faster of fp32 and bf16 on ``device`` for
+    the products ``shapes`` (default: SmolLM2's), measured once per machine and cached in ``cache``.
+
+    Machines differ too much for a rule: AVX2 CPUs run bf16 products several times slower than fp32, AVX-512 BF16
+    and AMX CPUs several times faster, and GPUs faster still. So the products of the model's own layer sizes are
+    timed in both dtypes (~50 ms) and the result is kept under the CPU (or GPU) model, torch version and shapes.
+
+    Args:
+        name: ``auto``, ``bf16`` or ``fp32``.
+        measure: Seconds for one round of ``shapes`` in a dtype (injected by tests).
+    """
+    if name != "auto":
+        return Precision(name, f"--precision {name}")
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return Precision("fp32", f"{torch.cuda.get_device_name(device)} has no bf16 support")
+    shapes = list(shapes or DEFAULT_SHAPES)
+    cache = cache or default_cache()
+    key = machine_key(device, shapes)
+    known = _read_cache(cache)
+    if key in known:
+        fp32_s, bf16_s = known[key]["fp32_s"], known[key]["bf16_s"]
+        where = f"measured earlier on this machine ({cache})"
+    else:
+        # Interleaved, best of two each: a burst of other work on the machine then skews both dtypes alike.
+        fp32_s, bf16_s = measure(shapes, torch.float32, device), measure(shapes, torch.bfloat16, device)
+        fp32_s = min(fp32_s, measure(shapes, torch.float32, device))
+        bf16_s = min(bf16_s, measure(shapes, torch.bfloat16, device))
+        known[key] = {"fp32_s": fp32_s, "bf16_s": bf16_s}
+        _write_cache(cache, known)
+        where = "measured now"
+    chosen = pick(fp32_s, bf16_s)
+    ratio = fp32_s / bf16_s if bf16_s > 0 else float("inf")
+    reason = (f"auto: the model's matrix products took {fp32_s * 1e3:.2f} ms in fp32 and {bf16_s * 1e3:.2f} ms in "
+              f"bf16 (bf16 {ratio:.2f}× as fast; chosen when ≥ {1 / BF16_MARGIN:.2f}×), {where}")
+    return Precision(chosen, reason, fp32_s * 1e3, bf16_s * 1e3)
+
+
+def _read_cache(path: Path) -> dict[str, Any]:
+    try:
+        known = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # absent or damaged: measure again
+        return {}
+    if not isinstance(known, dict):
+        return {}
+    return {k: v for k, v in known.items() if isinstance(v, dict) and isinstance(v.get("fp32_s"), (int, float))
+            and isinstance(v.get("bf16_s"), (int, float))}
+
+
+def _write_cache(path: Path, known: dict[str, Any]) -> None:
+    """Write atomically; a read-only home only costs a new measurement next time."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(known, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def resolve_precision(name: str, device: torch.device, shapes: list[Shape] | None = None) -> str:
+    """``name``, or for ``auto`` the measured choice of :func:`decide_precision`."""
+    return decide_precision(name, device, shapes).name
+
+
+def run_precision(name: str, device: torch.device, shapes: list[Shape] | None, procs: Processes) -> Precision:
+    """:func:`decide_precision` for a run of one or more processes: with ``auto``, rank 0 measures (all measuring
+    at once on one machine would disturb each other's timings) and every process takes its choice (processes that
+    chose differently would train different models)."""
+    if name != "auto" or procs.world == 1:
+        return decide_precision(name, device, shapes)
+    box = [decide_precision(name, device, shapes) if procs.main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def model_shapes(model: str, trust_remote_code: bool, tokens: int) -> list[Shape]:
+    """:func:`gemm_shapes` of a model spec (``default``, ``minilm`` or a folder), read from its ``config.json``
+    without loading it; empty when it cannot be read (the model's own loading then says why)."""
+    from ..embedded_models import model_source
+
+    try:
+        values = json.loads((model_source(model, trust_remote_code) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return gemm_shapes(values, tokens) if isinstance(values, dict) else []
 
 
 def start_processes(device: torch.device) -> Processes:

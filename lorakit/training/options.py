@@ -16,7 +16,10 @@ from typing import Any
 
 from ..quant import SCHEMES
 
-TASKS = ("builtin", "causal_lm", "seq_cls")
+TASKS = ("builtin", "causal_lm", "seq_cls", "seq2seq", "qa", "token_cls")
+# PEFT's task type of each --task (recorded as task_type in adapter_config.json)
+PEFT_TASK_TYPES = {"builtin": "CAUSAL_LM", "causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM",
+                   "qa": "QUESTION_ANS", "token_cls": "TOKEN_CLS"}
 METHODS = ("lora", "full", "prompt")
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -36,15 +39,19 @@ class TrainConfig:
     model: str = _opt("default", "'default' (SmolLM2-135M-Instruct, embedded), 'minilm' (all-MiniLM-L6-v2 encoder, "
                                  "embedded) or a Hugging Face model folder")
     task: str = _opt("builtin", "builtin (the built-in order-to-JSON task, generated), causal_lm (Alpaca/chat/text "
-                                "JSON(L) or .txt) or seq_cls (text + label from CSV/TSV/JSONL)", TASKS)
-    data: str | None = _opt(None, "training file (needed by causal_lm and seq_cls; the built-in task has none)")
+                                "JSON(L) or .txt), seq_cls (text + label from CSV/TSV/JSONL), seq2seq (input + target "
+                                "JSONL, encoder-decoder models), qa (extractive QA on SQuAD JSON) or token_cls (tokens "
+                                "+ tags JSONL)", TASKS)
+    data: str | None = _opt(None, "training file (needed by every task but the built-in one, which has none)")
     eval_data: str | None = _opt(None, "held-out file (default: the last --eval-fraction of --data)")
     eval_fraction: float = _opt(0.05, "share of --data held out when there is no --eval-data")
     max_eval: int = _opt(200, "evaluate on at most this many held-out examples (0: all)")
     text_field: str = _opt("sentence", "seq_cls: the text column or field")
     label_field: str = _opt("label", "seq_cls: the label column or field")
     labels: list[str] | None = _opt(None, "seq_cls: the label names in class order (default: the sorted labels "
-                                          "of --data)")
+                                          "of --data, or the classes of --init-adapter)")
+    label_map: list[str] | None = _opt(None, "seq_cls: FILE_LABEL=CLASS pairs that map a data file's labels onto the "
+                                             "classes, e.g. neg=0,pos=1 (default: the labels must be the classes)")
     # What to train
     method: str = _opt("lora", "lora (an adapter on the frozen base), full (every parameter) or prompt (prompt "
                                "tuning: --num-virtual-tokens trainable input embeddings, the model frozen)", METHODS)
@@ -54,9 +61,11 @@ class TrainConfig:
     lora_dropout: float = _opt(0.0, "dropout on the adapter's input")
     target_modules: str | None = _opt(None, "modules to wrap: comma-separated names, 'all-linear' or a regex "
                                             "(default: all-linear for language models, the architecture's PEFT "
-                                            "default for seq_cls, e.g. query,value for BERT)")
+                                            "default for the other tasks, e.g. query,value for BERT, q,v for T5)")
     trust_remote_code: bool = _opt(False, "run Python code that ships in the model folder (auto_map in its "
                                           "config.json); refused without this option")
+    init_adapter: str | None = _opt(None, "start from this saved LoRA adapter (its rank, targets and head) "
+                                          "instead of a new one, and train it further on --data")
     quantize: str | None = _opt(None, "QLoRA: hold the base's linear layers in 4 bits (bitsandbytes nf4 or fp4; "
                                       "the adapter still trains in fp32)", SCHEMES)
     double_quant: bool = _opt(True, "with --quantize: quantize the per-block scales too (--no-double-quant)")
@@ -68,6 +77,9 @@ class TrainConfig:
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
     lr: float = _opt(2e-3, "peak learning rate (AdamW)")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
+    loraplus_lr_ratio: float | None = _opt(None, "LoRA+: B learns this many times faster than A (--lr), e.g. 16; "
+                                                 "adapters on embeddings learn at 1e-6, as PEFT's "
+                                                 "create_loraplus_optimizer (default: off)")
     schedule: str = _opt("linear", "learning-rate decay after warmup", SCHEDULES)
     warmup_steps: int = _opt(10, "steps of linear warmup (step s of w runs at (s+1)/(w+1) of --lr)")
     max_grad_norm: float = _opt(1.0, "clip the gradient norm to this (0: no clipping)")
@@ -76,9 +88,11 @@ class TrainConfig:
     grad_checkpointing: bool = _opt(False, "recompute activations in the backward pass (less memory, ~30%% slower)")
     low_memory: bool = _opt(False, "CPU: give memory freed within a step back to the system at once (glibc): "
                                    "~20%% lower peak RSS, ~40%% slower steps")
-    precision: str = _opt("auto", "bf16 autocast or fp32; auto: bf16 on CUDA, and on CPUs with AMX; fp32 elsewhere",
-                          PRECISIONS)
+    precision: str = _opt("auto", "bf16 autocast or fp32; auto: whichever runs the model's matrix products faster "
+                                  "here, measured once per machine (~50 ms) and cached", PRECISIONS)
     device: str = _opt("auto", "auto: CUDA when present, else CPU", DEVICES)
+    fsdp: bool = _opt(False, "under torchrun: shard the model across the processes (FSDP2), each holding ~1/N of "
+                             "the weights, instead of a whole copy each (DDP)")
     seed: int = _opt(0, "seed of data order, initialisation and dropout")
     # Evaluation, checkpoints, output
     eval_every: int = _opt(0, "evaluate every N steps as well as before and after training (0: only then)")
@@ -116,11 +130,23 @@ class TrainConfig:
             raise ValueError(f"lora_dropout={self.lora_dropout!r} must be in [0, 1)")
         if not 0 < self.eval_fraction < 1:
             raise ValueError(f"eval_fraction={self.eval_fraction!r} must be between 0 and 1")
+        if self.loraplus_lr_ratio is not None and not self.loraplus_lr_ratio > 0:
+            raise ValueError(f"loraplus_lr_ratio={self.loraplus_lr_ratio!r} must be positive (B's learning rate "
+                             f"over A's, e.g. 16)")
+        if self.loraplus_lr_ratio is not None and self.method != "lora":
+            raise ValueError(f"--loraplus-lr-ratio sets the learning rates of LoRA's A and B, so it needs --method "
+                             f"lora (got --method {self.method})")
         if self.quantize and self.method != "lora":
             raise ValueError(f"--quantize {self.quantize} holds the base in 4 bits under a LoRA adapter, so it needs "
                              f"--method lora (got --method {self.method})")
+        if self.method == "prompt" and self.task in ("seq2seq", "qa", "token_cls"):
+            raise ValueError(f"--method prompt is for causal language models (task builtin or causal_lm), not "
+                             f"{self.task}")
         if self.method == "prompt" and self.task == "seq_cls":
             raise ValueError("--method prompt is for causal language models (task builtin or causal_lm), not seq_cls")
+        if self.init_adapter is not None and self.method != "lora":
+            raise ValueError(f"--init-adapter continues a LoRA adapter, so it needs --method lora "
+                             f"(got --method {self.method})")
         if self.task == "builtin" and self.data is not None:
             raise ValueError("--data is for --task causal_lm or seq_cls; the built-in task generates its own data")
         if self.task != "builtin" and self.data is None:
@@ -136,7 +162,7 @@ class TrainConfig:
 
     def resolved(self) -> TrainConfig:
         """The same config with file paths made absolute, so the saved config works from any directory."""
-        paths = {name: str(Path(value).resolve()) for name in ("data", "eval_data", "model")
+        paths = {name: str(Path(value).resolve()) for name in ("data", "eval_data", "model", "init_adapter")
                  if (value := getattr(self, name)) is not None and value not in ("default", "minilm")
                  and Path(value).exists()}
         return dataclasses.replace(self, **paths)
@@ -243,10 +269,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                 help=help_text)
 
 
+def typed_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig options typed on the command line (those not typed are absent from ``args``)."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return {k: v for k, v in vars(args).items() if k in known}
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The config of ``--config FILE`` (if given) with the typed options on top."""
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    overrides = {k: v for k, v in vars(args).items() if k in known}
+    overrides = typed_options(args)
     if getattr(args, "config", None):
         return TrainConfig.from_yaml(args.config, **overrides)
     return TrainConfig(**overrides)

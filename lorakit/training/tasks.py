@@ -1,13 +1,16 @@
 """What a training run is made of, per task type: the model, the examples, their batches, the loss, the evaluation.
 
-A task is one small class: :class:`CausalLMTask` (the built-in task and causal-LM data files) and
-:class:`ClassificationTask` (``seq_cls``) build their model and data in ``__init__`` and answer the loop's four
+A task is one small class: :class:`CausalLMTask` (the built-in task and causal-LM data files),
+:class:`ClassificationTask` (``seq_cls``), :class:`Seq2SeqTask` (``seq2seq``), :class:`QuestionAnsweringTask`
+(``qa``) and :class:`TokenClassificationTask` (``token_cls``) build their model and data in ``__init__`` and answer
+the loop's four
 questions: ``batch`` (the tensors of some training examples), ``loss``, ``evaluate`` and ``save``.
 :func:`build_task` picks the class from the config; the loop in :mod:`lorakit.training.loop` only calls these.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -16,20 +19,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..config import ALL_LINEAR, LoraConfig, parse_targets
-from ..embedded_models import HUB_NAME, model_source, require_transformers
+from ..config import ALL_LINEAR, QA_HEAD_NAMES, LoraConfig, parse_targets
+from ..embedded_models import HUB_NAME, load_pretrained, model_source, require_transformers
 from ..inject import find_targets
 from ..io import WEIGHTS_NAME, is_prompt_adapter
 from ..model import LoraModel, get_lora_model
 from ..prompt_tuning import PromptTuningModel
 from ..quant import quantize
 from .builtin_task import builtin_orders
-from .data import Example, existing_file, label_ids, load_causal_lm, pack_batch, pad_batch, read_table, tokenize_chat
+from .data import IGNORE, Example, existing_file, load_causal_lm, pack_batch, pad_batch, read_table, tokenize_chat
+from .extractive_qa import best_answers, collate_windows, make_windows, qa_logits, qa_loss, read_squad, span_loss
+from .labels import HEADS, adapter_classes, check_labels, map_labels, parse_label_map, save_labels
 from .loss import causal_lm_loss, classification_loss
-from .metrics import classification, exact_match, lm_loss
-from .options import TrainConfig
+from .metrics import classification, exact_match, lm_loss, run_eval, squad_scores, tagging_scores
+from .options import PEFT_TASK_TYPES, TrainConfig
+from .seq2seq import encode_pairs, exact_match_of, generate_targets, pad_pairs, read_pairs, seq2seq_loss
+from .token_cls import collate_sentences, encode_sentences, read_tagged, tag_ids, token_logits, token_loss, word_tags
+
+# The transformers Auto class of each PEFT task type.
+AUTO_CLASSES = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_CLS": "AutoModelForSequenceClassification",
+                "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM", "QUESTION_ANS": "AutoModelForQuestionAnswering",
+                "TOKEN_CLS": "AutoModelForTokenClassification"}
 
 
 @dataclass
@@ -43,6 +56,8 @@ class Task:
     """The task-specific parts of a run. Subclasses set the attributes in ``__init__`` and define the methods.
 
     Attributes:
+        config: The run's options, with what the task resolved (a classifier's labels): saved as
+            ``train_config.yaml``.
         name: What the run trains on, for the summary (a file name, or the built-in task).
         model: The model as trained: a :class:`LoraModel`, a :class:`PromptTuningModel` or, for full fine-tuning,
             the base model itself.
@@ -50,6 +65,7 @@ class Task:
         train: The training examples; micro-batches are lists of indices into it.
     """
 
+    config: TrainConfig
     name: str
     model: nn.Module
     tokenizer: Any
@@ -83,20 +99,39 @@ class Task:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad), total
 
 
-def build_task(config: TrainConfig, device: torch.device, precision: str, adapter: str | None = None) -> Task:
+@dataclass(frozen=True)
+class Start:
+    """Where a task's model starts: ``adapter`` (a saved LoRA or prompt-tuning folder) instead of a new adapter,
+    trained further when ``trainable``; ``evaluate_only`` reads only the held-out data (``eval_data`` when given:
+    the training file is not needed)."""
+
+    adapter: str | None = None
+    trainable: bool = False
+    evaluate_only: bool = False
+
+
+def build_task(config: TrainConfig, device: torch.device, precision: str, adapter: str | None = None,
+               evaluate_only: bool = False) -> Task:
     """Load the model and data the config names, for the task type it names.
 
-    With ``adapter`` (a saved LoRA or prompt-tuning folder) the model carries that adapter instead of a new one.
+    With ``adapter`` (a saved LoRA or prompt-tuning folder) the model carries that adapter instead of a new one;
+    with ``config.init_adapter`` it carries that one, trainable. With ``evaluate_only`` only the held-out data is
+    read.
     """
     # With bf16 autocast a frozen base is kept in bf16 (its weights are not cast again at every step);
     # trainable weights stay fp32 (LoRA adapters are created in fp32; full fine-tuning keeps fp32 masters).
     base_dtype = torch.bfloat16 if precision == "bf16" and config.method in ("lora", "prompt") else torch.float32
-    check_before_loading(config, adapter)
-    task_class = ClassificationTask if config.task == "seq_cls" else CausalLMTask
-    return task_class(config, device, base_dtype, adapter)
+    if adapter is None and config.init_adapter is not None and not evaluate_only:
+        start = Start(config.init_adapter, trainable=True)
+    else:
+        start = Start(adapter, evaluate_only=evaluate_only)
+    check_before_loading(config, start)
+    task_class = {"seq_cls": ClassificationTask, "seq2seq": Seq2SeqTask, "qa": QuestionAnsweringTask,
+                  "token_cls": TokenClassificationTask}.get(config.task, CausalLMTask)
+    return task_class(config, device, base_dtype, start)
 
 
-def check_before_loading(config: TrainConfig, adapter: str | None = None) -> None:
+def check_before_loading(config: TrainConfig, start: Start = Start()) -> None:
     """What can be checked before any weight is loaded: the data files exist, and the LoRA targets match modules
     of the model (on a copy built from its config on the meta device, which costs no memory and no time).
 
@@ -104,11 +139,12 @@ def check_before_loading(config: TrainConfig, adapter: str | None = None) -> Non
         FileNotFoundError: A data file or the model does not exist.
         ValueError: A target matches no module (with the closest real names).
     """
-    for path in (config.data, config.eval_data):
+    needed = [config.eval_data] if start.evaluate_only and config.eval_data else [config.data, config.eval_data]
+    for path in needed:
         if path is not None:
             existing_file(path)
-    if config.method == "lora" and adapter is None:
-        task_type = "SEQ_CLS" if config.task == "seq_cls" else "CAUSAL_LM"
+    if config.method == "lora" and start.adapter is None:
+        task_type = PEFT_TASK_TYPES[config.task]
         find_targets(_meta_model(config, task_type), _lora_config(config, task_type))
 
 
@@ -116,7 +152,7 @@ class CausalLMTask(Task):
     """Next-token prediction on chat or text examples, the loss on the answers only: the built-in task (with
     exact match of generated answers as its metric) or a data file (held-out loss and perplexity)."""
 
-    def __init__(self, config: TrainConfig, device: torch.device, dtype: torch.dtype, adapter: str | None) -> None:
+    def __init__(self, config: TrainConfig, device: torch.device, dtype: torch.dtype, start: Start) -> None:
         self.config, self.device = config, device
         model, self.tokenizer = _load(config, dtype)
         tokenizer = self.tokenizer
@@ -130,6 +166,9 @@ class CausalLMTask(Task):
                 raise ValueError(f"max_length={config.max_length} cuts off the answers of the built-in task; use "
                                  f"at least {max(len(e) for e in self.train)}")
             self.name = "the built-in order-to-JSON task"
+        elif start.evaluate_only and config.eval_data:
+            self.train, eval_examples = [], load_causal_lm(config.eval_data, tokenizer, config.max_length)
+            self.name = Path(config.eval_data).name
         else:
             examples = load_causal_lm(config.data, tokenizer, config.max_length)
             if config.eval_data:
@@ -138,7 +177,7 @@ class CausalLMTask(Task):
             else:
                 self.train, eval_examples = _split(examples, config)
             self.name = Path(config.data).name
-        self.model = _prepare(config, model, "CAUSAL_LM", adapter).to(device)
+        self.model = _prepare(config, model, "CAUSAL_LM", start).to(device)
         held_out = list(_limit(eval_examples, config))
         self.eval_batches = [pad_batch(held_out[i:i + config.eval_batch_size], self.pad)
                              for i in range(0, len(held_out), config.eval_batch_size)]
@@ -155,12 +194,12 @@ class CausalLMTask(Task):
 
     def evaluate(self, model: nn.Module, label: str) -> dict[str, Any]:
         batches = [{k: v.to(self.device) for k, v in b.items()} for b in self.eval_batches]
-        with _progress(self.config.progress, sum(len(b["input_ids"]) for b in batches), f"loss ({label})") as bar:
+        with progress_bar(self.config.progress, sum(len(b["input_ids"]) for b in batches), f"loss ({label})") as bar:
             metrics = lm_loss(lambda b: self.loss(model, b), model, batches, progress=bar)
         if self.eval_records is not None:
             records = _limit(self.eval_records, self.config)
             _say(f"evaluating exact match on {len(records)} held-out examples ({label})")
-            with _progress(self.config.progress, len(records), f"exact match ({label})") as bar:
+            with progress_bar(self.config.progress, len(records), f"exact match ({label})") as bar:
                 metrics.update(exact_match(model, self.tokenizer, records, self.config.max_new_tokens,
                                            self.config.eval_batch_size, progress=bar))
         return metrics
@@ -170,24 +209,39 @@ class ClassificationTask(Task):
     """Sequence classification (``seq_cls``): text and label rows, a classification head trained in full next to
     the adapter, accuracy as the metric."""
 
-    def __init__(self, config: TrainConfig, device: torch.device, dtype: torch.dtype, adapter: str | None) -> None:
-        self.config, self.device = config, device
-        rows = read_table(config.data, config.text_field, config.label_field)
-        self.labels = config.labels or sorted({label for _, _, label in rows})
+    def __init__(self, config: TrainConfig, device: torch.device, dtype: torch.dtype, start: Start) -> None:
+        self.device = device
+        mapping = parse_label_map(config.label_map)
+
+        def read(path: str) -> list[tuple[int, str, str]]:
+            return map_labels(read_table(path, config.text_field, config.label_field), mapping)
+
+        if start.evaluate_only and config.eval_data:
+            train_rows, eval_rows = [], read(config.eval_data)
+        else:
+            rows = read(config.data)
+            train_rows, eval_rows = (rows, read(config.eval_data)) if config.eval_data else _split(rows, config)
+        # The classes: a saved adapter's (its head was trained on them), else --labels, else the data's labels
+        saved = adapter_classes(start.adapter) if start.adapter and not is_prompt_adapter(start.adapter) else None
+        if saved and config.labels and list(config.labels) != saved:
+            raise ValueError(f"--labels {','.join(config.labels)} differ from the classes of the adapter "
+                             f"{start.adapter} ({','.join(saved)}); map the data's labels with --label-map")
+        self.labels = saved or config.labels or sorted({label for _, _, label in train_rows or eval_rows})
         if len(self.labels) < 2:
             raise ValueError(f"{config.data}: only one label ({self.labels[0]!r}); a classifier needs at least two")
-        train_rows, eval_rows = ((rows, read_table(config.eval_data, config.text_field, config.label_field))
-                                 if config.eval_data else _split(rows, config))
-        train_y = label_ids(train_rows, config.data, self.labels)
-        eval_y = label_ids(eval_rows, config.eval_data or config.data, self.labels)
-        self.train = [(text, y) for (_, text, _), y in zip(train_rows, train_y)]
-        held_out = list(_limit([(text, y) for (_, text, _), y in zip(eval_rows, eval_y)], config))
-        model, self.tokenizer = _load(config, dtype, num_labels=len(self.labels))
-        _give_pad_token(model, self.tokenizer, config.model)
+        check_labels(train_rows, config.data, self.labels, mapping)
+        check_labels(eval_rows, config.eval_data or config.data, self.labels, mapping)
+        self.config = dataclasses.replace(config, labels=self.labels)  # saved as train_config.yaml
+        index = {name: i for i, name in enumerate(self.labels)}
+        self.train = [(text, index[label]) for _, text, label in train_rows]
+        held_out = list(_limit([(text, index[label]) for _, text, label in eval_rows], config))
+        model, self.tokenizer = _load(config, dtype, num_labels=len(self.labels),
+                                      head_supplied=start.adapter is not None)
+        give_pad_token(model, self.tokenizer, config.model)
         model.config.id2label = dict(enumerate(self.labels))
-        model.config.label2id = {name: i for i, name in enumerate(self.labels)}
-        self.model = _prepare(config, model, "SEQ_CLS", adapter).to(device)
-        self.name = Path(config.data).name
+        model.config.label2id = dict(index)
+        self.model = _prepare(config, model, "SEQ_CLS", start).to(device)
+        self.name = Path(config.eval_data if start.evaluate_only and config.eval_data else config.data).name
         self.eval_batches = [self._encode(held_out[i:i + config.eval_batch_size])
                              for i in range(0, len(held_out), config.eval_batch_size)]
 
@@ -205,8 +259,156 @@ class ClassificationTask(Task):
 
     def evaluate(self, model: nn.Module, label: str) -> dict[str, Any]:
         batches = [{k: v.to(self.device) for k, v in b.items()} for b in self.eval_batches]
-        with _progress(self.config.progress, sum(len(b["labels"]) for b in batches), f"accuracy ({label})") as bar:
-            return classification(model, batches, len(self.labels), progress=bar)
+        with progress_bar(self.config.progress, sum(len(b["labels"]) for b in batches), f"accuracy ({label})") as bar:
+            return {**classification(model, batches, len(self.labels), progress=bar), "labels": list(self.labels)}
+
+    def save(self, model: nn.Module, out: Path) -> int:
+        """The adapter (or model) and ``labels.json``: which class each output of the head stands for."""
+        saved = super().save(model, out)
+        save_labels(out, self.labels)
+        return saved
+
+
+class Seq2SeqTask(Task):
+    """Encoder-decoder generation (``seq2seq``, PEFT's ``SEQ_2_SEQ_LM``): input/target pairs, the loss on the
+    target; held-out loss, perplexity and exact match of greedy generations."""
+
+    def __init__(self, config: TrainConfig, device: torch.device, dtype: torch.dtype, start: Start) -> None:
+        self.config, self.device = config, device
+        model, self.tokenizer = _load(config, dtype, auto=AUTO_CLASSES["SEQ_2_SEQ_LM"])
+        if self.tokenizer.pad_token_id is None:
+            raise ValueError(f"model {config.model!r}: its tokenizer has no pad token to pad inputs and targets with")
+        self.pad = self.tokenizer.pad_token_id
+        train_rows, eval_rows = _read_split(config, start, read_pairs)
+        self.train = encode_pairs(self.tokenizer, train_rows, config.max_length)
+        self.eval_pairs = encode_pairs(self.tokenizer, list(_limit(eval_rows, config)), config.max_length)
+        self.model = _prepare(config, model, "SEQ_2_SEQ_LM", start).to(device)
+        self.name = _data_name(config, start)
+        size = config.eval_batch_size
+        self.eval_batches = [pad_pairs(self.eval_pairs[i:i + size], self.pad)
+                             for i in range(0, len(self.eval_pairs), size)]
+
+    def batch(self, indices: Sequence[int]) -> MicroBatch:
+        pairs = [self.train[i] for i in indices]
+        tensors = pad_pairs(pairs, self.pad)
+        return MicroBatch(tensors, int((tensors["labels"] != IGNORE).sum()), sum(len(p) for p in pairs))
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return seq2seq_loss(model, batch)
+
+    def evaluate(self, model: nn.Module, label: str) -> dict[str, Any]:
+        batches = [{k: v.to(self.device) for k, v in b.items()} for b in self.eval_batches]
+        with progress_bar(self.config.progress, len(self.eval_pairs), f"loss ({label})") as bar:
+            metrics = lm_loss(lambda b: self.loss(model, b), model, batches, progress=bar)
+        with progress_bar(self.config.progress, len(self.eval_pairs), f"exact match ({label})") as bar:
+            predictions = generate_targets(model, self.tokenizer, batches, self.config.max_new_tokens, bar)
+        return {**metrics, **exact_match_of(predictions, self.eval_pairs)}
+
+
+class QuestionAnsweringTask(Task):
+    """Extractive question answering (``qa``, PEFT's ``QUESTION_ANS``) on SQuAD files: the span head
+    (``qa_outputs``) trained in full next to the adapter; SQuAD's exact match and F1 as the metrics."""
+
+    def __init__(self, config: TrainConfig, device: torch.device, dtype: torch.dtype, start: Start) -> None:
+        self.config, self.device = config, device
+        model, self.tokenizer = _load(config, dtype, auto=AUTO_CLASSES["QUESTION_ANS"], supplied=QA_HEAD_NAMES)
+        self.pad = self.tokenizer.pad_token_id or 0
+        train_questions, eval_questions = _read_split(config, start, read_squad)
+        # "No answer" is a possible prediction only for a model that was shown unanswerable questions.
+        self.allow_null = any(not q.answers for q in train_questions or eval_questions)
+        self.train = make_windows(self.tokenizer, train_questions, config.max_length) if train_questions else []
+        self.eval_questions = list(_limit(eval_questions, config))
+        self.eval_windows = make_windows(self.tokenizer, self.eval_questions, config.max_length)
+        self.model = _prepare(config, model, "QUESTION_ANS", start).to(device)
+        self.name = _data_name(config, start)
+        size = config.eval_batch_size
+        self.eval_batches = [collate_windows(self.eval_windows[i:i + size], self.pad)
+                             for i in range(0, len(self.eval_windows), size)]
+
+    def batch(self, indices: Sequence[int]) -> MicroBatch:
+        tensors = collate_windows([self.train[i] for i in indices], self.pad)
+        return MicroBatch(tensors, len(indices), int(tensors["attention_mask"].sum()))
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return qa_loss(model, batch)
+
+    def evaluate(self, model: nn.Module, label: str) -> dict[str, Any]:
+        def scores(b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, float]:
+            start, end = qa_logits(model, b)  # (B, L) each
+            return start.cpu(), end.cpu(), span_loss(start, end, b).item()
+
+        batches = [{k: v.to(self.device) for k, v in b.items()} for b in self.eval_batches]
+        with progress_bar(self.config.progress, len(self.eval_windows), f"exact match ({label})") as bar:
+            results = run_eval(model, batches, scores, progress=bar)
+        starts = [row for start, _, _ in results for row in start]
+        ends = [row for _, end, _ in results for row in end]
+        answers = best_answers(self.eval_questions, self.eval_windows, starts, ends, self.allow_null)
+        references = [[text for text, _ in q.answers] for q in self.eval_questions]
+        samples = [{"prompt": q.question, "reference": refs[0] if refs else "", "prediction": a}
+                   for q, refs, a in list(zip(self.eval_questions, references, answers))[:3]]
+        return {"loss": sum(loss for _, _, loss in results) / max(len(self.eval_windows), 1),
+                **squad_scores(answers, references), "samples": samples}
+
+
+class TokenClassificationTask(Task):
+    """Token classification (``token_cls``, PEFT's ``TOKEN_CLS``): a tag per word, the classification head trained
+    in full next to the adapter; token accuracy and, for IOB2/IOBES tags, seqeval's entity F1."""
+
+    def __init__(self, config: TrainConfig, device: torch.device, dtype: torch.dtype, start: Start) -> None:
+        self.device = device
+        train_rows, eval_rows = _read_split(config, start, read_tagged)
+        # The tags: a saved adapter's (its head was trained on them), else --labels, else the data's sorted tags.
+        saved = adapter_classes(start.adapter) if start.adapter else None
+        self.labels = saved or config.labels or sorted({t for _, _, tags in train_rows or eval_rows for t in tags})
+        if len(self.labels) < 2:
+            raise ValueError(f"{config.data}: only one tag ({self.labels[0]!r}); a tagger needs at least two")
+        self.config = dataclasses.replace(config, labels=self.labels)  # saved as train_config.yaml
+        train_y = tag_ids(train_rows, config.data, self.labels)
+        eval_rows = list(_limit(eval_rows, config))
+        eval_y = tag_ids(eval_rows, config.eval_data or config.data, self.labels)
+        model, self.tokenizer = _load(config, dtype, auto=AUTO_CLASSES["TOKEN_CLS"], supplied=HEADS,
+                                      num_labels=len(self.labels))
+        model.config.id2label = dict(enumerate(self.labels))
+        model.config.label2id = {name: i for i, name in enumerate(self.labels)}
+        self.pad = self.tokenizer.pad_token_id or 0
+        self.train = encode_sentences(self.tokenizer, [w for _, w, _ in train_rows], train_y, config.max_length) \
+            if train_rows else []
+        held_out = encode_sentences(self.tokenizer, [w for _, w, _ in eval_rows], eval_y, config.max_length)
+        self.model = _prepare(config, model, "TOKEN_CLS", start).to(device)
+        self.name = _data_name(config, start)
+        size = config.eval_batch_size
+        self.eval_batches = [collate_sentences(held_out[i:i + size], self.pad) for i in range(0, len(held_out), size)]
+
+    def batch(self, indices: Sequence[int]) -> MicroBatch:
+        sentences = [self.train[i] for i in indices]
+        tensors = collate_sentences(sentences, self.pad)
+        return MicroBatch(tensors, sum(s.n_words for s in sentences), int(tensors["attention_mask"].sum()))
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return token_loss(model, batch)
+
+    def evaluate(self, model: nn.Module, label: str) -> dict[str, Any]:
+        def tags(b: dict[str, torch.Tensor]) -> tuple[list[list[str]], list[list[str]], float, int]:
+            logits = token_logits(model, b)  # (B, L, n_labels)
+            keep = b["labels"] != IGNORE
+            loss = F.cross_entropy(logits[keep].float(), b["labels"][keep], reduction="sum").item()
+            return *word_tags(logits.cpu(), {"labels": b["labels"].cpu()}, self.labels), loss, int(keep.sum())
+
+        batches = [{k: v.to(self.device) for k, v in b.items()} for b in self.eval_batches]
+        n = sum(len(b["input_ids"]) for b in batches)
+        with progress_bar(self.config.progress, n, f"accuracy ({label})") as bar:
+            results = run_eval(model, batches, tags, progress=bar)
+        predicted = [p for pred, _, _, _ in results for p in pred]
+        gold = [g for _, ref, _, _ in results for g in ref]
+        words = sum(count for _, _, _, count in results)
+        return {"loss": sum(loss for _, _, loss, _ in results) / max(words, 1), **tagging_scores(predicted, gold),
+                "labels": list(self.labels)}
+
+    def save(self, model: nn.Module, out: Path) -> int:
+        """The adapter (or model) and ``labels.json``: which tag each output of the head stands for."""
+        saved = super().save(model, out)
+        save_labels(out, self.labels)
+        return saved
 
 
 # -- shared by the tasks ---------------------------------------------------------------------------------------
@@ -216,19 +418,28 @@ def _say(message: str) -> None:
     print(f"lorakit: {message}", file=sys.stderr, flush=True)
 
 
-def _load(config: TrainConfig, dtype: torch.dtype, num_labels: int | None = None) -> tuple[nn.Module, Any]:
-    """The base model and its tokenizer."""
+def _load(config: TrainConfig, dtype: torch.dtype, num_labels: int | None = None, head_supplied: bool = False,
+          auto: str | None = None, supplied: Sequence[str] = ()) -> tuple[nn.Module, Any]:
+    """The base model and its tokenizer; with ``num_labels``, a sequence classifier whose head an adapter supplies
+    (``head_supplied``) or that starts from random weights and trains with the adapter. ``auto`` names another
+    transformers Auto class (the other task types' heads), whose weights under ``supplied`` may be missing."""
     transformers = require_transformers()
     source = model_source(config.model, config.trust_remote_code)
     if not (source / "config.json").is_file():
         raise FileNotFoundError(f"model {config.model!r} is not a Hugging Face model folder (no config.json)")
     trust = config.trust_remote_code
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust)
-    if num_labels is None:
+    if auto is not None:
+        labels = {"num_labels": num_labels} if num_labels is not None else {}
+        model = load_pretrained(getattr(transformers, auto), source, dtype=dtype, trust_remote_code=trust,
+                                supplied=supplied, **labels)
+    elif num_labels is None:
         model = transformers.AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype, trust_remote_code=trust)
     else:
-        model = transformers.AutoModelForSequenceClassification.from_pretrained(
-            str(source), dtype=dtype, num_labels=num_labels, trust_remote_code=trust)
+        model = load_pretrained(transformers.AutoModelForSequenceClassification, source, dtype=dtype,
+                                trust_remote_code=trust, supplied=HEADS, num_labels=num_labels)
+        if not head_supplied:
+            _say(f"a new {num_labels}-class head starts from random weights and trains with the adapter")
     if config.model == "default":
         model.config._name_or_path = HUB_NAME
     if config.quantize:
@@ -248,29 +459,36 @@ def enable_checkpointing(model: nn.Module) -> None:
     model.config.use_cache = False
 
 
-def _prepare(config: TrainConfig, model: nn.Module, task_type: str, adapter: str | None) -> nn.Module:
-    """LoRA on the frozen base (a new adapter, or the saved one at ``adapter``), every parameter trainable
-    (``method=full``), or a prompt in front of the frozen model (``method=prompt``, new or saved)."""
-    if adapter is not None:
-        if is_prompt_adapter(adapter):
-            return PromptTuningModel.from_pretrained(model, adapter)
-        return LoraModel.from_pretrained(model, adapter)
-    if config.grad_checkpointing:
+def _prepare(config: TrainConfig, model: nn.Module, task_type: str, start: Start) -> nn.Module:
+    """LoRA on the frozen base (a new adapter, or the saved one at ``start.adapter``, trained further when
+    ``start.trainable``), every parameter trainable (``method=full``), or a prompt in front of the frozen model
+    (``method=prompt``, new or saved)."""
+    if config.grad_checkpointing and (start.adapter is None or start.trainable):
         enable_checkpointing(model)
+    if start.adapter is not None:
+        if is_prompt_adapter(start.adapter):
+            if start.trainable:
+                raise ValueError(f"--init-adapter {start.adapter} is a prompt-tuning adapter; it takes a LoRA adapter")
+            return PromptTuningModel.from_pretrained(model, start.adapter)
+        model = LoraModel.from_pretrained(model, start.adapter, is_trainable=start.trainable)
+        return _fp32_masters(model) if start.trainable else model
     if config.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
         return model
     if config.method == "prompt":
         return PromptTuningModel(model, config.num_virtual_tokens, seed=config.seed)
-    model = get_lora_model(model, _lora_config(config, task_type))
+    return _fp32_masters(get_lora_model(model, _lora_config(config, task_type)))
+
+
+def _fp32_masters(model: nn.Module) -> nn.Module:
     for p in model.parameters():  # a head copied from a bf16 base would train in bf16: keep fp32 masters
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
     return model
 
 
-def _give_pad_token(model: nn.Module, tokenizer: Any, name: str) -> None:
+def give_pad_token(model: nn.Module, tokenizer: Any, name: str) -> None:
     """A decoder classifies from its last real token, found through ``pad_token_id``; many decoder configs have
     none (transformers then refuses batches of more than one). Take the tokenizer's pad token, else its EOS, as PEFT
     users do by hand."""
@@ -287,12 +505,27 @@ def _give_pad_token(model: nn.Module, tokenizer: Any, name: str) -> None:
 
 def _lora_config(config: TrainConfig, task_type: str) -> LoraConfig:
     """The adapter a run trains: all linear layers of a language model unless ``target_modules`` says otherwise;
-    for classification, the architecture's PEFT default and the head."""
+    for the other task types, the architecture's PEFT default and the head."""
     targets = parse_targets(config.target_modules)
     if targets is None and task_type == "CAUSAL_LM":
         targets = ALL_LINEAR
+    # PEFT writes the head of these task types into the saved modules_to_save; so does lorakit
+    heads = {"QUESTION_ANS": list(QA_HEAD_NAMES), "TOKEN_CLS": list(HEADS)}.get(task_type)
     return LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=targets, task_type=task_type)
+                      target_modules=targets, task_type=task_type, modules_to_save=heads)
+
+
+def _read_split(config: TrainConfig, start: Start, read: Callable[[str], list[Any]]) -> tuple[list[Any], list[Any]]:
+    """The training and held-out items ``read`` finds: ``--eval-data`` when given (only it when evaluating a saved
+    adapter), else the last ``--eval-fraction`` of ``--data``."""
+    if start.evaluate_only and config.eval_data:
+        return [], read(config.eval_data)
+    items = read(config.data)
+    return (items, read(config.eval_data)) if config.eval_data else _split(items, config)
+
+
+def _data_name(config: TrainConfig, start: Start) -> str:
+    return Path(config.eval_data if start.evaluate_only and config.eval_data else config.data).name
 
 
 def _meta_model(config: TrainConfig, task_type: str) -> nn.Module:
@@ -301,8 +534,7 @@ def _meta_model(config: TrainConfig, task_type: str) -> nn.Module:
     source = model_source(config.model, config.trust_remote_code)
     if not (source / "config.json").is_file():
         raise FileNotFoundError(f"model {config.model!r} is not a Hugging Face model folder (no config.json)")
-    auto = (transformers.AutoModelForSequenceClassification if task_type == "SEQ_CLS"
-            else transformers.AutoModelForCausalLM)
+    auto = getattr(transformers, AUTO_CLASSES[task_type])
     trust = config.trust_remote_code
     with torch.device("meta"):
         return auto.from_config(transformers.AutoConfig.from_pretrained(str(source), trust_remote_code=trust),
@@ -310,7 +542,7 @@ def _meta_model(config: TrainConfig, task_type: str) -> nn.Module:
 
 
 @contextmanager
-def _progress(enabled: bool, total: int, what: str) -> Iterator[Callable[[int], None] | None]:
+def progress_bar(enabled: bool, total: int, what: str) -> Iterator[Callable[[int], None] | None]:
     """A progress bar over ``total`` examples (examples done, time left), or None when progress is off."""
     if not enabled or total == 0:
         yield None

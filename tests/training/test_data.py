@@ -12,7 +12,7 @@ from lorakit.training.data import (
     DataError,
     Example,
     chat_of,
-    label_ids,
+    read_prompts,
     load_causal_lm,
     pack_batch,
     pad_batch,
@@ -61,8 +61,11 @@ def test_table_errors_name_the_line(tmp_path):
     tsv.write_text("sentence\tlabel\ngood film\t1\nbad film\t0\nodd\t7\n")
     rows = read_table(tsv)
     assert rows[0] == (2, "good film", "1")
-    with pytest.raises(DataError, match=r"d.tsv:4: unknown label '7'; the labels are 0, 1"):
-        label_ids(rows, tsv, ["0", "1"])
+    with pytest.raises(DataError, match=r"d.tsv:1: no column 'label' \(columns: sentence, label2\)"):
+        tsv.write_text("sentence\tlabel2\ngood film\t1\n")
+        read_table(tsv)
+    assert read_table(tsv, labels_required=False) == [(2, "good film", None)]  # texts to predict
+    tsv.write_text("sentence\tlabel\ngood film\t1\nbad film\t0\nodd\t7\n")
     with pytest.raises(DataError, match=r"d.tsv:1: no column 'text' \(columns: sentence, label\)"):
         read_table(tsv, text_field="text")
     csv = tmp_path / "d.csv"
@@ -111,3 +114,22 @@ def test_pack_batch_positions_and_targets():
     padded = pad_batch([a, b], pad_id=0)
     assert padded["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
     assert padded["targets"][1].tolist() == [5, IGNORE, IGNORE]
+
+
+def test_prompts_to_answer_come_from_chat_alpaca_prompt_records_or_lines(tmp_path):
+    records = [{"prompt": "p1"}, {"instruction": "i2", "input": "x"}, {"instruction": "i3", "output": "o3"},
+               {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u4"}]},
+               {"messages": [{"role": "user", "content": "u5"}, {"role": "assistant", "content": "a5"}]}]
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    prompts = read_prompts(path)
+    assert [(line, chat[-1]["content"], ref) for line, chat, ref in prompts] == [
+        (1, "p1", None), (2, "i2\n\nx", None), (3, "i3", "o3"), (4, "u4", None), (5, "u5", "a5")]
+    assert prompts[3][1][0] == {"role": "system", "content": "s"}
+    txt = tmp_path / "p.txt"
+    txt.write_text("first\n\nsecond\n")
+    assert [(line, chat) for line, chat, _ in read_prompts(txt)] == [
+        (1, [{"role": "user", "content": "first"}]), (3, [{"role": "user", "content": "second"}])]
+    path.write_text('{"prompt": ""}\n')
+    with pytest.raises(DataError, match=r"p.jsonl:1: 'prompt' must be a non-empty string"):
+        read_prompts(path)

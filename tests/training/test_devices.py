@@ -1,15 +1,24 @@
-"""Where a run computes: resolve_device and resolve_precision for each choice (bf16 on CUDA with bf16 and on AMX
-CPUs, fp32 on other CPUs), and a run without torchrun being process 0 of 1."""
+"""Where a run computes: resolve_device for each choice; precision ``auto`` decided by measured timings of the
+model's products (injected here, not timed), cached per machine; and a run without torchrun being process 0 of 1."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import json
 
 import pytest
 import torch
 
-from lorakit.training import devices
-from lorakit.training.devices import Processes, cpu_has_amx, resolve_device, resolve_precision, start_processes
+from lorakit.training.devices import (
+    Processes,
+    decide_precision,
+    gemm_shapes,
+    machine_key,
+    pick,
+    resolve_device,
+    resolve_precision,
+    start_processes,
+    time_gemms,
+)
 
 CPU = torch.device("cpu")
 
@@ -32,25 +41,78 @@ def test_an_explicit_precision_is_kept_on_every_device(name):
     assert resolve_precision(name, torch.device("cuda")) == name
 
 
-@pytest.mark.parametrize(("amx", "expected"), [(True, "bf16"), (False, "fp32")])
-def test_auto_precision_on_cpu_is_bf16_only_with_amx(monkeypatch, amx, expected):
-    monkeypatch.setattr(devices, "cpu_has_amx", lambda: amx)
-    assert resolve_precision("auto", CPU) == expected
+def _timings(fp32_ms: float, bf16_ms: float, calls: list):
+    """A stand-in for time_gemms: fixed seconds per dtype, and a record of what was measured."""
+    def measure(shapes, dtype, device):
+        calls.append((tuple(shapes), dtype, device.type))
+        return (fp32_ms if dtype == torch.float32 else bf16_ms) / 1e3
+    return measure
 
 
-@pytest.mark.parametrize(("bf16", "expected"), [(True, "bf16"), (False, "fp32")])
-def test_auto_precision_on_cuda_follows_bf16_support(monkeypatch, bf16, expected):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16)
-    assert resolve_precision("auto", torch.device("cuda")) == expected
+@pytest.mark.parametrize(("fp32_ms", "bf16_ms", "expected"), [
+    (10.0, 2.0, "bf16"),  # AVX-512 BF16 / AMX: bf16 products ~5× faster
+    (10.0, 9.0, "bf16"),  # exactly at the margin: 10% faster is enough
+    (10.0, 9.5, "fp32"),  # about the same speed: fp32 is exact, keep it
+    (10.0, 60.0, "fp32"),  # AVX2: bf16 several times slower
+])
+def test_auto_precision_picks_the_faster_measured_dtype(tmp_path, fp32_ms, bf16_ms, expected):
+    calls: list = []
+    shapes = [(64, 32, 32), (64, 32, 128)]
+    choice = decide_precision("auto", CPU, shapes, cache=tmp_path / "precision.json",
+                              measure=_timings(fp32_ms, bf16_ms, calls))
+    assert choice.name == expected
+    assert (choice.fp32_ms, choice.bf16_ms) == pytest.approx((fp32_ms, bf16_ms))
+    assert f"{fp32_ms:.2f} ms in fp32 and {bf16_ms:.2f} ms in bf16" in choice.reason and "measured now" in choice.reason
+    assert calls == [(tuple(shapes), torch.float32, "cpu"), (tuple(shapes), torch.bfloat16, "cpu")] * 2  # interleaved
+    assert pick(fp32_ms / 1e3, bf16_ms / 1e3) == expected
 
 
-def test_amx_is_read_from_this_cpu():
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        pytest.skip("no /proc/cpuinfo on this system")
-    # AMX CPUs (Sapphire Rapids and later) list amx_bf16; AVX2-only and AVX-512 CPUs do not.
-    assert cpu_has_amx() == (" amx_bf16" in flags or torch.backends.cpu.get_cpu_capability() == "AMX")
+def test_auto_precision_is_measured_once_per_machine_and_shapes(tmp_path):
+    cache, calls = tmp_path / "lorakit" / "precision.json", []
+    first = decide_precision("auto", CPU, [(8, 16, 16)], cache=cache, measure=_timings(4.0, 1.0, calls))
+    assert first.name == "bf16" and len(calls) == 4 and cache.is_file()
+
+    def must_not_run(*args):
+        raise AssertionError("measured again although the cache holds this machine's timings")
+
+    again = decide_precision("auto", CPU, [(8, 16, 16)], cache=cache, measure=must_not_run)
+    assert again.name == "bf16" and (again.fp32_ms, again.bf16_ms) == (first.fp32_ms, first.bf16_ms)
+    assert f"measured earlier on this machine ({cache})" in again.reason
+    saved = json.loads(cache.read_text())
+    assert list(saved) == [machine_key(CPU, [(8, 16, 16)])]
+    assert torch.__version__ in next(iter(saved)) and "threads" in next(iter(saved))
+    # Other shapes (another model) are another measurement; a damaged cache is measured again, not an error.
+    decide_precision("auto", CPU, [(8, 16, 64)], cache=cache, measure=_timings(1.0, 4.0, calls))
+    assert len(calls) == 8 and len(json.loads(cache.read_text())) == 2
+    cache.write_text("{not json")
+    assert decide_precision("auto", CPU, [(8, 16, 16)], cache=cache, measure=_timings(1.0, 4.0, calls)).name == "fp32"
+
+
+def test_an_explicit_precision_measures_nothing(tmp_path):
+    def must_not_run(*args):
+        raise AssertionError("measured")
+
+    choice = decide_precision("bf16", CPU, cache=tmp_path / "c.json", measure=must_not_run)
+    assert (choice.name, choice.reason) == ("bf16", "--precision bf16")
+
+
+def test_auto_precision_on_cuda_without_bf16_is_fp32(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    choice = decide_precision("auto", torch.device("cuda"), cache=tmp_path / "c.json")
+    assert (choice.name, choice.reason) == ("fp32", "Tesla T4 has no bf16 support")
+
+
+def test_the_measured_shapes_are_the_models_layers():
+    smollm2 = {"hidden_size": 576, "intermediate_size": 1536}
+    assert gemm_shapes(smollm2, tokens=4096) == [(256, 576, 576), (256, 576, 1536), (256, 1536, 576)]
+    assert gemm_shapes({"n_embd": 32}, tokens=10) == [(10, 32, 32), (10, 32, 128), (10, 128, 32)]  # GPT-2: 4×
+    assert gemm_shapes({"vocab_size": 10}, tokens=10) == []  # no width: the default shapes are used
+
+
+def test_time_gemms_measures_a_round_in_the_given_dtype():
+    seconds = time_gemms([(16, 32, 32)], torch.bfloat16, CPU)
+    assert 0 < seconds < 1
 
 
 def test_without_torchrun_a_run_is_process_0_of_1(monkeypatch):

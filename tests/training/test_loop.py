@@ -188,9 +188,12 @@ def test_sequence_classification_from_tsv(tiny_bert_dir, tmp_path):
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["task_type"] == "SEQ_CLS"
     assert any(".classifier." in key for key in _adapter(tmp_path))  # the trained head is saved with the adapter
+    # which class each output of the head stands for travels with it
+    assert json.loads((tmp_path / "labels.json").read_text())["id2label"] == {"0": "neg", "1": "pos"}
+    assert TrainConfig.from_yaml(tmp_path / "train_config.yaml").labels == ["neg", "pos"]
     bad = tmp_path / "dev.tsv"
     bad.write_text("sentence\tlabel\nok film\tmeh\n")
-    with pytest.raises(ValueError, match=r"dev.tsv:2: unknown label 'meh'; the labels are neg, pos"):
+    with pytest.raises(ValueError, match=r"dev.tsv:2: label 'meh' is not one of the classes \(neg, pos\)"):
         train(model=tiny_bert_dir, task="seq_cls", data=str(data), eval_data=str(bad), steps=1,
               output_dir=str(tmp_path / "bad"), **FAST)
 

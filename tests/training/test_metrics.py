@@ -97,6 +97,7 @@ def test_classification_accuracy_and_macro_f1_on_hand_made_logits():
     f1 = [2 * 1 / (2 * 1 + 1 + 1), 2 * 2 / (2 * 2 + 0 + 1), 2 * 1 / (2 * 1 + 1 + 0)]  # per class: 2tp/(2tp+fp+fn)
     assert result["accuracy"] == pytest.approx(4 / 6) and result["n"] == 6
     assert result["f1"] == pytest.approx(sum(f1) / 3)
+    assert result["confusion"] == [[1, 0, 1], [1, 2, 0], [0, 0, 1]]  # [true][predicted], counted by hand
     assert model.training
     never = classification(Fixed(logits), batches, n_labels=4)  # a class never predicted nor present: F1 0
     assert never["f1"] == pytest.approx(sum(f1) / 4)

@@ -67,7 +67,7 @@ def test_build_task_picks_the_classification_task_and_its_batches(tiny_bert_dir,
     assert batch.tokens == int(batch.tensors["attention_mask"].sum())
     loss_sum, count = task.loss(task.model, batch.tensors)
     assert int(count) == 3 and loss_sum.item() > 0
-    assert set(task.evaluate(task.model, "before")) == {"accuracy", "f1", "n"}
+    assert set(task.evaluate(task.model, "before")) == {"accuracy", "f1", "n", "confusion", "labels"}
     trainable, _ = task.count_parameters()
     assert trainable == task.model.get_nb_trainable_parameters()[0] > 0
 

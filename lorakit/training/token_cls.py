@@ -1,0 +1,132 @@
+"""Token classification (``--task token_cls``, PEFT's ``TOKEN_CLS``): one tag per word (named entities, parts of
+speech), words split into subword tokens, the loss and the predictions on each word's first token.
+
+Data is JSONL (or a JSON array) of ``{"tokens": ["John", "lives", "in", "Paris"], "tags": ["B-PER", "O", "O",
+"B-LOC"]}``: the words of a sentence and one tag each (strings or integers). A word's tag goes on its first subword
+token; its other subwords and the special tokens get :data:`~lorakit.training.data.IGNORE`, as transformers'
+token-classification examples align them, so each word counts once in the loss and in the metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import IGNORE, DataError, pad_encodings, read_records
+
+TOKENS_FIELD, TAGS_FIELD = "tokens", "tags"
+
+
+@dataclass(frozen=True)
+class Sentence:
+    """One tokenized sentence: the model's inputs and a label per token (IGNORE except on first subwords)."""
+
+    encoding: dict[str, list[int]]  # input_ids, attention_mask (and token_type_ids where the model has them)
+    labels: list[int]
+
+    @property
+    def n_words(self) -> int:
+        """Words that kept their first token within ``max_length``: those trained and evaluated on."""
+        return sum(y != IGNORE for y in self.labels)
+
+
+def read_tagged(path: str | Path) -> list[tuple[int, list[str], list[str]]]:
+    """``(line, words, tags)`` of a JSONL/JSON file of ``{"tokens": [...], "tags": [...]}`` records (integer tags
+    are read as their decimal strings).
+
+    Raises:
+        DataError: A missing field, a field that is not a list of strings, or tags whose count differs from the
+            words' (naming the file and line).
+    """
+    rows = []
+    for lineno, record in read_records(path):
+        where = f"{path}:{lineno}"
+        for field in (TOKENS_FIELD, TAGS_FIELD):
+            if field not in record:
+                raise DataError(f"{where}: missing field {field!r} (fields: {', '.join(record)}); a token_cls record "
+                                f"is {{\"tokens\": [words], \"tags\": [one tag per word]}}")
+        words, tags = record[TOKENS_FIELD], record[TAGS_FIELD]
+        if not isinstance(words, list) or not words or not all(isinstance(w, str) and w for w in words):
+            raise DataError(f"{where}: {TOKENS_FIELD!r} must be a non-empty list of non-empty strings, got {words!r}")
+        if not isinstance(tags, list) or not all(isinstance(t, (str, int)) and not isinstance(t, bool) for t in tags):
+            raise DataError(f"{where}: {TAGS_FIELD!r} must be a list of strings or integers, got {tags!r}")
+        if len(tags) != len(words):
+            raise DataError(f"{where}: {len(tags)} tags for {len(words)} tokens; every token needs exactly one tag")
+        rows.append((lineno, words, [str(t) for t in tags]))
+    return rows
+
+
+def tag_ids(rows: Sequence[tuple[int, list[str], list[str]]], path: str | Path, labels: Sequence[str]
+            ) -> list[list[int]]:
+    """Each row's tags as class indices; an unknown tag names its line and the tags allowed."""
+    index = {name: i for i, name in enumerate(labels)}
+    out = []
+    for lineno, _, tags in rows:
+        unknown = [t for t in tags if t not in index]
+        if unknown:
+            raise DataError(f"{path}:{lineno}: unknown tag {unknown[0]!r}; the tags are {', '.join(labels)}")
+        out.append([index[t] for t in tags])
+    return out
+
+
+def encode_sentences(tokenizer: Any, words: Sequence[list[str]], tags: Sequence[list[int]], max_length: int
+                     ) -> list[Sentence]:
+    """Tokenize pre-split words (cut at ``max_length`` tokens) and put each word's tag on its first subword.
+
+    Raises:
+        ValueError: The tokenizer is not a fast one (the word of each token is needed).
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("token classification needs a fast (Rust) tokenizer to map tokens to words; this model's "
+                         f"tokenizer is {type(tokenizer).__name__}")
+    enc = tokenizer(list(words), is_split_into_words=True, truncation=True, max_length=max_length)
+    keys = [k for k in ("input_ids", "token_type_ids", "attention_mask") if k in enc]
+    sentences = []
+    for row, row_tags in enumerate(tags):
+        labels, previous = [], None
+        for word in enc.word_ids(row):
+            labels.append(IGNORE if word is None or word == previous else row_tags[word])
+            previous = word
+        sentences.append(Sentence({k: enc[k][row] for k in keys}, labels))
+    return sentences
+
+
+def collate_sentences(sentences: Sequence[Sentence], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded sentences with their ``labels`` (padding is IGNORE)."""
+    batch = pad_encodings([s.encoding for s in sentences], pad_id)
+    labels = torch.full(batch["input_ids"].shape, IGNORE, dtype=torch.long)  # (B, L)
+    for row, s in enumerate(sentences):
+        labels[row, :len(s.labels)] = torch.tensor(s.labels)
+    batch["labels"] = labels
+    return batch
+
+
+def token_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The per-token class scores ``(B, L, n_labels)``."""
+    return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+
+
+def token_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy over the labelled tokens (each word's first) and their count."""
+    labels = batch["labels"]  # (B, L)
+    selected = labels != IGNORE
+    logits = token_logits(model, batch)  # (B, L, n_labels)
+    return F.cross_entropy(logits[selected].float(), labels[selected], reduction="sum"), selected.sum()
+
+
+def word_tags(logits: torch.Tensor, batch: dict[str, torch.Tensor], labels: Sequence[str]
+              ) -> tuple[list[list[str]], list[list[str]]]:
+    """(predicted, gold) tag names of every word of a batch, read at each word's first token."""
+    predicted, gold = [], []
+    best = logits.argmax(-1)  # (B, L)
+    for row in range(len(best)):
+        keep = batch["labels"][row] != IGNORE
+        predicted.append([labels[i] for i in best[row][keep].tolist()])
+        gold.append([labels[i] for i in batch["labels"][row][keep].tolist()])
+    return predicted, gold
