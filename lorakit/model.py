@@ -351,10 +351,7 @@ class LoraModel(nn.Module):
         Refused (ValueError) while the adapter layers are disabled: ``disable_adapter_layers`` promises the base model.
         """
         names = self._known(self._active if adapter_names is None else adapter_names)
-        if any(layer.disabled and set(names) & set(layer.adapters) for _, layer in self.lora_layers()):
-            # A disabled layer computes the base alone; a merged update would bring the adapter back.
-            raise ValueError(f"cannot merge adapter(s) {names} while the adapter layers are disabled (a disabled "
-                             f"layer computes the base model alone); call enable_adapter_layers() first")
+        self._check_enabled(names)
         if any(is_4bit(layer.base) and set(names) & set(layer.adapters) for _, layer in self.lora_layers()):
             raise ValueError("merging into a 4-bit base weight would round it to 4 bits again (lossy, and unmerge "
                              "could not undo it); use merge_and_unload(), which returns dense layers, or "
@@ -385,6 +382,7 @@ class LoraModel(nn.Module):
         ``dtype``, ``requantize`` and ``probe`` concern 4-bit bases only (``requantize`` without one is an error).
         """
         names = self._known(self._active if adapter_names is None else adapter_names)
+        self._check_enabled(names)
         if not any(is_4bit(m) for m in self.model.modules()):
             if requantize:
                 raise ValueError("requantize=True re-quantizes 4-bit layers; this model has none")
@@ -399,6 +397,13 @@ class LoraModel(nn.Module):
             plain.lorakit_merge_report = report
             logger.info("%s", report)
         return plain
+
+    def _check_enabled(self, names: Sequence[str]) -> None:
+        """Merging is refused while the adapter layers are disabled: a disabled layer computes the base alone, and a
+        merged update would bring the adapter back."""
+        if any(layer.disabled and set(names) & set(layer.adapters) for _, layer in self.lora_layers()):
+            raise ValueError(f"cannot merge adapter(s) {names} while the adapter layers are disabled (a disabled "
+                             f"layer computes the base model alone); call enable_adapter_layers() first")
 
     def unload(self) -> nn.Module:
         """Return the plain base model, without any adapter's update (merged ones are unmerged first)."""

@@ -221,6 +221,10 @@ def test_merge_adapter_in_place_and_dora_on_a_4bit_base_are_refused(ids):
         get_lora_model(_q_llama(), LoraConfig(r=4, target_modules="all-linear", use_dora=True))
     with pytest.raises(ValueError, match="requantize"):
         get_lora_model(tiny_llama_64(), LoraConfig(r=4)).merge_and_unload(requantize=True)
+    lora.disable_adapter_layers()  # disabled means the base: merging would bring the adapter back
+    with pytest.raises(ValueError, match="while the adapter layers are disabled"):
+        lora.merge_and_unload()
+    assert all(is_4bit(lora.model.get_submodule(n)) for n in ("model.layers.0.self_attn.q_proj.base",))
 
 
 def _state(model: torch.nn.Module) -> tuple[dict[str, type], dict[str, torch.Tensor]]:
