@@ -66,8 +66,8 @@ def predictions(adapter: str | Path, data: str | Path, *, model: str | None = No
 def predict(adapter: str | Path, data: str | Path, output: str | Path | None = None, **options: Any) -> int:
     """Write :func:`predictions` as JSON lines to ``output`` (stdout when None); returns how many were written.
 
-    The file is written as ``output.partial`` while predictions stream in (one flush per batch) and renamed to
-    ``output`` when all are done; on an error it is removed, so no file ever looks complete when it is not.
+    The file is written as ``output.partial`` while predictions stream in (each line flushed as it is written) and
+    renamed to ``output`` when all are done; on an error it is removed, so no file ever looks complete when it is not.
     """
     if output is None:
         return _write(predictions(adapter, data, **options), sys.stdout)

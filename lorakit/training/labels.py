@@ -17,6 +17,7 @@ from safetensors import safe_open
 
 from ..io import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config, read_json_object
 from .data import DataError
+from .options import TrainConfig
 
 LABELS_NAME = "labels.json"
 HEADS = ("classifier", "score")  # the heads PEFT trains next to a SEQ_CLS adapter
@@ -55,8 +56,6 @@ def saved_labels(folder: str | Path) -> list[str] | None:
         return names
     saved = folder / "train_config.yaml"
     if saved.is_file():
-        from .options import TrainConfig
-
         return TrainConfig.from_yaml(saved).labels
     return None
 
