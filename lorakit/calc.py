@@ -227,10 +227,11 @@ def _saved_per_token(d: Dims, trained: list[str], full: bool, lora_r: int) -> in
 
 def estimate_memory(model: torch.nn.Module, method: str, batch: int, seq: int, dtype: str = "bf16",
                     grad_checkpointing: bool = False, optimizer: str = "adamw", lora: LoraConfig | None = None,
-                    num_virtual_tokens: int = 20, runtime: int = RUNTIME_BYTES) -> MemoryEstimate:
+                    num_virtual_tokens: int = 20, runtime: int = RUNTIME_BYTES, base_dtype: str | None = None,
+                    double_quant: bool = True) -> MemoryEstimate:
     """Peak memory of one training step of ``model`` (best built on the meta device) as lorakit trains it.
 
-    Weights: full fine-tuning keeps fp32 masters; LoRA, QLoRA and prompt tuning keep the frozen base in ``dtype``
+    Weights: full fine-tuning keeps fp32 masters; LoRA, QLoRA and prompt tuning keep the frozen base in ``base_dtype``
     (QLoRA's linear layers, all but the head, in 4 bits) and their trainable parameters in fp32, with fp32
     gradients and optimizer states (AdamW: two per parameter; SGD without momentum: none). Activations: see
     :func:`_saved_per_token`, in ``dtype``, for ``batch × seq`` tokens (plus the virtual tokens of prompt
@@ -241,17 +242,21 @@ def estimate_memory(model: torch.nn.Module, method: str, batch: int, seq: int, d
         method: ``full``, ``lora``, ``qlora`` or ``prompt``.
         lora: The adapter for ``lora``/``qlora`` (default: r=8 on all linear layers).
         runtime: Bytes the process takes before the model (Python and the libraries).
+        base_dtype: The frozen base's weights when they differ from the activations' ``dtype`` (a bf16 checkpoint
+            trained in fp32 keeps its bf16 base); default: ``dtype``. Full fine-tuning keeps fp32 masters either way.
+        double_quant: QLoRA's block scales quantized too (:func:`four_bit_bytes`).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; methods: {', '.join(METHODS)}")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; optimizers: {', '.join(OPTIMIZERS)}")
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; dtypes: {', '.join(DTYPES)}")
+    for name, value in (("dtype", dtype), ("base_dtype", base_dtype or dtype)):
+        if value not in DTYPES:
+            raise ValueError(f"unknown {name} {value!r}; dtypes: {', '.join(DTYPES)}")
     for name, value in (("batch", batch), ("seq", seq)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    d, size = Dims.of(model), DTYPES[dtype]
+    d, size, base_size = Dims.of(model), DTYPES[dtype], DTYPES[base_dtype or dtype]
     params = {n: p.numel() for n, p in model.named_parameters()}
     total = sum(params.values())
     tokens = batch * seq
@@ -262,15 +267,15 @@ def estimate_memory(model: torch.nn.Module, method: str, batch: int, seq: int, d
         trainable, trained, lora_r = result["trainable"], find_targets(model, lora), lora.r
         spec = lora.target_modules if isinstance(lora.target_modules, str) else ",".join(sorted(lora.target_modules))
         adapter = f"r={lora.r} on {spec} ({len(trained)} modules)"
-        weights = size * total + 4 * trainable
+        weights = base_size * total + 4 * trainable
         if method == "qlora":  # every nn.Linear but the head in 4 bits, as lorakit.quant.quantize does
             heads = head_names(model)
             four_bit = [m.weight.numel() for n, m in model.named_modules()
                         if isinstance(m, torch.nn.Linear) and not in_head(n, heads)]
-            weights += sum(four_bit_bytes(n) for n in four_bit) - size * sum(four_bit)
+            weights += sum(four_bit_bytes(n, double_quant=double_quant) for n in four_bit) - base_size * sum(four_bit)
     elif method == "prompt":
         trainable, trained = num_virtual_tokens * d.hidden, []
-        weights = size * total + 4 * trainable
+        weights = base_size * total + 4 * trainable
         tokens = batch * (seq + num_virtual_tokens)
     else:
         trainable, trained = total, _linear_names(model)

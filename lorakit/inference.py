@@ -1,4 +1,5 @@
-"""Using a trained adapter: evaluate it (``lorakit eval``) or answer a prompt with it (``lorakit generate``)."""
+"""Using a trained adapter: evaluate it (``lorakit eval``), answer a prompt with it (``lorakit generate``) or export
+it merged into its base (``lorakit export``)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ from typing import Any
 
 import torch
 
-from .embedded_models import build_model, model_source, require_transformers
+from .embedded_models import HUB_NAME, build_model, model_source, require_transformers, smollm2_gguf
+from .export import FORMATS, export_merged
 from .io import is_prompt_adapter, read_adapter_config
 from .model import LoraModel
 from .prompt_tuning import PromptTuningModel
-from .quant import quantize
 from .training.builtin_task import SYSTEM
 from .training.devices import resolve_device, resolve_precision
 from .training.labels import HEADS, adapter_classes, is_classifier
@@ -21,7 +22,7 @@ from .training.options import TrainConfig
 from .training.saved_adapter import base_spec_for, eval_config, saved_config
 from .training.tasks import build_task, give_pad_token
 
-__all__ = ["base_model_for", "base_spec_for", "evaluate_adapter", "generate", "load_adapter_model"]
+__all__ = ["base_model_for", "base_spec_for", "evaluate_adapter", "export_adapter", "generate", "load_adapter_model"]
 
 
 def _kind(folder: str | Path) -> str:
@@ -120,17 +121,17 @@ def base_model_for(adapter: str | Path, model: str | None = None, trust_remote_c
     in 4 bits again for a QLoRA adapter, ready for the adapter's weights. For a classifier, with as many classes as
     the adapter's head and their names in its config (``id2label``); the head's weights come with the adapter."""
     classes = adapter_classes(adapter) if is_classifier(adapter) else None
+    trained = saved_config(adapter)
+    # A QLoRA adapter goes on the 4-bit base it was trained on, quantized while loading.
+    four_bit = {"quantize": trained.get("quantize"), "double_quant": trained.get("double_quant", True)}
     if classes is None:
-        net = build_model(base_spec_for(adapter, model), trust_remote_code=trust_remote_code).eval()
+        net = build_model(base_spec_for(adapter, model), trust_remote_code=trust_remote_code, **four_bit).eval()
     else:
         heads = set(HEADS) | set(read_adapter_config(Path(adapter)).get("modules_to_save") or ())
         net = build_model(base_spec_for(adapter, model), trust_remote_code=trust_remote_code,
-                          num_labels=len(classes), supplied=sorted(heads)).eval()
+                          num_labels=len(classes), supplied=sorted(heads), **four_bit).eval()
         net.config.id2label = dict(enumerate(classes))
         net.config.label2id = {name: i for i, name in enumerate(classes)}
-    trained = saved_config(adapter)
-    if trained.get("quantize"):  # a QLoRA adapter: on the 4-bit base it was trained on
-        quantize(net, trained["quantize"], double_quant=trained.get("double_quant", True))
     return net
 
 
@@ -159,3 +160,50 @@ def load_adapter_model(adapter: str | Path, model: str | None = None, trust_remo
     if is_prompt_adapter(adapter):
         return PromptTuningModel.from_pretrained(net, adapter), tokenizer
     return LoraModel.from_pretrained(net, adapter), tokenizer
+
+
+def export_adapter(adapter: str | Path, output: str | Path | None = None, *, format: str = "hf",
+                   quant: str | None = None, adapter_only: bool = False, model: str | None = None,
+                   trust_remote_code: bool = False) -> Path:
+    """Export a saved adapter (``lorakit export``): merged into its base as a Hugging Face folder or a GGUF file,
+    or (GGUF, ``adapter_only``) as a llama.cpp LoRA adapter file.
+
+    Args:
+        adapter: The adapter folder.
+        output: Where to write. Default: next to the adapter, ``<adapter>-merged`` (a folder),
+            ``<adapter>-merged-<quant>.gguf`` or ``<adapter>-lora-<quant>.gguf``. For GGUF, a path not ending in
+            ``.gguf`` is a folder to write that file name in.
+        format: ``hf`` (default) or ``gguf``.
+        quant: GGUF only: ``f16`` (default for a merged model), ``q8_0`` or ``f32`` (default for an adapter alone).
+        adapter_only: GGUF only: write the adapter alone, for ``llama-cli -m base.gguf --lora FILE``.
+        model: The base (default: the one the adapter was trained on). With the embedded default model the
+            GGUF file gets the original SmolLM2 GGUF's tokenizer; otherwise the base folder's tokenizer is described.
+        trust_remote_code: Run Python code that ships in the base model folder (``auto_map``).
+
+    Returns:
+        The folder or file written.
+    """
+    from .gguf_export import check_quant, write_gguf_adapter
+
+    if format not in FORMATS:
+        raise ValueError(f"unknown export format {format!r}; allowed: {', '.join(FORMATS)}")
+    if format == "hf" and (quant is not None or adapter_only):
+        raise ValueError("quant and adapter_only apply to format='gguf' only")
+    if format == "gguf":
+        quant = check_quant(quant or ("f32" if adapter_only else "f16"))
+    source = Path(adapter)
+    kind = "lora" if adapter_only else "merged"
+    default_name = f"{source.resolve().name}-{kind}" + (f"-{quant}.gguf" if format == "gguf" else "")
+    target = source.resolve().parent / default_name if output is None else Path(output)
+    if format == "gguf" and target.suffix != ".gguf":
+        target = target / default_name
+    net, tokenizer = load_adapter_model(source, model, trust_remote_code)
+    if not isinstance(net, LoraModel):
+        raise ValueError(f"{source} is a prompt-tuning adapter: its virtual tokens cannot be folded into weights")
+    if adapter_only:
+        return write_gguf_adapter(net, target, quant=quant)
+    if format == "gguf":
+        if base_spec_for(source, model) == "default":  # the original file's tokenizer, exactly as llama.cpp wrote it
+            tokenizer = smollm2_gguf()
+            net.model.config._name_or_path = HUB_NAME  # the file's general.name, not the cache folder's
+    return export_merged(net, target, tokenizer, format=format, quant=quant)

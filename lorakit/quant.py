@@ -46,7 +46,7 @@ def bitsandbytes() -> ModuleType:
     return bnb
 
 
-def _check_scheme(scheme: str) -> None:
+def check_scheme(scheme: str) -> None:
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantization scheme {scheme!r}; lorakit supports {', '.join(SCHEMES)}")
 
@@ -90,22 +90,15 @@ def quantize(model: nn.Module, scheme: str = "nf4", double_quant: bool = True,
             or a layer that bitsandbytes rounds far worse than 4 bits should (the model is then unchanged).
         ImportError: bitsandbytes is not installed.
     """
-    _check_scheme(scheme)
+    check_scheme(scheme)
     if any(isinstance(m, LoraLayer) for m in model.modules()):
         raise ValueError("quantize the base model before adding LoRA adapters (this model already has LoRA layers)")
     bnb = bitsandbytes()
-    heads = head_names(model)
     new: dict[str, nn.Module] = {}  # built first, swapped in at the end: an error leaves the model as it was
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or is_4bit(module) or in_head(name, heads):
-            continue
-        if name in skip or name.rsplit(".", 1)[-1] in skip:
-            continue
-        weight = module.weight.detach()  # (out, in)
-        dtype = compute_dtype or (weight.dtype if weight.is_floating_point() else torch.float32)
-        layer = linear_4bit(bnb, weight, module.bias, scheme, double_quant, dtype)
-        _check_rounding(name, weight, layer)
-        new[name] = layer.train(module.training)
+    for name in quantize_targets(model, skip):
+        module = model.get_submodule(name)
+        new[name] = quantized_linear(bnb, name, module.weight.detach(), module.bias, scheme, double_quant,
+                                     compute_dtype).train(module.training)
     if not new and not any(is_4bit(m) for m in model.modules()):
         raise ValueError(f"{type(model).__name__} has no nn.Linear layer to quantize besides its head "
                          f"(GPT-2's Conv1D layers stay in full precision)")
@@ -114,6 +107,29 @@ def quantize(model: nn.Module, scheme: str = "nf4", double_quant: bool = True,
         setattr(model.get_submodule(parent) if parent else model, child, layer)
     _release_full_precision(model)
     return model
+
+
+def quantize_targets(model: nn.Module, skip: Sequence[str] = ()) -> list[str]:
+    """The names of the layers :func:`quantize` turns into 4-bit ones: every ``nn.Linear`` (not yet 4-bit) outside
+    the output head(s) and ``skip`` (names, full or last part). Works on a model built on the meta device."""
+    heads = head_names(model)
+    return [name for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and not is_4bit(module) and not in_head(name, heads)
+            and name not in skip and name.rsplit(".", 1)[-1] not in skip]
+
+
+def quantized_linear(bnb: ModuleType, name: str, weight: torch.Tensor, bias: torch.Tensor | None, scheme: str,
+                     double_quant: bool, compute_dtype: torch.dtype | None = None) -> nn.Module:
+    """The ``Linear4bit`` that :func:`quantize` puts in place of the linear layer ``name`` with ``weight`` (out, in)
+    and ``bias``: it computes in ``compute_dtype`` (default: the weight's dtype), and its rounding error is checked.
+
+    Raises:
+        ValueError: bitsandbytes rounded the weight far worse than 4 bits should.
+    """
+    dtype = compute_dtype or (weight.dtype if weight.is_floating_point() else torch.float32)
+    layer = linear_4bit(bnb, weight, bias, scheme, double_quant, dtype)
+    _check_rounding(name, weight, layer)
+    return layer
 
 
 def _release_full_precision(model: nn.Module) -> None:
@@ -139,9 +155,21 @@ def _release_full_precision(model: nn.Module) -> None:
 
 def _check_rounding(name: str, weight: torch.Tensor, layer: nn.Module) -> None:
     """Refuse a layer that bitsandbytes rounded far worse than 4 bits should (its CPU quantizer does so for some
-    narrow layers, e.g. 32 or 96 inputs): NF4 and FP4 keep the relative L2 error near 0.1."""
-    w = weight.float()
-    error = ((dense_weight(layer) - w).norm() / w.norm().clamp_min(1e-30)).item()
+    narrow layers, e.g. 32 or 96 inputs): NF4 and FP4 keep the relative L2 error near 0.1.
+
+    The layer is dequantized once, in the weight's dtype, and compared in fp32 a block of rows at a time: whole
+    fp32 copies of a large layer (a 70B model's 28672 × 8192) would cost several GiB on top of the model while it
+    streams in (:mod:`lorakit.streaming`)."""
+    _unpack(layer)
+    state = layer.weight.quant_state
+    dense = bitsandbytes().functional.dequantize_4bit(layer.weight.data, state).reshape(state.shape)  # weight's dtype
+    rows = max(1, 2**22 // max(1, weight.shape[1]))  # 16 MiB of fp32 per block
+    squared_error = squared_norm = 0.0
+    for i in range(0, weight.shape[0], rows):
+        w = weight[i:i + rows].float()  # (rows, in)
+        squared_error += (dense[i:i + rows].float() - w).pow(2).sum().item()
+        squared_norm += w.pow(2).sum().item()
+    error = (squared_error ** 0.5) / max(squared_norm ** 0.5, 1e-30)
     if error > 0.2:
         raise ValueError(f"bitsandbytes rounded {name} (shape {list(weight.shape)}) with a relative error of "
                          f"{error:.0%} (4-bit rounding gives ~10%); leave it in full precision with "
