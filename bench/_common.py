@@ -76,6 +76,15 @@ def engine_step(model: torch.nn.Module, precision: str):
     return step
 
 
+def cpu_name() -> str:
+    """The CPU's model name, as /proc/cpuinfo gives it (every published figure names its CPU)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown CPU")
+    except OSError:
+        return "unknown CPU"
+
+
 def rss_mib() -> float:
     """This process's resident memory now, in MiB."""
     with open("/proc/self/statm") as f:

@@ -77,7 +77,8 @@ def cmd_params(args: argparse.Namespace) -> int:
         return 0
     print(result["line"])
     print()
-    header = f"{'module':<16} {'type':<10} {'weight shape':>14} {'r':>4} {'layers':>7} {'params each':>12} {'params':>13}"
+    header = (f"{'module':<16} {'type':<10} {'weight shape':>14} {'r':>4} {'layers':>7} {'params each':>12} "
+              f"{'params':>13}")
     print(header)
     print("-" * len(header))
     for row in result["targets"]:
@@ -300,6 +301,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .inference import export_adapter
+
+    if (args.quant is not None or args.adapter_only) and not args.gguf:
+        raise ValueError("--quant and --adapter-only need --gguf")
+    path = export_adapter(args.adapter, args.output, format="gguf" if args.gguf else "hf", quant=args.quant,
+                          adapter_only=args.adapter_only, model=args.model, trust_remote_code=args.trust_remote_code)
+    size = path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    print(f"lorakit export: wrote {path} ({size / 2**20:.1f} MiB)")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import build_engine, serve
 
@@ -451,11 +464,13 @@ def build_parser() -> argparse.ArgumentParser:
                                           "adapter folder's train_config.yaml supplies the task and held-out data "
                                           "unless options override them; --eval-data FILE evaluates on that file "
                                           "alone, all of it unless --max-eval says otherwise. An adapter without "
-                                          "train_config.yaml is evaluated on its recorded base and task type.")
+                                          "train_config.yaml is evaluated on its recorded base and task type. An "
+                                          "option not given keeps the training run's value; the defaults below "
+                                          "apply where the run recorded none.")
     evaluate.add_argument("adapter", help="the adapter folder (as written by lorakit train)")
     evaluate.add_argument("--config", help="a YAML file of options (default: the adapter's train_config.yaml)")
     evaluate.add_argument("--json", action="store_true", help="print every metric as JSON")
-    add_arguments(evaluate)
+    add_arguments(evaluate, "eval")  # only what evaluating reads: no optimizer, schedule or LoRA shape
     evaluate.set_defaults(func=cmd_eval)
 
     pred = sub.add_parser("predict", help="predictions of an adapter on a data file, as JSON lines",
@@ -467,7 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "file are copied as \"reference\". One JSON line per example, in file order.")
     pred.add_argument("adapter", help="the adapter folder")
     pred.add_argument("--data", required=True, help="the examples: CSV/TSV/JSON(L) for a classifier; JSON(L) or "
-                                                    ".txt prompts for a language model")
+                                                    ".txt prompts for a language model; parquet, .arrow or a "
+                                                    "save_to_disk folder (of one split) for either")
     pred.add_argument("--output", default=None, help="the JSONL file to write (default: standard output)")
     pred.add_argument("--model", default=None, help="the base (default: the one the adapter was trained on)")
     pred.add_argument("--text-field", default="sentence", help="classifier: the text column or field "
@@ -498,6 +514,26 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate (default: 128)")
     _trust_argument(gen)
     gen.set_defaults(func=cmd_generate)
+
+    exp = sub.add_parser("export", help="merge an adapter into its base: a Hugging Face folder or a GGUF file",
+                         usage="lorakit export ADAPTER [--gguf [--quant f16|q8_0|f32] [--adapter-only]] "
+                               "[--output PATH] [--model BASE]",
+                         description="Fold a saved LoRA adapter into its base model and write the result as a plain "
+                                     "Hugging Face folder, or with --gguf as one GGUF file for llama.cpp and Ollama "
+                                     "(Llama architecture). --adapter-only writes the adapter alone as a llama.cpp "
+                                     "LoRA adapter (llama-cli -m base.gguf --lora FILE).")
+    exp.add_argument("adapter", help="the adapter folder")
+    exp.add_argument("--gguf", action="store_true", help="write a GGUF file instead of a Hugging Face folder")
+    exp.add_argument("--quant", default=None, help="GGUF weights: f16 (default), q8_0 (8-bit, about half the size) "
+                                                   "or f32 (default with --adapter-only)")
+    exp.add_argument("--adapter-only", action="store_true",
+                     help="with --gguf: the adapter alone, as a llama.cpp LoRA adapter file")
+    exp.add_argument("--output", default=None, metavar="PATH",
+                     help="the folder, or for GGUF a .gguf file or a folder to put it in (default: next to the "
+                          "adapter, ADAPTER-merged, ADAPTER-merged-QUANT.gguf or ADAPTER-lora-QUANT.gguf)")
+    exp.add_argument("--model", default=None, help="the base (default: the one the adapter was trained on)")
+    _trust_argument(exp)
+    exp.set_defaults(func=cmd_export)
 
     srv = sub.add_parser(
         "serve", help="serve a base model and many adapters over OpenAI's HTTP API",
@@ -546,9 +582,25 @@ def _trust_argument(parser: argparse.ArgumentParser) -> None:
                              "refused without this option")
 
 
+def _refuse_unknown(parser: argparse.ArgumentParser, command: str, extra: list[str]) -> None:
+    """Stop with the command's own usage line (not the top-level one) for options it does not take; a training
+    option given to another command is named as such."""
+    from .training.options import command_options
+
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    training = {"--" + name.replace("_", "-") for name in command_options("train")}
+    given = [arg.split("=", 1)[0] for arg in extra if arg.startswith("--")]
+    misplaced = [flag for flag in given if command != "train" and flag in training]
+    hint = (f" ({', '.join(misplaced)}: option(s) of `lorakit train`; `lorakit {command} --help` lists what "
+            f"{command} takes)" if misplaced else "")
+    sub.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        _refuse_unknown(parser, args.command, extra)
     try:
         return args.func(args)
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly (Python docs' recipe)

@@ -1,4 +1,5 @@
-"""Exporting a merged model: a plain Hugging Face folder with the adapters folded into the weights."""
+"""Exporting a merged model: a plain Hugging Face folder, or one GGUF file for llama.cpp and Ollama, with the
+adapters folded into the weights (or, as GGUF, a LoRA adapter alone)."""
 
 from __future__ import annotations
 
@@ -60,18 +61,44 @@ def _dense(module: torch.nn.Module, weight: torch.Tensor) -> torch.Tensor:
     return weight.to(module.compute_dtype or torch.float32)
 
 
-def export_merged(model: LoraModel, save_directory: str | os.PathLike, tokenizer: Any = None,
-                  adapter_names: Sequence[str] | None = None) -> Path:
-    """Save a Hugging Face model folder with adapters ``adapter_names`` (default: the active ones) folded in.
+FORMATS = ("hf", "gguf")
 
-    ``transformers.AutoModel*.from_pretrained(save_directory)`` loads it as a plain model. The LoraModel is not
-    changed. The folder is written under a temporary name and renamed into place.
+
+def export_merged(model: LoraModel, save_directory: str | os.PathLike, tokenizer: Any = None,
+                  adapter_names: Sequence[str] | None = None, *, format: str = "hf", quant: str | None = None) -> Path:
+    """Save the model with adapters ``adapter_names`` (default: the active ones) folded in; the LoraModel is not
+    changed. Files are written under a temporary name and renamed into place.
+
+    Args:
+        model: The LoraModel.
+        save_directory: ``format="hf"``: the folder to write. ``format="gguf"``: the ``.gguf`` file, or a folder to
+            write ``model-<quant>.gguf`` in.
+        tokenizer: Saved with the model. For GGUF: a Hugging Face byte-level BPE tokenizer, or the path of a
+            ``.gguf`` file whose tokenizer is copied (e.g. :func:`lorakit.embedded_models.smollm2_gguf` for the
+            default model); None writes weights only (enough for transformers, not for llama.cpp).
+        adapter_names: The adapters to fold in (default: the active ones).
+        format: ``hf`` (default): a Hugging Face folder that ``AutoModel*.from_pretrained(folder)`` loads.
+            ``gguf``: one GGUF file for llama.cpp and Ollama (Llama architecture), which
+            ``AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)`` loads too.
+        quant: GGUF only: ``f16`` (default), ``q8_0`` (8-bit blocks of 32 with an fp16 scale) or ``f32``.
+
+    Returns:
+        The folder (``hf``) or the file (``gguf``) written.
+
+    Raises:
+        ValueError: An unknown format or quant, or (GGUF) an architecture or tokenizer it cannot write.
     """
+    if format not in FORMATS:
+        raise ValueError(f"unknown export format {format!r}; allowed: {', '.join(FORMATS)}")
+    if format == "gguf":
+        return _export_gguf(model, save_directory, tokenizer, adapter_names, "f16" if quant is None else quant)
+    if quant is not None:
+        raise ValueError(f"quant={quant!r} applies to format='gguf' only; a Hugging Face folder keeps the model's "
+                         f"dtype")
     if not hasattr(model.model, "save_pretrained"):
         raise TypeError(f"export_merged needs a Hugging Face model; {type(model.model).__name__} has no "
                         f"save_pretrained (use merge_and_unload() and save the result yourself)")
-    with model.unmerged():  # adapters already merged would be folded in twice, or when not asked for
-        state = {k: v.detach().contiguous() for k, v in merged_state_dict(model, adapter_names).items()}
+    state = _merged_tensors(model, adapter_names)
     folder = Path(save_directory)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_folder(folder.parent, f".{folder.name}.")
@@ -85,3 +112,20 @@ def export_merged(model: LoraModel, save_directory: str | os.PathLike, tokenizer
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def _merged_tensors(model: LoraModel, adapter_names: Sequence[str] | None) -> dict[str, torch.Tensor]:
+    with model.unmerged():  # adapters already merged would be folded in twice, or when not asked for
+        return {k: v.detach().contiguous() for k, v in merged_state_dict(model, adapter_names).items()}
+
+
+def _export_gguf(model: LoraModel, save_to: str | os.PathLike, tokenizer: Any,
+                 adapter_names: Sequence[str] | None, quant: str) -> Path:
+    from .gguf_export import check_architecture, check_quant, write_gguf_model
+
+    check_quant(quant)  # before the merge: a typo or an architecture GGUF export lacks answers at once
+    check_architecture(model.model)
+    path = Path(save_to)
+    if path.suffix != ".gguf":
+        path = path / f"model-{quant}.gguf"
+    return write_gguf_model(model.model, _merged_tensors(model, adapter_names), path, tokenizer, quant)

@@ -129,7 +129,7 @@ def temporary_folder(parent: Path, prefix: str) -> Path:
     return tmp
 
 
-def _atomic_write(path: Path, write: Any) -> None:
+def atomic_write(path: Path, write: Any) -> None:
     """Write through ``write(tmp_path)`` into a temporary file next to ``path``, then rename it into place.
 
     The file gets the permissions a plain ``open`` gives (``tempfile`` makes private 0600 files)."""
@@ -154,8 +154,8 @@ def write_adapter_files(folder: Path, config: dict[str, Any], tensors: dict[str,
                         metadata: dict[str, str] | None = None) -> None:
     """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into ``folder``, each atomically."""
     data = safetensors_bytes(tensors, metadata or {"format": "pt"})
-    _atomic_write(folder / WEIGHTS_NAME, lambda tmp: Path(tmp).write_bytes(data))
-    _atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write(folder / WEIGHTS_NAME, lambda tmp: Path(tmp).write_bytes(data))
+    atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
 
 
 def save_adapters(model: LoraModel, save_directory: str | os.PathLike, adapter_names: Sequence[str] | None = None,
@@ -214,7 +214,8 @@ def _convert_to_lora(lora_config: LoraConfig, config: dict[str, Any], tensors: d
     """PEFT's PiSSA → LoRA conversion of one adapter's config and tensors (see :func:`save_adapters`)."""
     if lora_config.use_rslora and (lora_config.rank_pattern or lora_config.alpha_pattern):
         raise ValueError("path_initial_model_for_weight_conversion does not work with use_rslora together with "
-                         "rank_pattern or alpha_pattern (the doubled rank would change the scaling; PEFT refuses it too)")
+                         "rank_pattern or alpha_pattern (the doubled rank would change the scaling; PEFT refuses it "
+                         "too)")
     if lora_config.use_dora:
         raise ValueError("path_initial_model_for_weight_conversion cannot convert a DoRA adapter: its magnitude "
                          "vector is not a difference of two low-rank updates")

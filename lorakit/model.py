@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +25,7 @@ from .inject import ModulesToSave, inject, set_submodule
 from .io import check_fits, copy_in, read_adapter, save_adapters
 from .layers import LoraLayer, is_4bit
 from .mixed import check_rows, copies_per_row, expand_for_generation, routing_for
+from .model_card import write_model_card
 from .quant import MergeReport, default_probe, keep_autograd_path, logits, merge_4bit
 from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 
@@ -341,7 +344,8 @@ class LoraModel(nn.Module):
     def print_trainable_parameters(self) -> None:
         """Print PEFT's line: ``trainable params: … || all params: … || trainable%: …``."""
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / total:.4f}")
 
     # -- merging -----------------------------------------------------------------------------------------
 
@@ -427,15 +431,42 @@ class LoraModel(nn.Module):
 
     def save_pretrained(self, save_directory: str | os.PathLike, adapter_names: Sequence[str] | None = None,
                         base_model_name_or_path: str | None = None,
-                        path_initial_model_for_weight_conversion: str | os.PathLike | None = None) -> None:
+                        path_initial_model_for_weight_conversion: str | os.PathLike | None = None, *,
+                        selected_adapters: Sequence[str] | None = None, safe_serialization: bool = True,
+                        is_main_process: bool = True, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Write adapters in PEFT's format (``adapter_config.json`` + ``adapter_model.safetensors``): ``default``
-        in ``save_directory``, any other name in ``save_directory/<name>``.
+        in ``save_directory``, any other name in ``save_directory/<name>``; then a model card, ``README.md``, in
+        ``save_directory``, as PEFT writes one (a ``README.md`` of the user's keeps its text; see
+        :mod:`lorakit.model_card`).
 
         ``path_initial_model_for_weight_conversion``: the folder of a PiSSA (or OLoRA, CorDA) adapter saved right
         after its initialization; the trained adapter is then written as an ordinary LoRA adapter of twice the
-        rank for the *original* base (PEFT's conversion, see :func:`lorakit.io.save_adapters`)."""
+        rank for the *original* base (PEFT's conversion, see :func:`lorakit.io.save_adapters`).
+
+        The keyword arguments PEFT's ``save_pretrained`` takes and Hugging Face's Trainer passes are accepted:
+        ``selected_adapters`` (PEFT's name for ``adapter_names``), ``is_main_process`` (False: write nothing, as on
+        the other ranks of a distributed run). ``safe_serialization=False`` (pickle) and a ``state_dict`` gathered
+        by DeepSpeed or FSDP are refused: lorakit writes safetensors from the model's own adapter tensors."""
+        if not safe_serialization:
+            raise ValueError("safe_serialization=False asks for a pickle file; lorakit writes only "
+                             "adapter_model.safetensors")
+        if state_dict is not None:
+            raise ValueError("save_pretrained(state_dict=...) is not supported: lorakit saves the adapters from the "
+                             "model's own tensors (a state_dict is passed by DeepSpeed / FSDP saving, which lorakit's "
+                             "Trainer integration does not support)")
+        if selected_adapters is not None:
+            if adapter_names is not None:
+                raise ValueError("pass adapter_names or selected_adapters (PEFT's name for it), not both")
+            adapter_names = selected_adapters
+        if not is_main_process:
+            return
         save_adapters(self, save_directory, adapter_names, base_model_name_or_path,
                       path_initial_model_for_weight_conversion)
+        try:  # the card is documentation: the adapter files are saved whole either way
+            write_model_card(save_directory, names=list(self.peft_config) if adapter_names is None else adapter_names)
+        except OSError as err:
+            warnings.warn(f"the adapters are saved in {save_directory}, but its model card README.md could not be "
+                          f"written ({err})", stacklevel=2)
 
     def load_adapter(self, path: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False,
                      allow_pickle: bool = False, force: bool = False) -> None:
@@ -479,9 +510,12 @@ class LoraModel(nn.Module):
         return lora
 
     def export_merged(self, save_directory: str | os.PathLike, tokenizer: Any = None,
-                      adapter_names: Sequence[str] | None = None) -> None:
-        """Save a plain Hugging Face model folder with the adapters folded in; this model stays as it is."""
-        export_merged(self, save_directory, tokenizer, adapter_names)
+                      adapter_names: Sequence[str] | None = None, *, format: str = "hf",
+                      quant: str | None = None) -> Path:
+        """Save the model with the adapters folded in, as a Hugging Face folder (``format="hf"``) or one GGUF file
+        (``format="gguf"``, ``quant`` f16, q8_0 or f32); this model stays as it is. See
+        :func:`lorakit.export.export_merged`."""
+        return export_merged(self, save_directory, tokenizer, adapter_names, format=format, quant=quant)
 
     def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
                              combination_type: str = "svd", svd_rank: int | None = None,

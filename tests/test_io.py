@@ -73,7 +73,7 @@ def test_file_layout_and_keys_are_peft_s(tmp_path):
     model = trained_lora(tiny_llama, dict(r=2, target_modules=["embed_tokens", "q_proj"]))
     model.add_adapter("second", LoraConfig(r=2, target_modules=["v_proj"], use_dora=True))
     model.save_pretrained(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors", "second"]
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "second"]
     with safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as f:
         keys = set(f.keys())
         meta = f.metadata()
@@ -252,7 +252,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(tmp_path)
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == before
-    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
 
 
 def test_serve_safety_warning_for_full_embedding_or_head_weights(tmp_path):

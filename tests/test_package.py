@@ -19,9 +19,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lorakit"
 LEVELS: list[set[str]] = [
     # 0. the core: LoRA itself, its files and its 4-bit base. Imports only torch and safetensors.
     {"config", "process_memory", "layer_base", "layers", "conv_layers", "trainable_tokens", "mixed", "inject", "quant",
-     "combine", "status", "fingerprint", "io", "export", "model"},
+     "combine", "status", "fingerprint", "io", "model_card", "export", "gguf_export", "model"},
     # 1. tools on top of the core
-    {"prompt_tuning", "svd", "calc", "embedded_models"},
+    {"prompt_tuning", "svd", "calc", "hf", "embedded_models", "streaming", "hf_compat"},
     # 2. the trainer
     {"training"},
     # 3. what uses trained adapters or runs the trainer
@@ -30,7 +30,10 @@ LEVELS: list[set[str]] = [
     {"cli", "__main__"},
 ]
 LEVEL = {name: i for i, names in enumerate(LEVELS) for name in names}
-CORE_THIRD_PARTY = {"torch", "safetensors", "bitsandbytes"}  # bitsandbytes: imported by quant only when used
+# torch, safetensors and pyyaml are lorakit's dependencies (yaml: the model card's header). bitsandbytes is imported
+# by quant only when used; gguf (and numpy, its arrays) by gguf_export only when writing a GGUF file, and gguf_export
+# itself only when one is asked for.
+CORE_THIRD_PARTY = {"torch", "safetensors", "yaml", "bitsandbytes", "gguf", "numpy"}
 
 
 def _module_name(path: Path) -> str:
@@ -129,7 +132,7 @@ def test_no_module_imports_a_private_name_of_another():
     assert not private, private
 
 
-def test_the_core_imports_only_torch_and_safetensors():
+def test_the_core_imports_only_its_dependencies():
     stdlib = set(sys.stdlib_module_names) | {"__future__"}
     for name in LEVELS[0]:
         outside = {dep.split(".")[0] for dep in _imports(PACKAGE / f"{name}.py")

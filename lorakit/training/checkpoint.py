@@ -129,15 +129,27 @@ def has_finite_weights(path: Path) -> bool:
 
 
 def file_digests(paths: list[str | None]) -> dict[str, str]:
-    """SHA-256 of each data file a run reads (by its resolved path), so a resume can refuse changed data."""
+    """SHA-256 of each data file a run reads (by its resolved path), so a resume can refuse changed data. A folder
+    (a ``datasets`` ``save_to_disk`` folder) gets one digest over its files' names and contents."""
     digests = {}
     for path in paths:
-        if path is not None and Path(path).is_file():
-            sha = hashlib.sha256()
-            with open(path, "rb") as f:
+        if path is None:
+            continue
+        path = Path(path)
+        if path.is_file():
+            files = [path]
+        elif path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file())
+        else:
+            continue
+        sha = hashlib.sha256()
+        for file in files:
+            if file != path:
+                sha.update(str(file.relative_to(path)).encode() + b"\0")
+            with open(file, "rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):
                     sha.update(block)
-            digests[str(Path(path).resolve())] = sha.hexdigest()
+        digests[str(path.resolve())] = sha.hexdigest()
     return digests
 
 

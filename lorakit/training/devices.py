@@ -164,7 +164,7 @@ def decide_precision(name: str, device: torch.device, shapes: list[Shape] | None
     shapes = list(shapes or DEFAULT_SHAPES)
     cache = cache or default_cache()
     key = machine_key(device, shapes)
-    known = _read_cache(cache)
+    known = read_cache(cache)
     if key in known:
         fp32_s, bf16_s = known[key]["fp32_s"], known[key]["bf16_s"]
         where = f"measured earlier on this machine ({cache})"
@@ -183,7 +183,7 @@ def decide_precision(name: str, device: torch.device, shapes: list[Shape] | None
     return Precision(chosen, reason, fp32_s * 1e3, bf16_s * 1e3)
 
 
-def _read_cache(path: Path) -> dict[str, Any]:
+def read_cache(path: Path) -> dict[str, Any]:
     try:
         known = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):  # absent or damaged: measure again

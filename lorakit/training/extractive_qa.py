@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import DataError, existing_file, pad_encodings, read_records, read_text
+from .data import DataError, DataSource, data_source, existing_file, locate, pad_encodings, read_records, read_text
 
 MAX_ANSWER_TOKENS = 30  # longer spans are not considered (transformers' run_qa default)
 N_BEST = 20  # start and end candidates per window
@@ -58,7 +58,7 @@ class Window:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def read_squad(path: str | Path) -> list[Question]:
+def read_squad(path: str | Path | DataSource) -> list[Question]:
     """The questions of a SQuAD file: the official JSON (``{"data": [{"paragraphs": [{"context", "qas"}]}]}``,
     versions 1.1 and 2.0) or JSONL/JSON records ``{"id", "question", "context", "answers"}`` whose ``answers`` is
     a list of ``{"text", "answer_start"}`` (or Hugging Face datasets' ``{"text": [...], "answer_start": [...]}``).
@@ -67,6 +67,8 @@ def read_squad(path: str | Path) -> list[Question]:
         DataError: A missing or mistyped field, or an answer that is not at its ``answer_start`` in the context
             (naming the file and the row: its line, or its place in the official JSON and its id).
     """
+    if data_source(path).is_arrow:  # parquet, Arrow, save_to_disk: records as in JSONL, one per row
+        return [_question(r, r.get("context"), locate(path, row), str(row)) for row, r in read_records(path)]
     path = existing_file(path)
     text = read_text(path)
     document = None

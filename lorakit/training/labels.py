@@ -16,7 +16,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from ..io import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config, read_json_object
-from .data import DataError
+from .data import DataError, DataSource, locate
 from .options import TrainConfig
 
 LABELS_NAME = "labels.json"
@@ -128,7 +128,7 @@ def map_labels(rows: Sequence[tuple[int, str, str]], mapping: dict[str, str]) ->
     return [(line, text, mapping.get(label, label)) for line, text, label in rows]
 
 
-def check_labels(rows: Sequence[tuple[int, str, str]], path: str | Path, classes: Sequence[str],
+def check_labels(rows: Sequence[tuple[int, str, str]], path: str | Path | DataSource, classes: Sequence[str],
                  mapping: dict[str, str]) -> None:
     """Every label of ``rows`` (already mapped) must be one of ``classes``; else an error naming the file, the line,
     the label, the classes and how to map them.
@@ -145,6 +145,6 @@ def check_labels(rows: Sequence[tuple[int, str, str]], path: str | Path, classes
     for line, _, label in rows:
         if label not in allowed:
             found = sorted({lab for _, _, lab in rows} - allowed)
-            raise DataError(f"{path}:{line}: label {label!r} is not one of the classes ({', '.join(classes)}); "
+            raise DataError(f"{locate(path, line)}: label {label!r} is not one of the classes ({', '.join(classes)}); "
                             f"the file's labels that are not classes: {', '.join(found)}. Map them with "
                             f"--label-map FILE_LABEL=CLASS,… (for instance --label-map {found[0]}=CLASS,…)")

@@ -33,6 +33,7 @@ import torch.distributed as dist
 import yaml
 from torch import nn
 
+from ..model_card import write_model_card
 from ..process_memory import map_large_allocations, peak_rss_mib, reset_peak_rss, return_freed_memory
 from .checkpoint import (
     checkpoints,
@@ -47,12 +48,15 @@ from .checkpoint import (
 from .devices import Processes, model_shapes, resolve_device, run_precision, start_processes
 from .fsdp import check_fsdp, full_bytes, full_optimizer_state, gathered, grad_norm, local_bytes, shard
 from .loraplus import loraplus_param_groups
-from .metrics_log import MetricsLog, plot_loss
+from .metrics_log import MetricsLog, plot_loss, summary_writer_class
 from .options import TrainConfig
+from .preflight import preflight
 from .saved_adapter import with_init_adapter
 from .tasks import Task, build_task
 
 RESUMABLE_CHANGES = {"resume", "progress", "low_memory", "save_every", "keep_checkpoints", "eval_every", "max_eval",
+                     "report_to",  # where the metrics are also written, not what is trained
+                     "preflight",  # a check before loading, not part of the run
                      "output_dir",  # the run folder was moved: its checkpoints came along (they are found in it)
                      "eval_batch_size"}
 # May change on resume (to recover from a diverged run), at the price of bit-identity with an uninterrupted run.
@@ -162,6 +166,9 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
         map_large_allocations()
     procs = start_processes(device)
     check_fsdp(config, procs.world, device)
+    if config.report_to == "tensorboard" and procs.main:
+        summary_writer_class()  # TensorBoard missing: said now, not after the model has loaded
+    preflight(config, device, procs)  # before loading anything: a run that cannot fit stops here, in seconds
     chosen = run_precision(config.precision, device, model_shapes(config.model, config.trust_remote_code,
                                                                   config.batch_size * config.max_length), procs)
     precision = chosen.name
@@ -199,7 +206,7 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
     data_digests = file_digests([config.data, config.eval_data])  # read once; every checkpoint records them
 
     start = resume(config, ckpt_root, procs, model, optimizer, scheduler, total, data_digests)
-    log = MetricsLog(out / "metrics.jsonl", enabled=procs.main)
+    log = MetricsLog(out / "metrics.jsonl", enabled=procs.main, report_to=config.report_to)
     log.start(start.step if start.checkpoint else None)
     before = start.before
     if before is None:
@@ -291,6 +298,7 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
         saved_bytes = task.save(model, out) if procs.main else 0
     if procs.main:
         log.write({"step": total, "eval": after})
+        log.close()
         task.config.save_yaml(out / "train_config.yaml")  # with what the task resolved (a classifier's labels)
         png = plot_loss(log.records, out / "loss_curve.png", f"{config.method} on {task.name}")
         result = summarize(config, task, precision=precision, device=device, procs=procs, steps=total,
@@ -301,6 +309,7 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
                       param_bytes_per_process=param_bytes, peak_rss_mib_per_process=peak_rss,
                       peak_gpu_mib=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None)
         (out / "summary.json").write_text(json.dumps(result, indent=2))
+        write_model_card(out, training={"config": task.config.to_dict(), "summary": result})  # now with the metrics
     procs.barrier()
     return result
 

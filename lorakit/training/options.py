@@ -27,8 +27,27 @@ DEVICES = ("auto", "cpu", "cuda")
 BUILTIN_STEPS = 40  # the built-in task passes 90% exact match after ~30 (see README)
 
 
-def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices})
+REPORTERS = ("none", "tensorboard")
+# The sections of `lorakit train --help`, in the order shown.
+GROUPS = ("model", "data", "method and LoRA", "optimization", "memory and devices", "evaluation",
+          "output, checkpoints and logging")
+TRAIN = ("train",)
+EVAL = ("train", "eval")  # options `lorakit eval` reads as well (see evaluate_adapter and build_task)
+
+
+def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, *, group: str | None = None,
+         commands: tuple[str, ...] = TRAIN) -> Any:
+    """A TrainConfig field with its ``--help`` text and allowed values.
+
+    Args:
+        group: The section of ``lorakit train --help`` it is listed in (one of :data:`GROUPS`); a field without one
+            is listed in the section of the field above it.
+        commands: The commands that take it as an option: ``lorakit train`` only, or :data:`EVAL` for the options
+            evaluating a saved adapter reads too. ``lorakit eval --help`` lists only those, and refuses the others.
+    """
+    if group is not None and group not in GROUPS:
+        raise ValueError(f"group={group!r} is not one of {GROUPS}")
+    return field(default=default, metadata={"help": help, "choices": choices, "group": group, "commands": commands})
 
 
 @dataclass
@@ -37,24 +56,34 @@ class TrainConfig:
 
     # What to train on
     model: str = _opt("default", "'default' (SmolLM2-135M-Instruct, embedded), 'minilm' (all-MiniLM-L6-v2 encoder, "
-                                 "embedded) or a Hugging Face model folder")
+                                 "embedded) or a Hugging Face model folder", group="model", commands=EVAL)
     task: str = _opt("builtin", "builtin (the built-in order-to-JSON task, generated), causal_lm (Alpaca/chat/text "
                                 "JSON(L) or .txt), seq_cls (text + label from CSV/TSV/JSONL), seq2seq (input + target "
                                 "JSONL, encoder-decoder models), qa (extractive QA on SQuAD JSON) or token_cls (tokens "
-                                "+ tags JSONL)", TASKS)
-    data: str | None = _opt(None, "training file (needed by every task but the built-in one, which has none)")
-    eval_data: str | None = _opt(None, "held-out file (default: the last --eval-fraction of --data)")
-    eval_fraction: float = _opt(0.05, "share of --data held out when there is no --eval-data")
-    max_eval: int = _opt(200, "evaluate on at most this many held-out examples (0: all)")
-    text_field: str = _opt("sentence", "seq_cls: the text column or field")
-    label_field: str = _opt("label", "seq_cls: the label column or field")
-    labels: list[str] | None = _opt(None, "seq_cls: the label names in class order (default: the sorted labels "
-                                          "of --data, or the classes of --init-adapter)")
+                                "+ tags JSONL)", TASKS, group="data", commands=EVAL)
+    data: str | None = _opt(None, "training file or folder: JSON(L), CSV/TSV, .txt, parquet, .arrow, or a folder "
+                                  "written by datasets' save_to_disk (needed by every task but the built-in one)",
+                            commands=EVAL)
+    eval_data: str | None = _opt(None, "held-out file or folder, in the formats of --data (default: the last "
+                                       "--eval-fraction of --data)", commands=EVAL)
+    split: str | None = _opt(None, "--data is a folder saved from a DatasetDict (datasets' save_to_disk): the split "
+                                   "to train on (default: train)", commands=EVAL)
+    eval_split: str | None = _opt(None, "--eval-data is a folder saved from a DatasetDict: the split to evaluate on "
+                                        "(default: validation, else test)", commands=EVAL)
+    eval_fraction: float = _opt(0.05, "share of --data held out when there is no --eval-data", commands=EVAL)
+    max_eval: int = _opt(200, "evaluate on at most this many held-out examples (0: all)", commands=EVAL)
+    text_field: str = _opt("sentence", "seq_cls: the text column or field", commands=EVAL)
+    label_field: str = _opt("label", "seq_cls: the label column or field", commands=EVAL)
+    labels: list[str] | None = _opt(None, "seq_cls: the label names in class order (default: the classes of the "
+                                          "adapter it starts from, else the sorted labels of the data)",
+                                    commands=EVAL)
     label_map: list[str] | None = _opt(None, "seq_cls: FILE_LABEL=CLASS pairs that map a data file's labels onto the "
-                                             "classes, e.g. neg=0,pos=1 (default: the labels must be the classes)")
+                                             "classes, e.g. neg=0,pos=1 (default: the labels must be the classes)",
+                                       commands=EVAL)
     # What to train
     method: str = _opt("lora", "lora (an adapter on the frozen base), full (every parameter) or prompt (prompt "
-                               "tuning: --num-virtual-tokens trainable input embeddings, the model frozen)", METHODS)
+                               "tuning: --num-virtual-tokens trainable input embeddings, the model frozen)", METHODS,
+                      group="method and LoRA")
     num_virtual_tokens: int = _opt(20, "prompt tuning: virtual tokens in front of every example")
     r: int = _opt(8, "LoRA rank")
     lora_alpha: float = _opt(16.0, "LoRA alpha; the update is scaled by alpha / r")
@@ -63,15 +92,17 @@ class TrainConfig:
                                             "(default: all-linear for language models, the architecture's PEFT "
                                             "default for the other tasks, e.g. query,value for BERT, q,v for T5)")
     trust_remote_code: bool = _opt(False, "run Python code that ships in the model folder (auto_map in its "
-                                          "config.json); refused without this option")
+                                          "config.json); refused without this option", group="model", commands=EVAL)
     init_adapter: str | None = _opt(None, "start from this saved LoRA adapter (its rank, targets and head) "
-                                          "instead of a new one, and train it further on --data")
+                                          "instead of a new one, and train it further on --data",
+                                    group="method and LoRA")
     quantize: str | None = _opt(None, "QLoRA: hold the base's linear layers in 4 bits (bitsandbytes nf4 or fp4; "
-                                      "the adapter still trains in fp32)", SCHEMES)
-    double_quant: bool = _opt(True, "with --quantize: quantize the per-block scales too (--no-double-quant)")
+                                      "the adapter still trains in fp32)", SCHEMES, group="model", commands=EVAL)
+    double_quant: bool = _opt(True, "with --quantize: quantize the per-block scales too (--no-double-quant)",
+                              commands=EVAL)
     # How
     steps: int | None = _opt(None, f"optimizer steps (default: {BUILTIN_STEPS} for the built-in task, else "
-                                   f"--epochs over the data)")
+                                   f"--epochs over the data)", group="optimization")
     epochs: float = _opt(1.0, "passes over the data when --steps is not given")
     batch_size: int = _opt(8, "examples per micro-batch on each process")
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
@@ -83,26 +114,34 @@ class TrainConfig:
     schedule: str = _opt("linear", "learning-rate decay after warmup", SCHEDULES)
     warmup_steps: int = _opt(10, "steps of linear warmup (step s of w runs at (s+1)/(w+1) of --lr)")
     max_grad_norm: float = _opt(1.0, "clip the gradient norm to this (0: no clipping)")
-    max_length: int = _opt(512, "tokens per example (longer ones are cut) and per packed row")
+    max_length: int = _opt(512, "tokens per example (longer ones are cut) and per packed row", group="data",
+                           commands=EVAL)
     packing: bool = _opt(True, "causal LM: pack examples into rows without padding (--no-packing to pad)")
-    grad_checkpointing: bool = _opt(False, "recompute activations in the backward pass (less memory, ~30%% slower)")
+    grad_checkpointing: bool = _opt(False, "recompute activations in the backward pass (less memory, ~30%% slower)",
+                                    group="memory and devices")
     low_memory: bool = _opt(False, "CPU: give memory freed within a step back to the system at once (glibc): "
                                    "~20%% lower peak RSS, ~40%% slower steps")
+    preflight: bool = _opt(True, "estimate the peak memory from the model's config before loading anything and stop "
+                                 "if it will not fit, with the changes that would (--no-preflight to skip)")
     precision: str = _opt("auto", "bf16 autocast or fp32; auto: whichever runs the model's matrix products faster "
-                                  "here, measured once per machine (~50 ms) and cached", PRECISIONS)
-    device: str = _opt("auto", "auto: CUDA when present, else CPU", DEVICES)
+                                  "here, measured once per machine (~50 ms) and cached", PRECISIONS, commands=EVAL)
+    device: str = _opt("auto", "auto: CUDA when present, else CPU", DEVICES, commands=EVAL)
     fsdp: bool = _opt(False, "under torchrun: shard the model across the processes (FSDP2), each holding ~1/N of "
                              "the weights, instead of a whole copy each (DDP)")
-    seed: int = _opt(0, "seed of data order, initialisation and dropout")
+    seed: int = _opt(0, "seed of data order, initialisation and dropout", group="optimization")
     # Evaluation, checkpoints, output
-    eval_every: int = _opt(0, "evaluate every N steps as well as before and after training (0: only then)")
-    max_new_tokens: int = _opt(48, "exact-match evaluation: tokens to generate per answer")
-    eval_batch_size: int = _opt(50, "examples per evaluation batch")
-    save_every: int = _opt(0, "write a resumable checkpoint every N steps (0: none)")
+    eval_every: int = _opt(0, "evaluate every N steps as well as before and after training (0: only then)",
+                           group="evaluation")
+    max_new_tokens: int = _opt(48, "exact-match evaluation: tokens to generate per answer", commands=EVAL)
+    eval_batch_size: int = _opt(50, "examples per evaluation batch", commands=EVAL)
+    save_every: int = _opt(0, "write a resumable checkpoint every N steps (0: none)",
+                           group="output, checkpoints and logging")
     keep_checkpoints: int = _opt(2, "checkpoints to keep (the newest)")
     resume: bool = _opt(False, "continue from the newest checkpoint in --output-dir")
     output_dir: str = _opt("runs/train", "where the adapter, config, metrics log and loss curve go")
-    progress: bool = _opt(True, "show a progress bar (--no-progress to hide it)")
+    report_to: str = _opt("none", "also write the metrics log's scalars as TensorBoard event files in "
+                                  "OUTPUT_DIR/runs (needs pip install 'lorakit[tensorboard]')", REPORTERS)
+    progress: bool = _opt(True, "show a progress bar (--no-progress to hide it)", commands=EVAL)
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -113,8 +152,8 @@ class TrainConfig:
             value = getattr(self, f.name)
             if choices and value is not None and value not in choices:
                 raise ValueError(f"{f.name}={value!r} is not allowed; choose one of {', '.join(choices)}")
-        positive = ("r", "num_virtual_tokens", "batch_size", "grad_accum", "max_length", "max_new_tokens", "eval_batch_size",
-                    "keep_checkpoints")
+        positive = ("r", "num_virtual_tokens", "batch_size", "grad_accum", "max_length", "max_new_tokens",
+                    "eval_batch_size", "keep_checkpoints")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be at least 1")
@@ -151,6 +190,9 @@ class TrainConfig:
             raise ValueError("--data is for --task causal_lm or seq_cls; the built-in task generates its own data")
         if self.task != "builtin" and self.data is None:
             raise ValueError(f"--task {self.task} needs --data (a training file)")
+        if self.eval_split is not None and self.eval_data is None:
+            raise ValueError(f"--eval-split {self.eval_split} picks a split of --eval-data, which is not given (to "
+                             f"evaluate on another split of the --data folder, pass that folder as --eval-data too)")
 
     def total_steps(self, batches_per_epoch: int) -> int:
         """Optimizer steps of the run: ``steps``, else ``epochs`` over ``batches_per_epoch`` micro-batches."""
@@ -248,25 +290,49 @@ def _base_type(annotation: Any) -> Any:
     return typing.get_origin(annotation) or annotation
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One ``--option`` per TrainConfig field, with its help text. Options not given stay out of the namespace,
-    so that a YAML file's values are only overridden by what the user typed."""
-    hints = typing.get_type_hints(TrainConfig)
+def option_groups() -> dict[str, str]:
+    """The ``--help`` section of each TrainConfig field, by name (a field without one joins the one above it)."""
+    groups, current = {}, GROUPS[0]
     for f in dataclasses.fields(TrainConfig):
+        current = f.metadata.get("group") or current
+        groups[f.name] = current
+    return groups
+
+
+def command_options(command: str) -> list[str]:
+    """The TrainConfig fields ``lorakit <command>`` takes as options, in field order."""
+    return [f.name for f in dataclasses.fields(TrainConfig) if command in f.metadata.get("commands", TRAIN)]
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str = "train") -> None:
+    """One ``--option`` per TrainConfig field that ``command`` uses (see :func:`command_options`), with its help
+    text, in the sections of :data:`GROUPS`. Options not given stay out of the namespace, so that a YAML file's
+    values are only overridden by what the user typed."""
+    hints = typing.get_type_hints(TrainConfig)
+    names = command_options(command)
+    if not names:
+        raise ValueError(f"no TrainConfig option is marked for command {command!r}")
+    groups = option_groups()
+    sections = {title: parser.add_argument_group(title) for title in GROUPS
+                if any(groups[name] == title for name in names)}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in names:
+            continue
+        section = sections[groups[f.name]]
         flag = "--" + f.name.replace("_", "-")
         kind = _base_type(hints[f.name])
         help_text = f.metadata["help"]
         if "default" not in help_text:
             help_text += f" (default: {f.default})"
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=help_text)
+            section.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                 help=help_text)
         elif kind is list:
-            parser.add_argument(flag, type=lambda s: [v.strip() for v in s.split(",")], default=argparse.SUPPRESS,
-                                help=help_text + ", comma-separated")
+            section.add_argument(flag, type=lambda s: [v.strip() for v in s.split(",")], default=argparse.SUPPRESS,
+                                 help=help_text + ", comma-separated")
         else:
-            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, choices=f.metadata.get("choices"),
-                                help=help_text)
+            section.add_argument(flag, type=kind, default=argparse.SUPPRESS, choices=f.metadata.get("choices"),
+                                 help=help_text)
 
 
 def typed_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import IGNORE, DataError, read_records
+from .data import IGNORE, DataError, DataSource, locate, read_records
 from .metrics import run_eval
 
 INPUT_FIELD, TARGET_FIELD = "input", "target"
@@ -37,7 +37,7 @@ class Pair:
         return len(self.input_ids) + len(self.labels)
 
 
-def read_pairs(path: str | Path) -> list[tuple[int, str, str]]:
+def read_pairs(path: str | Path | DataSource) -> list[tuple[int, str, str]]:
     """``(line, input, target)`` of a JSONL file (or a JSON array) of ``{"input": ..., "target": ...}`` records.
 
     Raises:
@@ -47,10 +47,10 @@ def read_pairs(path: str | Path) -> list[tuple[int, str, str]]:
     for lineno, record in read_records(path):
         for field in (INPUT_FIELD, TARGET_FIELD):
             if field not in record:
-                raise DataError(f"{path}:{lineno}: missing field {field!r} (fields: {', '.join(record)}); a seq2seq "
-                                f"record is {{\"input\": ..., \"target\": ...}}")
+                raise DataError(f"{locate(path, lineno)}: missing field {field!r} (fields: {', '.join(record)}); a "
+                                f"seq2seq record is {{\"input\": ..., \"target\": ...}}")
             if not isinstance(record[field], str) or not record[field].strip():
-                raise DataError(f"{path}:{lineno}: {field!r} must be a non-empty string, got {record[field]!r}")
+                raise DataError(f"{locate(path, lineno)}: {field!r} must be a non-empty string, got {record[field]!r}")
         rows.append((lineno, record[INPUT_FIELD], record[TARGET_FIELD]))
     return rows
 

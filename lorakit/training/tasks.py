@@ -29,8 +29,10 @@ from ..io import WEIGHTS_NAME, is_prompt_adapter
 from ..model import LoraModel, get_lora_model
 from ..prompt_tuning import PromptTuningModel
 from ..quant import quantize
+from ..streaming import checkpoint_dtype, has_safetensors, load_checkpoint, model_config
 from .builtin_task import builtin_orders
-from .data import IGNORE, Example, existing_file, load_causal_lm, pack_batch, pad_batch, read_table, tokenize_chat
+from .data import (IGNORE, DataSource, Example, eval_source, existing_file, load_causal_lm, pack_batch, pad_batch,
+                   read_table, tokenize_chat, train_source)
 from .extractive_qa import best_answers, collate_windows, make_windows, qa_logits, qa_loss, read_squad, span_loss
 from .labels import HEADS, adapter_classes, check_labels, map_labels, parse_label_map, save_labels
 from .loss import causal_lm_loss, classification_loss
@@ -121,6 +123,9 @@ def build_task(config: TrainConfig, device: torch.device, precision: str, adapte
     # With bf16 autocast a frozen base is kept in bf16 (its weights are not cast again at every step);
     # trainable weights stay fp32 (LoRA adapters are created in fp32; full fine-tuning keeps fp32 masters).
     base_dtype = torch.bfloat16 if precision == "bf16" and config.method in ("lora", "prompt") else torch.float32
+    if config.method in ("lora", "prompt") and config.precision != "fp32" and config.model != "default" \
+            and checkpoint_dtype(model_source(config.model, config.trust_remote_code)) == torch.bfloat16:
+        base_dtype = torch.bfloat16  # a bf16 checkpoint's frozen base stays bf16 (no fp32 copy) unless fp32 is asked
     if adapter is None and config.init_adapter is not None and not evaluate_only:
         start = Start(config.init_adapter, trainable=True)
     else:
@@ -145,7 +150,7 @@ def check_before_loading(config: TrainConfig, start: Start = Start()) -> None:
             existing_file(path)
     if config.method == "lora" and start.adapter is None:
         task_type = PEFT_TASK_TYPES[config.task]
-        find_targets(_meta_model(config, task_type), _lora_config(config, task_type))
+        find_targets(meta_model_of(config, task_type), lora_config_of(config, task_type))
 
 
 class CausalLMTask(Task):
@@ -167,13 +172,13 @@ class CausalLMTask(Task):
                                  f"at least {max(len(e) for e in self.train)}")
             self.name = "the built-in order-to-JSON task"
         elif start.evaluate_only and config.eval_data:
-            self.train, eval_examples = [], load_causal_lm(config.eval_data, tokenizer, config.max_length)
+            self.train, eval_examples = [], load_causal_lm(eval_source(config), tokenizer, config.max_length)
             self.name = Path(config.eval_data).name
         else:
-            examples = load_causal_lm(config.data, tokenizer, config.max_length)
+            examples = load_causal_lm(train_source(config), tokenizer, config.max_length)
             if config.eval_data:
                 self.train = examples
-                eval_examples = load_causal_lm(config.eval_data, tokenizer, config.max_length)
+                eval_examples = load_causal_lm(eval_source(config), tokenizer, config.max_length)
             else:
                 self.train, eval_examples = _split(examples, config)
             self.name = Path(config.data).name
@@ -213,14 +218,15 @@ class ClassificationTask(Task):
         self.device = device
         mapping = parse_label_map(config.label_map)
 
-        def read(path: str) -> list[tuple[int, str, str]]:
+        def read(path: DataSource) -> list[tuple[int, str, str]]:
             return map_labels(read_table(path, config.text_field, config.label_field), mapping)
 
-        if start.evaluate_only and config.eval_data:
-            train_rows, eval_rows = [], read(config.eval_data)
+        train_from, eval_from = _sources(config, start)
+        if train_from is None:
+            train_rows, eval_rows = [], read(eval_from)
         else:
-            rows = read(config.data)
-            train_rows, eval_rows = (rows, read(config.eval_data)) if config.eval_data else _split(rows, config)
+            rows = read(train_from)
+            train_rows, eval_rows = (rows, read(eval_from)) if config.eval_data else _split(rows, config)
         # The classes: a saved adapter's (its head was trained on them), else --labels, else the data's labels
         saved = adapter_classes(start.adapter) if start.adapter and not is_prompt_adapter(start.adapter) else None
         if saved and config.labels and list(config.labels) != saved:
@@ -229,8 +235,8 @@ class ClassificationTask(Task):
         self.labels = saved or config.labels or sorted({label for _, _, label in train_rows or eval_rows})
         if len(self.labels) < 2:
             raise ValueError(f"{config.data}: only one label ({self.labels[0]!r}); a classifier needs at least two")
-        check_labels(train_rows, config.data, self.labels, mapping)
-        check_labels(eval_rows, config.eval_data or config.data, self.labels, mapping)
+        check_labels(train_rows, train_from or eval_from, self.labels, mapping)
+        check_labels(eval_rows, eval_from, self.labels, mapping)
         self.config = dataclasses.replace(config, labels=self.labels)  # saved as train_config.yaml
         index = {name: i for i, name in enumerate(self.labels)}
         self.train = [(text, index[label]) for _, text, label in train_rows]
@@ -363,9 +369,10 @@ class TokenClassificationTask(Task):
         if len(self.labels) < 2:
             raise ValueError(f"{config.data}: only one tag ({self.labels[0]!r}); a tagger needs at least two")
         self.config = dataclasses.replace(config, labels=self.labels)  # saved as train_config.yaml
-        train_y = tag_ids(train_rows, config.data, self.labels)
+        train_from, eval_from = _sources(config, start)
+        train_y = tag_ids(train_rows, train_from or eval_from, self.labels)
         eval_rows = list(_limit(eval_rows, config))
-        eval_y = tag_ids(eval_rows, config.eval_data or config.data, self.labels)
+        eval_y = tag_ids(eval_rows, eval_from, self.labels)
         model, self.tokenizer = _load(config, dtype, auto=AUTO_CLASSES["TOKEN_CLS"], supplied=HEADS,
                                       num_labels=len(self.labels))
         model.config.id2label = dict(enumerate(self.labels))
@@ -429,7 +436,21 @@ def _load(config: TrainConfig, dtype: torch.dtype, num_labels: int | None = None
         raise FileNotFoundError(f"model {config.model!r} is not a Hugging Face model folder (no config.json)")
     trust = config.trust_remote_code
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust)
-    if auto is not None:
+    if streams(config, source):
+        # Tensor by tensor, quantized on the way: the full-precision model is never in memory at once
+        labels = {"num_labels": num_labels} if num_labels is not None else {}
+        kind = auto or ("AutoModelForCausalLM" if num_labels is None else "AutoModelForSequenceClassification")
+        if config.quantize:
+            _say(f"loading {source} tensor by tensor, quantizing the base's linear layers to {config.quantize}"
+                 f"{' with double quantization' if config.double_quant else ''}")
+        if auto is None:  # a classifier's new head, or nothing, may be missing from the checkpoint
+            supplied = HEADS if num_labels else ()
+        model = load_checkpoint(getattr(transformers, kind), source, dtype=dtype, quantize=config.quantize,
+                                double_quant=config.double_quant, trust_remote_code=trust, supplied=supplied,
+                                **labels)
+        if num_labels is not None and auto is None and not head_supplied:
+            _say(f"a new {num_labels}-class head starts from random weights and trains with the adapter")
+    elif auto is not None:
         labels = {"num_labels": num_labels} if num_labels is not None else {}
         model = load_pretrained(getattr(transformers, auto), source, dtype=dtype, trust_remote_code=trust,
                                 supplied=supplied, **labels)
@@ -442,11 +463,18 @@ def _load(config: TrainConfig, dtype: torch.dtype, num_labels: int | None = None
             _say(f"a new {num_labels}-class head starts from random weights and trains with the adapter")
     if config.model == "default":
         model.config._name_or_path = HUB_NAME
-    if config.quantize:
+    if config.quantize and not streams(config, source):
         _say(f"quantizing the base's linear layers to {config.quantize}"
              f"{' with double quantization' if config.double_quant else ''}")
         quantize(model, config.quantize, double_quant=config.double_quant)
     return model, tokenizer
+
+
+def streams(config: TrainConfig, source: Path) -> bool:
+    """The model loads tensor by tensor (:func:`lorakit.streaming.load_checkpoint`): a safetensors folder other
+    than the embedded default, quantized or as the frozen base of LoRA or prompt tuning."""
+    return (config.model != "default" and has_safetensors(source)
+            and (config.quantize is not None or config.method in ("lora", "prompt")))
 
 
 def enable_checkpointing(model: nn.Module) -> None:
@@ -478,7 +506,7 @@ def _prepare(config: TrainConfig, model: nn.Module, task_type: str, start: Start
         return model
     if config.method == "prompt":
         return PromptTuningModel(model, config.num_virtual_tokens, seed=config.seed)
-    return _fp32_masters(get_lora_model(model, _lora_config(config, task_type)))
+    return _fp32_masters(get_lora_model(model, lora_config_of(config, task_type)))
 
 
 def _fp32_masters(model: nn.Module) -> nn.Module:
@@ -503,7 +531,7 @@ def give_pad_token(model: nn.Module, tokenizer: Any, name: str) -> None:
          f"(id {tokenizer.pad_token_id})")
 
 
-def _lora_config(config: TrainConfig, task_type: str) -> LoraConfig:
+def lora_config_of(config: TrainConfig, task_type: str) -> LoraConfig:
     """The adapter a run trains: all linear layers of a language model unless ``target_modules`` says otherwise;
     for the other task types, the architecture's PEFT default and the head."""
     targets = parse_targets(config.target_modules)
@@ -515,20 +543,30 @@ def _lora_config(config: TrainConfig, task_type: str) -> LoraConfig:
                       target_modules=targets, task_type=task_type, modules_to_save=heads)
 
 
-def _read_split(config: TrainConfig, start: Start, read: Callable[[str], list[Any]]) -> tuple[list[Any], list[Any]]:
+def _read_split(config: TrainConfig, start: Start, read: Callable[[DataSource], list[Any]]
+                ) -> tuple[list[Any], list[Any]]:
     """The training and held-out items ``read`` finds: ``--eval-data`` when given (only it when evaluating a saved
     adapter), else the last ``--eval-fraction`` of ``--data``."""
-    if start.evaluate_only and config.eval_data:
-        return [], read(config.eval_data)
-    items = read(config.data)
-    return (items, read(config.eval_data)) if config.eval_data else _split(items, config)
+    train_from, eval_from = _sources(config, start)
+    if train_from is None:
+        return [], read(eval_from)
+    items = read(train_from)
+    return (items, read(eval_from)) if config.eval_data else _split(items, config)
+
+
+def _sources(config: TrainConfig, start: Start) -> tuple[DataSource | None, DataSource]:
+    """Where the training and held-out items come from: no training source when evaluating a saved adapter on
+    ``--eval-data`` (the file the adapter was trained on need not exist any more); held-out items come from
+    ``--data`` when there is no ``--eval-data``."""
+    train_from = None if start.evaluate_only and config.eval_data else train_source(config)
+    return train_from, eval_source(config) if config.eval_data else train_from
 
 
 def _data_name(config: TrainConfig, start: Start) -> str:
     return Path(config.eval_data if start.evaluate_only and config.eval_data else config.data).name
 
 
-def _meta_model(config: TrainConfig, task_type: str) -> nn.Module:
+def meta_model_of(config: TrainConfig, task_type: str) -> nn.Module:
     """The model's modules without weights, from its ``config.json``."""
     transformers = require_transformers()
     source = model_source(config.model, config.trust_remote_code)
@@ -536,9 +574,8 @@ def _meta_model(config: TrainConfig, task_type: str) -> nn.Module:
         raise FileNotFoundError(f"model {config.model!r} is not a Hugging Face model folder (no config.json)")
     auto = getattr(transformers, AUTO_CLASSES[task_type])
     trust = config.trust_remote_code
-    with torch.device("meta"):
-        return auto.from_config(transformers.AutoConfig.from_pretrained(str(source), trust_remote_code=trust),
-                                trust_remote_code=trust)
+    with torch.device("meta"):  # model_config: an unknown architecture is named, with what to do
+        return auto.from_config(model_config(source, trust), trust_remote_code=trust)
 
 
 @contextmanager

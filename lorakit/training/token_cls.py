@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import IGNORE, DataError, pad_encodings, read_records
+from .data import IGNORE, DataError, DataSource, locate, pad_encodings, read_records
 
 TOKENS_FIELD, TAGS_FIELD = "tokens", "tags"
 
@@ -36,7 +36,7 @@ class Sentence:
         return sum(y != IGNORE for y in self.labels)
 
 
-def read_tagged(path: str | Path) -> list[tuple[int, list[str], list[str]]]:
+def read_tagged(path: str | Path | DataSource) -> list[tuple[int, list[str], list[str]]]:
     """``(line, words, tags)`` of a JSONL/JSON file of ``{"tokens": [...], "tags": [...]}`` records (integer tags
     are read as their decimal strings).
 
@@ -46,7 +46,7 @@ def read_tagged(path: str | Path) -> list[tuple[int, list[str], list[str]]]:
     """
     rows = []
     for lineno, record in read_records(path):
-        where = f"{path}:{lineno}"
+        where = locate(path, lineno)
         for field in (TOKENS_FIELD, TAGS_FIELD):
             if field not in record:
                 raise DataError(f"{where}: missing field {field!r} (fields: {', '.join(record)}); a token_cls record "
@@ -62,7 +62,7 @@ def read_tagged(path: str | Path) -> list[tuple[int, list[str], list[str]]]:
     return rows
 
 
-def tag_ids(rows: Sequence[tuple[int, list[str], list[str]]], path: str | Path, labels: Sequence[str]
+def tag_ids(rows: Sequence[tuple[int, list[str], list[str]]], path: str | Path | DataSource, labels: Sequence[str]
             ) -> list[list[int]]:
     """Each row's tags as class indices; an unknown tag names its line and the tags allowed."""
     index = {name: i for i, name in enumerate(labels)}
@@ -70,7 +70,7 @@ def tag_ids(rows: Sequence[tuple[int, list[str], list[str]]], path: str | Path, 
     for lineno, _, tags in rows:
         unknown = [t for t in tags if t not in index]
         if unknown:
-            raise DataError(f"{path}:{lineno}: unknown tag {unknown[0]!r}; the tags are {', '.join(labels)}")
+            raise DataError(f"{locate(path, lineno)}: unknown tag {unknown[0]!r}; the tags are {', '.join(labels)}")
         out.append([index[t] for t in tags])
     return out
 

@@ -94,14 +94,29 @@ def test_a_diverged_checkpoint_is_recognized_and_set_aside(tmp_path):
     assert checkpoints(tmp_path) == [good]  # never resumed from
 
 
-def test_file_digests_change_with_the_content_and_skip_what_is_not_a_file(tmp_path):
+def test_file_digests_change_with_the_content_and_skip_what_does_not_exist(tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text('{"text": "a"}\n')
-    first = file_digests([str(data), None, str(tmp_path / "missing.jsonl"), str(tmp_path)])
+    first = file_digests([str(data), None, str(tmp_path / "missing.jsonl")])
     assert list(first) == [str(data.resolve())] and len(first[str(data.resolve())]) == 64
     assert file_digests([str(data)]) == first
     data.write_text('{"text": "b"}\n')
     assert file_digests([str(data)]) != first
+
+
+def test_a_folder_has_one_digest_over_its_files_and_their_names(tmp_path):
+    folder = tmp_path / "dataset"
+    (folder / "train").mkdir(parents=True)
+    (folder / "train" / "data-00000-of-00001.arrow").write_bytes(b"rows")
+    (folder / "dataset_dict.json").write_text('{"splits": ["train"]}')
+    first = file_digests([str(folder)])
+    assert list(first) == [str(folder.resolve())] and file_digests([str(folder)]) == first
+    (folder / "train" / "data-00000-of-00001.arrow").write_bytes(b"rowz")
+    changed = file_digests([str(folder)])
+    (folder / "train" / "data-00000-of-00001.arrow").write_bytes(b"rows")
+    (folder / "train" / "data-00000-of-00001.arrow").rename(folder / "train" / "renamed.arrow")
+    renamed = file_digests([str(folder)])
+    assert len({first[str(folder.resolve())], changed[str(folder.resolve())], renamed[str(folder.resolve())]}) == 3
 
 
 def test_rng_states_survive_json_and_restore_the_same_random_numbers():
