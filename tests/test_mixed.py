@@ -202,7 +202,7 @@ def test_beam_search_with_dora_is_a_clear_error():
 
 
 def test_encoder_decoder_beam_search_routes_the_encoder_per_input_row():
-    transformers = pytest.importorskip("transformers")
+    import transformers  # a dev dependency: a missing one is an error, not a skip
     torch.manual_seed(0)
     config = transformers.BartConfig(vocab_size=128, d_model=32, encoder_layers=1, decoder_layers=1,
                                      encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
@@ -230,7 +230,7 @@ def test_encoder_adapter_names_are_checked(three, ids):
 
 
 def test_encoder_adapter_names_must_repeat_into_adapter_names():
-    transformers = pytest.importorskip("transformers")
+    import transformers  # a dev dependency: a missing one is an error, not a skip
     config = transformers.BartConfig(vocab_size=128, d_model=32, encoder_layers=1, decoder_layers=1,
                                      encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
                                      decoder_ffn_dim=64, max_position_embeddings=64)
