@@ -19,9 +19,9 @@ import torch
 
 from .config import LoraConfig
 from .embedded_models import build_model
-from .inject import describe_targets, find_targets
-from .layers import is_conv1d
-from .model import get_lora_model
+from .inject import ModulesToSave, describe_targets, find_targets
+from .layers import LoraLinear, is_conv1d
+from .model import LoraModel, get_lora_model
 from .quant import head_names, in_head
 
 # Public architecture dimensions (from each model's published config.json).
@@ -292,3 +292,132 @@ def estimate_memory(model: torch.nn.Module, method: str, batch: int, seq: int, d
                           grad_checkpointing=grad_checkpointing, trainable=trainable, weights=weights,
                           gradients=4 * trainable, optimizer_states=4 * states * trainable,
                           activations=activations, logits=logits, runtime=runtime, adapter=adapter)
+
+
+# -- FLOPs -----------------------------------------------------------------------------------------------
+
+@dataclass
+class StepFlops:
+    """The useful floating-point operations of one training step (a multiply-add counts 2), by pass."""
+
+    forward: int
+    backward: int
+
+    @property
+    def total(self) -> int:
+        return self.forward + self.backward
+
+
+def _attention_dims(model: torch.nn.Module) -> tuple[int, int, int]:
+    """(layers, heads, head width) of a Hugging Face transformer's attention."""
+    config = getattr(model, "config", None)
+
+    def get(*names: str) -> int | None:
+        return next((getattr(config, n) for n in names if isinstance(getattr(config, n, None), int)), None)
+
+    hidden, heads, layers = get("hidden_size", "n_embd", "d_model"), get("num_attention_heads", "n_head"), get(
+        "num_hidden_layers", "n_layer")
+    if hidden is None or heads is None or layers is None:
+        raise ValueError(f"FLOP counts need a transformer with a Hugging Face config; {type(model).__name__} "
+                         f"gives no hidden size, head count and layer count")
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"FLOP counts cover decoder-only and encoder-only transformers; {type(model).__name__} "
+                         f"is an encoder-decoder (two stacks and cross-attention are not counted)")
+    return layers, heads, get("head_dim") or hidden // heads
+
+
+@dataclass
+class FlopCounter:
+    """A model's useful FLOPs as rates: per token, per output-head row and per attention (query, key) pair.
+
+    Built once by :func:`flop_counter`; :meth:`step` gives one step's FLOPs from its rows' lengths.
+    """
+
+    token_forward: int  # every linear layer but the head, its LoRA adapters included
+    token_backward: int
+    head_forward: int  # the output head (LM head or classifier), per row it runs on
+    head_backward: int
+    pair_forward: int  # attention, all layers, per (query, key) pair; the backward pass is twice this
+    causal: bool
+
+    def step(self, lengths: list[int], head_rows: int | None = None) -> StepFlops:
+        """FLOPs of a forward and backward pass over sequences of ``lengths`` tokens (no padding), the head running
+        on ``head_rows`` rows (default: every token)."""
+        if not lengths or any(not isinstance(s, int) or s < 0 for s in lengths):
+            raise ValueError(f"lengths must be a non-empty list of token counts ≥ 0, got {lengths!r}")
+        tokens = sum(lengths)
+        head_rows = tokens if head_rows is None else head_rows
+        if not 0 <= head_rows <= tokens:
+            raise ValueError(f"head_rows must lie between 0 and the {tokens} tokens, got {head_rows}")
+        pairs = sum(s * (s + 1) // 2 if self.causal else s * s for s in lengths)
+        return StepFlops(
+            forward=tokens * self.token_forward + head_rows * self.head_forward + pairs * self.pair_forward,
+            backward=tokens * self.token_backward + head_rows * self.head_backward + 2 * pairs * self.pair_forward)
+
+
+def _running_modules(module: torch.nn.Module, prefix: str = ""):
+    """``named_modules()`` less what does not run: of a ``modules_to_save`` wrapper, only its current copy."""
+    yield prefix, module
+    if isinstance(module, ModulesToSave):
+        yield from _running_modules(module.current(), prefix + ".current")
+        return
+    for name, child in module.named_children():
+        yield from _running_modules(child, f"{prefix}.{name}" if prefix else name)
+
+
+def flop_counter(model: torch.nn.Module, causal: bool | None = None) -> FlopCounter:
+    """The useful FLOPs of training ``model``, counted from its architecture (matrix products only: norms,
+    activations and the softmax are left out, as MFU conventions do; so is work that is not useful, such as
+    gradient checkpointing's recomputation and padding).
+
+    - forward: ``2·in·out`` per row per linear layer, plus ``2·r·(in + out)`` per unmerged LoRA adapter on it;
+      attention ``4·heads·head_dim`` per (query, key) pair in each layer: ``s(s+1)/2`` pairs in a causal sequence
+      of ``s`` tokens, ``s²`` otherwise;
+    - backward: the input gradients of every product (as much again as the forward), plus the weight gradients
+      of the products whose weights train (LoRA's A and B; every weight in full fine-tuning), ``2·in·out`` each.
+
+    Every linear layer runs on every token except the output head (the LM head or a classifier), which runs on
+    the rows given to :meth:`FlopCounter.step`: the positions with a target (the useful logits) or one per
+    example for a classifier. Not counted: embedding and convolution adapters, trainable tokens, the virtual
+    tokens of prompt tuning. Small known overcounts: the first layer's input gradients (autograd skips them when
+    the embeddings are frozen) and a BERT pooler's product, counted per token.
+
+    Args:
+        model: A Hugging Face decoder-only or encoder-only transformer, bare or with LoRA adapters (a meta-device
+            model works).
+        causal: Causal attention; default: the model's attention modules say so (``is_causal``), as in every
+            decoder-only model.
+
+    Raises:
+        ValueError: The model has no transformer config, or is an encoder-decoder.
+    """
+    inner = model.model if isinstance(model, LoraModel) else model
+    layers, n_heads, head_dim = _attention_dims(inner)
+    heads = head_names(inner)
+    rates = {True: [0, 0], False: [0, 0]}  # in the head?: [forward, backward] per row
+    for name, module in _running_modules(inner):
+        if isinstance(module, LoraLinear):
+            for adapter_name in module._unmerged_active():
+                adapter = module.adapters[adapter_name]
+                flops = 2 * adapter.r * (module.in_features + module.out_features)
+                rate = rates[in_head(name, heads)]
+                rate[0] += flops
+                rate[1] += flops * (2 if adapter.lora_A.requires_grad else 1)
+        elif isinstance(module, torch.nn.Linear) or is_conv1d(module):
+            # (a quantized Linear4bit's weight is packed: its logical shape is in the features)
+            flops = 2 * (module.in_features * module.out_features if isinstance(module, torch.nn.Linear)
+                         else module.weight.numel())
+            rate = rates[in_head(name, heads)]
+            rate[0] += flops
+            rate[1] += flops * (2 if module.weight.requires_grad else 1)
+    if causal is None:
+        causal = any(getattr(m, "is_causal", False) is True for m in inner.modules())
+    return FlopCounter(token_forward=rates[False][0], token_backward=rates[False][1], head_forward=rates[True][0],
+                       head_backward=rates[True][1], pair_forward=4 * layers * n_heads * head_dim, causal=causal)
+
+
+def training_flops(model: torch.nn.Module, lengths: list[int], head_rows: int | None = None,
+                   causal: bool | None = None) -> StepFlops:
+    """Useful FLOPs of one forward and backward pass of ``model`` over sequences of ``lengths`` tokens, the output
+    head running on ``head_rows`` rows (default: every token). See :func:`flop_counter` for what is counted."""
+    return flop_counter(model, causal).step(lengths, head_rows)

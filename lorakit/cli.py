@@ -259,6 +259,9 @@ def format_summary(result: dict) -> str:
         f"trained:  {trainable:,d} of {total:,d} parameters ({100 * trainable / total:.2f}%)",
         f"steps:    {result['steps']} in {result['train_seconds']:.0f} s, {result['tokens']:,d} tokens, "
         f"{result['tokens_per_s']:.0f} tokens/s; loss {result['first_loss']:.3f} -> {result['last_loss']:.3f}",
+        *([f"MFU:      {100 * result['mfu']:.1f}% (in the steps: {result['model_flops_per_s'] / 1e9:.1f} useful "
+            f"GFLOP/s of the {result['matmul_peak_flops_per_s'] / 1e9:.0f} this machine's matrix products reach in "
+            f"{result['precision']})"] if result.get("mfu") else []),
         f"held-out: {_metric(result['before'])} before -> {_metric(result['after'])} after",
     ]
     samples = result["after"].get("samples")

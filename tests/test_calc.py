@@ -10,7 +10,15 @@ import torch
 import transformers
 
 from lorakit import LoraConfig, get_lora_model
-from lorakit.calc import PRESETS, count_parameters, estimate_memory, four_bit_bytes, preset_model
+from lorakit.calc import (
+    PRESETS,
+    count_parameters,
+    estimate_memory,
+    flop_counter,
+    four_bit_bytes,
+    preset_model,
+    training_flops,
+)
 from lorakit.cli import main
 from lorakit.training.loss import causal_lm_loss
 
@@ -157,3 +165,99 @@ def test_memory_bad_input_is_one_clear_line(capsys):
     assert "unknown model '/no/such/config.json'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown method 'lora2'; methods: full, lora, qlora, prompt"):
         estimate_memory(preset_model("gpt2"), "lora2", 1, 8)
+
+
+# -- FLOPs ------------------------------------------------------------------------------------------------
+
+def _tiny_llama(tie: bool = False) -> torch.nn.Module:
+    """hidden 32, 2 layers, 4 heads of 8 (2 key/value heads: k and v are 16 wide), MLP 64, vocabulary 128."""
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=tie)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config)
+
+
+# Weights of one layer of _tiny_llama: q 32·32, k 32·16, v 32·16, o 32·32, gate 32·64, up 32·64, down 64·32.
+LAYER = 1024 + 512 + 512 + 1024 + 2048 + 2048 + 2048
+HEAD = 32 * 128
+ATTENTION_PER_PAIR = 2 * 2 * 4 * 8  # two products (q·kᵀ, p·v), a multiply-add each, 4 heads of 8, per layer
+
+
+def test_flops_of_full_training_equal_a_hand_count():
+    # Two causal rows of 5 and 3 tokens: 15 + 6 (query, key) pairs; the head runs on 6 target positions.
+    flops = training_flops(_tiny_llama(), [5, 3], head_rows=6)
+    forward = 2 * 8 * 2 * LAYER + 2 * 6 * HEAD + 2 * ATTENTION_PER_PAIR * 21
+    assert flops.forward == forward
+    assert flops.backward == 2 * forward  # every weight trains: input and weight gradients of every product
+    assert flops.total == 3 * forward
+    # Not causal (an encoder): every token sees the whole row, 25 + 9 pairs.
+    assert training_flops(_tiny_llama(), [5, 3], head_rows=6, causal=False).forward == \
+        forward + 2 * ATTENTION_PER_PAIR * (34 - 21)
+
+
+def test_flops_of_lora_count_the_update_and_only_its_weight_gradients():
+    model = get_lora_model(_tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    flops = training_flops(model, [5, 3], head_rows=6)
+    base = 2 * 8 * 2 * LAYER + 2 * 6 * HEAD  # frozen products: forward, and again for the input gradients
+    attention = 2 * ATTENTION_PER_PAIR * 21
+    lora = 8 * 2 * (2 * 4 * (32 + 32) + 2 * 4 * (32 + 16))  # x·Aᵀ then ·Bᵀ on q (32→32) and v (32→16), 2 layers
+    assert flops.forward == base + attention + lora
+    assert flops.backward == base + 2 * attention + 2 * lora  # A and B train: their weight gradients too
+    # A merged adapter is in the base weight: no update products left.
+    model.merge_adapter()
+    assert training_flops(model, [5, 3], head_rows=6).forward == base + attention
+
+
+def test_flops_equal_what_torch_counts_in_a_real_step():
+    """torch's FlopCounterMode on a real forward and backward of a LoRA model, its products outside attention
+    (the head on every token): equal to ours less attention, less the input gradients autograd skips because the
+    first layer's q, k, v read the frozen embeddings (no gradient is wanted there)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    base = _tiny_llama()
+    base.config._attn_implementation = "sdpa"  # one attention op, told apart below
+    model = get_lora_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model.train()
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False) as counted:
+        model(input_ids=ids).logits.sum().backward()
+    counter = flop_counter(model)
+    ours = counter.step([8, 8])
+    attention = 3 * counter.pair_forward * 2 * 36  # forward and twice that backward, 36 pairs per causal row
+    skipped = 16 * 2 * (32 * 32 + 32 * 16 + 32 * 16) + 16 * 2 * (4 * 32) * 2  # layer 0: q, k, v and the two A's
+    products = sum(n for op, n in counted.get_flop_counts()["Global"].items() if "scaled_dot_product" not in str(op))
+    assert products == ours.total - attention - skipped
+
+
+def test_flop_counter_refuses_a_model_without_a_transformer_config():
+    with pytest.raises(ValueError, match="Sequential gives no hidden size"):
+        flop_counter(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+    with pytest.raises(ValueError, match="lengths must be a non-empty list"):
+        flop_counter(_tiny_llama()).step([])
+
+
+def test_flops_count_a_saved_head_once_and_see_causal_attention_in_any_decoder():
+    plain = training_flops(_tiny_llama(tie=True), [5, 3], head_rows=6)
+    assert plain == training_flops(_tiny_llama(), [5, 3], head_rows=6)  # a tied head is still one product
+    config = LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"], trainable_token_indices=[1, 2])
+    model = get_lora_model(_tiny_llama(), config)
+    counted = training_flops(model, [5, 3], head_rows=6)
+    lora = 8 * 2 * 2 * 4 * (32 + 32)  # q in 2 layers: x·Aᵀ then ·Bᵀ
+    # The trained copy of the head runs (weight gradients too), the frozen original does not; the trainable
+    # tokens are a lookup (no products).
+    assert counted.forward == plain.forward + lora
+    assert counted.backward == plain.backward - 2 * 8 * 2 * LAYER + 2 * lora  # frozen layers: no weight gradients
+    # A decoder with another head (sequence classification) still has causal attention.
+    seq_cls = transformers.LlamaForSequenceClassification(_tiny_llama().config)
+    assert flop_counter(seq_cls).causal and not flop_counter(
+        transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                                       intermediate_size=64))).causal
+
+
+def test_flops_refuse_encoder_decoders_and_bad_rows():
+    t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=4,
+                                                                       d_kv=8, vocab_size=128))
+    with pytest.raises(ValueError, match="T5ForConditionalGeneration is an encoder-decoder"):
+        flop_counter(t5)
+    with pytest.raises(ValueError, match="head_rows must lie between 0 and the 8 tokens, got 9"):
+        flop_counter(_tiny_llama()).step([5, 3], head_rows=9)

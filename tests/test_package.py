@@ -21,7 +21,7 @@ LEVELS: list[set[str]] = [
     {"config", "process_memory", "layer_base", "layers", "conv_layers", "trainable_tokens", "mixed", "inject", "quant",
      "combine", "status", "fingerprint", "io", "model_card", "export", "gguf_export", "model"},
     # 1. tools on top of the core
-    {"prompt_tuning", "svd", "calc", "hf", "embedded_models", "streaming", "hf_compat"},
+    {"prompt_tuning", "svd", "calc", "hf", "embedded_models", "streaming", "hf_compat", "compiling"},
     # 2. the trainer
     {"training"},
     # 3. what uses trained adapters or runs the trainer

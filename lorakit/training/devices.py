@@ -75,22 +75,27 @@ class Precision:
     bf16_ms: float | None = None
 
 
-def gemm_shapes(model_config: dict[str, Any], tokens: int) -> list[Shape]:
+def gemm_shapes(model_config: dict[str, Any], tokens: int, max_rows: int = 256, head: bool = False) -> list[Shape]:
     """The matrix products of one layer of a transformer with this ``config.json``, for ``tokens`` rows (capped at
-    256 to keep the measurement short): attention projections and the MLP's two products. Empty when the config
-    gives no width."""
+    ``max_rows`` to keep the measurement short): attention projections and the MLP's two products, and with
+    ``head`` the output head's (when the config gives a vocabulary). Empty when the config gives no width."""
     hidden = next((model_config[k] for k in ("hidden_size", "n_embd", "d_model") if k in model_config), None)
     if not isinstance(hidden, int) or hidden < 1:
         return []
     inner = next((model_config[k] for k in ("intermediate_size", "n_inner", "ffn_dim") if model_config.get(k)),
                  4 * hidden)
-    rows = max(1, min(tokens, 256))
-    return [(rows, hidden, hidden), (rows, hidden, inner), (rows, inner, hidden)]
+    rows = max(1, min(tokens, max_rows))
+    shapes = [(rows, hidden, hidden), (rows, hidden, inner), (rows, inner, hidden)]
+    vocab = model_config.get("vocab_size")
+    if head and isinstance(vocab, int) and vocab > 0:
+        shapes.append((rows, hidden, vocab))
+    return shapes
 
 
-def time_gemms(shapes: list[Shape], dtype: torch.dtype, device: torch.device) -> float:
+def time_gemms(shapes: list[Shape], dtype: torch.dtype, device: torch.device, seconds: float = BENCH_SECONDS
+               ) -> float:
     """Seconds for one round of the products ``shapes`` in ``dtype`` on ``device``: the best round within
-    :data:`BENCH_SECONDS` after a warm-up round (so kernel selection and first-touch allocation are not counted)."""
+    ``seconds`` after a warm-up round (so kernel selection and first-touch allocation are not counted)."""
     gen = torch.Generator(device="cpu").manual_seed(0)
     pairs = [(torch.randn(m, k, generator=gen).to(device, dtype), torch.randn(k, n, generator=gen).to(device, dtype))
              for m, k, n in shapes]
@@ -107,7 +112,7 @@ def time_gemms(shapes: list[Shape], dtype: torch.dtype, device: torch.device) ->
 
     one_round()
     best, spent = float("inf"), 0.0
-    while spent < BENCH_SECONDS or best == float("inf"):
+    while spent < seconds or best == float("inf"):
         took = one_round()
         best, spent = min(best, took), spent + took
     return best
@@ -174,7 +179,7 @@ def decide_precision(name: str, device: torch.device, shapes: list[Shape] | None
         fp32_s = min(fp32_s, measure(shapes, torch.float32, device))
         bf16_s = min(bf16_s, measure(shapes, torch.bfloat16, device))
         known[key] = {"fp32_s": fp32_s, "bf16_s": bf16_s}
-        _write_cache(cache, known)
+        _write_json(cache, known)
         where = "measured now"
     chosen = pick(fp32_s, bf16_s)
     ratio = fp32_s / bf16_s if bf16_s > 0 else float("inf")
@@ -194,7 +199,7 @@ def read_cache(path: Path) -> dict[str, Any]:
             and isinstance(v.get("bf16_s"), (int, float))}
 
 
-def _write_cache(path: Path, known: dict[str, Any]) -> None:
+def _write_json(path: Path, known: dict[str, Any]) -> None:
     """Write atomically; a read-only home only costs a new measurement next time."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -221,7 +226,58 @@ def run_precision(name: str, device: torch.device, shapes: list[Shape] | None, p
     return box[0]
 
 
-def model_shapes(model: str, trust_remote_code: bool, tokens: int) -> list[Shape]:
+PEAK_ROWS = 1024  # rows of the products the matmul peak is measured on (a training micro-batch's tokens, capped)
+PEAK_SECONDS = 0.1  # per product after a warm-up: a second or two on a small model, more with a big head; once
+
+
+def peak_cache() -> Path:
+    """``$XDG_CACHE_HOME/lorakit/matmul_peak.json``, beside the precision cache."""
+    return default_cache().with_name("matmul_peak.json")
+
+
+def matmul_peak(shapes: list[Shape], precision: str, device: torch.device, *, cache: Path | None = None,
+                measure: Callable[[list[Shape], torch.dtype, torch.device], float] | None = None) -> float | None:
+    """The matrix-product speed this machine reaches on a model's own products, in FLOP/s: the best of
+    ``shapes`` (a layer's products and the output head's, see :func:`gemm_shapes`; the layer's also as their
+    backward pass runs them) timed one by one in ``precision`` (``fp32`` or ``bf16``), measured once per machine
+    and cached. None also when the products do not fit in memory.
+
+    MFU divides a run's useful FLOPs per second by this: the share of the time the step would take if all its
+    work ran as fast as the machine's best matrix product on these shapes. None when ``shapes`` is empty.
+
+    Args:
+        measure: Seconds for one product (injected by tests); default :func:`time_gemms` for
+            :data:`PEAK_SECONDS`.
+    """
+    if not shapes:
+        return None
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    cache = cache or peak_cache()
+    key = f"{machine_key(device, shapes)} | {precision}"
+    try:
+        known = json.loads(cache.read_text(encoding="utf-8"))
+        known = known if isinstance(known, dict) else {}
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known.get(key), (int, float)) and known[key] > 0:
+        return float(known[key])
+    measure = measure or (lambda s, d, dev: time_gemms(s, d, dev, PEAK_SECONDS))
+    # Each product also as the backward pass runs it (the input gradient: inner and outer sizes swapped), except
+    # the head's, which is the slowest to time and never the fastest product.
+    products = [*shapes, *((m, n, k) for m, k, n in shapes[:3])]
+    try:
+        peak = max(2 * m * k * n / measure([(m, k, n)], dtype, device) for m, k, n in products)
+    except (RuntimeError, MemoryError):  # no room for the head's product (a GPU already full): no MFU, no failure
+        return None
+    known[key] = peak
+    _write_json(cache, known)
+    return peak
+
+
+def model_shapes(model: str, trust_remote_code: bool, tokens: int, max_rows: int = 256, head: bool = False
+                 ) -> list[Shape]:
     """:func:`gemm_shapes` of a model spec (``default``, ``minilm`` or a folder), read from its ``config.json``
     without loading it; empty when it cannot be read (the model's own loading then says why)."""
     from ..embedded_models import model_source
@@ -230,7 +286,7 @@ def model_shapes(model: str, trust_remote_code: bool, tokens: int) -> list[Shape
         values = json.loads((model_source(model, trust_remote_code) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return []
-    return gemm_shapes(values, tokens) if isinstance(values, dict) else []
+    return gemm_shapes(values, tokens, max_rows, head) if isinstance(values, dict) else []
 
 
 def start_processes(device: torch.device) -> Processes:

@@ -33,6 +33,7 @@ import torch.distributed as dist
 import yaml
 from torch import nn
 
+from ..compiling import compile_blocks, use_compile
 from ..model_card import write_model_card
 from ..process_memory import map_large_allocations, peak_rss_mib, reset_peak_rss, return_freed_memory
 from .checkpoint import (
@@ -53,10 +54,12 @@ from .options import TrainConfig
 from .preflight import preflight
 from .saved_adapter import with_init_adapter
 from .tasks import Task, build_task
+from .utilization import run_peak, utilization
 
 RESUMABLE_CHANGES = {"resume", "progress", "low_memory", "save_every", "keep_checkpoints", "eval_every", "max_eval",
                      "report_to",  # where the metrics are also written, not what is trained
                      "preflight",  # a check before loading, not part of the run
+                     "compile",  # how fast the steps run, not what they compute
                      "output_dir",  # the run folder was moved: its checkpoints came along (they are found in it)
                      "eval_batch_size"}
 # May change on resume (to recover from a diverged run), at the price of bit-identity with an uninterrupted run.
@@ -172,6 +175,7 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
     chosen = run_precision(config.precision, device, model_shapes(config.model, config.trust_remote_code,
                                                                   config.batch_size * config.max_length), procs)
     precision = chosen.name
+    peak = run_peak(config, precision, device, procs)  # for MFU; measured once per machine, before loading
     out = Path(config.output_dir)
     ckpt_root = out / "checkpoints"
     if procs.main:
@@ -190,6 +194,7 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
         return_freed_memory()  # the whole weights each process loaded are freed now; give the memory back
         if not procs.main:  # every process evaluates under FSDP; one progress bar is enough
             task.config = dataclasses.replace(task.config, progress=False)
+    use = utilization(config, model, peak, procs)  # for MFU: the FLOP counter and the matmul peak
     reset_peak_rss()  # the reported peak is that of evaluating and training, not of loading (or sharding) the model
     param_bytes = procs.all_gather(local_bytes(model))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -218,9 +223,12 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
         objective = nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda"
                                                         else None)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    if use_compile(config.compile, model, device, total - start.step, procs.world):  # see lorakit.compiling
+        compile_blocks(model, training=True)  # each decoder block in place; the first step pays the compilation
     bar = _progress(config.progress and procs.main, total, start.step)
     model.train()
     tokens_seen, t_train = 0, time.perf_counter()
+    flops_seen, step_seconds = 0.0, 0.0  # useful FLOPs (None when not counted) and time in steps (no evaluation)
     loss_first = loss_last = None
     for step in range(start.step, total):
         t_step = time.perf_counter()
@@ -229,6 +237,8 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
                  for i in range(config.grad_accum)]
         targets = procs.all_sum(float(sum(m.targets for m in micro)))
         step_tokens = int(procs.all_sum(float(sum(m.tokens for m in micro))))
+        local_flops = use.flops(micro)
+        step_flops = None if local_flops is None else procs.all_sum(float(local_flops))
         if targets == 0:
             raise ValueError(f"step {step + 1} has no target tokens (every response was cut by --max-length "
                              f"{config.max_length}?); raise --max-length")
@@ -261,8 +271,13 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
         elapsed = time.perf_counter() - t_train
         loss_first = loss if loss_first is None else loss_first
         loss_last = loss
+        step_s = time.perf_counter() - t_step
+        step_seconds += step_s
+        flops_seen = None if step_flops is None or flops_seen is None else flops_seen + step_flops
+        mfu = use.mfu(step_flops, step_s)
         log.write({"step": step + 1, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": norm.item(),
-                   "tokens": step_tokens, "step_s": round(time.perf_counter() - t_step, 4)})
+                   "tokens": step_tokens, "step_s": round(step_s, 4),
+                   **({"mfu": float(f"{mfu:.4g}")} if mfu is not None else {})})
         if bar is not None:
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_seen / elapsed:.0f}")
             bar.update(1)
@@ -305,6 +320,9 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
                            resumed_from=start.checkpoint, losses=(loss_first, loss_last), tokens=tokens_seen,
                            train_s=train_s, before=before, after=after, saved_bytes=saved_bytes, loss_curve=png,
                            total_s=time.perf_counter() - t_start)
+        mfu = use.mfu(flops_seen, step_seconds)
+        result.update(mfu=mfu, model_flops=flops_seen, step_seconds=step_seconds, matmul_peak_flops_per_s=use.peak,
+                      model_flops_per_s=flops_seen / step_seconds if flops_seen and step_seconds else None)
         result.update(precision_reason=chosen.reason, fsdp=config.fsdp, param_bytes=full_bytes(model),
                       param_bytes_per_process=param_bytes, peak_rss_mib_per_process=peak_rss,
                       peak_gpu_mib=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None)
@@ -314,6 +332,7 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
     return result
 
 
+@torch.compiler.set_stance("force_eager")  # --compile is for the training steps: compiled decoding does not pay
 def _evaluate(task: Task, objective: _Objective, label: str, procs: Processes, fsdp: bool) -> dict[str, Any]:
     """The held-out metrics, on rank 0 ({} elsewhere). Under FSDP every process runs the evaluation (each layer's
     weights are gathered from all of them), inside the root's forward."""

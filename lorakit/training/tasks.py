@@ -52,6 +52,10 @@ class MicroBatch:
     tensors: dict[str, torch.Tensor]
     targets: int  # what the loss is averaged over: target tokens (LM) or examples (classification)
     tokens: int  # input tokens, for tokens/s
+    # For the step's useful FLOPs (MFU): the tokens of each sequence, and the rows the output head runs on
+    # (None: every token). No lengths: not counted (an encoder-decoder's two stacks).
+    lengths: list[int] | None = None
+    head_rows: int | None = None
 
 
 class Task:
@@ -192,7 +196,9 @@ class CausalLMTask(Task):
         # A prompt goes in front of each example, so prompt tuning pads instead of packing.
         packed = self.config.packing and self.config.method != "prompt"
         tensors = pack_batch(examples, self.config.max_length, self.pad) if packed else pad_batch(examples, self.pad)
-        return MicroBatch(tensors, sum(e.n_targets for e in examples), sum(len(e) for e in examples))
+        n_targets = sum(e.n_targets for e in examples)
+        return MicroBatch(tensors, n_targets, sum(len(e) for e in examples), [len(e) for e in examples],
+                          head_rows=n_targets)  # the useful logits: where there is a target
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         return causal_lm_loss(model, batch)
@@ -258,7 +264,8 @@ class ClassificationTask(Task):
 
     def batch(self, indices: Sequence[int]) -> MicroBatch:
         tensors = self._encode([self.train[i] for i in indices])
-        return MicroBatch(tensors, len(indices), int(tensors["attention_mask"].sum()))
+        mask = tensors["attention_mask"]
+        return MicroBatch(tensors, len(indices), int(mask.sum()), mask.sum(1).tolist(), head_rows=len(indices))
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         return classification_loss(model, batch)
@@ -333,7 +340,8 @@ class QuestionAnsweringTask(Task):
 
     def batch(self, indices: Sequence[int]) -> MicroBatch:
         tensors = collate_windows([self.train[i] for i in indices], self.pad)
-        return MicroBatch(tensors, len(indices), int(tensors["attention_mask"].sum()))
+        mask = tensors["attention_mask"]
+        return MicroBatch(tensors, len(indices), int(mask.sum()), mask.sum(1).tolist())
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         return qa_loss(model, batch)
@@ -389,7 +397,8 @@ class TokenClassificationTask(Task):
     def batch(self, indices: Sequence[int]) -> MicroBatch:
         sentences = [self.train[i] for i in indices]
         tensors = collate_sentences(sentences, self.pad)
-        return MicroBatch(tensors, sum(s.n_words for s in sentences), int(tensors["attention_mask"].sum()))
+        mask = tensors["attention_mask"]
+        return MicroBatch(tensors, sum(s.n_words for s in sentences), int(mask.sum()), mask.sum(1).tolist())
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         return token_loss(model, batch)

@@ -13,6 +13,7 @@ from lorakit.training.devices import (
     decide_precision,
     gemm_shapes,
     machine_key,
+    matmul_peak,
     pick,
     resolve_device,
     resolve_precision,
@@ -108,6 +109,9 @@ def test_the_measured_shapes_are_the_models_layers():
     assert gemm_shapes(smollm2, tokens=4096) == [(256, 576, 576), (256, 576, 1536), (256, 1536, 576)]
     assert gemm_shapes({"n_embd": 32}, tokens=10) == [(10, 32, 32), (10, 32, 128), (10, 128, 32)]  # GPT-2: 4×
     assert gemm_shapes({"vocab_size": 10}, tokens=10) == []  # no width: the default shapes are used
+    # The matmul peak (MFU) measures up to 1024 rows and the output head too.
+    assert gemm_shapes({**smollm2, "vocab_size": 49152}, tokens=4096, max_rows=1024, head=True) == [
+        (1024, 576, 576), (1024, 576, 1536), (1024, 1536, 576), (1024, 576, 49152)]
 
 
 def test_time_gemms_measures_a_round_in_the_given_dtype():
@@ -122,3 +126,33 @@ def test_without_torchrun_a_run_is_process_0_of_1(monkeypatch):
     assert procs.all_sum(2.5) == 2.5  # nothing to add across processes
     procs.barrier()  # returns at once
     assert not Processes(rank=1, world=2).main
+
+
+def test_matmul_peak_is_the_best_product_measured_once_per_machine(tmp_path):
+    cache, calls = tmp_path / "peak.json", []
+    shapes = [(64, 32, 32), (64, 32, 128)]
+
+    def measure(products, dtype, device):
+        calls.append((tuple(products), dtype))
+        m, k, n = products[0]
+        return 2 * m * k * n / (1e9 if n == 32 else 3e9)  # the wide product runs at 3 GFLOP/s, the other at 1
+
+    assert matmul_peak(shapes, "bf16", CPU, cache=cache, measure=measure) == pytest.approx(3e9)
+    # One by one, and each as the backward pass runs it too (inner and outer sizes swapped).
+    assert [c[0] for c in calls] == [((64, 32, 32),), ((64, 32, 128),), ((64, 32, 32),), ((64, 128, 32),)]
+    assert {c[1] for c in calls} == {torch.bfloat16}
+
+    def must_not_run(*args):
+        raise AssertionError("measured again although the cache holds this machine's peak")
+
+    assert matmul_peak(shapes, "bf16", CPU, cache=cache, measure=must_not_run) == pytest.approx(3e9)
+    matmul_peak(shapes, "fp32", CPU, cache=cache, measure=measure)  # another precision: measured
+    assert len(calls) == 8 and len(json.loads(cache.read_text())) == 2
+    assert matmul_peak([], "fp32", CPU, cache=cache, measure=must_not_run) is None
+    with pytest.raises(ValueError, match="precision must be fp32 or bf16, got 'fp16'"):
+        matmul_peak(shapes, "fp16", CPU, cache=cache, measure=measure)
+
+
+def test_matmul_peak_measures_real_products(tmp_path):
+    peak = matmul_peak([(64, 64, 64)], "fp32", CPU, cache=tmp_path / "peak.json")
+    assert peak is not None and 1e6 < peak < 1e15  # FLOP/s: a real figure, whatever the CPU

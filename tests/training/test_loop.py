@@ -60,6 +60,29 @@ def test_builtin_task_on_tiny_model_writes_everything(tiny_llama_dir, tmp_path):
     assert result["adapter_bytes"] == (tmp_path / "adapter_model.safetensors").stat().st_size
 
 
+def test_a_run_reports_its_model_flops_utilization(tiny_llama_dir, tmp_path, monkeypatch):
+    from lorakit.calc import flop_counter
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the matmul peak is measured for this run
+    result = train(model=tiny_llama_dir, steps=3, output_dir=str(tmp_path / "run"), **FAST)
+    peak = result["matmul_peak_flops_per_s"]
+    assert peak > 0 and (tmp_path / "cache" / "lorakit" / "matmul_peak.json").is_file()
+    assert 0 < result["mfu"] < 1
+    assert result["mfu"] == pytest.approx(result["model_flops_per_s"] / peak)
+    assert result["model_flops_per_s"] == pytest.approx(result["model_flops"] / result["step_seconds"])
+    # The run's FLOPs are the counter's for the steps' examples: the built-in task's rows, logits on the targets.
+    task = build_task(TrainConfig(model=tiny_llama_dir, **FAST), torch.device("cpu"), "fp32")
+    counter = flop_counter(task.model)
+    expected = 0
+    for step in range(3):
+        mb = task.batch(micro_batch_indices(step, len(task.train), 8, Processes(), 0))
+        expected += counter.step(mb.lengths, mb.head_rows).total
+    assert result["model_flops"] == expected
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert all(0 < r["mfu"] < 1 for r in steps)
+
+
 def test_gradient_accumulation_equals_the_big_batch(tiny_llama_dir, tmp_path):
     train(model=tiny_llama_dir, steps=3, batch_size=8, output_dir=str(tmp_path / "big"), **FAST)
     train(model=tiny_llama_dir, steps=3, batch_size=4, grad_accum=2, output_dir=str(tmp_path / "acc"), **FAST)
