@@ -43,3 +43,16 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def ratio_quartiles(samples: dict[str, list[float]], name: str, reference: str) -> str:
+    """The 25th and 75th percentiles of ``name``'s per-round time ratio to ``reference``, minus 1, in %."""
+    ratios = [a / b for a, b in zip(samples[name], samples[reference])]
+    q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+    return f"{100 * (q1 - 1):+.1f}…{100 * (q3 - 1):+.1f}%"
+
+
+def fastest_ratio(samples: dict[str, list[float]], name: str, reference: str) -> str:
+    """``name``'s fastest round over ``reference``'s fastest, minus 1, in %: a shared machine's noise only ever
+    slows a round down, so the fastest rounds are a second estimate, less sensitive to bursts than the median."""
+    return f"{100 * (min(samples[name]) / min(samples[reference]) - 1):+.1f}%"

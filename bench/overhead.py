@@ -1,9 +1,11 @@
 """Unmerged LoRA overhead over the base model: lorakit vs PEFT, on SmolLM2-135M (the embedded default).
 
 r=8 on all-linear, fp32 and bf16, prefill (8×128) and decode-like (8×1) forwards, timed interleaved in one
-run. Targets: lorakit's overhead ≤ 3% (prefill) and ≤ 5% (decode).
+run. Targets: lorakit's overhead ≤ 3% (prefill) and ≤ 5% (decode). An overhead is the median over rounds of the
+per-round time ratio; the quartiles of those ratios are printed beside it, so that a difference of a few percent
+can be told from the machine's noise.
 
-    python bench/overhead.py [--rounds 7]
+    python bench/overhead.py [--rounds 11]
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _timing import interleaved_samples, markdown_table, overhead  # noqa: E402
+from _timing import fastest_ratio, interleaved_samples, markdown_table, overhead, ratio_quartiles  # noqa: E402
 
 from lorakit import LoraConfig, get_lora_model  # noqa: E402
 from lorakit.embedded_models import load_default_model  # noqa: E402
@@ -25,7 +27,7 @@ from lorakit.embedded_models import load_default_model  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=7, help="timing rounds per fp32 cell (median is reported)")
+    parser.add_argument("--rounds", type=int, default=11, help="timing rounds per fp32 cell (median is reported)")
     parser.add_argument("--bf16-rounds", type=int, default=3,
                         help="timing rounds per bf16 cell (bf16 is slow on CPUs without AVX512-BF16/AMX)")
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16")
@@ -53,15 +55,18 @@ def main() -> None:
             t = {name: statistics.median(values) for name, values in samples.items()}
             over = {name: 100 * overhead(samples, name, "base") for name in ("lorakit", "peft")}
             rows.append([dtype_name, shape_name, f"{1e3 * t['base']:.2f}", f"{1e3 * t['lorakit']:.2f}",
-                         f"{1e3 * t['peft']:.2f}", f"{over['lorakit']:+.1f}%", f"{over['peft']:+.1f}%"])
+                         f"{1e3 * t['peft']:.2f}", f"{over['lorakit']:+.1f}%",
+                         ratio_quartiles(samples, "lorakit", "base"), fastest_ratio(samples, "lorakit", "base"),
+                         f"{over['peft']:+.1f}%"])
             print(rows[-1], flush=True)
     print()
     print(f"SmolLM2-135M, r=8 all-linear (210 layers), unmerged, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}; "
           f"{args.rounds} (fp32) / {args.bf16_rounds} (bf16) interleaved rounds, twice that for decode; times are medians, "
-          f"overheads the median of per-round ratios")
-    print(markdown_table(["dtype", "batch", "base ms", "lorakit ms", "PEFT ms", "lorakit overhead", "PEFT overhead"],
-                         rows))
+          f"overheads the median of per-round ratios (quartiles: 25th…75th percentile of those ratios; fastest: "
+          f"fastest round over fastest round)")
+    print(markdown_table(["dtype", "batch", "base ms", "lorakit ms", "PEFT ms", "lorakit overhead",
+                          "lorakit quartiles", "lorakit fastest", "PEFT overhead"], rows))
 
 
 if __name__ == "__main__":

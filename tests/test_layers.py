@@ -188,6 +188,30 @@ def test_inference_path_equals_training_path():
     assert slow.requires_grad
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_inference_on_a_bare_linear_accumulates_the_base_onto_the_update_and_equals_the_module_path(bias):
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(16, 12, bias=bias))
+    for name, r in (("a", 4), ("b", 2)):
+        layer.add_adapter(name, r, lora_alpha=2 * r, init_lora_weights=False)
+    layer.set_active(["a", "b"])
+    x = torch.randn(3, 50, 16)  # 150 tokens: enough for the reordered path (decoding keeps the module path)
+    with torch.no_grad():
+        assert layer._base_can_accumulate(x) and not layer._base_can_accumulate(x[:, :1])
+        reordered = layer(x)
+        handle = layer.base.register_forward_hook(lambda *_: None)  # a hook: the base must run as a module
+        assert not layer._base_can_accumulate(x)
+        plain = layer(x)
+        handle.remove()
+    torch.testing.assert_close(reordered, plain, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(reordered, layer(x).detach(), atol=1e-6, rtol=1e-6)  # the training path
+    with torch.no_grad(), layer.base.register_forward_pre_hook(lambda *_: None):
+        assert not layer._base_can_accumulate(x)
+    layer.adapters["b"].lora_magnitude_vector = nn.Parameter(torch.ones(12))  # DoRA computes a norm: plain path
+    with torch.no_grad():
+        assert not layer._base_can_accumulate(x)
+
+
 def test_adapter_in_another_dtype_than_the_base():
     layer, x = _randomized("linear")
     layer.base.to(torch.bfloat16)
@@ -298,3 +322,51 @@ def test_tied_head_gets_the_embeddings_trainable_rows():
         hidden = torch.randn(1, 2, 32)
         expected = hidden @ embed._weight_with(["default"], embed.base.weight).T
         torch.testing.assert_close(head(hidden), expected)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_cpu_autocast_update_dtype_follows_the_measured_speed(monkeypatch, fast):
+    """Under CPU bf16 autocast the update runs in bf16 where this CPU's rank-r bf16 products are fast (no fp32
+    copies of x and of the output), else in fp32; either way A and B keep fp32 gradients."""
+    import lorakit.layers
+
+    monkeypatch.setattr(lorakit.layers, "low_precision_rank_products_are_fast", lambda dtype: fast)
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(16, 12, bias=False).to(torch.bfloat16))
+    layer.add_adapter("a", r=4, lora_alpha=8)
+    layer.set_active(["a"])
+    adapter = layer.adapters["a"]
+    with torch.no_grad():
+        adapter.lora_B.normal_()
+    x = torch.randn(3, 16).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    base = layer.base(x)
+    if fast:  # as autocast computes it: bf16 products from bf16 copies of A and B
+        xa = (adapter.lora_A.to(torch.bfloat16) @ x.t()).t()  # in the order the layer computes it
+        expected = torch.addmm(base, xa, adapter.lora_B.to(torch.bfloat16).t(), alpha=2.0)
+    else:  # fp32 products, the sum rounded once to bf16
+        expected = (base.float() + 2.0 * (x.float() @ adapter.lora_A.t() @ adapter.lora_B.t())).to(torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    out.float().sum().backward()
+    assert adapter.lora_A.grad.dtype == adapter.lora_B.grad.dtype == torch.float32
+    assert adapter.lora_B.grad.abs().sum() > 0
+
+
+def test_the_rank_product_speed_is_measured_once_per_process(monkeypatch):
+    import lorakit.layers
+
+    timed, real_timing = [], lorakit.layers.time_rank_products
+
+    def fake_timing(dtype):
+        timed.append(dtype)
+        return {torch.float32: 1.0, torch.bfloat16: 1.9, torch.float16: 2.1}[dtype]  # seconds
+
+    monkeypatch.setattr(lorakit.layers, "_RANK_PRODUCTS_FAST", {})
+    monkeypatch.setattr(lorakit.layers, "time_rank_products", fake_timing)
+    fast = lorakit.layers.low_precision_rank_products_are_fast
+    assert fast(torch.bfloat16) and fast(torch.bfloat16)  # within twice fp32's time: fast
+    assert not fast(torch.float16)  # beyond: the update stays in fp32
+    assert timed == [torch.bfloat16, torch.float32, torch.float16, torch.float32]  # once per dtype
+    assert 0 < real_timing(torch.bfloat16) < 1  # seconds, measured

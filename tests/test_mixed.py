@@ -253,3 +253,39 @@ def test_num_beams_of_any_integer_type_is_accepted_and_others_refused(three):
     for bad in (2.0, True, 0, "2"):
         with pytest.raises(ValueError, match=f"num_beams must be a positive integer, got {bad!r}"):
             three.generate(num_beams=bad, **kwargs)
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("names, tokens, per_row", [
+    (["a", "b", "__base__"], 4, True),  # no more rows than adapters + 1: one stack entry per row
+    (["a", "b", "a", "c", "__base__", "b"], 1, False),  # more rows, one token each: all A's, then all B's
+    (["a", "b", "a", "c", "__base__", "b"], 4, False),  # more rows, several tokens: each row gathers its entry
+], ids=["per-row", "decode", "prefill"])
+def test_each_stack_layout_gives_each_rows_own_output_and_gradients(three, names, tokens, per_row):
+    torch.manual_seed(4)
+    ids = torch.randint(0, 128, (len(names), tokens))
+    with three.mixed_batch(names):
+        assert three.model.model.layers[0].self_attn.q_proj.routing.per_row is per_row
+    assert_rows_match_single_adapter_runs(three, ids, names)
+
+    def row_loss(logits: torch.Tensor) -> torch.Tensor:
+        return logits.pow(2).mean()
+
+    three.set_requires_grad(["a", "b", "c"])
+    mixed = three(input_ids=ids, adapter_names=names).logits
+    sum(row_loss(mixed[i]) for i in range(len(names))).backward()
+    got = _grads(three)
+    three.zero_grad(set_to_none=True)
+    for i, name in enumerate(names):
+        if name == "__base__":
+            continue
+        three.set_adapter(name)
+        three.set_requires_grad(["a", "b", "c"])
+        row_loss(three(input_ids=ids[i: i + 1]).logits[0]).backward()
+    expected = _grads(three)
+    assert got.keys() == expected.keys() and got
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], atol=1e-5, rtol=1e-4)
