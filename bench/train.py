@@ -9,12 +9,21 @@ tokens, r=8 on query,value with the classifier head trained. Contenders:
 - lorakit: the engine of `lorakit train` (its LoRA layers, the chunked loss, the precision `auto` picks on this
   machine); lorakit-bf16 forces bf16 autocast;
 - lorakit-gc: the same with gradient checkpointing (less memory, more compute);
-- lorakit-full: full fine-tuning in the same engine.
+- lorakit-full: full fine-tuning in the same engine;
+- lorakit-compile (causal LM): the engine with its decoder blocks compiled, as `lorakit train --compile` runs
+  (the warm-up step pays the compilation);
+- trainer-peft (causal LM): the baseline users actually run, as PEFT's own examples do it:
+  `peft.get_peft_model(model, LoraConfig(...))` and `transformers.Trainer(...).train()` with
+  `DataCollatorForLanguageModeling`, its default optimizer (fused AdamW), clipping at 1.0, and `bf16=True` exactly
+  when lorakit's `auto` picks bf16 on this machine (the model loaded in fp32, as the examples load it).
 
 Each case runs in its own process (peak RSS is sampled during the training steps only), cases interleaved
-over --rounds; the median per case is reported with the ratios the issue asks for.
+over --rounds; the median per case is reported with the ratios the issue asks for. Causal-LM rows also give MFU:
+the useful FLOPs of a step (lorakit.calc.flop_counter; the same for every engine: logits are useful only where
+there is a target) per second, over this machine's matmul peak in that precision
+(lorakit.training.devices.matmul_peak).
 
-    python bench/train.py [--rounds 1] [--llm-steps 4] [--enc-steps 20] [--only llm|enc]
+    python bench/train.py [--rounds 1] [--llm-steps 4] [--enc-steps 20] [--only llm|enc] [--cases a,b] [--targets t]
 """
 
 from __future__ import annotations
@@ -29,10 +38,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import DATA, PeakRSS, llm_batches, run_child  # noqa: E402
+from _common import DATA, PeakRSS, cpu_name, llm_batches, run_child  # noqa: E402
 from _timing import markdown_table  # noqa: E402
 
-LLM_CASES = ["peft-bf16", "peft-fp32", "lorakit", "lorakit-bf16"]
+LLM_CASES = ["peft-bf16", "peft-fp32", "trainer-peft", "lorakit", "lorakit-bf16", "lorakit-compile"]
 ENC_CASES = ["peft-bf16", "peft-fp32", "lorakit", "lorakit-bf16", "lorakit-full"]
 
 
@@ -49,8 +58,66 @@ def _enc_batches(tokenizer, n: int) -> list[dict[str, torch.Tensor]]:
     return batches
 
 
+def run_trainer_case(target: str, steps: int) -> dict:
+    """`transformers.Trainer` + PEFT on the causal-LM batches: ``steps + 1`` optimizer steps, the first one (warm-up)
+    untimed; tokens/s and peak RSS over the timed steps, measured from a callback at the step boundaries."""
+    import tempfile
+
+    import peft
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForLanguageModeling,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+
+    from lorakit.embedded_models import default_model_dir
+    from lorakit.training.devices import resolve_precision
+
+    torch.manual_seed(0)
+    precision = resolve_precision("auto", torch.device("cpu"))  # what the lorakit case runs in
+    source = str(default_model_dir())
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source)
+    model = peft.get_peft_model(model, peft.LoraConfig(
+        r=8, lora_alpha=16, target_modules=target if target == "all-linear" else target.split(","),
+        task_type="CAUSAL_LM"))
+    dataset = [{"input_ids": row} for batch in llm_batches(tokenizer, steps + 1) for row in batch]  # 256 tokens each
+
+    class Clock(TrainerCallback):
+        """Timestamps every step's end; samples the peak RSS from the first step's end to the last one's."""
+
+        def __init__(self) -> None:
+            self.ends: list[float] = []
+            self.rss = PeakRSS()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.ends.append(time.perf_counter())
+            if len(self.ends) == 1:
+                self.rss.__enter__()
+            elif len(self.ends) == steps + 1:
+                self.rss.__exit__(None, None, None)
+
+    clock = Clock()
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(output_dir=out, per_device_train_batch_size=4, max_steps=steps + 1,
+                                 learning_rate=1e-4, bf16=precision == "bf16", use_cpu=True, save_strategy="no",
+                                 logging_strategy="no", report_to="none", disable_tqdm=True, seed=0)
+        trainer = Trainer(model=model, args=args, train_dataset=dataset,
+                          data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), callbacks=[clock])
+        trainer.train()
+    assert len(clock.ends) == steps + 1, clock.ends
+    seconds = clock.ends[-1] - clock.ends[0]
+    return {"tokens_per_s": steps * 4 * 256 / seconds, "examples_per_s": steps * 4 / seconds,
+            "peak_rss_mib": clock.rss.peak, "precision": precision, "step_s": seconds / steps}
+
+
 def run_case(kind: str, case: str, target: str, steps: int) -> dict:
     """One contender: build, warm up, time ``steps`` optimizer steps; tokens/s, examples/s and peak RSS."""
+    if case == "trainer-peft":
+        return run_trainer_case(target, steps)
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     from lorakit import LoraConfig, get_lora_model
@@ -95,6 +162,10 @@ def run_case(kind: str, case: str, target: str, steps: int) -> dict:
                 p.requires_grad_(True)
         else:
             model = get_lora_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets, task_type=task))
+        if case == "lorakit-compile":
+            from lorakit.compiling import compile_blocks
+
+            compile_blocks(model, training=True)
 
         def loss_of(batch):
             if kind == "llm":
@@ -133,6 +204,24 @@ def run_case(kind: str, case: str, target: str, steps: int) -> dict:
             "precision": precision, "step_s": seconds / len(timed)}
 
 
+def _mfu(case: str, target: str, measured: dict) -> float | None:
+    """MFU of a causal-LM case: useful FLOPs of a step of 4 × 256 tokens over its seconds and the matmul peak."""
+    from lorakit import LoraConfig, get_lora_model
+    from lorakit.calc import flop_counter, meta_model
+    from lorakit.training.devices import PEAK_ROWS, matmul_peak, model_shapes
+
+    model = meta_model("default")
+    if case == "lorakit-full":
+        model.requires_grad_(True)
+    else:
+        model = get_lora_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=target if target == "all-linear"
+                                                 else target.split(",")))
+    flops = flop_counter(model).step([256] * 4, head_rows=4 * 255).total
+    peak = matmul_peak(model_shapes("default", False, 4 * 256, max_rows=PEAK_ROWS, head=True), measured["precision"],
+                       torch.device("cpu"))
+    return flops / measured["step_s"] / peak if peak else None
+
+
 def _spawn(kind: str, case: str, target: str, steps: int) -> dict:
     return run_child(__file__, "--case", f"{kind}:{case}:{target}", "--steps", str(steps))
 
@@ -143,6 +232,8 @@ def main() -> None:
     parser.add_argument("--llm-steps", type=int, default=4, help="timed steps per causal-LM case (after 1 warmup)")
     parser.add_argument("--enc-steps", type=int, default=20, help="timed steps per encoder case (after 2 warmup)")
     parser.add_argument("--only", choices=["llm", "enc"], help="run one half only")
+    parser.add_argument("--cases", help="comma-separated engines to run only, e.g. lorakit,trainer-peft")
+    parser.add_argument("--targets", help="causal-LM targets to run only: all-linear or q_proj,v_proj")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -157,6 +248,10 @@ def main() -> None:
         plan += [("llm", c, "all-linear", args.llm_steps) for c in ("lorakit-gc", "lorakit-full")]
     if args.only != "llm":
         plan += [("enc", c, "query,value", args.enc_steps) for c in ENC_CASES]
+    if args.cases:
+        plan = [key for key in plan if key[1] in args.cases.split(",")]
+    if args.targets:
+        plan = [key for key in plan if key[0] != "llm" or key[2] == args.targets]
     runs: dict[tuple, list[dict]] = {}
     for r in range(args.rounds):
         for key in (plan if r % 2 == 0 else plan[::-1]):
@@ -169,9 +264,12 @@ def main() -> None:
 
     rows = []
     for (kind, case, target), m in med.items():
+        mfu = _mfu(case, target, m) if kind == "llm" else None
         rows.append([kind, target, case, m["precision"], f"{m['tokens_per_s']:.0f}", f"{m['examples_per_s']:.1f}",
-                     f"{m['peak_rss_mib']:.0f}"])
-    print(markdown_table(["model", "targets", "engine", "precision", "tokens/s", "examples/s", "peak RSS MiB"], rows))
+                     f"{m['peak_rss_mib']:.0f}", f"{100 * mfu:.1f}%" if mfu else "—"])
+    print(f"{cpu_name()} ({torch.backends.cpu.get_cpu_capability()}), torch {torch.__version__}")
+    print(markdown_table(["model", "targets", "engine", "precision", "tokens/s", "examples/s", "peak RSS MiB", "MFU"],
+                         rows))
     print()
 
     def ratio(a: tuple, b: tuple, metric: str = "tokens_per_s") -> str:
@@ -184,8 +282,11 @@ def main() -> None:
             continue
         lines.append(f"SmolLM2 {t}: lorakit vs PEFT-bf16 {ratio(ours, ('llm', 'peft-bf16', t))} (target ≥ 1.5×), "
                      f"vs PEFT-fp32 {ratio(ours, ('llm', 'peft-fp32', t))} (target ≥ 4×); peak RSS vs PEFT-bf16 "
-                     f"{med[ours]['peak_rss_mib'] / med[('llm', 'peft-bf16', t)]['peak_rss_mib']:.2f}× "
-                     f"(target ≤ 0.8×)")
+                     f"{ratio(ours, ('llm', 'peft-bf16', t), 'peak_rss_mib')} (target ≤ 0.8×)")
+        trainer = ("llm", "trainer-peft", t)
+        lines.append(f"SmolLM2 {t}: lorakit vs Trainer+PEFT ({med.get(trainer, {}).get('precision', 'n/a')}) "
+                     f"{ratio(ours, trainer)} tokens/s (target ≥ 1.5×), peak RSS "
+                     f"{ratio(ours, trainer, 'peak_rss_mib')} (target ≤ 0.9×)")
     if ("llm", "lorakit-full", "all-linear") in med:
         lines.append(f"SmolLM2: lorakit LoRA (all-linear) vs lorakit full fine-tuning "
                      f"{ratio(('llm', 'lorakit', 'all-linear'), ('llm', 'lorakit-full', 'all-linear'))} "

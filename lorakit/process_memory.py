@@ -7,6 +7,12 @@ process. Measured on SmolLM2-135M (LoRA, 4 × 256 tokens, fp32): peak RSS 3122 M
 with the threshold pinned at 256 KiB, but 254 → 143 tokens/s, as every page of every activation is then faulted
 in and zeroed afresh. So it is an option (``lorakit train --low-memory``), not the default. Elsewhere (macOS, musl)
 these functions do nothing.
+
+No setting made from inside the process keeps resident memory at that floor for free: on the default ``lorakit
+train`` run (bf16), pinning the threshold at 1-4 MiB, ``malloc_trim`` at every step's end, or both, save 6-14% of
+the peak for 3-13% slower steps (``bench/allocator.py``). jemalloc or tcmalloc, loaded with ``LD_PRELOAD`` before
+Python starts, come within 3-6% of the floor at the same speed or faster; that choice belongs to whoever starts
+the process.
 """
 
 from __future__ import annotations
