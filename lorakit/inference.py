@@ -15,7 +15,7 @@ from .io import is_prompt_adapter, read_adapter_config
 from .model import LoraModel
 from .prompt_tuning import PromptTuningModel
 from .training.builtin_task import SYSTEM
-from .training.devices import resolve_device, resolve_precision
+from .training.devices import autocast, resolve_device, resolve_precision
 from .training.labels import HEADS, adapter_classes, is_classifier
 from .training.metrics import generate_texts
 from .training.options import TrainConfig
@@ -62,7 +62,8 @@ def evaluate_adapter(path: str | Path, config: TrainConfig | None = None, **opti
         method = "prompt" if is_prompt_adapter(path) else "lora"
         run = build_task(dataclasses.replace(config, method=method, init_adapter=None), device, precision,
                          adapter=str(path), evaluate_only=True)
-    return run.evaluate(run.model, "eval")
+    with autocast(precision, device):  # as training computed: a bf16 base feeds fp32 heads
+        return run.evaluate(run.model, "eval")
 
 
 def generate(prompt: str, adapter: str | Path | None = None, model: str | None = None, max_new_tokens: int = 128,

@@ -316,6 +316,6 @@ def test_peft_reads_our_qlora_adapter_on_the_same_4bit_base(ids, tmp_path, peft)
     _randomize_b(lora)
     lora.save_pretrained(tmp_path)
     theirs = peft.PeftModel.from_pretrained(_q_llama(), tmp_path, is_trainable=True).eval()
-    with torch.no_grad():
-        assert torch.equal(lora(ids).logits, theirs(ids).logits)
+    with torch.no_grad():  # equal up to the order of the update's products (lorakit computes A·xᵀ, PEFT x·Aᵀ)
+        torch.testing.assert_close(lora(ids).logits, theirs(ids).logits, rtol=1e-6, atol=1e-6)
     assert theirs.get_nb_trainable_parameters() == lora.get_nb_trainable_parameters()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -208,6 +209,12 @@ def _write_json(path: Path, known: dict[str, Any]) -> None:
         os.replace(tmp, path)
     except OSError:
         pass
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The context a run computes in: bf16 autocast for ``bf16`` (the frozen base is then held in bf16 while
+    trained weights and heads stay fp32), nothing for ``fp32``. Training and evaluation both run in it."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
 
 def resolve_precision(name: str, device: torch.device, shapes: list[Shape] | None = None) -> str:

@@ -35,7 +35,13 @@ from torch import nn
 
 from ..compiling import compile_blocks, use_compile
 from ..model_card import write_model_card
-from ..process_memory import map_large_allocations, peak_rss_mib, reset_peak_rss, return_freed_memory
+from ..process_memory import (
+    allocator_in_use,
+    map_large_allocations,
+    peak_rss_mib,
+    reset_peak_rss,
+    return_freed_memory,
+)
 from .checkpoint import (
     checkpoints,
     file_digests,
@@ -46,7 +52,7 @@ from .checkpoint import (
     set_aside,
     set_rng_state,
 )
-from .devices import Processes, model_shapes, resolve_device, run_precision, start_processes
+from .devices import Processes, autocast, model_shapes, resolve_device, run_precision, start_processes
 from .fsdp import check_fsdp, full_bytes, full_optimizer_state, gathered, grad_norm, local_bytes, shard
 from .loraplus import loraplus_param_groups
 from .metrics_log import MetricsLog, plot_loss, summary_writer_class
@@ -215,14 +221,14 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
     log.start(start.step if start.checkpoint else None)
     before = start.before
     if before is None:
-        before = _evaluate(task, objective, "before", procs, config.fsdp)
+        before = _evaluate(task, objective, "before", procs, config.fsdp, precision, device)
         log.write({"step": 0, "eval": before})
     procs.barrier()
 
     if procs.world > 1 and not config.fsdp:
         objective = nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda"
                                                         else None)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    compute = autocast(precision, device)
     if use_compile(config.compile, model, device, total - start.step, procs.world):  # see lorakit.compiling
         compile_blocks(model, training=True)  # each decoder block in place; the first step pays the compilation
     bar = _progress(config.progress and procs.main, total, start.step)
@@ -249,7 +255,7 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
                 objective.set_requires_gradient_sync(last)
             sync = nullcontext() if procs.world == 1 or last or config.fsdp else objective.no_sync()
             with sync:
-                with autocast:
+                with compute:
                     summed, _ = objective({k: v.to(device) for k, v in mb.tensors.items()})
                 (summed * (procs.world / targets)).backward()  # DDP and FSDP average over processes; undo that
             loss_sum += summed.item()
@@ -286,7 +292,7 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
             # From the second step: the first one also pays one-time costs (allocations, kernel choices).
             _estimate(time.perf_counter() - t_step, total - done, time.perf_counter() - t_train, bar)
         if config.eval_every and done % config.eval_every == 0 and done < total:
-            metrics = _evaluate(task, objective, f"step {done}", procs, config.fsdp)
+            metrics = _evaluate(task, objective, f"step {done}", procs, config.fsdp, precision, device)
             if procs.main:
                 log.write({"step": done, "eval": metrics})
             procs.barrier()
@@ -308,7 +314,7 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
 
     result: dict[str, Any] = {}
     peak_rss = procs.all_gather(peak_rss_mib())  # before saving: under FSDP that gathers the whole model
-    after = _evaluate(task, objective, "after", procs, config.fsdp)
+    after = _evaluate(task, objective, "after", procs, config.fsdp, precision, device)
     with gathered(objective, keep=procs.main):  # under FSDP: the whole weights, on rank 0, for the saved files
         saved_bytes = task.save(model, out) if procs.main else 0
     if procs.main:
@@ -321,6 +327,7 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
                            train_s=train_s, before=before, after=after, saved_bytes=saved_bytes, loss_curve=png,
                            total_s=time.perf_counter() - t_start)
         mfu = use.mfu(flops_seen, step_seconds)
+        result.update(allocator=allocator_in_use())
         result.update(mfu=mfu, model_flops=flops_seen, step_seconds=step_seconds, matmul_peak_flops_per_s=use.peak,
                       model_flops_per_s=flops_seen / step_seconds if flops_seen and step_seconds else None)
         result.update(precision_reason=chosen.reason, fsdp=config.fsdp, param_bytes=full_bytes(model),
@@ -333,14 +340,17 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
 
 
 @torch.compiler.set_stance("force_eager")  # --compile is for the training steps: compiled decoding does not pay
-def _evaluate(task: Task, objective: _Objective, label: str, procs: Processes, fsdp: bool) -> dict[str, Any]:
-    """The held-out metrics, on rank 0 ({} elsewhere). Under FSDP every process runs the evaluation (each layer's
-    weights are gathered from all of them), inside the root's forward."""
-    if fsdp:
-        with torch.no_grad():
-            metrics = objective(within=lambda model: task.evaluate(model, label))
-        return metrics if procs.main else {}
-    return task.evaluate(task.model, label) if procs.main else {}
+def _evaluate(task: Task, objective: _Objective, label: str, procs: Processes, fsdp: bool, precision: str,
+              device: torch.device) -> dict[str, Any]:
+    """The held-out metrics, on rank 0 ({} elsewhere), computed as the steps are (bf16 autocast or fp32: a bf16
+    base feeds fp32 heads). Under FSDP every process runs the evaluation (each layer's weights are gathered from
+    all of them), inside the root's forward."""
+    with autocast(precision, device):
+        if fsdp:
+            with torch.no_grad():
+                metrics = objective(within=lambda model: task.evaluate(model, label))
+            return metrics if procs.main else {}
+        return task.evaluate(task.model, label) if procs.main else {}
 
 
 def _as_config(config: TrainConfig | dict[str, Any] | None, overrides: dict[str, Any]) -> TrainConfig:
