@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import sys
 
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number, from glibc's malloc.h
@@ -76,3 +77,54 @@ def peak_rss_mib() -> float | None:
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB elsewhere
+
+
+# -- a faster allocator, where the system has one ------------------------------------------------------------
+
+ALLOCATOR_ENV = "LORAKIT_ALLOCATOR"  # "system" keeps the C library's malloc; set to the library in use otherwise
+# tcmalloc first: on a 2-core Zen 4 (bench/allocator.py) its training steps were 13% faster than glibc's and its peak
+# RSS 1.06× the floor; jemalloc's 1.03× at glibc's speed.
+ALLOCATORS = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4", "libjemalloc.so.2")
+LIBRARY_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
+
+
+def preferred_allocator(dirs: tuple[str, ...] = LIBRARY_DIRS) -> str | None:
+    """The path of tcmalloc or jemalloc where the system has one (e.g. Debian's ``libtcmalloc-minimal4`` or
+    ``libjemalloc2``), else None. Only on Linux: elsewhere the C library's allocator is kept."""
+    if not sys.platform.startswith("linux"):
+        return None
+    for name in ALLOCATORS:
+        for folder in dirs:
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                return path
+    return None
+
+
+def allocator_in_use() -> str:
+    """``tcmalloc``, ``jemalloc`` or ``system``: what serves this process's allocations, as its environment says."""
+    preload = os.environ.get("LD_PRELOAD", "")
+    return next((name for name in ("tcmalloc", "jemalloc") if name in preload), "system")
+
+
+def exec_with_allocator(argv: list[str], dirs: tuple[str, ...] = LIBRARY_DIRS) -> None:
+    """Restart this command as ``python -m lorakit ARGV`` with tcmalloc or jemalloc preloaded, when the system has one
+    and neither ``LORAKIT_ALLOCATOR=system``, a preloaded allocator nor ``--low-memory`` (a glibc setting) says
+    otherwise; return when it does not.
+
+    glibc's malloc keeps much of the memory freed within a training step (peak RSS 1.31× what the live tensors
+    need, bench/allocator.py), and no setting made from inside the process closes that gap at full speed; tcmalloc
+    and jemalloc do, but a C library's allocator can only be replaced before the process starts.
+    """
+    if os.environ.get(ALLOCATOR_ENV) or allocator_in_use() != "system" or "--low-memory" in argv:
+        return
+    library = preferred_allocator(dirs)
+    if library is None:
+        return
+    env = dict(os.environ)
+    env["LD_PRELOAD"] = f"{library}:{env['LD_PRELOAD']}" if env.get("LD_PRELOAD") else library
+    env[ALLOCATOR_ENV] = library  # the restarted process does not restart again
+    env.setdefault("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(2**62))  # no "large alloc" lines for big models
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "lorakit", *argv], env)

@@ -62,3 +62,70 @@ def test_with_the_threshold_pinned_freed_blocks_go_back_to_the_system():
 
     assert retained("pinned") < 1.0
     assert retained("default") > 4.0  # glibc's own threshold grows after the first free and keeps the block
+
+
+# -- tcmalloc / jemalloc where the system has one -----------------------------------------------------------------
+
+def _libraries(folder, *names):
+    for name in names:
+        (folder / name).write_bytes(b"")
+    return (str(folder / "missing"), str(folder))
+
+
+def test_the_preferred_allocator_is_tcmalloc_then_jemalloc(tmp_path, monkeypatch):
+    from lorakit.process_memory import preferred_allocator
+
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert preferred_allocator(_libraries(tmp_path)) is None
+    assert preferred_allocator(_libraries(tmp_path, "libjemalloc.so.2")) == str(tmp_path / "libjemalloc.so.2")
+    assert preferred_allocator(_libraries(tmp_path, "libtcmalloc_minimal.so.4")) == \
+        str(tmp_path / "libtcmalloc_minimal.so.4")
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert preferred_allocator(_libraries(tmp_path)) is None
+
+
+def test_train_restarts_once_with_the_allocator_preloaded(tmp_path, monkeypatch):
+    import lorakit.process_memory as pm
+
+    calls = []
+    monkeypatch.setattr(pm.os, "execve", lambda exe, args, env: calls.append((exe, args, env)))
+    monkeypatch.setattr(sys, "platform", "linux")
+    for key in ("LORAKIT_ALLOCATOR", "LD_PRELOAD", "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"):
+        monkeypatch.delenv(key, raising=False)
+    dirs = _libraries(tmp_path, "libtcmalloc_minimal.so.4")
+    library = str(tmp_path / "libtcmalloc_minimal.so.4")
+
+    pm.exec_with_allocator(["train", "--steps", "3"], dirs)
+    (exe, args, env), = calls
+    assert exe == sys.executable and args == [sys.executable, "-m", "lorakit", "train", "--steps", "3"]
+    assert env["LD_PRELOAD"] == library and env["LORAKIT_ALLOCATOR"] == library  # the restart does not restart
+    # Not again in the restarted process; not when asked for the system's; not over a preloaded allocator; not
+    # with --low-memory (a glibc setting); an existing LD_PRELOAD is kept.
+    for env_key, value in (("LORAKIT_ALLOCATOR", library), ("LORAKIT_ALLOCATOR", "system"),
+                           ("LD_PRELOAD", "/usr/lib/libjemalloc.so.2")):
+        with monkeypatch.context() as m:
+            m.setenv(env_key, value)
+            pm.exec_with_allocator(["train"], dirs)
+    pm.exec_with_allocator(["train", "--low-memory"], dirs)
+    assert len(calls) == 1
+    monkeypatch.setenv("LD_PRELOAD", "/opt/libother.so")
+    pm.exec_with_allocator(["train"], dirs)
+    assert calls[-1][2]["LD_PRELOAD"] == f"{library}:/opt/libother.so"
+    monkeypatch.setenv("LD_PRELOAD", "")
+    assert pm.allocator_in_use() == "system"
+    monkeypatch.setenv("LD_PRELOAD", library)
+    assert pm.allocator_in_use() == "tcmalloc"
+
+
+def test_only_the_train_command_restarts(monkeypatch):
+    import lorakit.cli
+    import lorakit.process_memory as pm
+
+    restarted = []
+    monkeypatch.setattr(pm, "exec_with_allocator", lambda argv: restarted.append(argv))
+    monkeypatch.setattr(lorakit.cli, "main", lambda argv: 0)
+    for argv, expected in ((["train", "--steps", "1"], [["train", "--steps", "1"]]), (["eval", "x"], [])):
+        restarted.clear()
+        monkeypatch.setattr(sys, "argv", ["lorakit", *argv])
+        assert lorakit.cli.console_main() == 0
+        assert restarted == expected

@@ -120,8 +120,8 @@ class TrainConfig:
     grad_checkpointing: bool = _opt(False, "recompute activations in the backward pass (less memory, ~30%% slower)",
                                     group="memory and devices")
     low_memory: bool = _opt(False, "CPU: give memory freed within a step back to the system at once (glibc): "
-                                   "~20-25%% lower peak RSS, 1.4-1.7x longer steps (LD_PRELOAD jemalloc or tcmalloc "
-                                   "comes as close at full speed: docs/performance.md)")
+                                   "~20-25%% lower peak RSS, 1.4-1.7x longer steps (tcmalloc or jemalloc, used when "
+                                   "installed, come as close at full speed: docs/performance.md)")
     preflight: bool = _opt(True, "estimate the peak memory from the model's config before loading anything and stop "
                                  "if it will not fit, with the changes that would (--no-preflight to skip)")
     precision: str = _opt("auto", "bf16 autocast or fp32; auto: whichever runs the model's matrix products faster "
