@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from ..compiling import repeated_blocks
 from .options import TrainConfig
 
 
@@ -65,13 +66,7 @@ def sharding_units(model: nn.Module) -> list[nn.Module]:
     Raises:
         ValueError: The model names no such blocks, or none of them is in the model.
     """
-    names: set[str] = set()
-    for module in model.modules():
-        names.update(getattr(module, "_no_split_modules", None) or ())
-    units = [m for m in model.modules() if type(m).__name__ in names]
-    # A block nested in another (an embedding block listed beside the layers) shards with its parent.
-    inner = {id(child) for unit in units for child in unit.modules() if child is not unit}
-    units = [u for u in units if id(u) not in inner]
+    units = repeated_blocks(model)  # a block nested in another (an embedding block) shards with its parent
     if not units:
         raise ValueError(f"--fsdp shards a model layer by layer, and {type(model).__name__} names no layers to shard "
                          f"(a Hugging Face model lists them in _no_split_modules); train it without --fsdp")
