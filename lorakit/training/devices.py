@@ -190,14 +190,19 @@ def decide_precision(name: str, device: torch.device, shapes: list[Shape] | None
 
 
 def read_cache(path: Path) -> dict[str, Any]:
-    try:
-        known = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # absent or damaged: measure again
-        return {}
-    if not isinstance(known, dict):
-        return {}
+    """The precision measurements in ``path`` that are well formed."""
+    known = _read_json(path)
     return {k: v for k, v in known.items() if isinstance(v, dict) and isinstance(v.get("fp32_s"), (int, float))
             and isinstance(v.get("bf16_s"), (int, float))}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A cache file's dict; empty when it is absent or damaged (then measure again)."""
+    try:
+        known = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) else {}
 
 
 def _write_json(path: Path, known: dict[str, Any]) -> None:
@@ -263,11 +268,7 @@ def matmul_peak(shapes: list[Shape], precision: str, device: torch.device, *, ca
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
     cache = cache or peak_cache()
     key = f"{machine_key(device, shapes)} | {precision}"
-    try:
-        known = json.loads(cache.read_text(encoding="utf-8"))
-        known = known if isinstance(known, dict) else {}
-    except (OSError, ValueError):
-        known = {}
+    known = _read_json(cache)
     if isinstance(known.get(key), (int, float)) and known[key] > 0:
         return float(known[key])
     measure = measure or (lambda s, d, dev: time_gemms(s, d, dev, PEAK_SECONDS))
