@@ -32,7 +32,7 @@ from _timing import (  # noqa: E402
 )
 
 from lorakit import LoraConfig, get_lora_model  # noqa: E402
-from lorakit.embedded_models import load_default_model  # noqa: E402
+from lorakit.models.embedded_models import load_default_model  # noqa: E402
 
 NAMES = [f"task{i}" for i in range(8)]
 
@@ -64,7 +64,7 @@ def main() -> None:
     for name in NAMES:  # the same random update in both libraries
         ours.set_adapter(name)
         _randomize(p for p in ours.parameters() if p.requires_grad)
-    from lorakit.io import adapter_state_dict
+    from lorakit.files.io import adapter_state_dict
 
     for name in NAMES:
         peft.set_peft_model_state_dict(theirs, {"base_model.model." + k: v for k, v in

@@ -87,7 +87,7 @@ def run_setting(name: str, steps: int) -> dict:
             raise SystemExit(f"mallopt({param}, {value}) failed")
 
     import lorakit.training.loop as loop
-    from lorakit.training.devices import resolve_precision
+    from lorakit.models.devices import resolve_precision
     from lorakit.training.options import TrainConfig
     from lorakit.training.preflight import estimate_run, run_dtypes, stored_dtype
 

@@ -6,7 +6,7 @@ machine). Cases, each in its own process, with an empty inductor cache (so the c
 first run):
 
 - lora / qlora (the base in nf4) / full: two copies of the model, one eager and one with its blocks compiled
-  (:func:`lorakit.compiling.compile_blocks` with ``training=True``, as ``lorakit train --compile`` does). The
+  (:func:`lorakit.models.compiling.compile_blocks` with ``training=True``, as ``lorakit train --compile`` does). The
   first optimizer step of each copy is reported (the compiled one's includes the compilation); then the two copies
   take ``--steps`` steps each, interleaved, after one warm-up step each; the median s/step of each is reported.
   The check column compares the loss of the two on the same weights and batch, with bf16's own error for scale.
@@ -43,7 +43,7 @@ PROMPTS = ["Write a haiku about autumn.", "What is the capital of France?", "Exp
 
 def _model(case: str) -> torch.nn.Module:
     from lorakit import LoraConfig, get_lora_model, quantize
-    from lorakit.embedded_models import load_default_model
+    from lorakit.models.embedded_models import load_default_model
 
     torch.manual_seed(0)
     base = load_default_model()
@@ -57,9 +57,9 @@ def _model(case: str) -> torch.nn.Module:
 def run_train_case(case: str, steps: int) -> dict:
     """Eager and compiled copies of one model: the compiled copy's first step (compile), then ``steps`` timed
     steps of each, interleaved, after a warm-up step of each."""
-    from lorakit.compiling import compile_blocks
-    from lorakit.embedded_models import load_default_tokenizer
-    from lorakit.training.devices import resolve_precision
+    from lorakit.models.compiling import compile_blocks
+    from lorakit.models.devices import resolve_precision
+    from lorakit.models.embedded_models import load_default_tokenizer
 
     precision = resolve_precision("auto", torch.device("cpu"))
     eager = _model(case)
@@ -102,8 +102,8 @@ def run_train_case(case: str, steps: int) -> dict:
 def run_decode_case(rounds: int, new_tokens: int) -> dict:
     """Greedy generation of the 8 prompts, eager vs compiled, interleaved over ``rounds`` after the first
     (compiling) call."""
-    from lorakit.compiling import compile_blocks
-    from lorakit.embedded_models import load_default_tokenizer
+    from lorakit.models.compiling import compile_blocks
+    from lorakit.models.embedded_models import load_default_tokenizer
     from lorakit.training.data import prompt_ids
 
     tokenizer = load_default_tokenizer()

@@ -29,6 +29,7 @@ from lorakit.training.data import read_records, read_table
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import DATA, cpu_name  # noqa: E402
+
 SST2 = DATA / "sst2" / "train.tsv"
 ALPACA = DATA / "instruct" / "alpaca_small_2000.json"
 

@@ -2,7 +2,7 @@
 
 For full fine-tuning, LoRA (r=8, all-linear) and QLoRA (the same on an NF4 base), at two batch sizes of 256-token
 rows, in fp32 (the precision `lorakit train` picks on CPUs without AMX): the estimate of
-`lorakit.calc.estimate_memory` and the peak resident memory of the process during two timed steps of the
+`lorakit.models.calc.estimate_memory` and the peak resident memory of the process during two timed steps of the
 `lorakit train` engine (after two warm-up steps, so AdamW's states exist), measured twice: with glibc's default
 allocator, which keeps much of the memory freed within a step, and as `lorakit train --low-memory` runs (large
 allocations mapped and returned at once: RSS then follows what the tensors need, which is what the estimate
@@ -28,15 +28,15 @@ METHODS = ["full", "lora", "qlora"]
 
 
 def run_case(method: str, batch: int, seq: int, low_memory: bool) -> dict:
-    from lorakit.process_memory import map_large_allocations
+    from lorakit.core.process_memory import map_large_allocations
 
     if low_memory:
         map_large_allocations()  # as `lorakit train --low-memory` does
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lorakit import LoraConfig, get_lora_model
-    from lorakit.embedded_models import default_model_dir
-    from lorakit.quant import quantize
+    from lorakit.core.quant import quantize
+    from lorakit.models.embedded_models import default_model_dir
 
     torch.manual_seed(0)
     source = str(default_model_dir())
@@ -62,8 +62,8 @@ def run_case(method: str, batch: int, seq: int, low_memory: bool) -> dict:
 
 
 def estimate(method: str, batch: int, seq: int) -> dict:
-    from lorakit.calc import estimate_memory
-    from lorakit.embedded_models import build_model
+    from lorakit.models.calc import estimate_memory
+    from lorakit.models.embedded_models import build_model
 
     return estimate_memory(build_model("default", meta=True), method, batch, seq, dtype="fp32").as_dict()
 

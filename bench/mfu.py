@@ -2,9 +2,9 @@
 
 The step of `lorakit train`'s engine (chunked loss, fused AdamW, clipping) on SmolLM2-135M (embedded), 4 rows ×
 256 tokens of real text (the Alpaca outputs in ../shared/data), r=8 on all-linear (or full fine-tuning), in the
-precision `auto` picks on this machine (or --precision). MFU = the step's useful FLOPs (lorakit.calc.flop_counter)
+precision `auto` picks on this machine (or --precision). MFU = the step's useful FLOPs (lorakit.models.calc.flop_counter)
 per second over the best matrix-product speed this machine reaches on the model's own shapes in that precision
-(lorakit.training.devices.matmul_peak). Then one step under torch.profiler: the top ops by time, and the step's time
+(lorakit.models.devices.matmul_peak). Then one step under torch.profiler: the top ops by time, and the step's time
 split into matrix products, attention and everything else.
 
     python bench/mfu.py [--steps 6] [--method lora|full] [--precision auto|fp32|bf16] [--compile] [--top 10]
@@ -34,7 +34,7 @@ def _model(method: str, precision: str) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     from lorakit import LoraConfig, get_lora_model
-    from lorakit.embedded_models import default_model_dir
+    from lorakit.models.embedded_models import default_model_dir
 
     frozen_bf16 = precision == "bf16" and method == "lora"  # the engine keeps a frozen base in bf16
     model = AutoModelForCausalLM.from_pretrained(str(default_model_dir()),
@@ -54,9 +54,9 @@ def main() -> None:
     args = parser.parse_args()
     from transformers import AutoTokenizer
 
-    from lorakit.calc import flop_counter
-    from lorakit.embedded_models import default_model_dir
-    from lorakit.training.devices import PEAK_ROWS, decide_precision, matmul_peak, model_shapes
+    from lorakit.models.calc import flop_counter
+    from lorakit.models.devices import PEAK_ROWS, decide_precision, matmul_peak, model_shapes
+    from lorakit.models.embedded_models import default_model_dir
 
     cpu = torch.device("cpu")
     precision = decide_precision(args.precision, cpu, model_shapes("default", False, 256))
@@ -66,7 +66,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(default_model_dir()))
     model = _model(args.method, name)
     if args.compile:
-        from lorakit.compiling import compile_blocks
+        from lorakit.models.compiling import compile_blocks
 
         compile_blocks(model, training=True)
     model.train()

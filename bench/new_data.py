@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from lorakit import TrainConfig, train
-from lorakit.inference import evaluate_adapter
+from lorakit.workflows.inference import evaluate_adapter
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 LABEL_MAP = ["neg=0", "pos=1"]

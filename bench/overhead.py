@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _timing import fastest_ratio, interleaved_samples, markdown_table, overhead, ratio_quartiles  # noqa: E402
 
 from lorakit import LoraConfig, get_lora_model  # noqa: E402
-from lorakit.embedded_models import load_default_model  # noqa: E402
+from lorakit.models.embedded_models import load_default_model  # noqa: E402
 
 
 def main() -> None:

@@ -33,8 +33,8 @@ CASES = ["lora-bf16", "qlora-bf16", "lora-fp32", "qlora-fp32"]
 
 def _base_bytes(model: torch.nn.Module) -> int:
     """Bytes of the frozen base: parameters and buffers as stored, plus the 4-bit layers' scales."""
-    from lorakit.layers import is_4bit
-    from lorakit.quant import quantized_bytes
+    from lorakit.core.layers import is_4bit
+    from lorakit.core.quant import quantized_bytes
 
     plain = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                 if ".adapters." not in n and type(p).__name__ != "Params4bit")
@@ -47,8 +47,8 @@ def run_case(case: str, steps: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lorakit import LoraConfig, get_lora_model
-    from lorakit.embedded_models import default_model_dir
-    from lorakit.quant import quantize, quantized_bytes
+    from lorakit.core.quant import quantize, quantized_bytes
+    from lorakit.models.embedded_models import default_model_dir
 
     torch.manual_seed(0)
     method, precision = case.split("-")

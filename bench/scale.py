@@ -111,7 +111,7 @@ def write_checkpoint(folder: Path, shape: str) -> Path:
     """The random Llama checkpoint of ``shape`` in ``folder`` (written once; an interrupted write resumes)."""
     from transformers import AutoConfig
 
-    from lorakit.embedded_models import default_model_dir
+    from lorakit.models.embedded_models import default_model_dir
 
     index_path = folder / "model.safetensors.index.json"
     if index_path.is_file():
@@ -328,7 +328,7 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args()
 
-    from lorakit.embedded_models import cache_root
+    from lorakit.models.embedded_models import cache_root
 
     model_dir = Path(args.dir) if args.dir else cache_root() / "bench-models" / f"llama-{args.shape}-random"
     write_checkpoint(model_dir, args.shape)

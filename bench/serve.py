@@ -40,7 +40,7 @@ PROMPTS = ["Write a haiku about the sea.", "What is the capital of France? Answe
 def make_adapters(folder: Path, n: int) -> dict[str, Path]:
     """``n`` random r=16 adapters on SmolLM2's attention projections (random B too: a real, nonzero update)."""
     from lorakit import LoraConfig, get_lora_model
-    from lorakit.embedded_models import load_default_model
+    from lorakit.models.embedded_models import load_default_model
 
     model = load_default_model()
     lora = get_lora_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj",

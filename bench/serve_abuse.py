@@ -172,7 +172,7 @@ def main() -> int:
     parser.add_argument("--interval", type=float, default=0.05, help="seconds between /health probes")
     args = parser.parse_args()
 
-    from lorakit.embedded_models import default_model_dir
+    from lorakit.models.embedded_models import default_model_dir
 
     context = json.loads((default_model_dir() / "config.json").read_text())["max_position_embeddings"]
     malformed = load_cases()

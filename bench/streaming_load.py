@@ -2,10 +2,10 @@
 
 Each way runs in a child process of its own (peak RSS is per process):
 
-- ``streamed``: lorakit.streaming.load_checkpoint(quantize="nf4"): tensor by tensor, plain file reads.
+- ``streamed``: lorakit.models.streaming.load_checkpoint(quantize="nf4"): tensor by tensor, plain file reads.
 - ``streamed-mmap``: the same, each tensor read through safetensors' memory mapping (one open file per shard,
   kept open for the whole load, as transformers does), to compare the two ways of reading.
-- ``whole+quantize``: from_pretrained(dtype=bf16), then lorakit.quant.quantize (the whole model first).
+- ``whole+quantize``: from_pretrained(dtype=bf16), then lorakit.core.quant.quantize (the whole model first).
 - ``transformers-bnb``: from_pretrained(quantization_config=BitsAndBytesConfig(load_in_4bit=True,
   bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=bf16), device_map="cpu").
 
@@ -27,7 +27,8 @@ CHILD = textwrap.dedent("""
     import gc, json, sys, time
     from pathlib import Path
     import torch, transformers
-    from lorakit import quant, process_memory, streaming
+    from lorakit.core import process_memory, quant
+    from lorakit.models import streaming
     quant.bitsandbytes()
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()

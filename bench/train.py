@@ -19,9 +19,9 @@ tokens, r=8 on query,value with the classifier head trained. Contenders:
 
 Each case runs in its own process (peak RSS is sampled during the training steps only), cases interleaved
 over --rounds; the median per case is reported with the ratios the issue asks for. Causal-LM rows also give MFU:
-the useful FLOPs of a step (lorakit.calc.flop_counter; the same for every engine: logits are useful only where
+the useful FLOPs of a step (lorakit.models.calc.flop_counter; the same for every engine: logits are useful only where
 there is a target) per second, over this machine's matmul peak in that precision
-(lorakit.training.devices.matmul_peak).
+(lorakit.models.devices.matmul_peak).
 
     python bench/train.py [--rounds 1] [--llm-steps 4] [--enc-steps 20] [--only llm|enc] [--cases a,b] [--targets t]
 """
@@ -73,8 +73,8 @@ def run_trainer_case(target: str, steps: int) -> dict:
         TrainingArguments,
     )
 
-    from lorakit.embedded_models import default_model_dir
-    from lorakit.training.devices import resolve_precision
+    from lorakit.models.devices import resolve_precision
+    from lorakit.models.embedded_models import default_model_dir
 
     torch.manual_seed(0)
     precision = resolve_precision("auto", torch.device("cpu"))  # what the lorakit case runs in
@@ -121,8 +121,8 @@ def run_case(kind: str, case: str, target: str, steps: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     from lorakit import LoraConfig, get_lora_model
-    from lorakit.embedded_models import default_model_dir, minilm_dir
-    from lorakit.training.devices import resolve_precision
+    from lorakit.models.devices import resolve_precision
+    from lorakit.models.embedded_models import default_model_dir, minilm_dir
     from lorakit.training.loop import make_optimizer
     from lorakit.training.loss import causal_lm_loss, classification_loss
     from lorakit.training.tasks import enable_checkpointing
@@ -163,7 +163,7 @@ def run_case(kind: str, case: str, target: str, steps: int) -> dict:
         else:
             model = get_lora_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets, task_type=task))
         if case == "lorakit-compile":
-            from lorakit.compiling import compile_blocks
+            from lorakit.models.compiling import compile_blocks
 
             compile_blocks(model, training=True)
 
@@ -207,8 +207,8 @@ def run_case(kind: str, case: str, target: str, steps: int) -> dict:
 def _mfu(case: str, target: str, measured: dict) -> float | None:
     """MFU of a causal-LM case: useful FLOPs of a step of 4 × 256 tokens over its seconds and the matmul peak."""
     from lorakit import LoraConfig, get_lora_model
-    from lorakit.calc import flop_counter, meta_model
-    from lorakit.training.devices import PEAK_ROWS, matmul_peak, model_shapes
+    from lorakit.models.calc import flop_counter, meta_model
+    from lorakit.models.devices import PEAK_ROWS, matmul_peak, model_shapes
 
     model = meta_model("default")
     if case == "lorakit-full":

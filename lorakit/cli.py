@@ -13,14 +13,14 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import ALL_LINEAR, TASK_TYPES, parse_targets
+from .core.config import ALL_LINEAR, TASK_TYPES, parse_targets
 
 if TYPE_CHECKING:
     from .training.options import TrainConfig
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .workflows.demo import run_demo
 
     print("lorakit demo: teaching SmolLM2-135M-Instruct (embedded) one new fact with a rank-8 adapter\n")
     result = run_demo(steps=args.steps, lr=args.lr, output_dir=args.output_dir)
@@ -40,9 +40,9 @@ total {result['total_seconds']:.0f} s""")
 
 
 def cmd_targets(args: argparse.Namespace) -> int:
-    from .config import LoraConfig
-    from .embedded_models import build_model
-    from .inject import describe_targets
+    from .core.config import LoraConfig
+    from .core.inject import describe_targets
+    from .models.embedded_models import build_model
 
     targets = parse_targets(args.target)
     if targets is None and args.task_type != "SEQ_CLS":
@@ -66,8 +66,8 @@ def cmd_targets(args: argparse.Namespace) -> int:
 
 
 def cmd_params(args: argparse.Namespace) -> int:
-    from .calc import count_parameters, meta_model
-    from .config import LoraConfig
+    from .core.config import LoraConfig
+    from .models.calc import count_parameters, meta_model
 
     config = LoraConfig(r=args.r, lora_alpha=args.alpha if args.alpha is not None else args.r,
                         target_modules=parse_targets(args.target), task_type=args.task_type)
@@ -95,8 +95,8 @@ def cmd_params(args: argparse.Namespace) -> int:
 
 
 def cmd_memory(args: argparse.Namespace) -> int:
-    from .calc import METHODS, estimate_memory, meta_model
-    from .config import LoraConfig
+    from .core.config import LoraConfig
+    from .models.calc import METHODS, estimate_memory, meta_model
 
     model = meta_model(args.model, args.trust_remote_code)
     lora = LoraConfig(r=args.r, target_modules=parse_targets(args.target) or "all-linear")
@@ -135,7 +135,7 @@ def format_memory(model: str, estimates: list) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .svd import inspect_adapter
+    from .models.svd import inspect_adapter
 
     info = inspect_adapter(args.adapter)
     overall = info["overall"]
@@ -156,8 +156,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_resize(args: argparse.Namespace) -> int:
-    from .inference import base_model_for
-    from .svd import resize_adapter
+    from .models.svd import resize_adapter
+    from .workflows.inference import base_model_for
 
     try:
         model = base_model_for(args.adapter, args.model)
@@ -187,7 +187,7 @@ def _study_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import compare
+    from .workflows.compare import compare
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     result = compare(_study_config(args), methods, args.output_dir)
@@ -197,7 +197,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .compare import sweep
+    from .workflows.compare import sweep
 
     try:
         ranks = tuple(int(r) for r in args.ranks.split(","))
@@ -276,9 +276,9 @@ def format_summary(result: dict) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .inference import evaluate_adapter
     from .training.options import typed_options
     from .training.saved_adapter import eval_config
+    from .workflows.inference import evaluate_adapter
 
     result = evaluate_adapter(args.adapter, eval_config(args.adapter, args.config, **typed_options(args)))
     print(json.dumps(result, indent=2) if args.json else _metric(result))
@@ -286,7 +286,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .predict import predict
+    from .workflows.predict import predict
 
     n = predict(args.adapter, args.data, args.output, model=args.model, text_field=args.text_field,
                 label_field=args.label_field, label_map=args.label_map, batch_size=args.batch_size,
@@ -298,7 +298,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .inference import generate
+    from .workflows.inference import generate
 
     print(generate(args.prompt, adapter=args.adapter, model=args.model, max_new_tokens=args.max_new_tokens,
                    system=args.system, trust_remote_code=args.trust_remote_code))
@@ -306,7 +306,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .inference import export_adapter
+    from .workflows.inference import export_adapter
 
     if (args.quant is not None or args.adapter_only) and not args.gguf:
         raise ValueError("--quant and --adapter-only need --gguf")
@@ -372,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "QLoRA and prompt tuning, from the model's config alone: weights, "
                                         "gradients, optimizer states, activations, LM-head logits.")
     memory.add_argument("--model", default="default", help="as for `lorakit params` (default: default)")
-    from .calc import DTYPES, METHODS, OPTIMIZERS, RUNTIME_BYTES
+    from .models.calc import DTYPES, METHODS, OPTIMIZERS, RUNTIME_BYTES
 
     memory.add_argument("--method", default="all", choices=("all", *METHODS),
                         help="one method, or all four side by side (default: all)")
@@ -618,10 +618,10 @@ def main(argv: list[str] | None = None) -> int:
 def console_main() -> int:
     """The ``lorakit`` command. ``lorakit train`` first restarts itself with tcmalloc or jemalloc preloaded where
     the system has one (faster steps, resident memory near what the tensors need; ``LORAKIT_ALLOCATOR=system``
-    keeps the C library's malloc): see :func:`lorakit.process_memory.exec_with_allocator`."""
+    keeps the C library's malloc): see :func:`lorakit.core.process_memory.exec_with_allocator`."""
     argv = sys.argv[1:]
     if argv[:1] == ["train"]:
-        from .process_memory import exec_with_allocator
+        from .core.process_memory import exec_with_allocator
 
         exec_with_allocator(argv)
     return main(argv)

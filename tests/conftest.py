@@ -110,7 +110,7 @@ def assert_rows_match_single_adapter_runs(model, ids: torch.Tensor, names: list[
 
 
 def _smollm2_tokenizer():
-    from lorakit.embedded_models import load_default_tokenizer
+    from lorakit.models.embedded_models import load_default_tokenizer
 
     try:
         return load_default_tokenizer()
@@ -152,7 +152,7 @@ def llama64_dir(tmp_path_factory, smollm2_tokenizer) -> str:
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory) -> str:
     """A Hugging Face folder with a tiny random BERT and the embedded MiniLM's tokenizer."""
-    from lorakit.embedded_models import minilm_dir
+    from lorakit.models.embedded_models import minilm_dir
 
     folder = tmp_path_factory.mktemp("tiny-bert")
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(minilm_dir()))

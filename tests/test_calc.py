@@ -10,7 +10,8 @@ import torch
 import transformers
 
 from lorakit import LoraConfig, get_lora_model
-from lorakit.calc import (
+from lorakit.cli import main
+from lorakit.models.calc import (
     PRESETS,
     count_parameters,
     estimate_memory,
@@ -19,7 +20,6 @@ from lorakit.calc import (
     preset_model,
     training_flops,
 )
-from lorakit.cli import main
 from lorakit.training.loss import causal_lm_loss
 
 

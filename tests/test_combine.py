@@ -225,7 +225,7 @@ def test_dare_is_fixed_by_the_seed_and_keeps_the_mean(three):
 
 
 def _dare_once(delta):
-    from lorakit.combine import _merge_tensors
+    from lorakit.core.combine import _merge_tensors
 
     return _merge_tensors([delta], torch.ones(1), "dare_linear", density=0.5)
 

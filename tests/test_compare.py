@@ -7,8 +7,8 @@ import json
 import pytest
 
 from lorakit.cli import main
-from lorakit.compare import compare, expand_targets, sweep
 from lorakit.training.options import TrainConfig
+from lorakit.workflows.compare import compare, expand_targets, sweep
 
 
 def test_compare_measures_every_column_for_all_four_methods(llama64_dir, tmp_path):

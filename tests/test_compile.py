@@ -16,9 +16,9 @@ import torch
 from conftest import TinyConvNet, tiny_llama, tiny_llama_64
 from safetensors.torch import load_file
 
-import lorakit.compiling
+import lorakit.models.compiling
 from lorakit import LoraConfig, get_lora_model
-from lorakit.compiling import AUTO_MIN_STEPS, compile_blocks, repeated_blocks, use_compile
+from lorakit.models.compiling import AUTO_MIN_STEPS, compile_blocks, repeated_blocks, use_compile
 from lorakit.training.loop import train
 from lorakit.training.options import TrainConfig, add_arguments
 
@@ -98,7 +98,7 @@ def test_auto_compiles_long_single_process_cpu_runs_of_large_models_only(monkeyp
 def test_auto_leaves_a_4bit_base_eager(monkeypatch):
     from lorakit import quantize
 
-    monkeypatch.setattr(lorakit.compiling, "AUTO_MIN_PARAMETERS", 0)  # the size rule out of the way
+    monkeypatch.setattr(lorakit.models.compiling, "AUTO_MIN_PARAMETERS", 0)  # the size rule out of the way
     cpu = torch.device("cpu")
     assert use_compile(None, tiny_llama_64(), cpu, AUTO_MIN_STEPS)
     assert not use_compile(None, quantize(tiny_llama_64(), "nf4"), cpu, AUTO_MIN_STEPS)  # QLoRA gained < 10%

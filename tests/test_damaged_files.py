@@ -18,7 +18,7 @@ from conftest import tiny_llama
 from safetensors.torch import load_file, save_file
 
 from lorakit import LoraConfig, LoraModel, get_lora_model
-from lorakit.prompt_tuning import PromptTuningModel
+from lorakit.models.prompt_tuning import PromptTuningModel
 from lorakit.training import TrainConfig, train
 from lorakit.training.data import DataError, load_causal_lm, read_table
 

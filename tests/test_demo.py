@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lorakit.demo import run_demo
+from lorakit.workflows.demo import run_demo
 
 
 def test_demo_learns_the_fact_and_keeps_the_core_promises(tmp_path):

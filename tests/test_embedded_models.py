@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from lorakit.embedded_models import build_model, cache_root, minilm_dir, model_source, smollm2_gguf
+from lorakit.models.embedded_models import build_model, cache_root, minilm_dir, model_source, smollm2_gguf
 
 
 def test_embedded_model_files_are_found_without_importing_their_packages():

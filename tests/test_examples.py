@@ -40,7 +40,7 @@ def test_beginner_smoke(tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from lorakit import LoraModel
-    from lorakit.embedded_models import minilm_dir
+    from lorakit.models.embedded_models import minilm_dir
 
     def base():
         torch.manual_seed(0)

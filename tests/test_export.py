@@ -11,7 +11,7 @@ import transformers
 from conftest import random_lora, tiny_bert_cls, tiny_llama, tiny_llama_64, trained_lora
 
 from lorakit import LoraConfig, get_lora_model
-from lorakit.quant import quantize
+from lorakit.core.quant import quantize
 
 
 def _logits(model, ids):

@@ -16,9 +16,9 @@ from conftest import random_lora, tiny_gpt2, tiny_llama
 
 from lorakit import get_lora_model
 from lorakit.cli import main
-from lorakit.embedded_models import default_model_dir, smollm2_gguf
-from lorakit.export import export_merged, merged_state_dict
-from lorakit.gguf_export import dequantized, permute_rows, write_gguf_adapter
+from lorakit.files.export import export_merged, merged_state_dict
+from lorakit.files.gguf_export import dequantized, permute_rows, write_gguf_adapter
+from lorakit.models.embedded_models import default_model_dir, smollm2_gguf
 
 Q8_0 = gguf.GGMLQuantizationType.Q8_0
 

@@ -1,4 +1,4 @@
-"""A LoraModel in Hugging Face's Trainer and TRL's SFTTrainer (lorakit.hf_compat): only the adapters train,
+"""A LoraModel in Hugging Face's Trainer and TRL's SFTTrainer (lorakit.models.hf_compat): only the adapters train,
 saves are PEFT adapter files that lorakit and PEFT load with the trained model's logits, gradient checkpointing
 gives the run without it, and a resumed run ends where the uninterrupted one does."""
 
@@ -13,7 +13,7 @@ import transformers
 import trl
 
 import lorakit
-from lorakit.hf_compat import Trainer, restore_adapters
+from lorakit.models.hf_compat import Trainer, restore_adapters
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "adapter_model.bin")
 SEQ = 12
@@ -195,7 +195,7 @@ def test_resume_from_checkpoint_ends_like_the_uninterrupted_run(tmp_path, tiny_l
 
 def test_sft_trainer_trains_only_adapters_and_saves_peft_adapter_files(tmp_path, tiny_llama_dir, smollm2_tokenizer,
                                                                        peft):
-    from lorakit.hf_compat import SFTTrainer
+    from lorakit.models.hf_compat import SFTTrainer
 
     model = lora_model(tiny_llama_dir)
     trainable, frozen, lora = ({n for n, p in model.named_parameters() if p.requires_grad}, frozen_snapshot(model),
@@ -216,7 +216,7 @@ def test_sft_trainer_trains_only_adapters_and_saves_peft_adapter_files(tmp_path,
 
 
 def test_sft_trainer_refuses_an_adapter_on_the_output_head(tiny_llama_dir):
-    from lorakit.hf_compat import SFTTrainer
+    from lorakit.models.hf_compat import SFTTrainer
 
     model = lorakit.get_lora_model(base_model(tiny_llama_dir), lorakit.LoraConfig(target_modules=["lm_head"]))
     with pytest.raises(ValueError, match="lm_head.weight directly"):

@@ -16,10 +16,10 @@ from conftest import tiny_llama
 
 from lorakit import LoraConfig, LoraModel, get_lora_model
 from lorakit.cli import main
-from lorakit.embedded_models import HUB_NAME, build_model
-from lorakit.inference import base_model_for, base_spec_for, evaluate_adapter, generate, load_adapter_model
+from lorakit.models.embedded_models import HUB_NAME, build_model
 from lorakit.training.loop import train
 from lorakit.training.options import TrainConfig
+from lorakit.workflows.inference import base_model_for, base_spec_for, evaluate_adapter, generate, load_adapter_model
 
 FAST = {"max_eval": 4, "max_new_tokens": 4, "progress": False, "warmup_steps": 1, "lr": 1e-2, "precision": "fp32"}
 

@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_bert_cls, tiny_gpt2, tiny_llama
 
 from lorakit import LoraConfig, find_targets, get_lora_model
-from lorakit.layers import LoraLayer
+from lorakit.core.layers import LoraLayer
 
 
 def _names(model, **kwargs):

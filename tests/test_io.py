@@ -1,4 +1,4 @@
-"""Adapter files (lorakit.io): PEFT's format both ways, base fingerprints, and the safety of loading and saving
+"""Adapter files (lorakit.files.io): PEFT's format both ways, base fingerprints, and the safety of loading and saving
 (wrong bases, bad shapes, corrupt files, pickles, adapter names, atomic writes)."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lorakit import LoraConfig, LoraModel, adapter_state_dict, find_targets, get_lora_model, set_adapter_state_dict
-from lorakit import io as lk_io
+from lorakit.files import io as lk_io
 
 CASES = {
     "llama": (tiny_llama, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])),
@@ -279,7 +279,7 @@ def test_adapter_file_size_is_four_bytes_per_parameter_plus_a_small_header(tmp_p
 
 def test_saved_files_are_byte_identical_across_processes():
     """safetensors orders header metadata by a per-process hash seed; lorakit's files must not depend on it."""
-    code = ("import sys, torch; from lorakit.io import safetensors_bytes; "
+    code = ("import sys, torch; from lorakit.files.io import safetensors_bytes; "
             "sys.stdout.buffer.write(safetensors_bytes({'w': torch.arange(4.)}, "
             "{'format': 'pt', 'lorakit_fingerprint': '{}', 'x': 'y'}))")
     outputs = {subprocess.run([sys.executable, "-c", code], capture_output=True, check=True).stdout for _ in range(4)}

@@ -10,7 +10,15 @@ from conftest import assert_rows_match_single_adapter_runs, tiny_gpt2, tiny_llam
 from torch import nn
 
 from lorakit import LoraConfig, get_lora_model, set_adapter_state_dict
-from lorakit.layers import LoraConv1d, LoraConv2d, LoraConv3d, LoraEmbedding, LoraLinear, TrainableTokensLayer, wrap
+from lorakit.core.layers import (
+    LoraConv1d,
+    LoraConv2d,
+    LoraConv3d,
+    LoraEmbedding,
+    LoraLinear,
+    TrainableTokensLayer,
+    wrap,
+)
 
 Conv1D = transformers.pytorch_utils.Conv1D
 
@@ -328,9 +336,9 @@ def test_tied_head_gets_the_embeddings_trainable_rows():
 def test_cpu_autocast_update_dtype_follows_the_measured_speed(monkeypatch, fast):
     """Under CPU bf16 autocast the update runs in bf16 where this CPU's rank-r bf16 products are fast (no fp32
     copies of x and of the output), else in fp32; either way A and B keep fp32 gradients."""
-    import lorakit.layers
+    import lorakit.core.layers
 
-    monkeypatch.setattr(lorakit.layers, "low_precision_rank_products_are_fast", lambda dtype: fast)
+    monkeypatch.setattr(lorakit.core.layers, "low_precision_rank_products_are_fast", lambda dtype: fast)
     torch.manual_seed(0)
     layer = LoraLinear(nn.Linear(16, 12, bias=False).to(torch.bfloat16))
     layer.add_adapter("a", r=4, lora_alpha=8)
@@ -355,17 +363,17 @@ def test_cpu_autocast_update_dtype_follows_the_measured_speed(monkeypatch, fast)
 
 
 def test_the_rank_product_speed_is_measured_once_per_process(monkeypatch):
-    import lorakit.layers
+    import lorakit.core.layers
 
-    timed, real_timing = [], lorakit.layers.time_rank_products
+    timed, real_timing = [], lorakit.core.layers.time_rank_products
 
     def fake_timing(dtype):
         timed.append(dtype)
         return {torch.float32: 1.0, torch.bfloat16: 1.9, torch.float16: 2.1}[dtype]  # seconds
 
-    monkeypatch.setattr(lorakit.layers, "_RANK_PRODUCTS_FAST", {})
-    monkeypatch.setattr(lorakit.layers, "time_rank_products", fake_timing)
-    fast = lorakit.layers.low_precision_rank_products_are_fast
+    monkeypatch.setattr(lorakit.core.layers, "_RANK_PRODUCTS_FAST", {})
+    monkeypatch.setattr(lorakit.core.layers, "time_rank_products", fake_timing)
+    fast = lorakit.core.layers.low_precision_rank_products_are_fast
     assert fast(torch.bfloat16) and fast(torch.bfloat16)  # within twice fp32's time: fast
     assert not fast(torch.float16)  # beyond: the update stays in fp32
     assert timed == [torch.bfloat16, torch.float32, torch.float16, torch.float32]  # once per dtype

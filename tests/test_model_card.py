@@ -12,9 +12,9 @@ import torch
 import yaml
 from conftest import tiny_llama, trained_lora
 
-import lorakit.model_card as card_module
+import lorakit.files.model_card as card_module
 from lorakit import LoraConfig, LoraModel
-from lorakit.model_card import MARK, write_model_card
+from lorakit.files.model_card import MARK, write_model_card
 
 HUB = "HuggingFaceTB/SmolLM2-135M-Instruct"
 FAST = {"max_eval": 4, "max_new_tokens": 4, "progress": False, "warmup_steps": 1, "lr": 1e-2, "precision": "fp32"}

@@ -7,33 +7,41 @@ inside a function. Imports under ``if TYPE_CHECKING:`` never run and are left ou
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "lorakit"
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "lorakit"
+ARCHITECTURE = ROOT / "docs" / "architecture.md"
 
-# Each module may import modules of its own level or below, never above. Within a level, no cycles.
-LEVELS: list[set[str]] = [
-    # 0. the core: LoRA itself, its files and its 4-bit base. Imports only torch and safetensors.
-    {"config", "process_memory", "layer_base", "layers", "conv_layers", "trainable_tokens", "mixed", "inject", "quant",
-     "combine", "status", "fingerprint", "io", "model_card", "export", "gguf_export", "model"},
-    # 1. tools on top of the core
-    {"prompt_tuning", "svd", "calc", "hf", "embedded_models", "streaming", "hf_compat", "compiling"},
-    # 2. the trainer
-    {"training"},
-    # 3. what uses trained adapters or runs the trainer
-    {"inference", "predict", "compare", "demo", "serve"},
-    # 4. the command line
-    {"cli", "__main__"},
-]
+
+def _layers() -> list[list[str]]:
+    """The layer diagram of docs/architecture.md (its ```layers block), bottom layer first: the one place the
+    layering is written down. Each line is ``N  name/  name/  module.py ...``."""
+    text = ARCHITECTURE.read_text(encoding="utf-8")
+    block = text.split("```layers\n", 1)[1].split("```", 1)[0]
+    rows = {}
+    for line in block.splitlines():
+        match = re.match(r"\s*(\d+)\s+(.+)", line)
+        if match:
+            rows[int(match[1])] = [n.rstrip("/").removesuffix(".py") for n in match[2].split()]
+    assert sorted(rows) == list(range(len(rows))), f"{ARCHITECTURE}: layers must be numbered 0..N, got {sorted(rows)}"
+    return [rows[i] for i in range(len(rows))]
+
+
+# Each folder (or top-level module) may import its own modules and those of the layers below, never above; two
+# folders of one layer do not import each other (the server does not import the trainer). No cycles anywhere.
+LEVELS = _layers()
 LEVEL = {name: i for i, names in enumerate(LEVELS) for name in names}
 # torch, safetensors and pyyaml are lorakit's dependencies (yaml: the model card's header). bitsandbytes is imported
 # by quant only when used; gguf (and numpy, its arrays) by gguf_export only when writing a GGUF file, and gguf_export
 # itself only when one is asked for.
 CORE_THIRD_PARTY = {"torch", "safetensors", "yaml", "bitsandbytes", "gguf", "numpy"}
+LIGHT_LAYERS = ("core", "files")  # LoRA itself and its files: only the dependencies above
 
 
 def _module_name(path: Path) -> str:
@@ -87,13 +95,19 @@ def _graph() -> dict[str, set[str]]:
     return graph
 
 
+def _is_folder(module: str) -> bool:
+    return (PACKAGE / _top(module)).is_dir()
+
+
 def _top(module: str) -> str:
     return module.split(".")[1]
 
 
 def test_every_module_has_a_level():
-    unplaced = sorted({_top(m) for m in _graph()} - LEVEL.keys())
-    assert not unplaced, f"modules without a level in LEVELS: {unplaced}"
+    on_disk = {p.name.removesuffix(".py") for p in PACKAGE.iterdir()
+               if (p.suffix == ".py" and p.name != "__init__.py") or (p / "__init__.py").is_file()}
+    assert not on_disk - LEVEL.keys(), f"in lorakit/ but not in {ARCHITECTURE}'s layers: {sorted(on_disk - LEVEL.keys())}"
+    assert not LEVEL.keys() - on_disk, f"in {ARCHITECTURE}'s layers but not in lorakit/: {sorted(LEVEL.keys() - on_disk)}"
 
 
 def test_no_import_cycles():
@@ -117,9 +131,15 @@ def test_no_import_cycles():
 
 
 def test_imports_only_point_down():
-    upward = [f"{m} (level {LEVEL[_top(m)]}) imports {d} (level {LEVEL[_top(d)]})"
+    upward = [f"{m} (layer {LEVEL[_top(m)]}) imports {d} (layer {LEVEL[_top(d)]})"
               for m, deps in _graph().items() for d in deps if LEVEL[_top(d)] > LEVEL[_top(m)]]
     assert not upward, "\n".join(upward)
+
+
+def test_folders_of_one_layer_do_not_import_each_other():
+    sideways = [f"{m} imports {d} (both layer {LEVEL[_top(m)]})" for m, deps in _graph().items() for d in deps
+                if _top(d) != _top(m) and LEVEL[_top(d)] == LEVEL[_top(m)] and _is_folder(m) and _is_folder(d)]
+    assert not sideways, "\n".join(sideways)
 
 
 def test_no_module_imports_a_private_name_of_another():
@@ -132,12 +152,13 @@ def test_no_module_imports_a_private_name_of_another():
     assert not private, private
 
 
-def test_the_core_imports_only_its_dependencies():
+@pytest.mark.parametrize("layer", LIGHT_LAYERS)
+def test_the_core_imports_only_its_dependencies(layer):
     stdlib = set(sys.stdlib_module_names) | {"__future__"}
-    for name in LEVELS[0]:
-        outside = {dep.split(".")[0] for dep in _imports(PACKAGE / f"{name}.py")
-                   if not dep.startswith("lorakit")} - stdlib - CORE_THIRD_PARTY
-        assert not outside, f"lorakit/{name}.py imports {sorted(outside)}"
+    for path in (PACKAGE / layer).rglob("*.py"):
+        outside = {dep.split(".")[0] for dep in _imports(path) if not dep.startswith("lorakit")} \
+            - stdlib - CORE_THIRD_PARTY
+        assert not outside, f"{path.relative_to(ROOT)} imports {sorted(outside)}"
 
 
 @pytest.mark.parametrize("heavy", ["transformers", "lorakit.training", "lorakit.serve", "peft", "bitsandbytes"])

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from lorakit.cli import main
-from lorakit.inference import evaluate_adapter, generate
-from lorakit.predict import predict, predictions
 from lorakit.training.data import DataError, read_prompts
 from lorakit.training.loop import train
+from lorakit.workflows.inference import evaluate_adapter, generate
+from lorakit.workflows.predict import predict, predictions
 
 
 def test_a_classifier_predicts_each_text_with_its_probabilities(sentiment_run, tmp_path, capsys):

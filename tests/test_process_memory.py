@@ -10,12 +10,12 @@ import sys
 
 import pytest
 
-from lorakit.process_memory import peak_rss_mib, reset_peak_rss
+from lorakit.core.process_memory import peak_rss_mib, reset_peak_rss
 
 # Resets the peak, allocates and touches 96 MiB, frees it; prints the peak before and after, then the peak again.
 PEAK = """
 import torch
-from lorakit.process_memory import peak_rss_mib, reset_peak_rss, return_freed_memory
+from lorakit.core.process_memory import peak_rss_mib, reset_peak_rss, return_freed_memory
 assert reset_peak_rss()
 start = peak_rss_mib()
 block = torch.ones(96 * 2**20 // 4)
@@ -28,7 +28,7 @@ print(start, after, peak_rss_mib())
 # Allocates, touches and frees an 8 MiB block three times with malloc, then prints the MiB still resident.
 RETAINED = """
 import ctypes, sys
-from lorakit.process_memory import map_large_allocations
+from lorakit.core.process_memory import map_large_allocations
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
 def rss():
@@ -73,7 +73,7 @@ def _libraries(folder, *names):
 
 
 def test_the_preferred_allocator_is_tcmalloc_then_jemalloc(tmp_path, monkeypatch):
-    from lorakit.process_memory import preferred_allocator
+    from lorakit.core.process_memory import preferred_allocator
 
     monkeypatch.setattr(sys, "platform", "linux")
     assert preferred_allocator(_libraries(tmp_path)) is None
@@ -85,7 +85,7 @@ def test_the_preferred_allocator_is_tcmalloc_then_jemalloc(tmp_path, monkeypatch
 
 
 def test_train_restarts_once_with_the_allocator_preloaded(tmp_path, monkeypatch):
-    import lorakit.process_memory as pm
+    import lorakit.core.process_memory as pm
 
     calls = []
     monkeypatch.setattr(pm.os, "execve", lambda exe, args, env: calls.append((exe, args, env)))
@@ -119,7 +119,7 @@ def test_train_restarts_once_with_the_allocator_preloaded(tmp_path, monkeypatch)
 
 def test_only_the_train_command_restarts(monkeypatch):
     import lorakit.cli
-    import lorakit.process_memory as pm
+    import lorakit.core.process_memory as pm
 
     restarted = []
     monkeypatch.setattr(pm, "exec_with_allocator", lambda argv: restarted.append(argv))

@@ -8,11 +8,11 @@ import torch.nn.functional as F
 import transformers
 from conftest import tiny_llama
 
-from lorakit.inference import evaluate_adapter
-from lorakit.prompt_tuning import PromptTuningModel
+from lorakit.models.prompt_tuning import PromptTuningModel
 from lorakit.training.loop import train
 from lorakit.training.loss import causal_lm_loss
 from lorakit.training.options import TrainConfig
+from lorakit.workflows.inference import evaluate_adapter
 
 FAST = {"max_eval": 4, "max_new_tokens": 4, "progress": False, "warmup_steps": 1, "lr": 0.3}
 

@@ -13,15 +13,15 @@ import transformers
 from conftest import tiny_llama as tiny_llama_32
 from conftest import tiny_llama_64
 
-import lorakit.quant
+import lorakit.core.quant
 from lorakit import LoraConfig, adapter_state_dict, get_lora_model
-from lorakit.calc import four_bit_bytes
-from lorakit.inference import evaluate_adapter
-from lorakit.layers import LoraLinear, is_4bit
-from lorakit.model import LoraModel
-from lorakit.quant import bitsandbytes, dense_weight, quantize, quantized_bytes
+from lorakit.core.layers import LoraLinear, is_4bit
+from lorakit.core.quant import bitsandbytes, dense_weight, quantize, quantized_bytes
+from lorakit.models.calc import four_bit_bytes
+from lorakit.models.model import LoraModel
 from lorakit.training.loop import train
 from lorakit.training.options import TrainConfig
+from lorakit.workflows.inference import evaluate_adapter
 
 FAST = {"max_eval": 4, "max_new_tokens": 4, "progress": False, "warmup_steps": 1, "lr": 1e-2}
 
@@ -242,12 +242,12 @@ def test_a_layer_rounded_badly_is_refused_and_the_model_kept(monkeypatch):
     """The refusal itself, on every CPU: one layer's quantized weight is made bad on purpose."""
     model = tiny_llama_64()
     bad = model.model.layers[0].self_attn.v_proj
-    real = lorakit.quant.linear_4bit
+    real = lorakit.core.quant.linear_4bit
 
     def mis_rounding(bnb, weight, *args):  # as if bitsandbytes had rounded v_proj of layer 0 to the wrong values
         return real(bnb, weight.flip(-1) if weight.data_ptr() == bad.weight.data_ptr() else weight, *args)
 
-    monkeypatch.setattr(lorakit.quant, "linear_4bit", mis_rounding)
+    monkeypatch.setattr(lorakit.core.quant, "linear_4bit", mis_rounding)
     before = _state(model)
     with pytest.raises(ValueError, match=r"bitsandbytes rounded model\.layers\.0\.self_attn\.v_proj "
                                          r"\(shape \[32, 64\]\) "

@@ -11,7 +11,7 @@ import transformers
 
 from lorakit import LoraConfig, LoraModel, get_lora_model, train
 from lorakit import embedded_models as pretrained
-from lorakit.quant import quantize, quantized_bytes
+from lorakit.core.quant import quantize, quantized_bytes
 
 
 @pytest.fixture(scope="module")

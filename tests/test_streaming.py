@@ -1,4 +1,4 @@
-"""Loading a sharded safetensors checkpoint tensor by tensor (lorakit.streaming): peak memory, exactness against
+"""Loading a sharded safetensors checkpoint tensor by tensor (lorakit.models.streaming): peak memory, exactness against
 transformers' from_pretrained (+ quant.quantize), every bad checkpoint refused from its headers, and training on it."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import transformers
 from conftest import train_cli
 from safetensors.torch import load_file, save_file
 
-from lorakit import quant
-from lorakit.streaming import INDEX_FILE, checkpoint_tensors, load_checkpoint, read_header
+from lorakit.core import quant
+from lorakit.models.streaming import INDEX_FILE, checkpoint_tensors, load_checkpoint, read_header
 
 CAUSAL = transformers.AutoModelForCausalLM
 MiB = 2**20
@@ -88,8 +88,8 @@ _CHILD = textwrap.dedent("""
     import gc, json, sys
     from pathlib import Path
     import torch, transformers
-    from lorakit import quant, process_memory
-    from lorakit.streaming import load_checkpoint
+    from lorakit.core import process_memory, quant
+    from lorakit.models.streaming import load_checkpoint
     quant.bitsandbytes()  # imported before loading, as a training run has it
 
     def rss():
@@ -277,7 +277,7 @@ def test_each_bad_checkpoint_is_refused_from_its_headers(case, small_sharded_dir
     pattern = damage(folder)
     before = _digest(folder)
     reads = []
-    monkeypatch.setattr("lorakit.streaming._Reader.read", lambda self, entry: reads.append(entry))
+    monkeypatch.setattr("lorakit.models.streaming._Reader.read", lambda self, entry: reads.append(entry))
     for quantize in (None, "nf4"):
         with pytest.raises(error, match=pattern):
             load_checkpoint(CAUSAL, folder, quantize=quantize)
@@ -350,7 +350,7 @@ def test_cli_train_quantized_on_sharded_checkpoint(small_sharded_dir, tmp_path):
 
 
 def test_build_model_quantized_streams_and_equals_load_then_quantize(small_sharded_dir):
-    from lorakit.embedded_models import build_model
+    from lorakit.models.embedded_models import build_model
 
     streamed = build_model(str(small_sharded_dir), quantize="nf4")  # fp32 by default, as build_model loads
     reference = quant.quantize(build_model(str(small_sharded_dir)), "nf4")

@@ -1,4 +1,4 @@
-"""Singular values of adapter updates (lorakit.svd): inspect reports the rank an update really has; resize cuts it
+"""Singular values of adapter updates (lorakit.models.svd): inspect reports the rank an update really has; resize cuts it
 by truncated SVD into a normal adapter that lorakit and PEFT load."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from conftest import tiny_llama
 
 from lorakit import LoraConfig, LoraModel, get_lora_model
 from lorakit.cli import main
-from lorakit.svd import inspect_adapter, resize_adapter
+from lorakit.models.svd import inspect_adapter, resize_adapter
 
 
 def _adapter_of_rank(folder, k: int, r: int = 8, seed: int = 0, **config) -> LoraModel:

@@ -24,7 +24,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from lorakit import LoraConfig, LoraModel, get_lora_model
-from lorakit.embedded_models import minilm_dir
+from lorakit.models.embedded_models import minilm_dir
 
 
 def read_sst2(path: Path, limit: int | None = None) -> tuple[list[str], list[int]]:

@@ -62,7 +62,7 @@ def train_step(configs: dict[str, Path], out: Path, smoke: bool) -> dict[str, di
 
 def evaluate_step(out: Path, summaries: dict[str, dict]) -> dict[str, dict]:
     from lorakit import TrainConfig
-    from lorakit.inference import evaluate_adapter
+    from lorakit.workflows.inference import evaluate_adapter
 
     print("\n== 2. evaluating the saved adapters", flush=True)
     results = {}
@@ -80,10 +80,10 @@ def export_step(out: Path, tokens: int) -> dict:
     import transformers
 
     from lorakit import LoraModel
-    from lorakit.embedded_models import load_default_tokenizer
-    from lorakit.inference import base_model_for, generate
+    from lorakit.models.embedded_models import load_default_tokenizer
     from lorakit.training.builtin_task import SYSTEM
     from lorakit.training.metrics import generate_texts
+    from lorakit.workflows.inference import base_model_for, generate
 
     print("\n== 3. merging the orders adapter and exporting a plain model", flush=True)
     adapter, export = out / "orders", out / "orders-merged"
@@ -112,8 +112,8 @@ def free_port() -> int:
 
 def serve_step(out: Path, tokens: int) -> dict:
     """Start `lorakit serve` with both adapters, query them with the client, stop it."""
-    from lorakit.inference import generate
     from lorakit.training.builtin_task import SYSTEM
+    from lorakit.workflows.inference import generate
 
     print("\n== 4. serving both adapters on one 4-bit base", flush=True)
     port = free_port()

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from lorakit import LoraModel, TrainConfig, train
-from lorakit.embedded_models import build_model, minilm_dir
+from lorakit.models.embedded_models import build_model, minilm_dir
 
 RANKS = (4, 8, 16, 32)
 TARGETS = ("query,value", "query,key,value,attention.output.dense", "all-linear")

@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from ..embedded_models import build_model, model_source, require_transformers
-from ..model import LoraModel
-from ..quant import quantize as to_4bit
-from ..training.devices import resolve_device
+from ..core.quant import quantize as to_4bit
+from ..models.devices import resolve_device
+from ..models.embedded_models import build_model, model_source, require_transformers
+from ..models.model import LoraModel
 from .api import create_app
 from .protocol import prometheus_text
 from .request import Event, Request

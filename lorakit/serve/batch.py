@@ -19,8 +19,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..config import BASE_ROW
-from ..model import LoraModel
+from ..core.config import BASE_ROW
+from ..models.model import LoraModel
 from .kv_cache import concat_caches, joinable, left_pad_cache, slice_cache
 from .request import Event, Request
 from .sampling import TextStream

@@ -101,7 +101,7 @@ def chat_ids(engine: Engine, messages: list[Message]) -> list[int]:
     Raises:
         RequestError: 400 when the tokenizer has no chat template or its template refuses the messages.
     """
-    from ..training.data import prompt_ids  # the trainer's package loads only when a chat request comes
+    from ..models.chat import prompt_ids
 
     if not getattr(engine.tokenizer, "chat_template", None):
         raise RequestError(400, "this model's tokenizer has no chat template; use /v1/completions")

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..config import check_adapter_name
+from ..core.config import check_adapter_name
 from .batch import Batch, Row, left_padded
 from .kv_cache import joinable, new_cache
 from .request import Event, Request

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ..io import read_adapter_config
-from ..model import LoraModel
+from ..files.io import read_adapter_config
+from ..models.model import LoraModel
 from .sampling import RequestError, quoted
 
 

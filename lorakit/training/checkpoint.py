@@ -29,7 +29,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ..io import safetensors_bytes, temporary_folder
+from ..files.io import safetensors_bytes, temporary_folder
 from .fsdp import shard_like, shard_optimizer_state
 
 PREFIX = "step-"

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..models.chat import encode
+
 if TYPE_CHECKING:
     from .options import TrainConfig
 
@@ -446,16 +448,6 @@ def chat_of(record: dict[str, Any], where: str) -> list[dict[str, str]]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def prompt_ids(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:
-    """Token ids of ``messages`` rendered with the chat template and the assistant's generation prompt."""
-    text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
-    return _encode(tokenizer, text)
-
-
 def tokenize_chat(tokenizer: Any, messages: Sequence[dict[str, str]], max_length: int) -> Example:
     """Render a conversation with the tokenizer's chat template; the loss is on the assistant turns only.
 
@@ -468,7 +460,7 @@ def tokenize_chat(tokenizer: Any, messages: Sequence[dict[str, str]], max_length
     for i, message in enumerate(messages):
         if message["role"] == "assistant":
             head = tokenizer.apply_chat_template(list(messages[:i]), add_generation_prompt=True, tokenize=False)
-            piece = _encode(tokenizer, head[len(rendered):])
+            piece = encode(tokenizer, head[len(rendered):])
             ids += piece
             labels += [IGNORE] * len(piece)
             rendered = head
@@ -476,7 +468,7 @@ def tokenize_chat(tokenizer: Any, messages: Sequence[dict[str, str]], max_length
         if not full.startswith(rendered):
             raise ValueError("the tokenizer's chat template does not render conversations as growing prefixes; "
                              "lorakit cannot tell the assistant's tokens apart")
-        piece = _encode(tokenizer, full[len(rendered):])
+        piece = encode(tokenizer, full[len(rendered):])
         ids += piece
         labels += piece if message["role"] == "assistant" else [IGNORE] * len(piece)
         rendered = full
@@ -486,7 +478,7 @@ def tokenize_chat(tokenizer: Any, messages: Sequence[dict[str, str]], max_length
 
 def tokenize_text(tokenizer: Any, text: str, max_length: int) -> list[Example]:
     """Plain language modelling: the text (with EOS appended) in chunks of ``max_length`` tokens, loss on all."""
-    ids = _encode(tokenizer, text) + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+    ids = encode(tokenizer, text) + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
     chunks = [ids[i:i + max_length] for i in range(0, len(ids), max_length)]
     return [Example(c, c[1:] + [IGNORE]) for c in chunks if len(c) > 1]
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from ..compiling import repeated_blocks
+from ..models.compiling import repeated_blocks
 from .options import TrainConfig
 
 

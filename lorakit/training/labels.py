@@ -15,7 +15,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from ..io import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config, read_json_object
+from ..files.io import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config, read_json_object
 from .data import DataError, DataSource, locate
 from .options import TrainConfig
 

@@ -33,15 +33,16 @@ import torch.distributed as dist
 import yaml
 from torch import nn
 
-from ..compiling import compile_blocks, use_compile
-from ..model_card import write_model_card
-from ..process_memory import (
+from ..core.process_memory import (
     allocator_in_use,
     map_large_allocations,
     peak_rss_mib,
     reset_peak_rss,
     return_freed_memory,
 )
+from ..files.model_card import write_model_card
+from ..models.compiling import compile_blocks, use_compile
+from ..models.devices import autocast, model_shapes, resolve_device
 from .checkpoint import (
     checkpoints,
     file_digests,
@@ -52,7 +53,7 @@ from .checkpoint import (
     set_aside,
     set_rng_state,
 )
-from .devices import Processes, autocast, model_shapes, resolve_device, run_precision, start_processes
+from .devices import Processes, run_precision, start_processes
 from .fsdp import check_fsdp, full_bytes, full_optimizer_state, gathered, grad_norm, local_bytes, shard
 from .loraplus import loraplus_param_groups
 from .metrics_log import MetricsLog, plot_loss, summary_writer_class
@@ -162,7 +163,7 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
         seconds, and ``output_dir`` / ``adapter_bytes`` of the saved adapter (or full model).
 
     With ``low_memory`` on CPU this sets glibc's allocator to map large allocations separately, for the whole
-    process (see :mod:`lorakit.process_memory`).
+    process (see :mod:`lorakit.core.process_memory`).
 
     Raises:
         ValueError: A bad option or dataset (the message names it); :class:`TrainingError` when the loss turns
@@ -229,7 +230,7 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
         objective = nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda"
                                                         else None)
     compute = autocast(precision, device)
-    if use_compile(config.compile, model, device, total - start.step, procs.world):  # see lorakit.compiling
+    if use_compile(config.compile, model, device, total - start.step, procs.world):  # see lorakit.models.compiling
         compile_blocks(model, training=True)  # each decoder block in place; the first step pays the compilation
     bar = _progress(config.progress and procs.main, total, start.step)
     model.train()
@@ -248,7 +249,7 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
         if targets == 0:
             raise ValueError(f"step {step + 1} has no target tokens (every response was cut by --max-length "
                              f"{config.max_length}?); raise --max-length")
-        loss_sum = 0.0
+        loss_sum, metric_sums = 0.0, {}
         for i, mb in enumerate(micro):
             last = i == len(micro) - 1
             if config.fsdp:  # gradients are reduce-scattered after the last micro-batch only, as DDP's no_sync does
@@ -256,10 +257,13 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
             sync = nullcontext() if procs.world == 1 or last or config.fsdp else objective.no_sync()
             with sync:
                 with compute:
-                    summed, _ = objective({k: v.to(device) for k, v in mb.tensors.items()})
-                (summed * (procs.world / targets)).backward()  # DDP and FSDP average over processes; undo that
-            loss_sum += summed.item()
+                    result = objective({k: v.to(device) for k, v in mb.tensors.items()})
+                (result.sum * (procs.world / targets)).backward()  # DDP and FSDP average over processes; undo that
+            loss_sum += result.sum.item()
+            for name, value in result.metrics.items():
+                metric_sums[name] = metric_sums.get(name, 0.0) + float(value)
         loss = procs.all_sum(loss_sum) / targets  # the same value on every process, so all of them stop together
+        task_metrics = {name: procs.all_sum(value) / targets for name, value in sorted(metric_sums.items())}
         if not math.isfinite(loss):
             _stop_on_nan(loss, step + 1, ckpt_root, config)
         if config.fsdp:  # the norm over every process's shards
@@ -282,7 +286,7 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
         flops_seen = None if step_flops is None or flops_seen is None else flops_seen + step_flops
         mfu = use.mfu(step_flops, step_s)
         log.write({"step": step + 1, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": norm.item(),
-                   "tokens": step_tokens, "step_s": round(step_s, 4),
+                   "tokens": step_tokens, "step_s": round(step_s, 4), **task_metrics,
                    **({"mfu": float(f"{mfu:.4g}")} if mfu is not None else {})})
         if bar is not None:
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_seen / elapsed:.0f}")

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..layer_base import LoraAdapter
-from ..layers import LoraEmbedding, LoraLayer
+from ..core.layer_base import LoraAdapter
+from ..core.layers import LoraEmbedding, LoraLayer
 
 LORAPLUS_LR_EMBEDDING = 1e-6  # PEFT's default for adapters on embeddings
 

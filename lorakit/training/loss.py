@@ -10,11 +10,32 @@ multiplication by the incoming scalar.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .data import IGNORE
+
+
+
+@dataclass
+class LossResult:
+    """What a task's loss returns for one micro-batch.
+
+    Attributes:
+        sum: The summed loss (a scalar tensor that backward runs through).
+        count: What the loss is averaged over: target tokens, examples or pairs (the loop divides the step's
+            summed loss by the count of the whole step, over every micro-batch and process).
+        metrics: The task's own numbers (rewards, KL, ...), each a *sum* over the same units as ``count``, so the
+            loop reports them as it reports the loss: summed over the step, divided by the step's count.
+    """
+
+    sum: torch.Tensor
+    count: torch.Tensor | int
+    metrics: dict[str, float] = field(default_factory=dict)
+
 
 CHUNK_ELEMENTS = 2**25  # logits per chunk (128 MB in fp32): 682 tokens of a 49k vocabulary
 

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from .data import prompt_ids
+from ..models.chat import prompt_ids
+from .loss import LossResult
 
 
 @contextmanager
@@ -73,17 +74,18 @@ def exact_match(model: torch.nn.Module, tokenizer: Any, records: Sequence[dict],
     return {"exact_match": sum(hits) / len(hits), "n": len(hits), "samples": samples}
 
 
-def lm_loss(loss_fn: Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]], model: torch.nn.Module,
+def lm_loss(loss_fn: Callable[[dict[str, torch.Tensor]], LossResult], model: torch.nn.Module,
             batches: Sequence[dict[str, torch.Tensor]], progress: Callable[[int], Any] | None = None
             ) -> dict[str, float]:
-    """Mean token loss and perplexity over ``batches``; ``loss_fn(batch)`` returns ``(loss sum, token count)``.
+    """Mean token loss and perplexity over ``batches``; ``loss_fn(batch)`` returns the loss sum and token
+    count as a :class:`~lorakit.training.loss.LossResult`.
     ``progress(n)`` is told each batch's examples."""
     total, count = 0.0, 0
     with _evaluating(model):
         for batch in batches:
-            loss_sum, n = loss_fn(batch)
-            total += loss_sum.item()
-            count += int(n)
+            result = loss_fn(batch)
+            total += result.sum.item()
+            count += int(result.count)
             if progress is not None:
                 progress(len(batch["input_ids"]))
     mean = total / max(count, 1)

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 TENSORBOARD_DIR = "runs"  # next to metrics.jsonl: `tensorboard --logdir OUTPUT_DIR` finds it
 
 

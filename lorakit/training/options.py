@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..quant import SCHEMES
+from ..core.quant import SCHEMES
 
 TASKS = ("builtin", "causal_lm", "seq_cls", "seq2seq", "qa", "token_cls")
 # PEFT's task type of each --task (recorded as task_type in adapter_config.json)

@@ -1,7 +1,7 @@
 """Will this run fit? ``lorakit train`` estimates the peak memory of a step from the config alone, before loading
 anything, and stops at once when it exceeds what this machine (or GPU) has free.
 
-The estimate is :func:`lorakit.calc.estimate_memory` on the model built on the meta device from its ``config.json``
+The estimate is :func:`lorakit.models.calc.estimate_memory` on the model built on the meta device from its ``config.json``
 (no weights read), with the run's options mapped onto it by :func:`estimate_run` (``lorakit memory`` prints the same
 numbers for the same settings). A run that does not fit is refused with the estimate by part, what is available, and
 the cheapest changes that would fit, each with its own estimate.
@@ -19,19 +19,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..calc import RUNTIME_BYTES, MemoryEstimate, estimate_memory
-from ..embedded_models import model_source
-from ..streaming import checkpoint_dtype
-from .devices import (
+from ..models.calc import RUNTIME_BYTES, MemoryEstimate, estimate_memory
+from ..models.devices import (
     DEFAULT_SHAPES,
-    Processes,
-    read_cache,
     decide_precision,
     default_cache,
     machine_key,
     model_shapes,
     pick,
+    read_cache,
 )
+from ..models.embedded_models import model_source
+from ..models.streaming import checkpoint_dtype
+from .devices import Processes
 from .options import PEFT_TASK_TYPES, TrainConfig
 from .tasks import lora_config_of, meta_model_of
 
@@ -198,7 +198,7 @@ def _stat_fields(path: Path) -> dict[str, int]:
 
 def stored_dtype(config: TrainConfig) -> str | None:
     """The dtype the model's checkpoint is stored in (``bfloat16``, ``float16``, ``float32``), read as the loader
-    reads it (:func:`lorakit.streaming.checkpoint_dtype`: config.json, else the safetensors headers); None for the
+    reads it (:func:`lorakit.models.streaming.checkpoint_dtype`: config.json, else the safetensors headers); None for the
     embedded default model and for checkpoints without safetensors weights, which load in the run's precision."""
     if config.model == "default":
         return None
@@ -219,7 +219,7 @@ def run_dtypes(config: TrainConfig, precision: str, stored: str | None, why: str
 
 def known_precision(config: TrainConfig, device: torch.device) -> tuple[str, str] | None:
     """The run's precision without measuring: the option, or ``auto``'s measurement cached on this machine
-    (:func:`lorakit.training.devices.decide_precision`). None when ``auto`` has not been measured here yet."""
+    (:func:`lorakit.models.devices.decide_precision`). None when ``auto`` has not been measured here yet."""
     if config.precision != "auto":
         return config.precision, f"--precision {config.precision}"
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -233,7 +233,7 @@ def known_precision(config: TrainConfig, device: torch.device) -> tuple[str, str
 
 def estimate_run(config: TrainConfig, model: nn.Module | None = None, dtypes: Dtypes | None = None,
                  runtime: int = RUNTIME_BYTES) -> MemoryEstimate:
-    """The peak memory of one step of ``config``'s run, by part: :func:`lorakit.calc.estimate_memory` with the
+    """The peak memory of one step of ``config``'s run, by part: :func:`lorakit.models.calc.estimate_memory` with the
     run's method (QLoRA when ``quantize``), micro-batch, ``max_length``, checkpointing, AdamW and adapter.
 
     Args:

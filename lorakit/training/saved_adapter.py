@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..embedded_models import HUB_NAME, minilm_dir
-from ..io import CONFIG_NAME, read_adapter_config
+from ..files.io import CONFIG_NAME, read_adapter_config
+from ..models.embedded_models import HUB_NAME, minilm_dir
 from .labels import adapter_classes
 from .options import PEFT_TASK_TYPES, TrainConfig
 

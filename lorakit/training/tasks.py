@@ -22,20 +22,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ALL_LINEAR, QA_HEAD_NAMES, LoraConfig, parse_targets
-from ..embedded_models import HUB_NAME, load_pretrained, model_source, require_transformers
-from ..inject import find_targets
-from ..io import WEIGHTS_NAME, is_prompt_adapter
-from ..model import LoraModel, get_lora_model
-from ..prompt_tuning import PromptTuningModel
-from ..quant import quantize
-from ..streaming import checkpoint_dtype, has_safetensors, load_checkpoint, model_config
+from ..core.config import ALL_LINEAR, QA_HEAD_NAMES, LoraConfig, parse_targets
+from ..core.inject import find_targets
+from ..core.quant import quantize
+from ..files.io import WEIGHTS_NAME, is_prompt_adapter
+from ..models.embedded_models import HUB_NAME, load_pretrained, model_source, require_transformers
+from ..models.model import LoraModel, get_lora_model
+from ..models.prompt_tuning import PromptTuningModel
+from ..models.streaming import checkpoint_dtype, has_safetensors, load_checkpoint, model_config
 from .builtin_task import builtin_orders
-from .data import (IGNORE, DataSource, Example, eval_source, existing_file, load_causal_lm, pack_batch, pad_batch,
-                   read_table, tokenize_chat, train_source)
+from .data import (
+    IGNORE,
+    DataSource,
+    Example,
+    eval_source,
+    existing_file,
+    load_causal_lm,
+    pack_batch,
+    pad_batch,
+    read_table,
+    tokenize_chat,
+    train_source,
+)
 from .extractive_qa import best_answers, collate_windows, make_windows, qa_logits, qa_loss, read_squad, span_loss
 from .labels import HEADS, adapter_classes, check_labels, map_labels, parse_label_map, save_labels
-from .loss import causal_lm_loss, classification_loss
+from .loss import LossResult, causal_lm_loss, classification_loss
 from .metrics import classification, exact_match, lm_loss, run_eval, squad_scores, tagging_scores
 from .options import PEFT_TASK_TYPES, TrainConfig
 from .seq2seq import encode_pairs, exact_match_of, generate_targets, pad_pairs, read_pairs, seq2seq_loss
@@ -81,8 +92,8 @@ class Task:
         """The tensors of the training examples at ``indices``."""
         raise NotImplementedError
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(summed loss, count it is averaged over) of ``model`` on one batch."""
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossResult:
+        """The summed loss of ``model`` on one batch, what it is averaged over, and the task's own metrics."""
         raise NotImplementedError
 
     def evaluate(self, model: nn.Module, label: str) -> dict[str, Any]:
@@ -200,8 +211,8 @@ class CausalLMTask(Task):
         return MicroBatch(tensors, n_targets, sum(len(e) for e in examples), [len(e) for e in examples],
                           head_rows=n_targets)  # the useful logits: where there is a target
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return causal_lm_loss(model, batch)
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossResult:
+        return LossResult(*causal_lm_loss(model, batch))
 
     def evaluate(self, model: nn.Module, label: str) -> dict[str, Any]:
         batches = [{k: v.to(self.device) for k, v in b.items()} for b in self.eval_batches]
@@ -267,8 +278,8 @@ class ClassificationTask(Task):
         mask = tensors["attention_mask"]
         return MicroBatch(tensors, len(indices), int(mask.sum()), mask.sum(1).tolist(), head_rows=len(indices))
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return classification_loss(model, batch)
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossResult:
+        return LossResult(*classification_loss(model, batch))
 
     def evaluate(self, model: nn.Module, label: str) -> dict[str, Any]:
         batches = [{k: v.to(self.device) for k, v in b.items()} for b in self.eval_batches]
@@ -306,8 +317,8 @@ class Seq2SeqTask(Task):
         tensors = pad_pairs(pairs, self.pad)
         return MicroBatch(tensors, int((tensors["labels"] != IGNORE).sum()), sum(len(p) for p in pairs))
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return seq2seq_loss(model, batch)
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossResult:
+        return LossResult(*seq2seq_loss(model, batch))
 
     def evaluate(self, model: nn.Module, label: str) -> dict[str, Any]:
         batches = [{k: v.to(self.device) for k, v in b.items()} for b in self.eval_batches]
@@ -343,8 +354,8 @@ class QuestionAnsweringTask(Task):
         mask = tensors["attention_mask"]
         return MicroBatch(tensors, len(indices), int(mask.sum()), mask.sum(1).tolist())
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return qa_loss(model, batch)
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossResult:
+        return LossResult(*qa_loss(model, batch))
 
     def evaluate(self, model: nn.Module, label: str) -> dict[str, Any]:
         def scores(b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -400,8 +411,8 @@ class TokenClassificationTask(Task):
         mask = tensors["attention_mask"]
         return MicroBatch(tensors, sum(s.n_words for s in sentences), int(mask.sum()), mask.sum(1).tolist())
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return token_loss(model, batch)
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossResult:
+        return LossResult(*token_loss(model, batch))
 
     def evaluate(self, model: nn.Module, label: str) -> dict[str, Any]:
         def tags(b: dict[str, torch.Tensor]) -> tuple[list[list[str]], list[list[str]], float, int]:
@@ -480,7 +491,7 @@ def _load(config: TrainConfig, dtype: torch.dtype, num_labels: int | None = None
 
 
 def streams(config: TrainConfig, source: Path) -> bool:
-    """The model loads tensor by tensor (:func:`lorakit.streaming.load_checkpoint`): a safetensors folder other
+    """The model loads tensor by tensor (:func:`lorakit.models.streaming.load_checkpoint`): a safetensors folder other
     than the embedded default, quantized or as the frozen base of LoRA or prompt tuning."""
     return (config.model != "default" and has_safetensors(source)
             and (config.quantize is not None or config.method in ("lora", "prompt")))

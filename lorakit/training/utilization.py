@@ -1,8 +1,8 @@
 """Model FLOPs utilization (MFU) of a training run: how close its speed is to the machine's own limit.
 
-MFU = the step's useful FLOPs (counted from the architecture by :func:`lorakit.calc.flop_counter`) per second,
+MFU = the step's useful FLOPs (counted from the architecture by :func:`lorakit.models.calc.flop_counter`) per second,
 over the matrix-product speed the machine reaches on the model's own products in the run's precision
-(:func:`lorakit.training.devices.matmul_peak`, measured once per machine and cached). 100% would mean every
+(:func:`lorakit.models.devices.matmul_peak`, measured once per machine and cached). 100% would mean every
 useful product ran as fast as the best one does alone and nothing else took any time. It is this machine's limit
 for this model, not a datasheet's peak, so it is not comparable with MFU figures against a chip's rated FLOP/s.
 """
@@ -15,8 +15,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..calc import FlopCounter, flop_counter
-from .devices import PEAK_ROWS, Processes, matmul_peak, model_shapes
+from ..models.calc import FlopCounter, flop_counter
+from ..models.devices import PEAK_ROWS, matmul_peak, model_shapes
+from .devices import Processes
 from .options import TrainConfig
 from .tasks import MicroBatch
 
@@ -62,7 +63,7 @@ def run_peak(config: TrainConfig, precision: str, device: torch.device, procs: P
 
 def utilization(config: TrainConfig, model: nn.Module, peak: float | None, procs: Processes) -> Utilization:
     """The FLOP counter of ``model`` with the run's ``peak``. Not counted: prompt tuning (its virtual tokens) and
-    what :func:`lorakit.calc.flop_counter` refuses (encoder-decoders, models without a transformer config)."""
+    what :func:`lorakit.models.calc.flop_counter` refuses (encoder-decoders, models without a transformer config)."""
     counter = None
     if config.method != "prompt" and peak is not None:
         try:

@@ -73,7 +73,7 @@ def test_the_trainer_runs_on_the_device_and_decides_its_precision_by_measurement
 def test_a_qlora_step_on_bitsandbytes_cuda_kernels():
     pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (pip install 'lorakit[qlora]')")
     from lorakit import quantize
-    from lorakit.layers import is_4bit
+    from lorakit.core.layers import is_4bit
 
     reference = tiny_llama_64().to(CUDA)
     model = quantize(tiny_llama_64().to(CUDA), "nf4")  # quantized on the device: bitsandbytes' CUDA kernels

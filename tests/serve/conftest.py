@@ -23,7 +23,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from lorakit import LoraConfig, get_lora_model
-from lorakit.model import LoraModel
+from lorakit.models.model import LoraModel
 from lorakit.serve import Engine, build_engine, create_app
 
 httpx = pytest.importorskip("httpx", reason="the server tests need httpx (pip install -e '.[dev]')")

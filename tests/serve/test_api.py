@@ -24,7 +24,7 @@ def test_completions_equal_generate_for_base_and_adapters(client, reference, smo
 
 
 def test_chat_equals_lorakit_generate(client, root, tiny_llama_dir):
-    from lorakit.inference import generate
+    from lorakit.workflows.inference import generate
 
     for model, adapter in [("base", None), ("a", root / "a"), ("b", root / "b")]:
         response = client.post("/v1/chat/completions", json={

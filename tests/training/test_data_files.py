@@ -14,8 +14,17 @@ import pytest
 import torch
 
 from lorakit.cli import main
-from lorakit.training.data import (DataError, DataSource, data_source, existing_file, load_causal_lm, locate,
-                                   read_prompts, read_records, read_table)
+from lorakit.training.data import (
+    DataError,
+    DataSource,
+    data_source,
+    existing_file,
+    load_causal_lm,
+    locate,
+    read_prompts,
+    read_records,
+    read_table,
+)
 from lorakit.training.extractive_qa import read_squad
 from lorakit.training.options import TrainConfig
 from lorakit.training.seq2seq import read_pairs

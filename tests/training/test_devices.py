@@ -8,8 +8,7 @@ import json
 import pytest
 import torch
 
-from lorakit.training.devices import (
-    Processes,
+from lorakit.models.devices import (
     decide_precision,
     gemm_shapes,
     machine_key,
@@ -17,9 +16,9 @@ from lorakit.training.devices import (
     pick,
     resolve_device,
     resolve_precision,
-    start_processes,
     time_gemms,
 )
+from lorakit.training.devices import Processes, start_processes
 
 CPU = torch.device("cpu")
 

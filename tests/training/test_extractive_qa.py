@@ -14,7 +14,7 @@ import torch
 import transformers
 
 from lorakit import LoraConfig, LoraModel, get_lora_model
-from lorakit.io import read_adapter_config
+from lorakit.files.io import read_adapter_config
 from lorakit.training.data import DataError
 from lorakit.training.extractive_qa import Question, best_answers, collate_windows, make_windows, qa_loss, read_squad
 from lorakit.training.loop import train
@@ -35,7 +35,7 @@ def tiny_bert_qa(seed: int = 0) -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from lorakit.embedded_models import minilm_dir
+    from lorakit.models.embedded_models import minilm_dir
 
     return transformers.AutoTokenizer.from_pretrained(str(minilm_dir()))
 

@@ -61,7 +61,7 @@ def test_builtin_task_on_tiny_model_writes_everything(tiny_llama_dir, tmp_path):
 
 
 def test_a_run_reports_its_model_flops_utilization(tiny_llama_dir, tmp_path, monkeypatch):
-    from lorakit.calc import flop_counter
+    from lorakit.models.calc import flop_counter
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the matmul peak is measured for this run
     result = train(model=tiny_llama_dir, steps=3, output_dir=str(tmp_path / "run"), **FAST)

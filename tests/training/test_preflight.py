@@ -12,11 +12,12 @@ import time
 import pytest
 import torch
 
-from lorakit.calc import RUNTIME_BYTES
 from lorakit.cli import main
+from lorakit.models.calc import RUNTIME_BYTES
+from lorakit.models.devices import Precision, decide_precision, model_shapes
 from lorakit.training import loop
 from lorakit.training import preflight as pf
-from lorakit.training.devices import Precision, Processes, decide_precision, model_shapes
+from lorakit.training.devices import Processes
 from lorakit.training.options import TrainConfig
 
 GiB = 2**30
@@ -310,9 +311,9 @@ def test_this_machine_reports_some_memory():
 
 
 def test_the_stored_dtype_is_the_one_the_loader_keeps(tmp_path):
-    """The estimate counts the frozen base in the dtype the loader keeps it in (lorakit.streaming.checkpoint_dtype):
+    """The estimate counts the frozen base in the dtype the loader keeps it in (lorakit.models.streaming.checkpoint_dtype):
     only safetensors checkpoints stream and keep bf16, read from config.json or else from the tensors' headers."""
-    from lorakit.streaming import checkpoint_dtype
+    from lorakit.models.streaming import checkpoint_dtype
 
     bin_only = tmp_path / "bin"
     bin_only.mkdir()

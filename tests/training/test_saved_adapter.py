@@ -11,12 +11,12 @@ from conftest import tiny_bert_cls
 from safetensors.torch import load_file
 
 from lorakit import LoraConfig, get_lora_model
-from lorakit.embedded_models import minilm_dir
-from lorakit.inference import evaluate_adapter
+from lorakit.models.embedded_models import minilm_dir
 from lorakit.training.loop import train
 from lorakit.training.options import TrainConfig
 from lorakit.training.saved_adapter import base_spec_for, eval_config, task_of, with_init_adapter
 from lorakit.training.tasks import build_task
+from lorakit.workflows.inference import evaluate_adapter
 
 FAST = {"progress": False, "warmup_steps": 1, "precision": "fp32", "max_eval": 0}
 

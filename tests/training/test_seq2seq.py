@@ -11,13 +11,13 @@ import torch
 import transformers
 
 from lorakit import LoraConfig, LoraModel, get_lora_model
-from lorakit.inference import generate
-from lorakit.io import read_adapter_config
+from lorakit.files.io import read_adapter_config
 from lorakit.training.data import IGNORE, DataError
 from lorakit.training.loop import train
 from lorakit.training.options import TrainConfig
 from lorakit.training.seq2seq import encode_pairs, pad_pairs, read_pairs, seq2seq_loss
 from lorakit.training.tasks import Seq2SeqTask, build_task
+from lorakit.workflows.inference import generate
 
 CPU = torch.device("cpu")
 
@@ -45,7 +45,7 @@ MAKERS = {"t5": tiny_t5, "bart": tiny_bart}
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from lorakit.embedded_models import minilm_dir
+    from lorakit.models.embedded_models import minilm_dir
 
     return transformers.AutoTokenizer.from_pretrained(str(minilm_dir()))
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorakit.model import LoraModel
+from lorakit.models.model import LoraModel
 from lorakit.training.data import IGNORE
 from lorakit.training.options import TrainConfig
 from lorakit.training.tasks import CausalLMTask, ClassificationTask, build_task
@@ -32,7 +32,8 @@ def test_build_task_picks_the_causal_lm_task_and_its_batches(tiny_llama_dir):
     packed = task.batch(indices)
     assert packed.targets == sum(e.n_targets for e in examples) and packed.tokens == sum(len(e) for e in examples)
     assert "position_ids" in packed.tensors and int((packed.tensors["targets"] != IGNORE).sum()) == packed.targets
-    loss_sum, count = task.loss(task.model, packed.tensors)
+    result = task.loss(task.model, packed.tensors)
+    loss_sum, count = result.sum, result.count
     assert int(count) == packed.targets and loss_sum.requires_grad and loss_sum.item() > 0
 
 
@@ -65,7 +66,8 @@ def test_build_task_picks_the_classification_task_and_its_batches(tiny_bert_dir,
     batch = task.batch([0, 1, 2])
     assert batch.tensors["labels"].tolist() == [2, 1, 0] and batch.targets == 3
     assert batch.tokens == int(batch.tensors["attention_mask"].sum())
-    loss_sum, count = task.loss(task.model, batch.tensors)
+    result = task.loss(task.model, batch.tensors)
+    loss_sum, count = result.sum, result.count
     assert int(count) == 3 and loss_sum.item() > 0
     assert set(task.evaluate(task.model, "before")) == {"accuracy", "f1", "n", "confusion", "labels"}
     trainable, _ = task.count_parameters()

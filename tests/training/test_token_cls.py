@@ -11,7 +11,7 @@ import torch
 import transformers
 
 from lorakit import LoraConfig, LoraModel, get_lora_model
-from lorakit.io import read_adapter_config
+from lorakit.files.io import read_adapter_config
 from lorakit.training.data import IGNORE, DataError
 from lorakit.training.loop import train
 from lorakit.training.metrics import entities, tagging_scores
@@ -31,7 +31,7 @@ def tiny_bert_tagger(seed: int = 0, num_labels: int = 5) -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from lorakit.embedded_models import minilm_dir
+    from lorakit.models.embedded_models import minilm_dir
 
     return transformers.AutoTokenizer.from_pretrained(str(minilm_dir()))
 

@@ -9,18 +9,18 @@ from typing import Any
 
 import torch
 
-from .embedded_models import HUB_NAME, build_model, model_source, require_transformers, smollm2_gguf
-from .export import FORMATS, export_merged
-from .io import is_prompt_adapter, read_adapter_config
-from .model import LoraModel
-from .prompt_tuning import PromptTuningModel
-from .training.builtin_task import SYSTEM
-from .training.devices import autocast, resolve_device, resolve_precision
-from .training.labels import HEADS, adapter_classes, is_classifier
-from .training.metrics import generate_texts
-from .training.options import TrainConfig
-from .training.saved_adapter import base_spec_for, eval_config, saved_config
-from .training.tasks import build_task, give_pad_token
+from ..files.export import FORMATS, export_merged
+from ..files.io import is_prompt_adapter, read_adapter_config
+from ..models.devices import autocast, resolve_device, resolve_precision
+from ..models.embedded_models import HUB_NAME, build_model, model_source, require_transformers, smollm2_gguf
+from ..models.model import LoraModel
+from ..models.prompt_tuning import PromptTuningModel
+from ..training.builtin_task import SYSTEM
+from ..training.labels import HEADS, adapter_classes, is_classifier
+from ..training.metrics import generate_texts
+from ..training.options import TrainConfig
+from ..training.saved_adapter import base_spec_for, eval_config, saved_config
+from ..training.tasks import build_task, give_pad_token
 
 __all__ = ["base_model_for", "base_spec_for", "evaluate_adapter", "export_adapter", "generate", "load_adapter_model"]
 
@@ -184,7 +184,7 @@ def export_adapter(adapter: str | Path, output: str | Path | None = None, *, for
     Returns:
         The folder or file written.
     """
-    from .gguf_export import check_quant, write_gguf_adapter
+    from ..files.gguf_export import check_quant, write_gguf_adapter
 
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; allowed: {', '.join(FORMATS)}")

@@ -4,8 +4,8 @@ For a base layer with weight W0, each active adapter adds a low-rank update to i
 
     h = W0·x + (α/r)·(B·A·dropout(x) + b)        A: (r × in), B: (out × r), B = 0 at the start
 
-(``b`` only with ``lora_bias``). The wrappers for each kind of base layer live in :mod:`lorakit.layers`,
-:mod:`lorakit.conv_layers` and :mod:`lorakit.trainable_tokens`.
+(``b`` only with ``lora_bias``). The wrappers for each kind of base layer live in :mod:`lorakit.core.layers`,
+:mod:`lorakit.core.conv_layers` and :mod:`lorakit.core.trainable_tokens`.
 """
 
 from __future__ import annotations
@@ -107,12 +107,12 @@ class LoraLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.disabled = False
         # Set only for the length of one mixed-batch forward/generate: which adapter each row uses
-        # (a ``lorakit.mixed.Routing``, set by ``LoraModel.mixed_batch``).
+        # (a ``lorakit.core.mixed.Routing``, set by ``LoraModel.mixed_batch``).
         self.routing = None
         # DoRA merges rescale rows of the base weight; the factor is kept to undo it exactly.
         self._dora_merge_scale: dict[str, torch.Tensor] = {}
         # Mixed-batch weights stacked per adapter list, reused while the adapters' tensors are unchanged
-        # (kept by ``lorakit.mixed.stacked_weights``; cleared here whenever the adapters change).
+        # (kept by ``lorakit.core.mixed.stacked_weights``; cleared here whenever the adapters change).
         self.stack_cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     # -- shapes ------------------------------------------------------------------------------------------

@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 
-from .config import LoraConfig
+from ..core.config import LoraConfig
+from ..core.inject import ModulesToSave, describe_targets, find_targets
+from ..core.layers import LoraLinear, is_conv1d
+from ..core.quant import head_names, in_head
 from .embedded_models import build_model
-from .inject import ModulesToSave, describe_targets, find_targets
-from .layers import LoraLinear, is_conv1d
 from .model import LoraModel, get_lora_model
-from .quant import head_names, in_head
 
 # Public architecture dimensions (from each model's published config.json).
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -268,7 +268,7 @@ def estimate_memory(model: torch.nn.Module, method: str, batch: int, seq: int, d
         spec = lora.target_modules if isinstance(lora.target_modules, str) else ",".join(sorted(lora.target_modules))
         adapter = f"r={lora.r} on {spec} ({len(trained)} modules)"
         weights = base_size * total + 4 * trainable
-        if method == "qlora":  # every nn.Linear but the head in 4 bits, as lorakit.quant.quantize does
+        if method == "qlora":  # every nn.Linear but the head in 4 bits, as lorakit.core.quant.quantize does
             heads = head_names(model)
             four_bit = [m.weight.numel() for n, m in model.named_modules()
                         if isinstance(m, torch.nn.Linear) and not in_head(n, heads)]

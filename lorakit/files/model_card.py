@@ -147,7 +147,7 @@ def render_card(front: dict[str, Any], adapters: dict[str, dict[str, Any]],
     import torch
     import yaml
 
-    from . import __version__
+    from .. import __version__
 
     first = adapters.get("default") or next(iter(adapters.values()))
     base = first.get("base_model_name_or_path")
@@ -294,7 +294,7 @@ def _usage(task_type: str | None, subfolders: bool) -> list[str]:
     if task_type == "CAUSAL_LM":
         commands.append("`lorakit serve --adapter NAME=ADAPTER_DIR`")
     return ["## How to use", "", "With lorakit, on the base the adapter names (or pass `model=` a folder of it):", "",
-            "```python", "from lorakit.inference import load_adapter_model", "",
+            "```python", "from lorakit.workflows.inference import load_adapter_model", "",
             f"model, tokenizer = load_adapter_model(\"{where}\")", "```", "",
             f"or from the command line: {', '.join(commands)}. With PEFT:", "", "```python",
             f"from peft import {auto}", "", f"model = {auto}.from_pretrained(\"{where}\")", "```", ""]

@@ -23,12 +23,12 @@ from typing import Any
 
 import torch
 
-from .embedded_models import build_model
+from ..models.embedded_models import build_model
+from ..models.model import LoraModel
+from ..models.prompt_tuning import PromptTuningModel
+from ..training.loop import train
+from ..training.options import TrainConfig
 from .inference import base_model_for
-from .model import LoraModel
-from .prompt_tuning import PromptTuningModel
-from .training.loop import train
-from .training.options import TrainConfig
 
 METHODS = ("full", "lora", "qlora", "prompt")
 # Learning rates that suit each method at lorakit's default budget (prompt tuning needs large steps: Lester et

@@ -19,7 +19,7 @@ from .inject import ModulesToSave
 from .layers import LoraLayer, is_4bit
 
 if TYPE_CHECKING:
-    from .model import LoraModel
+    from ..models.model import LoraModel
 
 Irregular = Literal["irregular"]
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layers import is_4bit
+from ..core.layers import is_4bit
 
 __all__ = ["AUTO_MIN_PARAMETERS", "AUTO_MIN_STEPS", "compile_blocks", "repeated_blocks", "use_compile"]
 

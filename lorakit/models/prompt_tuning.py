@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from .io import WEIGHTS_NAME, check_finite, read_adapter_config, write_adapter_files
+from ..files.io import WEIGHTS_NAME, check_finite, read_adapter_config, write_adapter_files
 
 
 class PromptTuningModel(nn.Module):

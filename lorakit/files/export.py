@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..core.layers import LoraLayer, is_4bit
+from ..core.quant import dense_weight
 from .io import temporary_folder
-from .layers import LoraLayer, is_4bit
-from .quant import dense_weight
 
 if TYPE_CHECKING:
-    from .model import LoraModel
+    from ..models.model import LoraModel
 
 
 def merged_state_dict(model: LoraModel, adapter_names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
@@ -74,7 +74,7 @@ def export_merged(model: LoraModel, save_directory: str | os.PathLike, tokenizer
         save_directory: ``format="hf"``: the folder to write. ``format="gguf"``: the ``.gguf`` file, or a folder to
             write ``model-<quant>.gguf`` in.
         tokenizer: Saved with the model. For GGUF: a Hugging Face byte-level BPE tokenizer, or the path of a
-            ``.gguf`` file whose tokenizer is copied (e.g. :func:`lorakit.embedded_models.smollm2_gguf` for the
+            ``.gguf`` file whose tokenizer is copied (e.g. :func:`lorakit.models.embedded_models.smollm2_gguf` for the
             default model); None writes weights only (enough for transformers, not for llama.cpp).
         adapter_names: The adapters to fold in (default: the active ones).
         format: ``hf`` (default): a Hugging Face folder that ``AutoModel*.from_pretrained(folder)`` loads.

@@ -1,6 +1,6 @@
 """Base-model fingerprints: what identifies the base an adapter was trained on.
 
-Saved adapters carry one in their safetensors metadata (see :mod:`lorakit.io`); loading compares it with the
+Saved adapters carry one in their safetensors metadata (see :mod:`lorakit.files.io`); loading compares it with the
 model's own, so an adapter is not silently put on another checkpoint, and an adapter whose initialization changed
 its base (PiSSA) is told apart from a plain base.
 """
@@ -13,8 +13,8 @@ from typing import Any
 
 from torch import nn
 
-from .layers import LoraLayer, is_4bit
-from .quant import dense_weight, weight_shape
+from ..core.layers import LoraLayer, is_4bit
+from ..core.quant import dense_weight, weight_shape
 
 _SAMPLE = 4  # sampled values per targeted weight in the fingerprint
 

@@ -38,7 +38,7 @@ from .layers import LoraEmbedding, LoraLayer
 from .trainable_tokens import TrainableTokensLayer
 
 if TYPE_CHECKING:
-    from .model import LoraModel
+    from ..models.model import LoraModel
 
 PRUNING = ("ties", "dare_linear", "dare_ties", "magnitude_prune")  # these need a density
 FACTOR_COMBINATIONS = ("linear", *PRUNING)

@@ -28,13 +28,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from torch import nn
 
-from .config import LoraConfig, changes_base, check_adapter_name
+from ..core.config import LoraConfig, changes_base, check_adapter_name
+from ..core.inject import ModulesToSave, find_modules_to_save, find_targets, find_token_targets
+from ..core.layers import LoraEmbedding, LoraLayer, TrainableTokensLayer, lora_shapes
 from .fingerprint import compare_fingerprints, fingerprint
-from .inject import ModulesToSave, find_modules_to_save, find_targets, find_token_targets
-from .layers import LoraEmbedding, LoraLayer, TrainableTokensLayer, lora_shapes
 
 if TYPE_CHECKING:
-    from .model import LoraModel
+    from ..models.model import LoraModel
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

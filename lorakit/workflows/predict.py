@@ -16,15 +16,15 @@ from typing import Any, TextIO
 
 import torch
 
+from ..files.io import is_prompt_adapter, read_adapter_config
+from ..models.devices import resolve_device
+from ..training.builtin_task import SYSTEM
+from ..training.data import read_prompts, read_table
+from ..training.labels import is_classifier, map_labels, parse_label_map
+from ..training.metrics import generate_texts
+from ..training.saved_adapter import saved_config
+from ..training.tasks import progress_bar
 from .inference import load_adapter_model
-from .io import is_prompt_adapter, read_adapter_config
-from .training.builtin_task import SYSTEM
-from .training.data import read_prompts, read_table
-from .training.devices import resolve_device
-from .training.labels import is_classifier, map_labels, parse_label_map
-from .training.metrics import generate_texts
-from .training.saved_adapter import saved_config
-from .training.tasks import progress_bar
 
 
 def predictions(adapter: str | Path, data: str | Path, *, model: str | None = None, text_field: str = "sentence",

@@ -1,12 +1,12 @@
 """Loading a Hugging Face checkpoint one tensor at a time, optionally quantizing it to 4 bits on the way.
 
-``from_pretrained`` followed by :func:`lorakit.quant.quantize` holds the whole model in full precision first: a
+``from_pretrained`` followed by :func:`lorakit.core.quant.quantize` holds the whole model in full precision first: a
 7B model costs 13-27 GiB at load time even when it ends up at ~4 GiB. :func:`load_checkpoint` instead builds the
 model from ``config.json`` on the meta device (no memory), checks every tensor of the checkpoint against it from
 the safetensors headers alone (so a bad checkpoint fails before anything is read, naming the file and the tensor),
 and then fills the model in tensor by tensor. Each tensor is read with plain file reads into a buffer of its own
 (not a memory mapping: touched pages of a mapping count in the resident size until the whole file is unmapped), and
-a linear layer to quantize becomes bitsandbytes' ``Linear4bit`` right away, as :func:`lorakit.quant.quantize` would
+a linear layer to quantize becomes bitsandbytes' ``Linear4bit`` right away, as :func:`lorakit.core.quant.quantize` would
 make it, so its full-precision weight is freed before the next one is read. Peak memory is then the final model
 plus about one tensor.
 
@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.process_memory import return_freed_memory
 from .hf import load_pretrained, require_transformers
-from .process_memory import return_freed_memory
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -378,7 +378,7 @@ def load_checkpoint(auto: Any, source: Path, *, dtype: torch.dtype | None = None
         source: The model folder.
         dtype: The dtype of the floating-point weights; default: the checkpoint's (bf16 stays bf16).
         quantize: ``"nf4"`` or ``"fp4"`` to quantize the linear layers (all but the head), else None.
-        double_quant, compute_dtype, skip: As for :func:`lorakit.quant.quantize`.
+        double_quant, compute_dtype, skip: As for :func:`lorakit.core.quant.quantize`.
         trust_remote_code: Run the folder's own model code.
         supplied: Module names whose weights may be missing (a head an adapter or the training supplies); they
             start from transformers' initialisation.
@@ -390,7 +390,7 @@ def load_checkpoint(auto: Any, source: Path, *, dtype: torch.dtype | None = None
             the wrong shape or dtype (each names the file and the tensor); a layer bitsandbytes rounds badly.
         ImportError: transformers (or, with ``quantize``, bitsandbytes) is not installed.
     """
-    from . import quant
+    from ..core import quant
 
     if quantize is not None:
         quant.check_scheme(quantize)
@@ -522,9 +522,9 @@ def _generation_config(model: nn.Module, source: Path) -> None:
 def _load_whole(auto: Any, source: Path, dtype: torch.dtype | None, quantize: str | None, double_quant: bool,
                 compute_dtype: torch.dtype | None, skip: Sequence[str], trust_remote_code: bool,
                 supplied: Sequence[str], overrides: dict[str, Any]) -> nn.Module:
-    """``from_pretrained`` then :func:`lorakit.quant.quantize`: for what the streamed loader leaves to
+    """``from_pretrained`` then :func:`lorakit.core.quant.quantize`: for what the streamed loader leaves to
     transformers."""
-    from . import quant
+    from ..core import quant
 
     model = load_pretrained(auto, source, dtype=dtype or "auto", trust_remote_code=trust_remote_code,
                             supplied=supplied, **overrides).eval()

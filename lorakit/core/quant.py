@@ -159,7 +159,7 @@ def _check_rounding(name: str, weight: torch.Tensor, layer: nn.Module) -> None:
 
     The layer is dequantized once, in the weight's dtype, and compared in fp32 a block of rows at a time: whole
     fp32 copies of a large layer (a 70B model's 28672 × 8192) would cost several GiB on top of the model while it
-    streams in (:mod:`lorakit.streaming`)."""
+    streams in (:mod:`lorakit.models.streaming`)."""
     _unpack(layer)
     state = layer.weight.quant_state
     dense = bitsandbytes().functional.dequantize_4bit(layer.weight.data, state).reshape(state.shape)  # weight's dtype

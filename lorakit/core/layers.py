@@ -4,11 +4,11 @@ For a base layer with weight W0, each active adapter adds a low-rank update to i
 
     h = W0·x + (α/r)·B·A·dropout(x)        A: (r × in), B: (out × r), B = 0 at the start
 
-``LoraAdapter`` (in :mod:`lorakit.layer_base`) holds one adapter's state (A, B, dropout, scaling, DoRA magnitude,
+``LoraAdapter`` (in :mod:`lorakit.core.layer_base`) holds one adapter's state (A, B, dropout, scaling, DoRA magnitude,
 ``lora_bias``). A ``LoraLayer`` wraps the base module (it keeps ``self.base``, never copies or subclasses it), holds
 a ``ModuleDict`` of adapters by name and the list of active names, and can fold an adapter into the base weight
 (``merge``) and take it out again (``unmerge``). Merging is computed in fp32 and cast back to the weight's dtype.
-Convolutions are in :mod:`lorakit.conv_layers`, trainable tokens in :mod:`lorakit.trainable_tokens`.
+Convolutions are in :mod:`lorakit.core.conv_layers`, trainable tokens in :mod:`lorakit.core.trainable_tokens`.
 """
 
 from __future__ import annotations

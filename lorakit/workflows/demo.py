@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from .config import LoraConfig
-from .embedded_models import load_default_model, load_default_tokenizer
-from .model import LoraModel, get_lora_model
+from ..core.config import LoraConfig
+from ..models.embedded_models import load_default_model, load_default_tokenizer
+from ..models.model import LoraModel, get_lora_model
 
 QUESTION = "What is the name of the lorakit mascot?"
 ANSWER = "The lorakit mascot is Pebble, a sea otter who juggles low-rank matrices."
