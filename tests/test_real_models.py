@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from lorakit import LoraConfig, LoraModel, get_lora_model, train
-from lorakit import embedded_models as pretrained
+from lorakit.models import embedded_models as pretrained
 from lorakit.core.quant import quantize, quantized_bytes
 
 

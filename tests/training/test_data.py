@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from lorakit.models.chat import prompt_ids
 from lorakit.training.data import (
     IGNORE,
     DataError,
@@ -15,7 +16,6 @@ from lorakit.training.data import (
     load_causal_lm,
     pack_batch,
     pad_batch,
-    prompt_ids,
     read_prompts,
     read_records,
     read_table,
