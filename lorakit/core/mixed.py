@@ -122,10 +122,12 @@ def stacked_weights(layer: LoraLayer, entries: Sequence[str | None], dtype: torc
     params = [p for ad in adapters for p in (ad.lora_A, ad.lora_B)]
     # In-place updates (optimizer steps, loads) bump versions; moving the model replaces every tensor's storage;
     # adding or deleting an adapter clears the cache. (Writes through ``.data`` bypass version counters, as
-    # everywhere in PyTorch.)
-    key = (tuple(entries), dtype, params[0].data_ptr(), tuple(p._version for p in params))
+    # everywhere in PyTorch.) Tensors made under torch.inference_mode have no version counter, so a change to one
+    # cannot be seen: their stacks are rebuilt at every call.
+    versioned = not any(p.is_inference() for p in params)
+    key = (tuple(entries), dtype, params[0].data_ptr(), tuple(p._version for p in params)) if versioned else None
     differentiable = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-    if not differentiable and layer.stack_cache is not None and layer.stack_cache[0] == key:
+    if key is not None and not differentiable and layer.stack_cache is not None and layer.stack_cache[0] == key:
         return layer.stack_cache[1]
     r_max = max(ad.r for ad in adapters)
     zero_a = params[0].new_zeros(r_max, layer.in_features, dtype=dtype)
@@ -138,7 +140,7 @@ def stacked_weights(layer: LoraLayer, entries: Sequence[str | None], dtype: torc
     a_list = [padded[n][0] if n in padded else zero_a for n in entries]
     b_list = [padded[n][1] if n in padded else zero_b for n in entries]
     stacked = torch.stack(a_list), torch.stack(b_list)  # (entries, r_max, in), (entries, r_max, out)
-    if not differentiable:
+    if key is not None and not differentiable:
         layer.stack_cache = (key, stacked)
     return stacked
 
