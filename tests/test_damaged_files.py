@@ -59,6 +59,13 @@ def _config_edit(**changes) -> Callable[[Path], None]:
     return damage
 
 
+def _link_out(folder: Path, name: str) -> None:
+    """``folder/name`` becomes a symbolic link to the same file moved beside the folder (outside it)."""
+    outside = folder.parent / f"elsewhere-{name}"
+    (folder / name).rename(outside)
+    (folder / name).symlink_to(outside)
+
+
 # (case, damage to the adapter folder, what the error must say)
 ADAPTER_DAMAGE = [
     ("config cut short", lambda f: _cut(f / CONFIG), CONFIG),
@@ -73,6 +80,11 @@ ADAPTER_DAMAGE = [
     ("config another PEFT type", _config_edit(peft_type="IA3"), "peft_type 'IA3'"),
     ("config an option lorakit lacks", _config_edit(use_qalora=True), "use_qalora"),
     ("config missing", lambda f: (f / CONFIG).unlink(), CONFIG),
+    ("config lora_alpha NaN", _config_edit(lora_alpha=float("nan")), "lora_alpha is nan"),
+    ("config lora_alpha Infinity", _config_edit(lora_alpha=float("inf")), "lora_alpha is inf"),
+    ("config r -Infinity", _config_edit(r=float("-inf")), "r is -inf"),
+    ("config alpha_pattern NaN", _config_edit(alpha_pattern={"q_proj": float("nan")}), "alpha_pattern.q_proj is nan"),
+    ("config rank_pattern Infinity", _config_edit(rank_pattern={"v_proj": float("inf")}), "rank_pattern.v_proj"),
     ("weights missing", lambda f: (f / WEIGHTS).unlink(), WEIGHTS),
     ("weights cut short", lambda f: _cut(f / WEIGHTS), "truncated or corrupt"),
     ("weights empty", lambda f: _write(f / WEIGHTS, b""), "truncated or corrupt"),
@@ -80,6 +92,12 @@ ADAPTER_DAMAGE = [
     ("weights a NaN", lambda f: _edit_tensors(f / WEIGHTS, _set_first(float("nan"))), "NaN or infinite"),
     ("weights an inf", lambda f: _edit_tensors(f / WEIGHTS, _set_first(float("inf"))), "NaN or infinite"),
     ("weights a -inf", lambda f: _edit_tensors(f / WEIGHTS, _set_first(float("-inf"))), "NaN or infinite"),
+    ("weights of an integer dtype", lambda f: _edit_tensors(
+        f / WEIGHTS, lambda t: t.update({_first(t): t[_first(t)].to(torch.int32)})), "has dtype int32"),
+    ("weights of dtype bool", lambda f: _edit_tensors(
+        f / WEIGHTS, lambda t: t.update({_first(t): t[_first(t)] > 0})), "has dtype bool"),
+    ("weights a link out of the folder", lambda f: _link_out(f, WEIGHTS), "symbolic link"),
+    ("config a link out of the folder", lambda f: _link_out(f, CONFIG), "symbolic link"),
     ("weights a tensor missing", lambda f: _edit_tensors(f / WEIGHTS, lambda t: t.pop(_first(t))), "lacks"),
     ("weights a tensor too wide", lambda f: _edit_tensors(
         f / WEIGHTS, lambda t: t.update({_first(t): torch.zeros(3, 999)})), "shape mismatch"),
@@ -118,6 +136,28 @@ def test_a_damaged_adapter_is_refused_by_name_and_changes_nothing(case, damage, 
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         LoraModel.from_pretrained(plain, saved_adapter)
     assert not any("lora" in n for n, _ in plain.named_modules())
+
+
+def test_links_inside_the_folder_are_followed_and_links_out_only_when_allowed(saved_adapter, tmp_path):
+    expected = LoraModel.from_pretrained(tiny_llama(), saved_adapter).state_dict()
+    (saved_adapter / WEIGHTS).rename(saved_adapter / "real.safetensors")
+    (saved_adapter / WEIGHTS).symlink_to("real.safetensors")  # stays inside: followed
+    inside = LoraModel.from_pretrained(tiny_llama(), saved_adapter).state_dict()
+    assert all(torch.equal(inside[k], expected[k]) for k in expected)
+    (saved_adapter / WEIGHTS).unlink()
+    _link_out(saved_adapter, "real.safetensors")
+    (saved_adapter / WEIGHTS).symlink_to(tmp_path / "elsewhere-real.safetensors")
+    with pytest.raises(ValueError, match="outside the adapter folder"):
+        LoraModel.from_pretrained(tiny_llama(), saved_adapter)
+    allowed = LoraModel.from_pretrained(tiny_llama(), saved_adapter, allow_symlinks=True).state_dict()
+    assert all(torch.equal(allowed[k], expected[k]) for k in expected)
+
+
+def test_a_lora_config_refuses_non_finite_numbers():
+    for field, value in [("lora_alpha", float("nan")), ("lora_alpha", float("inf")),
+                         ("alpha_pattern", {"q_proj": float("nan")})]:
+        with pytest.raises(ValueError, match="finite"):
+            LoraConfig(**{field: value})
 
 
 PROMPT_DAMAGE = [

@@ -7,6 +7,7 @@ injection. ``to_dict`` / ``from_dict`` read and write PEFT's ``adapter_config.js
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -133,8 +134,9 @@ class LoraConfig:
     def _validate(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"r must be a positive integer (r >= 1), got {self.r!r}")
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
-            raise ValueError(f"lora_alpha must be a number > 0, got {self.lora_alpha!r}")
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) \
+                or not 0 < self.lora_alpha < math.inf:
+            raise ValueError(f"lora_alpha must be a finite number > 0, got {self.lora_alpha!r}")
         if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in BIAS_CHOICES:
@@ -179,8 +181,8 @@ class LoraConfig:
                 raise ValueError(f"rank_pattern[{key!r}] must be a positive integer, got {rank!r}")
         for key, alpha in self.alpha_pattern.items():
             _check_regex("alpha_pattern key", key)
-            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
-                raise ValueError(f"alpha_pattern[{key!r}] must be a number > 0, got {alpha!r}")
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
+                raise ValueError(f"alpha_pattern[{key!r}] must be a finite number > 0, got {alpha!r}")
 
     # -- per-module values -------------------------------------------------------------------------------
 

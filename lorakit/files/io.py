@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import tempfile
 import warnings
@@ -303,12 +304,48 @@ def read_json_object(path: Path) -> dict[str, Any]:
         raise ValueError(f"{str(path)!r} nests too deeply to be a config") from None
     if not isinstance(data, dict):
         raise ValueError(f"{str(path)!r} holds a JSON {type(data).__name__}, not an object of settings")
+    bad = _non_finite(data)
+    if bad is not None:
+        field, value = bad
+        raise ValueError(f"{str(path)!r}: {field} is {value}; every number in it must be finite")
     return data
 
 
-def read_adapter_config(folder: Path) -> dict[str, Any]:
+def _non_finite(value: Any, where: str = "") -> tuple[str, float] | None:
+    """The first NaN or ±Infinity in a parsed JSON value (Python's json reads them), with its dotted path."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where or "the value", value
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _non_finite(item, f"{where}.{key}" if where and isinstance(key, str) else
+                            f"{where}[{key}]" if where else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+def inside(folder: str | os.PathLike, name: str, allow_symlinks: bool = False) -> Path:
+    """``folder / name``, refused when it is a symbolic link that leads out of ``folder``: an adapter folder is
+    read as a unit (a server's adapter root, a downloaded folder), and a link out of it would read any file the
+    process can. Links that stay inside the folder are followed; ``allow_symlinks`` follows any link.
+
+    Raises:
+        ValueError: The file is a link to a path outside ``folder``.
+    """
+    path = Path(folder) / name
+    if allow_symlinks or not path.is_symlink():
+        return path
+    target, root = path.resolve(), Path(folder).resolve()
+    if target != root and root not in target.parents:
+        raise ValueError(f"{str(path)!r} is a symbolic link to {str(target)!r}, outside the adapter folder; lorakit "
+                         f"does not follow links out of an adapter folder (copy the file in, or pass "
+                         f"allow_symlinks=True from Python)")
+    return path
+
+
+def read_adapter_config(folder: Path, allow_symlinks: bool = False) -> dict[str, Any]:
     """The ``adapter_config.json`` of an adapter folder as a dict (any PEFT type), with clear errors."""
-    path = Path(folder) / CONFIG_NAME
+    path = inside(folder, CONFIG_NAME, allow_symlinks)
     if not path.is_file():
         raise FileNotFoundError(f"{str(folder)!r} has no {CONFIG_NAME}")
     return read_json_object(path)
@@ -319,18 +356,22 @@ def is_prompt_adapter(folder: str | os.PathLike) -> bool:
     return read_adapter_config(Path(folder)).get("peft_type") == "PROMPT_TUNING"
 
 
-def read_adapter(path: str | os.PathLike, allow_pickle: bool = False
+def read_adapter(path: str | os.PathLike, allow_pickle: bool = False, allow_symlinks: bool = False
                  ) -> tuple[LoraConfig, dict[str, torch.Tensor], dict[str, str]]:
     """Read an adapter folder: its config, its tensors (prefix stripped) and the safetensors metadata.
 
+    Args:
+        allow_symlinks: Follow symbolic links that lead out of the folder (refused by default: see :func:`inside`).
+
     Raises:
         FileNotFoundError: No folder or no ``adapter_config.json`` / weights file in it.
-        ValueError: A corrupt or truncated file, a pickle file without ``allow_pickle=True``, a bad config.
+        ValueError: A corrupt or truncated file, a pickle file without ``allow_pickle=True``, a bad config, a
+            tensor that is not floating point or not finite, a link out of the folder.
     """
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"adapter folder {str(folder)!r} does not exist")
-    config_file = folder / CONFIG_NAME
+    config_file = inside(folder, CONFIG_NAME, allow_symlinks)
     if not config_file.is_file():
         raise FileNotFoundError(f"{str(config_file)!r} not found: not an adapter folder")
     settings = read_json_object(config_file)
@@ -338,7 +379,8 @@ def read_adapter(path: str | os.PathLike, allow_pickle: bool = False
         config = LoraConfig.from_dict(settings)
     except (ValueError, TypeError) as err:  # a setting lorakit lacks, or of the wrong type, e.g. "r": [8]
         raise ValueError(f"{str(config_file)!r}: {err}") from None
-    weights = folder / WEIGHTS_NAME
+    weights = inside(folder, WEIGHTS_NAME, allow_symlinks)
+    pickled = inside(folder, PICKLE_NAME, allow_symlinks)
     metadata: dict[str, str] = {}
     if weights.is_file():
         try:
@@ -347,17 +389,17 @@ def read_adapter(path: str | os.PathLike, allow_pickle: bool = False
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError, ValueError) as err:
             raise ValueError(f"{str(weights)!r} is truncated or corrupt: {err}") from None
-    elif (folder / PICKLE_NAME).is_file():
+    elif pickled.is_file():
         if not allow_pickle:
             raise ValueError(
-                f"{str(folder / PICKLE_NAME)!r} is a pickle file, which can run code when loaded; lorakit refuses it "
+                f"{str(pickled)!r} is a pickle file, which can run code when loaded; lorakit refuses it "
                 f"unless you pass allow_pickle=True (it is then read with torch.load(weights_only=True)), or convert "
                 f"it to {WEIGHTS_NAME}"
             )
         try:
-            tensors = torch.load(folder / PICKLE_NAME, map_location="cpu", weights_only=True)
+            tensors = torch.load(pickled, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file
-            raise ValueError(f"{str(folder / PICKLE_NAME)!r} could not be read safely: {err}") from None
+            raise ValueError(f"{str(pickled)!r} could not be read safely: {err}") from None
     else:
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {str(folder)!r}")
     check_finite(tensors, folder)
@@ -372,6 +414,9 @@ def check_finite(tensors: dict[str, torch.Tensor], folder: Path) -> None:
     for key, value in tensors.items():
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"{str(folder)!r}: {key!r} is a {type(value).__name__}, not a tensor")
+        if not value.is_floating_point():  # cast silently, integers would load as some other adapter than saved
+            raise ValueError(f"{str(folder)!r}: tensor {key!r} has dtype {str(value.dtype).removeprefix('torch.')}; "
+                             f"adapter weights are floating point (float32, float16 or bfloat16)")
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             bad = int((~torch.isfinite(value)).sum())
             raise ValueError(f"{str(folder)!r}: tensor {key!r} holds {bad} NaN or infinite value(s); "

@@ -469,18 +469,19 @@ class LoraModel(nn.Module):
                           f"written ({err})", stacklevel=2)
 
     def load_adapter(self, path: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False,
-                     allow_pickle: bool = False, force: bool = False) -> None:
+                     allow_pickle: bool = False, force: bool = False, allow_symlinks: bool = False) -> None:
         """Load an adapter saved by lorakit or PEFT under ``adapter_name``. On any error the model is unchanged.
 
         Args:
             is_trainable: Whether the loaded adapter trains when active (False: inference only, as in PEFT).
             allow_pickle: Accept a pickle ``adapter_model.bin`` (read with ``weights_only=True``).
             force: Load even if the fingerprint says the base differs (the shapes must still fit).
+            allow_symlinks: Follow symbolic links in the folder that lead out of it (refused by default).
         """
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; adapters: {sorted(self.peft_config)}")
-        config, tensors, metadata = read_adapter(path, allow_pickle)
+        config, tensors, metadata = read_adapter(path, allow_pickle, allow_symlinks)
         with self.unmerged():  # the fingerprint describes the base weights without any update folded in
             targets = check_fits(self.model, config, tensors, metadata, force)
         try:
@@ -496,11 +497,12 @@ class LoraModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",
-                        is_trainable: bool = False, allow_pickle: bool = False, force: bool = False) -> LoraModel:
+                        is_trainable: bool = False, allow_pickle: bool = False, force: bool = False,
+                        allow_symlinks: bool = False) -> LoraModel:
         """Wrap a plain ``model`` with the adapter saved at ``path`` (by lorakit or PEFT). On any error the model
         is unchanged. The arguments are :meth:`load_adapter`'s."""
         check_adapter_name(adapter_name)
-        config, tensors, metadata = read_adapter(path, allow_pickle)
+        config, tensors, metadata = read_adapter(path, allow_pickle, allow_symlinks)
         targets = check_fits(model, config, tensors, metadata, force)
         lora = cls(model, config, adapter_name, init_weights=False)
         copy_in(lora, adapter_name, targets, tensors)

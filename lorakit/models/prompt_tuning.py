@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from ..files.io import WEIGHTS_NAME, check_finite, read_adapter_config, write_adapter_files
+from ..files.io import WEIGHTS_NAME, check_finite, inside, read_adapter_config, write_adapter_files
 
 
 class PromptTuningModel(nn.Module):
@@ -114,7 +114,7 @@ class PromptTuningModel(nn.Module):
             raise ValueError(f"{folder} holds a {settings.get('peft_type')!r} adapter, not a prompt "
                              f"(peft_type PROMPT_TUNING)")
         try:
-            tensors = load_file(str(folder / WEIGHTS_NAME))
+            tensors = load_file(str(inside(folder, WEIGHTS_NAME)))
         except (SafetensorError, OSError) as err:
             raise ValueError(f"{str(folder / WEIGHTS_NAME)!r} is missing, truncated or corrupt: {err}") from None
         check_finite(tensors, folder)

@@ -20,7 +20,7 @@ def test_defaults_are_peft_defaults():
         ({"r": 0}, "r must be a positive integer (r >= 1), got 0"),
         ({"r": -3}, "got -3"),
         ({"r": 2.5}, "got 2.5"),
-        ({"lora_alpha": 0}, "lora_alpha must be a number > 0, got 0"),
+        ({"lora_alpha": 0}, "lora_alpha must be a finite number > 0, got 0"),
         ({"lora_alpha": -1.0}, "got -1.0"),
         ({"lora_dropout": 1.0}, "lora_dropout must be in [0, 1), got 1.0"),
         ({"lora_dropout": -0.1}, "got -0.1"),
@@ -31,7 +31,7 @@ def test_defaults_are_peft_defaults():
         ({"exclude_modules": "[a-"}, "exclude_modules '[a-' is not a valid regular expression"),
         ({"rank_pattern": {"(": 4}}, "rank_pattern key '(' is not a valid regular expression"),
         ({"rank_pattern": {"q": 0}}, "rank_pattern['q'] must be a positive integer, got 0"),
-        ({"alpha_pattern": {"q": -2}}, "alpha_pattern['q'] must be a number > 0, got -2"),
+        ({"alpha_pattern": {"q": -2}}, "alpha_pattern['q'] must be a finite number > 0, got -2"),
         ({"layers_pattern": "la(yers"}, "layers_pattern 'la(yers' is not a valid regular expression"),
         ({"init_lora_weights": "svd"}, "init_lora_weights must be one of True, False, 'gaussian', 'pissa' (or, for a "
                                        "trained adapter being loaded, one of PEFT's labels olora, orthogonal"),
