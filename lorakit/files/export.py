@@ -13,7 +13,7 @@ import torch
 
 from ..core.layers import LoraLayer, is_4bit
 from ..core.quant import dense_weight
-from .io import temporary_folder
+from .io import make_folder, temporary_folder
 
 if TYPE_CHECKING:
     from ..models.model import LoraModel
@@ -98,9 +98,12 @@ def export_merged(model: LoraModel, save_directory: str | os.PathLike, tokenizer
     if not hasattr(model.model, "save_pretrained"):
         raise TypeError(f"export_merged needs a Hugging Face model; {type(model.model).__name__} has no "
                         f"save_pretrained (use merge_and_unload() and save the result yourself)")
-    state = _merged_tensors(model, adapter_names)
     folder = Path(save_directory)
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    if folder.exists() and not folder.is_dir():  # said before the merge, not after it
+        raise ValueError(f"export folder {str(folder)!r} is a file, not a folder; name a folder (it is replaced "
+                         f"if it exists) or move the file away")
+    make_folder(folder.parent, "export folder's parent")
+    state = _merged_tensors(model, adapter_names)
     tmp = temporary_folder(folder.parent, f".{folder.name}.")
     try:
         model.model.save_pretrained(tmp, state_dict=state)
@@ -127,5 +130,7 @@ def _export_gguf(model: LoraModel, save_to: str | os.PathLike, tokenizer: Any,
     check_architecture(model.model)
     path = Path(save_to)
     if path.suffix != ".gguf":
-        path = path / f"model-{quant}.gguf"
+        path = make_folder(path, "GGUF export folder") / f"model-{quant}.gguf"
+    else:
+        make_folder(path.parent, "GGUF file's folder")
     return write_gguf_model(model.model, _merged_tensors(model, adapter_names), path, tokenizer, quant)

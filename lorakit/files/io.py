@@ -122,6 +122,30 @@ def _umask() -> int:
     return mask
 
 
+def make_folder(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """Create the folder ``path`` with its parents (nothing happens if it exists), or say in words why it cannot
+    be: a file in its place or on its way, no permission, no space. ``what`` names it for the user (an option).
+
+    Raises:
+        ValueError: The folder cannot be created; the message names the path and what is in the way.
+    """
+    path = Path(path)
+    for part in (path, *path.parents):
+        if part.exists() and not part.is_dir():
+            if part == path:
+                raise ValueError(f"{what} {str(path)!r} is a file, not a folder; name a folder (it is created if "
+                                 f"missing) or move the file away")
+            raise ValueError(f"{what} {str(path)!r} cannot be created: {str(part)!r} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except PermissionError:
+        raise ValueError(f"{what} {str(path)!r} cannot be created: permission denied (choose a folder you can "
+                         f"write to)") from None
+    except OSError as err:
+        raise ValueError(f"{what} {str(path)!r} cannot be created: {err.strerror or err}") from None
+    return path
+
+
 def temporary_folder(parent: Path, prefix: str) -> Path:
     """A new empty folder in ``parent`` to write into before renaming it into place, with the permissions a plain
     ``mkdir`` gives (``tempfile`` makes private 0700 folders, which would stay private after the rename)."""
@@ -183,8 +207,8 @@ def save_adapters(model: LoraModel, save_directory: str | os.PathLike, adapter_n
         check_adapter_name(name)
         if name not in model.peft_config:
             raise ValueError(f"unknown adapter {name!r}; adapters: {sorted(model.peft_config)}")
-        folder = Path(save_directory) if name == "default" else Path(save_directory) / name
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = make_folder(Path(save_directory) if name == "default" else Path(save_directory) / name,
+                             "adapter folder")
         tensors = {PREFIX + k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model, name).items()}
         _warn_if_not_serve_safe(model, name, tensors)
         targets = [path for path, layer in model.lora_layers() if name in layer.adapters]

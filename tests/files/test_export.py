@@ -60,3 +60,23 @@ def test_export_merged_from_a_4bit_base_is_a_dense_model(ids, tmp_path):
     dense = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     after = _logits(dense, ids)
     assert (after - before).abs().max() <= 1e-4 * before.abs().max()
+
+
+@pytest.mark.parametrize("where", ["the output is a file", "a parent is a file"])
+@pytest.mark.parametrize("fmt", ["hf", "gguf"])
+def test_an_output_path_that_is_a_file_is_named_in_words_and_nothing_is_written(where, fmt, tmp_path):
+    model = get_lora_model(tiny_llama(), random_lora(target_modules=["q_proj"]))
+    (tmp_path / "taken").write_text("keep me")
+    out = tmp_path / "taken" if where == "the output is a file" else tmp_path / "taken" / "export"
+    with pytest.raises(ValueError, match=r"'.*taken.*' is a file, not a folder") as raised:
+        model.export_merged(out, format=fmt, quant="f32" if fmt == "gguf" else None)
+    assert "Errno" not in str(raised.value)
+    assert (tmp_path / "taken").read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_saving_an_adapter_into_a_file_is_named_in_words(tmp_path):
+    model = get_lora_model(tiny_llama(), random_lora(target_modules=["q_proj"]))
+    (tmp_path / "taken").write_text("keep me")
+    with pytest.raises(ValueError, match="adapter folder '.*taken' is a file, not a folder"):
+        model.save_pretrained(tmp_path / "taken")
+    assert (tmp_path / "taken").read_text() == "keep me"
