@@ -5,6 +5,9 @@ over the matrix-product speed the machine reaches on the model's own products in
 (:func:`lorakit.models.devices.matmul_peak`, measured once per machine and cached). 100% would mean every
 useful product ran as fast as the best one does alone and nothing else took any time. It is this machine's limit
 for this model, not a datasheet's peak, so it is not comparable with MFU figures against a chip's rated FLOP/s.
+
+The loop's :class:`Meter` keeps the run's figures: tokens, useful FLOPs (a forward and backward pass per example,
+plus a forward pass per reference pass, such as DPO's), time in steps, MFU and the first and last loss.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ class Meter:
 
     def __init__(self, counter: FlopCounter | None, peak: float | None, procs: Processes,
                  reference_passes: int = 0) -> None:
-        self.counter = counter if peak is not None else None
+        self.counter = counter
         self.peak = peak
         self.procs = procs
         self.reference_passes = reference_passes
