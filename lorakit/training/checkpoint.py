@@ -8,7 +8,8 @@ A checkpoint is a folder ``<output_dir>/checkpoints/step-000050`` holding
 - ``train_config.yaml``: the run's config, to refuse resuming a different run.
 
 Under FSDP the weights and optimizer state are gathered from the shards first, so the files are those of a
-one-process run; on resume each process cuts its own shard from them.
+one-process run; on resume each process cuts its own shard from them. :func:`resume` puts the last checkpoint's
+states into place when the options allow it.
 
 It is written under a temporary name and renamed into place, so a crash (even ``kill -9``) leaves either the whole
 checkpoint or none of it. ``optimizer.pt`` holds only tensors and plain containers and is read with
@@ -22,15 +23,21 @@ import json
 import os
 import random
 import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..files.io import safetensors_bytes, temporary_folder
+from .devices import Processes
 from .fsdp import shard_like, shard_optimizer_state
+from .options import TrainConfig
 
 PREFIX = "step-"
 
@@ -202,3 +209,92 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     optimizer.load_state_dict(shard_optimizer_state(saved["optimizer"], optimizer))
     scheduler.load_state_dict(saved["scheduler"])
     return state
+
+
+RESUMABLE_CHANGES = {"resume", "progress", "low_memory", "save_every", "keep_checkpoints", "eval_every", "max_eval",
+                     "report_to",  # where the metrics are also written, not what is trained
+                     "preflight",  # a check before loading, not part of the run
+                     "compile",  # how fast the steps run, not what they compute
+                     "output_dir",  # the run folder was moved: its checkpoints came along (they are found in it)
+                     "eval_batch_size"}
+# May change on resume (to recover from a diverged run), at the price of bit-identity with an uninterrupted run.
+RECOVERY_CHANGES = {"lr", "schedule", "warmup_steps", "max_grad_norm"}
+PATH_OPTIONS = {"model", "data", "eval_data"}
+
+
+@dataclass
+class Start:
+    """Where the loop starts: step 0, or the step of the checkpoint it resumes from."""
+
+    step: int = 0
+    before: dict[str, Any] | None = None  # the evaluation before training, kept in the checkpoint
+    checkpoint: Path | None = None
+
+
+def resume(config: TrainConfig, ckpt_root: Path, procs: Processes, model: torch.nn.Module,
+           optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+           schedule: Callable[[int], float], data_digests: dict[str, str]) -> Start:
+    """With ``--resume``, load the last checkpoint's model, optimizer, schedule and RNG states into place.
+
+    Without it, refuse to start over checkpoints of an earlier run (they would be overwritten). The options must be
+    the checkpoint's, except the learning rate, schedule, warmup and gradient clipping, which may change to recover
+    from a diverged run (the schedule then continues from this step with the new values; said on stderr).
+    ``schedule`` is the learning-rate multiplier of each step under this run's options.
+
+    Raises:
+        ValueError: No checkpoint to resume from, one from a run with other options, another process count or
+            other data (the files' SHA-256 are kept in the checkpoint).
+    """
+    found = checkpoints(ckpt_root)
+    if not config.resume:
+        if found:
+            raise ValueError(f"{ckpt_root} holds checkpoints of an earlier run; continue it with --resume, or remove "
+                             f"them or choose another --output-dir (nothing was changed)")
+        return Start()
+    if not found:
+        raise ValueError(f"--resume: no checkpoint in {ckpt_root} (checkpoints are written with --save-every N)")
+    last = found[-1]
+    try:
+        saved = yaml.safe_load((last / "train_config.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise ValueError(f"{last / 'train_config.yaml'} is damaged; remove this checkpoint to resume from the one "
+                         f"before it ({str(err).splitlines()[0]})") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{last / 'train_config.yaml'} is damaged (not a mapping of options); remove this "
+                         f"checkpoint to resume from the one before it")
+    changes = _config_changes(saved, config)
+    refused = [change for key, change in changes.items() if key not in RECOVERY_CHANGES]
+    if refused:
+        raise ValueError(f"--resume: {last} belongs to a run with other options ({'; '.join(refused)})")
+    state = load_checkpoint(last, model, optimizer, scheduler)
+    if len(state["rng"]) != procs.world:
+        raise ValueError(f"--resume: {last} was written by {len(state['rng'])} process(es), this run has "
+                         f"{procs.world}; the data order and RNG states would differ. Resume with the same count")
+    for path, digest in data_digests.items():
+        if state.get("data", {}).get(path, digest) != digest:
+            raise ValueError(f"--resume: {path} changed since {last} was written; resuming would train on other "
+                             f"data than the checkpoint's run. Restore the file, or start a new run")
+    if changes:  # only recovery options changed: the schedule restarts from the new values at this step
+        if procs.main:
+            print(f"lorakit: resuming with {'; '.join(changes.values())}: the run is no longer bit-identical to "
+                  f"an uninterrupted one", file=sys.stderr, flush=True)
+        scheduler.base_lrs = [config.lr] * len(optimizer.param_groups)
+        scheduler.lr_lambdas = [schedule] * len(optimizer.param_groups)
+        for group in optimizer.param_groups:
+            group["initial_lr"] = config.lr
+            group["lr"] = config.lr * schedule(scheduler.last_epoch)
+    set_rng_state(state["rng"][procs.rank])
+    return Start(state["step"], state["before"], last)
+
+
+def _config_changes(saved: dict[str, Any], config: TrainConfig) -> dict[str, str]:
+    """Options that differ from a checkpoint's, as "name: old → new" by name; paths compare resolved."""
+    now = config.to_dict()
+
+    def same(key: str, a: Any, b: Any) -> bool:
+        if key in PATH_OPTIONS and isinstance(a, str) and isinstance(b, str):
+            return Path(a).resolve() == Path(b).resolve()
+        return a == b
+
+    return {k: f"{k}: {saved.get(k)!r} → {now[k]!r}" for k in now
+            if k not in RESUMABLE_CHANGES and not same(k, saved.get(k), now[k])}

@@ -1,9 +1,11 @@
 """The training loop of ``lorakit train``: ``train(config)`` returns the metrics and where the result was saved.
 
-The loop reads top to bottom: build the run (model, data, loss), evaluate, then for each optimizer step gather
-``grad_accum`` micro-batches, run forward/backward (under bf16 autocast when asked), clip, step the optimizer and
-the schedule, log, maybe evaluate, maybe checkpoint; at the end evaluate again, save and summarize. The tasks differ
-only in their model, batches, loss and evaluation (see :mod:`lorakit.training.tasks`).
+The loop reads top to bottom: build the run (:func:`_setup`: model, data, loss, optimizer, the checkpoint to resume
+from), evaluate, then for each optimizer step gather ``grad_accum`` micro-batches and take the step (:func:`_step`:
+forward/backward under bf16 autocast when asked, clip, step the optimizer and the schedule), count it in the meter,
+log, maybe evaluate, maybe checkpoint; at the end (:func:`_finish`) evaluate again, save and summarize. The tasks
+differ only in their model, batches, loss and evaluation (see :mod:`lorakit.training.tasks`); one process, DDP and
+FSDP differ only behind :mod:`lorakit.training.parallel`.
 
 Exactness rules the bookkeeping:
 
@@ -17,61 +19,43 @@ Exactness rules the bookkeeping:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import yaml
 from torch import nn
 
-from ..core.process_memory import (
-    allocator_in_use,
-    map_large_allocations,
-    peak_rss_mib,
-    reset_peak_rss,
-    return_freed_memory,
-)
+from ..core.process_memory import allocator_in_use, map_large_allocations, peak_rss_mib, reset_peak_rss
 from ..files.model_card import write_model_card
 from ..models.compiling import compile_blocks, use_compile
-from ..models.devices import autocast, model_shapes, resolve_device
+from ..models.devices import Precision, autocast, model_shapes, resolve_device
 from .checkpoint import (
+    Start,
     checkpoints,
     file_digests,
     has_finite_weights,
-    load_checkpoint,
+    resume,
     rng_state,
     save_checkpoint,
     set_aside,
-    set_rng_state,
 )
 from .devices import Processes, run_precision, start_processes
-from .fsdp import check_fsdp, full_bytes, full_optimizer_state, gathered, grad_norm, local_bytes, shard
+from .fsdp import check_fsdp, full_bytes, local_bytes
 from .loraplus import loraplus_param_groups
 from .metrics_log import MetricsLog, plot_loss, summary_writer_class
 from .options import TrainConfig
+from .parallel import OneProcess, parallel_for
 from .preflight import preflight
 from .saved_adapter import with_init_adapter
-from .tasks import Task, build_task
-from .utilization import run_peak, utilization
-
-RESUMABLE_CHANGES = {"resume", "progress", "low_memory", "save_every", "keep_checkpoints", "eval_every", "max_eval",
-                     "report_to",  # where the metrics are also written, not what is trained
-                     "preflight",  # a check before loading, not part of the run
-                     "compile",  # how fast the steps run, not what they compute
-                     "output_dir",  # the run folder was moved: its checkpoints came along (they are found in it)
-                     "eval_batch_size"}
-# May change on resume (to recover from a diverged run), at the price of bit-identity with an uninterrupted run.
-RECOVERY_CHANGES = {"lr", "schedule", "warmup_steps", "max_grad_norm"}
-PATH_OPTIONS = {"model", "data", "eval_data"}
+from .tasks import MicroBatch, Task, build_task
+from .utilization import Meter, meter_for, run_peak
 
 
 class TrainingError(ValueError):
@@ -88,8 +72,8 @@ def make_optimizer(params: list[nn.Parameter] | list[dict[str, Any]], lr: float,
     """AdamW over ``params`` (tensors, or parameter groups whose own ``lr``/``weight_decay`` win), with the fused
     kernel where PyTorch has one for these parameters.
 
-    The fused kernel does the whole update in one pass per tensor: on 2 CPU cores it steps 108M fp32 parameters in
-    0.24 s against 1.4 s for the default (foreach) one, which matters for full fine-tuning.
+    The fused kernel does the whole update in one pass per tensor, several times faster than the default (foreach)
+    one on CPU (see bench/README.md), which matters for full fine-tuning.
     """
     try:
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
@@ -132,23 +116,34 @@ def micro_batch_indices(k: int, n: int, per_process: int, procs: Processes, seed
 # --------------------------------------------------------------------------------------------------------------
 
 
-class _Objective(nn.Module):
-    """The model and its loss as one module, so DistributedDataParallel (or FSDP's root) sees the whole forward
-    pass."""
+@dataclass
+class Run:
+    """What the loop works with, built by :func:`_setup`: the task, how it runs on the processes, the optimizer and
+    schedule, where it starts and what it writes."""
 
-    def __init__(self, model: nn.Module, loss_fn: Callable) -> None:
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
+    config: TrainConfig
+    task: Task
+    device: torch.device
+    procs: Processes
+    par: OneProcess  # single process, DDP or FSDP (see lorakit.training.parallel)
+    precision: Precision
+    objective: nn.Module  # the model and its loss, as the steps call them (wrapped or sharded)
+    params: list[nn.Parameter]  # the trainable ones, clipped
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    total: int  # optimizer steps in the run
+    start: Start
+    meter: Meter
+    log: MetricsLog
+    out: Path
+    config_yaml: str  # what every checkpoint records
+    data_digests: dict[str, str]
+    param_bytes: list[int]  # per process
+    t_start: float
 
-    def forward(self, batch: dict[str, torch.Tensor] | None = None,
-                within: Callable[[nn.Module], Any] | None = None) -> Any:
-        """The loss of ``batch``; or ``within(model)``: under FSDP the weights outside the decoder layers (embeddings,
-        head) are gathered in the root's forward, so evaluation and anything else that runs the model go through it.
-        """
-        if within is not None:
-            return within(self.model)
-        return self.loss_fn(self.model, batch)
+    @property
+    def ckpt_root(self) -> Path:
+        return self.out / "checkpoints"
 
 
 def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
@@ -170,6 +165,51 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
             NaN/inf (the last good checkpoint stays intact).
     """
     config = with_init_adapter(_as_config(config, overrides))
+    run = _setup(config)
+    model, procs, total = run.task.model, run.procs, run.total
+    before = run.start.before  # a resumed run evaluated before its first step
+    if before is None:
+        before = _evaluate(run, "before")
+        run.log.write({"step": 0, "eval": before})
+    procs.barrier()
+
+    if use_compile(config.compile, model, run.device, total - run.start.step, procs.world):  # lorakit.models.compiling
+        compile_blocks(model, training=True)  # each decoder block in place; the first step pays the compilation
+    bar = _progress(config.progress and procs.main, total, run.start.step)
+    model.train()
+    run.meter.start()
+    for step in range(run.start.step, total):
+        t_step = time.perf_counter()
+        micro = [run.task.batch(micro_batch_indices(step * config.grad_accum + i, len(run.task.train),
+                                                    config.batch_size, procs, config.seed))
+                 for i in range(config.grad_accum)]
+        loss, norm, task_metrics = _step(run, micro, step)
+        measured = run.meter.step(micro, loss, t_step)
+        run.log.write({"step": step + 1, "loss": loss, "lr": run.scheduler.get_last_lr()[0], "grad_norm": norm,
+                       "tokens": measured.tokens, "step_s": round(measured.seconds, 4), **task_metrics,
+                       **({"mfu": float(f"{measured.mfu:.4g}")} if measured.mfu is not None else {})})
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{run.meter.tokens / run.meter.elapsed:.0f}")
+            bar.update(1)
+        done = step + 1
+        if step == run.start.step + 1 and procs.main and total - done > 0:
+            # From the second step: the first one also pays one-time costs (allocations, kernel choices).
+            _estimate(time.perf_counter() - t_step, total - done, run.meter.elapsed, bar)
+        if config.eval_every and done % config.eval_every == 0 and done < total:
+            metrics = _evaluate(run, f"step {done}")
+            if procs.main:
+                run.log.write({"step": done, "eval": metrics})
+            procs.barrier()
+        if config.save_every and done % config.save_every == 0 and done < total:
+            _checkpoint(run, done, loss, before)
+    if bar is not None:
+        bar.close()
+    return _finish(run, before, run.meter.summary())
+
+
+def _setup(config: TrainConfig) -> Run:
+    """Everything before the first step: the processes, checks that need no weights, the precision, the task
+    (model, data, loss) on the processes, the optimizer and schedule, and the checkpoint to resume from."""
     t_start = time.perf_counter()
     device = resolve_device(config.device)
     if config.low_memory and device.type == "cpu":
@@ -179,29 +219,19 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
     if config.report_to == "tensorboard" and procs.main:
         summary_writer_class()  # TensorBoard missing: said now, not after the model has loaded
     preflight(config, device, procs)  # before loading anything: a run that cannot fit stops here, in seconds
-    chosen = run_precision(config.precision, device, model_shapes(config.model, config.trust_remote_code,
-                                                                  config.batch_size * config.max_length), procs)
-    precision = chosen.name
-    peak = run_peak(config, precision, device, procs)  # for MFU; measured once per machine, before loading
+    precision = run_precision(config.precision, device, model_shapes(config.model, config.trust_remote_code,
+                                                                     config.batch_size * config.max_length), procs)
+    peak = run_peak(config, precision.name, device, procs)  # for MFU; measured once per machine, before loading
     out = Path(config.output_dir)
-    ckpt_root = out / "checkpoints"
     if procs.main:
         out.mkdir(parents=True, exist_ok=True)
 
-    # DDP broadcasts rank 0's initial adapter; FSDP does not (each process keeps its shard of its own), so under
-    # FSDP every process initializes from the same seed and takes its own stream (dropout) afterwards.
-    torch.manual_seed(config.seed + (0 if config.fsdp else procs.rank))
-    task = build_task(config, device, precision)
-    if config.fsdp and procs.rank:
-        torch.manual_seed(config.seed + procs.rank)
+    par = parallel_for(config, procs, precision.name)
+    with par.initializing(config.seed):
+        task = build_task(config, device, precision.name)
     model = task.model
-    objective = _Objective(model, task.loss)
-    if config.fsdp:  # before the optimizer: it steps the shards
-        shard(objective, device, precision)
-        return_freed_memory()  # the whole weights each process loaded are freed now; give the memory back
-        if not procs.main:  # every process evaluates under FSDP; one progress bar is enough
-            task.config = dataclasses.replace(task.config, progress=False)
-    use = utilization(config, model, peak, procs)  # for MFU: the FLOP counter and the matmul peak
+    objective = par.objective(task)  # before the optimizer: under FSDP it steps the shards
+    meter = meter_for(config, model, peak, procs, task.reference_passes)
     reset_peak_rss()  # the reported peak is that of evaluating and training, not of loading (or sharding) the model
     param_bytes = procs.all_gather(local_bytes(model))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -213,148 +243,104 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
         raise ValueError(f"the training data has {len(task.train)} examples, fewer than one global batch "
                          f"({config.batch_size} × {procs.world} processes); lower --batch-size")
     total = config.total_steps(per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.schedule, config.warmup_steps, total))
-    config_yaml = yaml.safe_dump(config.to_dict(), sort_keys=False)
+    schedule = lr_lambda(config.schedule, config.warmup_steps, total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     data_digests = file_digests([config.data, config.eval_data])  # read once; every checkpoint records them
 
-    start = resume(config, ckpt_root, procs, model, optimizer, scheduler, total, data_digests)
+    start = resume(config, out / "checkpoints", procs, model, optimizer, scheduler, schedule, data_digests)
     log = MetricsLog(out / "metrics.jsonl", enabled=procs.main, report_to=config.report_to)
     log.start(start.step if start.checkpoint else None)
-    before = start.before
-    if before is None:
-        before = _evaluate(task, objective, "before", procs, config.fsdp, precision, device)
-        log.write({"step": 0, "eval": before})
-    procs.barrier()
+    return Run(config, task, device, procs, par, precision, objective, params, optimizer, scheduler, total, start,
+               meter, log, out, yaml.safe_dump(config.to_dict(), sort_keys=False), data_digests, param_bytes,
+               t_start)
 
-    if procs.world > 1 and not config.fsdp:
-        objective = nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda"
-                                                        else None)
-    compute = autocast(precision, device)
-    if use_compile(config.compile, model, device, total - start.step, procs.world):  # see lorakit.models.compiling
-        compile_blocks(model, training=True)  # each decoder block in place; the first step pays the compilation
-    bar = _progress(config.progress and procs.main, total, start.step)
-    model.train()
-    tokens_seen, t_train = 0, time.perf_counter()
-    flops_seen, step_seconds = 0.0, 0.0  # useful FLOPs (None when not counted) and time in steps (no evaluation)
-    loss_first = loss_last = None
-    for step in range(start.step, total):
-        t_step = time.perf_counter()
-        micro = [task.batch(micro_batch_indices(step * config.grad_accum + i, len(task.train), config.batch_size,
-                                                procs, config.seed))
-                 for i in range(config.grad_accum)]
-        targets = procs.all_sum(float(sum(m.targets for m in micro)))
-        step_tokens = int(procs.all_sum(float(sum(m.tokens for m in micro))))
-        local_flops = use.flops(micro)
-        step_flops = None if local_flops is None else procs.all_sum(float(local_flops))
-        if targets == 0:
-            raise ValueError(f"step {step + 1} has no target tokens (every response was cut by --max-length "
-                             f"{config.max_length}?); raise --max-length")
-        loss_sum, metric_sums = 0.0, {}
-        for i, mb in enumerate(micro):
-            last = i == len(micro) - 1
-            if config.fsdp:  # gradients are reduce-scattered after the last micro-batch only, as DDP's no_sync does
-                objective.set_requires_gradient_sync(last)
-            sync = nullcontext() if procs.world == 1 or last or config.fsdp else objective.no_sync()
-            with sync:
-                with compute:
-                    result = objective({k: v.to(device) for k, v in mb.tensors.items()})
-                (result.sum * (procs.world / targets)).backward()  # DDP and FSDP average over processes; undo that
-            loss_sum += result.sum.item()
-            for name, value in result.metrics.items():
-                metric_sums[name] = metric_sums.get(name, 0.0) + float(value)
-        loss = procs.all_sum(loss_sum) / targets  # the same value on every process, so all of them stop together
-        task_metrics = {name: procs.all_sum(value) / targets for name, value in sorted(metric_sums.items())}
-        if not math.isfinite(loss):
-            _stop_on_nan(loss, step + 1, ckpt_root, config)
-        if config.fsdp:  # the norm over every process's shards
-            norm = grad_norm(params, config.max_grad_norm)
-        else:
-            norm = (torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm) if config.max_grad_norm > 0
-                    else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
-        if not torch.isfinite(norm):
-            _stop_on_nan(norm.item(), step + 1, ckpt_root, config, what="gradient norm")
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
 
-        tokens_seen += step_tokens
-        elapsed = time.perf_counter() - t_train
-        loss_first = loss if loss_first is None else loss_first
-        loss_last = loss
-        step_s = time.perf_counter() - t_step
-        step_seconds += step_s
-        flops_seen = None if step_flops is None or flops_seen is None else flops_seen + step_flops
-        mfu = use.mfu(step_flops, step_s)
-        log.write({"step": step + 1, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": norm.item(),
-                   "tokens": step_tokens, "step_s": round(step_s, 4), **task_metrics,
-                   **({"mfu": float(f"{mfu:.4g}")} if mfu is not None else {})})
-        if bar is not None:
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_seen / elapsed:.0f}")
-            bar.update(1)
-        done = step + 1
-        if step == start.step + 1 and procs.main and total - done > 0:
-            # From the second step: the first one also pays one-time costs (allocations, kernel choices).
-            _estimate(time.perf_counter() - t_step, total - done, time.perf_counter() - t_train, bar)
-        if config.eval_every and done % config.eval_every == 0 and done < total:
-            metrics = _evaluate(task, objective, f"step {done}", procs, config.fsdp, precision, device)
-            if procs.main:
-                log.write({"step": done, "eval": metrics})
-            procs.barrier()
-        if config.save_every and done % config.save_every == 0 and done < total:
-            states = _gather_rng(procs)
-            # Under FSDP every process takes part in gathering the trainable weights and optimizer state; rank 0
-            # writes them as a one-process run would.
-            with gathered(objective, keep=procs.main, trainable_only=True):
-                optimizer_state = full_optimizer_state(optimizer) if config.fsdp else None
-                if procs.main:
-                    save_checkpoint(ckpt_root, done, model, optimizer, scheduler,
-                                    {"micro_batches": done * config.grad_accum, "before": before, "rng": states,
-                                     "loss": loss, "data": data_digests},
-                                    config_yaml, config.keep_checkpoints, optimizer_state=optimizer_state)
-            procs.barrier()
-    if bar is not None:
-        bar.close()
-    train_s = time.perf_counter() - t_train
+def _step(run: Run, micro: list[MicroBatch], step: int) -> tuple[float, float, dict[str, float]]:
+    """One optimizer step on ``micro`` (this process's micro-batches): forward and backward of each (under bf16
+    autocast when asked), then clipping, the optimizer and the schedule. Returns the step's loss, gradient norm
+    and the task's metrics, each the same on every process.
 
+    Raises:
+        ValueError: The step has no target tokens.
+        TrainingError: The loss or gradient norm is NaN/inf (before the optimizer step).
+    """
+    config, procs = run.config, run.procs
+    targets = procs.all_sum(float(sum(m.targets for m in micro)))
+    if targets == 0:
+        raise ValueError(f"step {step + 1} has no target tokens (every response was cut by --max-length "
+                         f"{config.max_length}?); raise --max-length")
+    compute = autocast(run.precision.name, run.device)
+    loss_sum, metric_sums = 0.0, {}
+    for i, mb in enumerate(micro):
+        with run.par.micro_batch(run.objective, last=i == len(micro) - 1):
+            with compute:
+                result = run.objective({k: v.to(run.device) for k, v in mb.tensors.items()})
+            (result.sum * (procs.world / targets)).backward()  # DDP and FSDP average over processes; undo that
+        loss_sum += result.sum.item()
+        for name, value in result.metrics.items():
+            metric_sums[name] = metric_sums.get(name, 0.0) + float(value)
+    loss = procs.all_sum(loss_sum) / targets  # the same value on every process, so all of them stop together
+    task_metrics = {name: procs.all_sum(value) / targets for name, value in sorted(metric_sums.items())}
+    if not math.isfinite(loss):
+        _stop_on_nan(loss, step + 1, run.ckpt_root, config)
+    norm = run.par.clip(run.params, config.max_grad_norm)  # the same on every process (FSDP: over all shards)
+    if not torch.isfinite(norm):
+        _stop_on_nan(norm.item(), step + 1, run.ckpt_root, config, what="gradient norm")
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss, norm.item(), task_metrics
+
+
+@torch.compiler.set_stance("force_eager")  # --compile is for the training steps: compiled decoding does not pay
+def _evaluate(run: Run, label: str) -> dict[str, Any]:
+    """The held-out metrics on rank 0 ({} elsewhere), computed as the steps are (bf16 autocast or fp32: a bf16
+    base feeds fp32 heads)."""
+    with autocast(run.precision.name, run.device):
+        return run.par.evaluate(run.objective, run.task, label)
+
+
+def _checkpoint(run: Run, done: int, loss: float, before: dict[str, Any]) -> None:
+    """Write the checkpoint of step ``done``: what was trained, the optimizer, schedule and every process's RNG
+    states, so that a resumed run goes on bit-identical. Under FSDP every process takes part in gathering the
+    trainable weights and optimizer state; rank 0 writes them as a one-process run would."""
+    states = run.procs.all_gather(rng_state())
+    with run.par.gathered(run.objective, trainable_only=True):
+        optimizer_state = run.par.optimizer_state(run.optimizer)
+        if run.procs.main:
+            save_checkpoint(run.ckpt_root, done, run.task.model, run.optimizer, run.scheduler,
+                            {"micro_batches": done * run.config.grad_accum, "before": before, "rng": states,
+                             "loss": loss, "data": run.data_digests},
+                            run.config_yaml, run.config.keep_checkpoints, optimizer_state=optimizer_state)
+    run.procs.barrier()
+
+
+def _finish(run: Run, before: dict[str, Any], speed: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate after training, save what was trained and write the summary, model card and loss curve (rank 0);
+    returns the summary (``{}`` on the other processes)."""
+    config, task, procs, out = run.config, run.task, run.procs, run.out
     result: dict[str, Any] = {}
     peak_rss = procs.all_gather(peak_rss_mib())  # before saving: under FSDP that gathers the whole model
-    after = _evaluate(task, objective, "after", procs, config.fsdp, precision, device)
-    with gathered(objective, keep=procs.main):  # under FSDP: the whole weights, on rank 0, for the saved files
-        saved_bytes = task.save(model, out) if procs.main else 0
+    after = _evaluate(run, "after")
+    with run.par.gathered(run.objective):  # under FSDP: the whole weights, on rank 0, for the saved files
+        saved_bytes = task.save(task.model, out) if procs.main else 0
     if procs.main:
-        log.write({"step": total, "eval": after})
-        log.close()
+        run.log.write({"step": run.total, "eval": after})
+        run.log.close()
         task.config.save_yaml(out / "train_config.yaml")  # with what the task resolved (a classifier's labels)
-        png = plot_loss(log.records, out / "loss_curve.png", f"{config.method} on {task.name}")
-        result = summarize(config, task, precision=precision, device=device, procs=procs, steps=total,
-                           resumed_from=start.checkpoint, losses=(loss_first, loss_last), tokens=tokens_seen,
-                           train_s=train_s, before=before, after=after, saved_bytes=saved_bytes, loss_curve=png,
-                           total_s=time.perf_counter() - t_start)
-        mfu = use.mfu(flops_seen, step_seconds)
-        result.update(allocator=allocator_in_use())
-        result.update(mfu=mfu, model_flops=flops_seen, step_seconds=step_seconds, matmul_peak_flops_per_s=use.peak,
-                      model_flops_per_s=flops_seen / step_seconds if flops_seen and step_seconds else None)
-        result.update(precision_reason=chosen.reason, fsdp=config.fsdp, param_bytes=full_bytes(model),
-                      param_bytes_per_process=param_bytes, peak_rss_mib_per_process=peak_rss,
-                      peak_gpu_mib=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None)
+        png = plot_loss(run.log.records, out / "loss_curve.png", f"{config.method} on {task.name}")
+        result = summarize(config, task, precision=run.precision.name, device=run.device, procs=procs,
+                           steps=run.total, resumed_from=run.start.checkpoint, speed=speed, before=before,
+                           after=after, saved_bytes=saved_bytes, loss_curve=png,
+                           total_s=time.perf_counter() - run.t_start)
+        result.update(precision_reason=run.precision.reason, fsdp=config.fsdp, param_bytes=full_bytes(task.model),
+                      param_bytes_per_process=run.param_bytes, peak_rss_mib_per_process=peak_rss,
+                      peak_gpu_mib=(torch.cuda.max_memory_allocated(run.device) / 2**20
+                                    if run.device.type == "cuda" else None))
         (out / "summary.json").write_text(json.dumps(result, indent=2))
         write_model_card(out, training={"config": task.config.to_dict(), "summary": result})  # now with the metrics
     procs.barrier()
     return result
-
-
-@torch.compiler.set_stance("force_eager")  # --compile is for the training steps: compiled decoding does not pay
-def _evaluate(task: Task, objective: _Objective, label: str, procs: Processes, fsdp: bool, precision: str,
-              device: torch.device) -> dict[str, Any]:
-    """The held-out metrics, on rank 0 ({} elsewhere), computed as the steps are (bf16 autocast or fp32: a bf16
-    base feeds fp32 heads). Under FSDP every process runs the evaluation (each layer's weights are gathered from
-    all of them), inside the root's forward."""
-    with autocast(precision, device):
-        if fsdp:
-            with torch.no_grad():
-                metrics = objective(within=lambda model: task.evaluate(model, label))
-            return metrics if procs.main else {}
-        return task.evaluate(task.model, label) if procs.main else {}
 
 
 def _as_config(config: TrainConfig | dict[str, Any] | None, overrides: dict[str, Any]) -> TrainConfig:
@@ -367,110 +353,25 @@ def _as_config(config: TrainConfig | dict[str, Any] | None, overrides: dict[str,
     return config.resolved()
 
 
-@dataclass
-class Start:
-    """Where the loop starts: step 0, or the step of the checkpoint it resumes from."""
-
-    step: int = 0
-    before: dict[str, Any] | None = None  # the evaluation before training, kept in the checkpoint
-    checkpoint: Path | None = None
-
-
-def resume(config: TrainConfig, ckpt_root: Path, procs: Processes, model: nn.Module,
-           optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, total: int,
-           data_digests: dict[str, str]) -> Start:
-    """With ``--resume``, load the last checkpoint's model, optimizer, schedule and RNG states into place.
-
-    Without it, refuse to start over checkpoints of an earlier run (they would be overwritten). The options must be
-    the checkpoint's, except the learning rate, schedule, warmup and gradient clipping, which may change to recover
-    from a diverged run (the schedule then continues from this step with the new values; said on stderr).
-
-    Raises:
-        ValueError: No checkpoint to resume from, one from a run with other options, another process count or
-            other data (the files' SHA-256 are kept in the checkpoint).
-    """
-    found = checkpoints(ckpt_root)
-    if not config.resume:
-        if found:
-            raise ValueError(f"{ckpt_root} holds checkpoints of an earlier run; continue it with --resume, or remove "
-                             f"them or choose another --output-dir (nothing was changed)")
-        return Start()
-    if not found:
-        raise ValueError(f"--resume: no checkpoint in {ckpt_root} (checkpoints are written with --save-every N)")
-    last = found[-1]
-    try:
-        saved = yaml.safe_load((last / "train_config.yaml").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise ValueError(f"{last / 'train_config.yaml'} is damaged; remove this checkpoint to resume from the one "
-                         f"before it ({str(err).splitlines()[0]})") from None
-    if not isinstance(saved, dict):
-        raise ValueError(f"{last / 'train_config.yaml'} is damaged (not a mapping of options); remove this "
-                         f"checkpoint to resume from the one before it")
-    changes = _config_changes(saved, config)
-    refused = [change for key, change in changes.items() if key not in RECOVERY_CHANGES]
-    if refused:
-        raise ValueError(f"--resume: {last} belongs to a run with other options ({'; '.join(refused)})")
-    state = load_checkpoint(last, model, optimizer, scheduler)
-    if len(state["rng"]) != procs.world:
-        raise ValueError(f"--resume: {last} was written by {len(state['rng'])} process(es), this run has "
-                         f"{procs.world}; the data order and RNG states would differ. Resume with the same count")
-    for path, digest in data_digests.items():
-        if state.get("data", {}).get(path, digest) != digest:
-            raise ValueError(f"--resume: {path} changed since {last} was written; resuming would train on other "
-                             f"data than the checkpoint's run. Restore the file, or start a new run")
-    if changes:  # only recovery options changed: the schedule restarts from the new values at this step
-        if procs.main:
-            print(f"lorakit: resuming with {'; '.join(changes.values())}: the run is no longer bit-identical to "
-                  f"an uninterrupted one", file=sys.stderr, flush=True)
-        factor = lr_lambda(config.schedule, config.warmup_steps, total)
-        scheduler.base_lrs = [config.lr] * len(optimizer.param_groups)
-        scheduler.lr_lambdas = [factor] * len(optimizer.param_groups)
-        for group in optimizer.param_groups:
-            group["initial_lr"] = config.lr
-            group["lr"] = config.lr * factor(scheduler.last_epoch)
-    set_rng_state(state["rng"][procs.rank])
-    return Start(state["step"], state["before"], last)
-
-
-def _config_changes(saved: dict[str, Any], config: TrainConfig) -> dict[str, str]:
-    """Options that differ from a checkpoint's, as "name: old → new" by name; paths compare resolved."""
-    now = config.to_dict()
-
-    def same(key: str, a: Any, b: Any) -> bool:
-        if key in PATH_OPTIONS and isinstance(a, str) and isinstance(b, str):
-            return Path(a).resolve() == Path(b).resolve()
-        return a == b
-
-    return {k: f"{k}: {saved.get(k)!r} → {now[k]!r}" for k in now
-            if k not in RESUMABLE_CHANGES and not same(k, saved.get(k), now[k])}
-
-
 def summarize(config: TrainConfig, task: Task, *, precision: str, device: torch.device, procs: Processes,
-              steps: int, resumed_from: Path | None, losses: tuple[float | None, float | None], tokens: int,
-              train_s: float, before: dict[str, Any], after: dict[str, Any], saved_bytes: int,
-              loss_curve: Path | None, total_s: float) -> dict[str, Any]:
-    """The run's summary, as ``train`` returns it and writes it to ``summary.json``."""
+              steps: int, resumed_from: Path | None, speed: dict[str, Any], before: dict[str, Any],
+              after: dict[str, Any], saved_bytes: int, loss_curve: Path | None, total_s: float) -> dict[str, Any]:
+    """The run's summary, as ``train`` returns it and writes it to ``summary.json``; ``speed`` is the meter's
+    (:meth:`lorakit.training.utilization.Meter.summary`: losses, tokens, seconds, FLOPs, MFU)."""
     trainable, all_params = task.count_parameters()
+    speed = dict(speed)
+    mfu = {key: speed.pop(key) for key in ("mfu", "model_flops", "step_seconds", "matmul_peak_flops_per_s",
+                                          "model_flops_per_s")}
     return {
         "task": task.name, "method": config.method, "quantize": config.quantize, "precision": precision,
         "device": str(device),
         "processes": procs.world, "trainable_params": trainable, "all_params": all_params,
         "steps": steps, "resumed_from": str(resumed_from) if resumed_from else None,
-        "first_loss": losses[0], "last_loss": losses[1], "tokens": tokens,
-        "train_seconds": train_s, "tokens_per_s": tokens / train_s if train_s else 0.0,
+        **speed,  # first_loss, last_loss, tokens, train_seconds, tokens_per_s
         "before": before, "after": after, "output_dir": str(Path(config.output_dir)), "adapter_bytes": saved_bytes,
         "loss_curve": str(loss_curve) if loss_curve else None, "total_seconds": total_s,
-        "peak_rss_mib": peak_rss_mib(),
+        "peak_rss_mib": peak_rss_mib(), "allocator": allocator_in_use(), **mfu,
     }
-
-
-def _gather_rng(procs: Processes) -> list[dict[str, Any]]:
-    state = rng_state()
-    if procs.world == 1:
-        return [state]
-    states: list[Any] = [None] * procs.world
-    dist.all_gather_object(states, state)
-    return states
 
 
 def _stop_on_nan(value: float, step: int, ckpt_root: Path, config: TrainConfig, what: str = "loss") -> None:

@@ -80,6 +80,8 @@ class Task:
             the base model itself.
         tokenizer: The model's tokenizer.
         train: The training examples; micro-batches are lists of indices into it.
+        reference_passes: Forward-only passes of the model per example beside the trained one (a DPO reference
+            pass: 1), counted in the run's useful FLOPs.
     """
 
     config: TrainConfig
@@ -87,6 +89,7 @@ class Task:
     model: nn.Module
     tokenizer: Any
     train: Sequence[Any]
+    reference_passes: int = 0  # forward-only passes per example beside the trained one (DPO's reference: 1)
 
     def batch(self, indices: Sequence[int]) -> MicroBatch:
         """The tensors of the training examples at ``indices``."""

@@ -180,7 +180,7 @@ def nccl_group():
 
 
 def test_ddp_with_nccl_on_one_device_equals_a_plain_step(nccl_group):
-    from lorakit.training.loop import _Objective
+    from lorakit.training.parallel import Objective
 
     batch = _batch()
     plain = get_lora_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear",
@@ -189,14 +189,14 @@ def test_ddp_with_nccl_on_one_device_equals_a_plain_step(nccl_group):
                                                         init_lora_weights=False)).to(CUDA)
     ddp_model.load_state_dict(plain.state_dict())
     causal_lm_loss(plain, batch)[0].backward()
-    ddp = torch.nn.parallel.DistributedDataParallel(_Objective(ddp_model, causal_lm_loss), device_ids=[CUDA.index])
+    ddp = torch.nn.parallel.DistributedDataParallel(Objective(ddp_model, causal_lm_loss), device_ids=[CUDA.index])
     ddp(batch)[0].backward()  # an all-reduce over nccl, of one process: the mean is the gradient itself
     torch.testing.assert_close(_grads(ddp_model), _grads(plain))
 
 
 def test_fsdp_with_its_bf16_policy_on_one_device_follows_a_plain_step(nccl_group):
     from lorakit.training.fsdp import gathered, grad_norm, local_bytes, shard
-    from lorakit.training.loop import _Objective
+    from lorakit.training.parallel import Objective
 
     batch = _batch()
     plain = get_lora_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear",
@@ -205,7 +205,7 @@ def test_fsdp_with_its_bf16_policy_on_one_device_follows_a_plain_step(nccl_group
                                                       init_lora_weights=False)).to(CUDA)
     sharded.load_state_dict(plain.state_dict())
     causal_lm_loss(plain, batch)[0].backward()
-    root = _Objective(sharded, causal_lm_loss)
+    root = Objective(sharded, causal_lm_loss)
     units = shard(root, CUDA, "bf16")  # all-gathers in bf16, reduces in fp32, keeps fp32 shards
     assert len(units) == 2 and local_bytes(sharded) > 0
     loss, _ = root(batch)
