@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .errors import InvalidType, InvalidValue
 from .layers import LoraEmbedding, LoraLayer
 from .trainable_tokens import TrainableTokensLayer
 
@@ -65,47 +66,47 @@ def _check(model: LoraModel, adapters: Sequence[str], weights: Sequence[float], 
            svd_rank: int | None, svd_clamp: float | None, density: float | None, majority_sign_method: str) -> None:
     """Refuse, by name, anything :func:`add_weighted_adapter` cannot combine (before the new adapter exists)."""
     if combination_type not in COMBINATIONS:
-        raise ValueError(f"combination_type must be one of {', '.join(COMBINATIONS)}; got {combination_type!r}")
+        raise InvalidValue(f"combination_type must be one of {', '.join(COMBINATIONS)}; got {combination_type!r}")
     if majority_sign_method not in SIGN_METHODS:
-        raise ValueError(f"majority_sign_method must be one of {', '.join(SIGN_METHODS)}; "
-                         f"got {majority_sign_method!r}")
+        raise InvalidValue(f"majority_sign_method must be one of {', '.join(SIGN_METHODS)}; "
+                           f"got {majority_sign_method!r}")
     if combination_type.removesuffix("_svd") in PRUNING and density is None and len(adapters) > 1:
-        raise ValueError(f"combination_type={combination_type!r} needs a density in (0, 1] (the share of entries kept)")
+        raise InvalidValue(f"combination_type={combination_type!r} needs a density in (0, 1] (the share of entries kept)")
     if density is not None and not (_is_number(density) and 0 < density <= 1):
-        raise ValueError(f"density must be in (0, 1] (the share of entries kept); got {density!r}")
+        raise InvalidValue(f"density must be in (0, 1] (the share of entries kept); got {density!r}")
     if svd_clamp is not None and not (_is_number(svd_clamp) and 0 < svd_clamp <= 1):
-        raise ValueError(f"svd_clamp must be a quantile in (0, 1]; got {svd_clamp!r}")
+        raise InvalidValue(f"svd_clamp must be a quantile in (0, 1]; got {svd_clamp!r}")
     if svd_rank is not None and not (isinstance(svd_rank, int) and not isinstance(svd_rank, bool) and svd_rank > 0):
-        raise ValueError(f"svd_rank must be a positive integer or None (the largest rank of the adapters); "
-                         f"got {svd_rank!r}")
+        raise InvalidValue(f"svd_rank must be a positive integer or None (the largest rank of the adapters); "
+                           f"got {svd_rank!r}")
     if not adapters:
-        raise ValueError(f"adapters is empty; name at least one adapter to combine: {sorted(model.peft_config)}")
+        raise InvalidValue(f"adapters is empty; name at least one adapter to combine: {sorted(model.peft_config)}")
     unknown = [a for a in adapters if a not in model.peft_config]
     if unknown:
-        raise ValueError(f"unknown adapter(s) {unknown}; adapters: {sorted(model.peft_config)}")
+        raise InvalidValue(f"unknown adapter(s) {unknown}; adapters: {sorted(model.peft_config)}")
     if len(weights) != len(adapters):
-        raise ValueError(f"got {len(weights)} weights for {len(adapters)} adapters; give one weight per adapter")
+        raise InvalidValue(f"got {len(weights)} weights for {len(adapters)} adapters; give one weight per adapter")
     if any(model.peft_config[a].use_dora for a in adapters):
-        raise ValueError("adapters using DoRA cannot be combined (their magnitude vectors do not add)")
+        raise InvalidValue("adapters using DoRA cannot be combined (their magnitude vectors do not add)")
     for option, what in (("lora_bias", "a bias on B (lora_bias)"), ("trainable_token_indices", "trainable tokens")):
         having = [a for a in adapters if getattr(model.peft_config[a], option)]
         if having:
-            raise ValueError(f"adapter(s) {having} have {what}, which add_weighted_adapter cannot combine (only A and "
-                             f"B are merged); merge them into the base one after another instead (merge_adapter)")
+            raise InvalidValue(f"adapter(s) {having} have {what}, which add_weighted_adapter cannot combine (only A and "
+                               f"B are merged); merge them into the base one after another instead (merge_adapter)")
     shared = [path for path, module in model.saved_modules() if sum(a in module.modules_to_save for a in adapters) > 1]
     if shared:  # PEFT's rule: two trained heads on one module do not merge
-        raise ValueError(f"adapters {adapters} have their own trained heads (modules_to_save) on the same module(s) "
-                         f"{shared}, which cannot be combined; combine adapters with at most one head per module")
+        raise InvalidValue(f"adapters {adapters} have their own trained heads (modules_to_save) on the same module(s) "
+                           f"{shared}, which cannot be combined; combine adapters with at most one head per module")
     ranks = [_max_rank(model, a) for a in adapters]
     if combination_type in FACTOR_COMBINATIONS and len(adapters) > 1:
         if len(set(ranks)) != 1:
-            raise ValueError(f"combination_type={combination_type!r} needs adapters of equal rank, got ranks {ranks}; "
-                             f"use 'cat' or an '_svd' type")
+            raise InvalidValue(f"combination_type={combination_type!r} needs adapters of equal rank, got ranks {ranks}; "
+                               f"use 'cat' or an '_svd' type")
         for path, layer in _layers(model, adapters):  # rank_pattern can make them differ layer by layer
             here = {a: layer.adapters[a].r for a in adapters if a in layer.adapters}
             if len(set(here.values())) > 1:
-                raise ValueError(f"combination_type={combination_type!r} needs adapters of equal rank on each layer, "
-                                 f"but on {path} the ranks are {here} (rank_pattern); use 'cat' or an '_svd' type")
+                raise InvalidValue(f"combination_type={combination_type!r} needs adapters of equal rank on each layer, "
+                                   f"but on {path} the ranks are {here} (rank_pattern); use 'cat' or an '_svd' type")
 
 
 def _is_number(value: object) -> bool:
@@ -145,8 +146,8 @@ def add_weighted_adapter(model: LoraModel, adapters: Sequence[str], weights: Seq
             ``adapter_name``.
     """
     if isinstance(adapters, str):
-        raise TypeError(f"adapters must be a list of adapter names, got the string {adapters!r}; "
-                        f"write [{adapters!r}] for one adapter")
+        raise InvalidType(f"adapters must be a list of adapter names, got the string {adapters!r}; "
+                          f"write [{adapters!r}] for one adapter")
     adapters = list(adapters)
     weights = [float(w) for w in weights]
     _check(model, adapters, weights, combination_type, svd_rank, svd_clamp, density, majority_sign_method)

@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import InvalidType, InvalidValue
+
 BIAS_CHOICES = ("none", "all", "lora_only")
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "QUESTION_ANS", "TOKEN_CLS", "FEATURE_EXTRACTION")
 INIT_CHOICES = (True, False, "gaussian", "pissa")
@@ -60,7 +62,7 @@ def _check_regex(what: str, pattern: str) -> None:
     try:
         re.compile(pattern)
     except re.error as err:
-        raise ValueError(f"{what} {pattern!r} is not a valid regular expression: {err}") from None
+        raise InvalidValue(f"{what} {pattern!r} is not a valid regular expression: {err}") from None
 
 
 @dataclass
@@ -133,26 +135,26 @@ class LoraConfig:
 
     def _validate(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"r must be a positive integer (r >= 1), got {self.r!r}")
+            raise InvalidValue(f"r must be a positive integer (r >= 1), got {self.r!r}")
         if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) \
                 or not 0 < self.lora_alpha < math.inf:
-            raise ValueError(f"lora_alpha must be a finite number > 0, got {self.lora_alpha!r}")
+            raise InvalidValue(f"lora_alpha must be a finite number > 0, got {self.lora_alpha!r}")
         if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+            raise InvalidValue(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in BIAS_CHOICES:
-            raise ValueError(f"bias must be one of {', '.join(map(repr, BIAS_CHOICES))}; got {self.bias!r}")
+            raise InvalidValue(f"bias must be one of {', '.join(map(repr, BIAS_CHOICES))}; got {self.bias!r}")
         if self.task_type is not None and self.task_type not in TASK_TYPES:
-            raise ValueError(f"task_type must be one of {', '.join(TASK_TYPES)} or None; got {self.task_type!r}")
+            raise InvalidValue(f"task_type must be one of {', '.join(TASK_TYPES)} or None; got {self.task_type!r}")
         if not is_known_init(self.init_lora_weights):
-            raise ValueError(
-                f"init_lora_weights must be one of True, False, 'gaussian', 'pissa' (or, for a trained adapter being "
-                f"loaded, one of PEFT's labels {', '.join(PEFT_ONLY_INITS)}, 'pissa_niter_<n>'); "
-                f"got {self.init_lora_weights!r}"
-            )
+            raise InvalidValue(
+                  f"init_lora_weights must be one of True, False, 'gaussian', 'pissa' (or, for a trained adapter being "
+                  f"loaded, one of PEFT's labels {', '.join(PEFT_ONLY_INITS)}, 'pissa_niter_<n>'); "
+                  f"got {self.init_lora_weights!r}"
+              )
         if not isinstance(self.lora_bias, bool):
-            raise TypeError(f"lora_bias must be True or False, got {self.lora_bias!r}")
+            raise InvalidType(f"lora_bias must be True or False, got {self.lora_bias!r}")
         if self.lora_bias and self.use_dora:
-            raise ValueError("lora_bias=True does not work with use_dora=True (PEFT refuses it too); drop one")
+            raise InvalidValue("lora_bias=True does not work with use_dora=True (PEFT refuses it too); drop one")
         _check_token_indices(self.trainable_token_indices)
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
@@ -160,29 +162,29 @@ class LoraConfig:
                 if value.lower() != ALL_LINEAR or name == "exclude_modules":
                     _check_regex(name, value)
             elif value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
-                raise ValueError(f"{name} must be a list of module names, a regex string or None; got {value!r}")
+                raise InvalidValue(f"{name} must be a list of module names, a regex string or None; got {value!r}")
         if isinstance(self.target_modules, list) and not self.target_modules:
-            raise ValueError("target_modules is an empty list: name at least one module, or use 'all-linear'")
+            raise InvalidValue("target_modules is an empty list: name at least one module, or use 'all-linear'")
         if self.layers_to_transform is not None:
             if isinstance(self.target_modules, str):
-                raise ValueError(
-                    "layers_to_transform only works with a list of target_modules, "
-                    f"not with the string {self.target_modules!r}"
-                )
+                raise InvalidValue(
+                      "layers_to_transform only works with a list of target_modules, "
+                      f"not with the string {self.target_modules!r}"
+                  )
             indices = [self.layers_to_transform] if isinstance(self.layers_to_transform, int) else self.layers_to_transform
             if not all(isinstance(i, int) and i >= 0 for i in indices):
-                raise ValueError(f"layers_to_transform must be non-negative layer indices, got {self.layers_to_transform!r}")
+                raise InvalidValue(f"layers_to_transform must be non-negative layer indices, got {self.layers_to_transform!r}")
         if self.layers_pattern is not None:
             for pattern in [self.layers_pattern] if isinstance(self.layers_pattern, str) else self.layers_pattern:
                 _check_regex("layers_pattern", pattern)
         for key, rank in self.rank_pattern.items():
             _check_regex("rank_pattern key", key)
             if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-                raise ValueError(f"rank_pattern[{key!r}] must be a positive integer, got {rank!r}")
+                raise InvalidValue(f"rank_pattern[{key!r}] must be a positive integer, got {rank!r}")
         for key, alpha in self.alpha_pattern.items():
             _check_regex("alpha_pattern key", key)
             if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
-                raise ValueError(f"alpha_pattern[{key!r}] must be a finite number > 0, got {alpha!r}")
+                raise InvalidValue(f"alpha_pattern[{key!r}] must be a finite number > 0, got {alpha!r}")
 
     # -- per-module values -------------------------------------------------------------------------------
 
@@ -219,7 +221,7 @@ class LoraConfig:
         """
         peft_type = data.get("peft_type", "LORA")
         if peft_type != "LORA":
-            raise ValueError(f"adapter_config.json has peft_type {peft_type!r}; lorakit reads only 'LORA' adapters")
+            raise InvalidValue(f"adapter_config.json has peft_type {peft_type!r}; lorakit reads only 'LORA' adapters")
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in names}
         unsupported = {
@@ -229,7 +231,7 @@ class LoraConfig:
         }
         if unsupported:
             listed = ", ".join(f"{k}={v!r}" for k, v in sorted(unsupported.items()))
-            raise ValueError(f"adapter_config.json uses PEFT options lorakit does not support: {listed}")
+            raise InvalidValue(f"adapter_config.json uses PEFT options lorakit does not support: {listed}")
         return cls(**kwargs)
 
 
@@ -254,12 +256,12 @@ def _check_token_indices(value: Any) -> None:
     for name, indices in groups:
         where = "trainable_token_indices" if name is None else f"trainable_token_indices[{name!r}]"
         if name is not None and (not isinstance(name, str) or not name):
-            raise ValueError(f"trainable_token_indices keys must be module names, got {name!r}")
+            raise InvalidValue(f"trainable_token_indices keys must be module names, got {name!r}")
         if not isinstance(indices, list) or not indices or not all(
                 isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices):
-            raise ValueError(f"{where} must be a non-empty list of token ids (integers >= 0), got {indices!r}")
+            raise InvalidValue(f"{where} must be a non-empty list of token ids (integers >= 0), got {indices!r}")
         if len(set(indices)) != len(indices):
-            raise ValueError(f"{where} lists a token id twice: {indices!r}")
+            raise InvalidValue(f"{where} lists a token id twice: {indices!r}")
 
 
 def parse_targets(value: str | None) -> list[str] | str | None:
@@ -276,7 +278,7 @@ def check_adapter_name(name: str) -> None:
     """Adapter names become folder names: refuse anything that could leave the save directory."""
     if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name \
             or ".." in name or "\x00" in name or name == BASE_ROW or "." in name:
-        raise ValueError(
-            f"invalid adapter name {name!r}: use a non-empty name without '/', '\\\\', '.' or '..' "
-            f"(and not {BASE_ROW!r})"
-        )
+        raise InvalidValue(
+              f"invalid adapter name {name!r}: use a non-empty name without '/', '\\\\', '.' or '..' "
+              f"(and not {BASE_ROW!r})"
+          )

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import InvalidValue
 from .layer_base import LoraAdapter, LoraLayer
 
 
@@ -30,7 +31,7 @@ class LoraConv(LoraLayer):
 
     def __init__(self, base: nn.Module) -> None:
         if base.groups != 1:
-            raise ValueError(f"LoRA on {type(base).__name__} needs groups=1, got groups={base.groups}")
+            raise InvalidValue(f"LoRA on {type(base).__name__} needs groups=1, got groups={base.groups}")
         super().__init__(base)
         self.in_features, self.out_features = base.in_channels, base.out_channels
 
@@ -40,8 +41,8 @@ class LoraConv(LoraLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
         if self.routing is not None and not self.disabled:
-            raise ValueError(f"mixed batches (adapter_names=...) support Linear and Embedding layers, not "
-                             f"{type(self.base).__name__}")
+            raise InvalidValue(f"mixed batches (adapter_names=...) support Linear and Embedding layers, not "
+                               f"{type(self.base).__name__}")
         for name in self._unmerged_active():
             adapter = self.adapters[name]
             xd = adapter.dropout(x).to(adapter.lora_A.dtype)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .config import ALL_LINEAR, DEFAULT_TARGETS, INIT_CHOICES, QA_HEAD_NAMES, SEQ_CLS_HEAD_NAMES, LoraConfig
+from .errors import InvalidType, InvalidValue
 from .layers import (
     SUPPORTED_TYPES,
     LoraLayer,
@@ -130,10 +131,10 @@ def modules_to_save_names(config: LoraConfig) -> list[str]:
 def _default_targets(model: nn.Module) -> list[str]:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in DEFAULT_TARGETS:
-        raise ValueError(
-            f"target_modules is None and lorakit has no default for model_type {model_type!r}; "
-            f"name the modules (for example target_modules=['q_proj', 'v_proj']) or use 'all-linear'"
-        )
+        raise InvalidValue(
+              f"target_modules is None and lorakit has no default for model_type {model_type!r}; "
+              f"name the modules (for example target_modules=['q_proj', 'v_proj']) or use 'all-linear'"
+          )
     return DEFAULT_TARGETS[model_type]
 
 
@@ -163,28 +164,28 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         heads = _head_names(model, config)
         selected = [n for n, m in named if _is_linear(m) and n not in heads]
         if not selected:
-            raise ValueError("target_modules='all-linear' matched no Linear or Conv1D layer in this model")
+            raise InvalidValue("target_modules='all-linear' matched no Linear or Conv1D layer in this model")
     elif isinstance(targets, str):
         selected = [n for n in names if re.fullmatch(targets, n)]
         if not selected:
-            raise ValueError(f"target_modules regex {targets!r} matches no module name; {_suggest(targets, names)}")
+            raise InvalidValue(f"target_modules regex {targets!r} matches no module name; {_suggest(targets, names)}")
     else:
         selected = [n for n in names if _matches_list(n, targets)]
         missing = [t for t in targets if not any(_matches_list(n, [t]) for n in names)]
         if missing:
-            raise ValueError(
-                "; ".join(f"target module {t!r} matches no module in the model ({_suggest(t, names)})" for t in missing)
-            )
+            raise InvalidValue(
+                  "; ".join(f"target module {t!r} matches no module in the model ({_suggest(t, names)})" for t in missing)
+              )
         if config.layers_to_transform is not None:
             wanted = config.layers_to_transform
             wanted = {wanted} if isinstance(wanted, int) else set(wanted)
             # As in PEFT, a target given by its full name is taken whatever its layer.
             selected = [n for n in selected if n in targets or _layer_index(n, config.layers_pattern) in wanted]
             if not selected:
-                raise ValueError(
-                    f"layers_to_transform={config.layers_to_transform!r} (layers_pattern={config.layers_pattern!r}) "
-                    f"leaves none of the targets {targets!r}"
-                )
+                raise InvalidValue(
+                      f"layers_to_transform={config.layers_to_transform!r} (layers_pattern={config.layers_pattern!r}) "
+                      f"leaves none of the targets {targets!r}"
+                  )
 
     excl = config.exclude_modules
     if isinstance(excl, str):
@@ -194,7 +195,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     # Never put LoRA inside a module that is trained in full (PEFT's rule).
     selected = [n for n in selected if not any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", n) for m in keep_full)]
     if not selected:
-        raise ValueError(f"exclude_modules={excl!r} / modules_to_save removed every target of {targets!r}")
+        raise InvalidValue(f"exclude_modules={excl!r} / modules_to_save removed every target of {targets!r}")
 
     modules = dict(named)
     for name in selected:
@@ -206,24 +207,24 @@ def _check_wrappable(name: str, module: nn.Module, config: LoraConfig) -> None:
     """Everything that would make wrapping ``module`` fail, checked before anything is changed."""
     base = module.base if isinstance(module, LoraLayer) else module
     if not isinstance(module, LoraLayer) and not _wrappable(module):
-        raise ValueError(f"target {name!r} is a {type(module).__name__}; LoRA wraps {SUPPORTED_TYPES} layers "
-                         f"(name the linear layers inside it instead)")
+        raise InvalidValue(f"target {name!r} is a {type(module).__name__}; LoRA wraps {SUPPORTED_TYPES} layers "
+                           f"(name the linear layers inside it instead)")
     if isinstance(module, TrainableTokensLayer):
-        raise TypeError(f"target {name!r} holds trainable tokens (trainable_token_indices); PEFT does not put LoRA "
-                         f"on such a layer, and neither does lorakit")
+        raise InvalidType(f"target {name!r} holds trainable tokens (trainable_token_indices); PEFT does not put LoRA "
+                           f"on such a layer, and neither does lorakit")
     linear = _is_linear(base)
     if config.lora_bias and isinstance(base, nn.Embedding):
-        raise ValueError(f"lora_bias is supported for Linear, Conv1D and Conv1d/2d/3d layers; target {name!r} is an "
-                         f"Embedding (PEFT refuses it too)")
+        raise InvalidValue(f"lora_bias is supported for Linear, Conv1D and Conv1d/2d/3d layers; target {name!r} is an "
+                           f"Embedding (PEFT refuses it too)")
     if config.init_lora_weights == "pissa" and not linear:
-        raise ValueError(f"init_lora_weights='pissa' is supported for Linear and Conv1D layers; target {name!r} is "
-                         f"a {type(base).__name__}")
+        raise InvalidValue(f"init_lora_weights='pissa' is supported for Linear and Conv1D layers; target {name!r} is "
+                           f"a {type(base).__name__}")
     if is_4bit(base) and (config.use_dora or config.init_lora_weights == "pissa"):
         what = "use_dora" if config.use_dora else "init_lora_weights='pissa'"
-        raise ValueError(f"{what} needs the base weight in full precision; target {name!r} is a 4-bit "
-                         f"{type(base).__name__} (lorakit supports plain LoRA on 4-bit layers)")
+        raise InvalidValue(f"{what} needs the base weight in full precision; target {name!r} is a 4-bit "
+                           f"{type(base).__name__} (lorakit supports plain LoRA on 4-bit layers)")
     if isinstance(base, _CONVS) and base.groups != 1:
-        raise ValueError(f"LoRA on {type(base).__name__} needs groups=1; target {name!r} has groups={base.groups}")
+        raise InvalidValue(f"LoRA on {type(base).__name__} needs groups=1; target {name!r} has groups={base.groups}")
 
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -262,8 +263,8 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str, init_weights
     """
     init = config.init_lora_weights if init_weights else None
     if init is not None and not isinstance(init, bool) and init not in INIT_CHOICES:
-        raise ValueError(f"init_lora_weights={init!r}: lorakit loads adapters trained with this PEFT initialization "
-                         f"but cannot initialize new ones with it; use True, False, 'gaussian' or 'pissa'")
+        raise InvalidValue(f"init_lora_weights={init!r}: lorakit loads adapters trained with this PEFT initialization "
+                           f"but cannot initialize new ones with it; use True, False, 'gaussian' or 'pissa'")
     selected = find_targets(model, config)
     save_full = find_modules_to_save(model, config)
     tokens = find_token_targets(model, config, selected)
@@ -324,15 +325,15 @@ def find_token_targets(model: nn.Module, config: LoraConfig, lora_targets: Itera
     elif any(_matches_list(n, ["embed_tokens"]) for n in names):
         keys = {"embed_tokens": wanted}
     else:
-        raise ValueError("trainable_token_indices is a list, but this model has no input embedding "
-                         "(get_input_embeddings) and no 'embed_tokens'; give {module name: [token ids]}")
+        raise InvalidValue("trainable_token_indices is a list, but this model has no input embedding "
+                           "(get_input_embeddings) and no 'embed_tokens'; give {module name: [token ids]}")
     found: dict[str, list[int]] = {}
     for key, indices in keys.items():
         matches = [n for n in names if _matches_list(n, [key])]
         if len(matches) != 1:
             what = "no module" if not matches else f"{len(matches)} modules ({', '.join(matches[:4])})"
-            raise ValueError(f"trainable_token_indices key {key!r} matches {what}; name exactly one Embedding or "
-                             f"Linear layer" + (f" ({_suggest(key, names)})" if not matches else ""))
+            raise InvalidValue(f"trainable_token_indices key {key!r} matches {what}; name exactly one Embedding or "
+                               f"Linear layer" + (f" ({_suggest(key, names)})" if not matches else ""))
         found[matches[0]] = list(indices)
     tied_heads = _heads_tied_to(model, embedding)
     out: dict[str, tuple[list[int], list[str]]] = {}
@@ -341,20 +342,20 @@ def find_token_targets(model: nn.Module, config: LoraConfig, lora_targets: Itera
         module = model.get_submodule(name)
         base = module.base if isinstance(module, LoraLayer) else module
         if name in lora_targets or isinstance(module, LoraLayer) and not isinstance(module, TrainableTokensLayer):
-            raise ValueError(f"{name!r} gets LoRA and trainable tokens at once; PEFT refuses that, and so does "
-                             f"lorakit: train its rows with trainable_token_indices or target it with LoRA")
+            raise InvalidValue(f"{name!r} gets LoRA and trainable tokens at once; PEFT refuses that, and so does "
+                               f"lorakit: train its rows with trainable_token_indices or target it with LoRA")
         if not isinstance(base, (nn.Embedding, nn.Linear)):
-            raise TypeError(f"trainable_token_indices names {name!r}, a {type(base).__name__}; trainable tokens "
-                             f"work on Embedding and Linear layers")
+            raise InvalidType(f"trainable_token_indices names {name!r}, a {type(base).__name__}; trainable tokens "
+                               f"work on Embedding and Linear layers")
         rows = base.weight.shape[0]
         bad = [i for i in indices if i >= rows]
         if bad:
-            raise ValueError(f"trainable_token_indices has token id(s) {bad} out of range for {name!r}, which has "
-                             f"{rows} rows (token ids 0..{rows - 1})")
+            raise InvalidValue(f"trainable_token_indices has token id(s) {bad} out of range for {name!r}, which has "
+                               f"{rows} rows (token ids 0..{rows - 1})")
         if name in tied_heads and embedding_name in found:
             if found[embedding_name] != indices:
-                raise ValueError(f"{name!r} shares its weight with {embedding_name!r} (tied embeddings), but "
-                                 f"trainable_token_indices gives them different token ids; give the same ids")
+                raise InvalidValue(f"{name!r} shares its weight with {embedding_name!r} (tied embeddings), but "
+                                   f"trainable_token_indices gives them different token ids; give the same ids")
             continue  # its rows come with the embedding's
         heads = [h for h, of in tied_heads.items() if of == name]
         out[name] = (list(indices), heads)
@@ -390,9 +391,9 @@ def find_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
     missing = [m for m in config.modules_to_save or [] if m not in optional
                and not any(_matches_list(n, [m]) for n in names)]
     if missing:
-        raise ValueError(
-            "; ".join(f"modules_to_save entry {m!r} matches no module ({_suggest(m, names)})" for m in missing)
-        )
+        raise InvalidValue(
+              "; ".join(f"modules_to_save entry {m!r} matches no module ({_suggest(m, names)})" for m in missing)
+          )
     # Keep the outermost match only (a head's own sub-layers are inside its copy already).
     return [n for n in found if not any(n.startswith(o + ".") for o in found if o != n)]
 

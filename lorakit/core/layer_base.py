@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import InvalidValue
+
 
 def is_conv1d(module: nn.Module) -> bool:
     """Hugging Face's ``Conv1D`` (GPT-2): a linear layer whose weight is stored (in, out)."""
@@ -142,12 +144,12 @@ class LoraLayer(nn.Module):
         """Create adapter ``name`` on this layer, initialized as ``init_lora_weights`` says (None: A and B stay
         zero and the base is not touched, for an adapter whose values are loaded next)."""
         if name in self.adapters:
-            raise ValueError(f"adapter {name!r} already exists on this layer")
+            raise InvalidValue(f"adapter {name!r} already exists on this layer")
         kind = type(self.base).__name__
         if use_dora and not self.supports_dora:
-            raise ValueError(f"use_dora is supported for Linear, Conv1D, Embedding and Conv1d/2d/3d layers, not {kind}")
+            raise InvalidValue(f"use_dora is supported for Linear, Conv1D, Embedding and Conv1d/2d/3d layers, not {kind}")
         if lora_bias and not self.supports_lora_bias:
-            raise ValueError(f"lora_bias is supported for Linear, Conv1D and Conv1d/2d/3d layers, not {kind}")
+            raise InvalidValue(f"lora_bias is supported for Linear, Conv1D and Conv1d/2d/3d layers, not {kind}")
         a_shape, b_shape = self.adapter_shapes(r)
         adapter = LoraAdapter(a_shape, b_shape, r, lora_alpha, lora_dropout, use_rslora,
                               dora_shape=self.magnitude_shape() if use_dora else None,
@@ -183,17 +185,17 @@ class LoraLayer(nn.Module):
             elif init == "pissa":
                 self._pissa_init(adapter)
             else:
-                raise ValueError(f"init_lora_weights={init!r}: lorakit loads adapters trained with this PEFT "
-                                 f"initialization but cannot initialize new ones with it; use True, False, "
-                                 f"'gaussian' or 'pissa'")
+                raise InvalidValue(f"init_lora_weights={init!r}: lorakit loads adapters trained with this PEFT "
+                                   f"initialization but cannot initialize new ones with it; use True, False, "
+                                   f"'gaussian' or 'pissa'")
 
     def _pissa_init(self, adapter: LoraAdapter) -> None:
-        raise ValueError(f"init_lora_weights='pissa' is supported for Linear and Conv1D layers, "
-                         f"not {type(self.base).__name__}")
+        raise InvalidValue(f"init_lora_weights='pissa' is supported for Linear and Conv1D layers, "
+                           f"not {type(self.base).__name__}")
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
-            raise ValueError(f"adapter {name!r} is merged into the base weight; unmerge it before deleting it")
+            raise InvalidValue(f"adapter {name!r} is merged into the base weight; unmerge it before deleting it")
         del self.adapters[name]
         self.stack_cache = None
         self.active_adapters = [a for a in self.active_adapters if a != name]
@@ -227,12 +229,12 @@ class LoraLayer(nn.Module):
             if name not in self.adapters or name in self.merged_adapters:
                 continue
             if self.disabled:
-                raise ValueError(f"cannot merge adapter {name!r} while the adapter layers are disabled (a disabled "
-                                 f"layer computes the base model alone); call enable_adapter_layers() first")
+                raise InvalidValue(f"cannot merge adapter {name!r} while the adapter layers are disabled (a disabled "
+                                   f"layer computes the base model alone); call enable_adapter_layers() first")
             if is_4bit(self.base):
-                raise ValueError("merging into a 4-bit base weight would round it to 4 bits again (lossy, and "
-                                 "unmerge could not undo it); use merge_and_unload(), which returns dense layers, "
-                                 "or merge_and_unload(requantize=True)")
+                raise InvalidValue("merging into a 4-bit base weight would round it to 4 bits again (lossy, and "
+                                   "unmerge could not undo it); use merge_and_unload(), which returns dense layers, "
+                                   "or merge_and_unload(requantize=True)")
             with torch.no_grad():
                 adapter = self.adapters[name]
                 if adapter.lora_B_bias is not None:
@@ -250,8 +252,8 @@ class LoraLayer(nn.Module):
     def _bias_for_merge(self) -> torch.Tensor:
         bias = getattr(self.base, "bias", None)
         if bias is None:
-            raise ValueError(f"an adapter with lora_bias cannot be merged into this {type(self.base).__name__}: it "
-                             f"has no bias to fold the adapter's bias into")
+            raise InvalidValue(f"an adapter with lora_bias cannot be merged into this {type(self.base).__name__}: it "
+                               f"has no bias to fold the adapter's bias into")
         return bias
 
     def _add_delta(self, name: str, alpha: float) -> None:

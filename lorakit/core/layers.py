@@ -22,6 +22,7 @@ from torch.nn.modules import module as torch_module
 
 from .config import BASE_ROW  # noqa: F401 - re-exported: part of the layers' vocabulary
 from .conv_layers import LoraConv, LoraConv1d, LoraConv2d, LoraConv3d, conv_shapes
+from .errors import InvalidValue
 from .layer_base import LoraAdapter, LoraLayer, is_4bit, is_conv1d
 from .trainable_tokens import TrainableTokensLayer
 
@@ -336,7 +337,7 @@ class LoraEmbedding(LoraLayer):
                 rows = index == slot
                 if name in self._unmerged_pool() and bool(rows.any()):
                     if self.adapters[name].use_dora:
-                        raise ValueError("mixed batches (adapter_names=...) do not support DoRA adapters")
+                        raise InvalidValue("mixed batches (adapter_names=...) do not support DoRA adapters")
                     delta = self._delta(self.adapters[name], ids).to(result.dtype)
                     result = result + delta * rows.view(-1, *([1] * (result.dim() - 1))).to(result.dtype)
             return result
@@ -384,7 +385,7 @@ def lora_shapes(module: nn.Module, r: int) -> tuple[tuple[int, ...], tuple[int, 
         return (r, module.num_embeddings), (module.embedding_dim, r)
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return conv_shapes(module, r)
-    raise ValueError(f"LoRA wraps {SUPPORTED_TYPES} layers, not {type(module).__name__}")
+    raise InvalidValue(f"LoRA wraps {SUPPORTED_TYPES} layers, not {type(module).__name__}")
 
 
 def wrap(module: nn.Module) -> LoraLayer | None:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import InvalidValue
 from .layers import LoraLayer, LoraLinear, update_dtype
 
 
@@ -186,7 +187,7 @@ def copies_per_row(model: nn.Module, kwargs: Mapping[str, Any]) -> int:
                 except TypeError:
                     count = 0
                 if count < 1:
-                    raise ValueError(f"{key} must be a positive integer, got {value!r}")
+                    raise InvalidValue(f"{key} must be a positive integer, got {value!r}")
                 return count
         return 1
 

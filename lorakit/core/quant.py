@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .config import SEQ_CLS_HEAD_NAMES
+from .errors import InvalidValue, MissingDependency
 from .inject import set_submodule
 from .layers import LoraLayer, is_4bit
 from .process_memory import return_freed_memory
@@ -41,14 +42,14 @@ def bitsandbytes() -> ModuleType:
         finally:
             quiet.setLevel(level)
     except ImportError as err:
-        raise ImportError("4-bit quantization needs bitsandbytes: pip install 'bitsandbytes>=0.46' "
-                          "(or pip install -e '.[qlora]')") from err
+        raise MissingDependency("4-bit quantization needs bitsandbytes: pip install 'bitsandbytes>=0.46' "
+                                "(or pip install -e '.[qlora]')") from err
     return bnb
 
 
 def check_scheme(scheme: str) -> None:
     if scheme not in SCHEMES:
-        raise ValueError(f"unknown quantization scheme {scheme!r}; lorakit supports {', '.join(SCHEMES)}")
+        raise InvalidValue(f"unknown quantization scheme {scheme!r}; lorakit supports {', '.join(SCHEMES)}")
 
 
 def head_names(model: nn.Module) -> set[str]:
@@ -92,7 +93,7 @@ def quantize(model: nn.Module, scheme: str = "nf4", double_quant: bool = True,
     """
     check_scheme(scheme)
     if any(isinstance(m, LoraLayer) for m in model.modules()):
-        raise ValueError("quantize the base model before adding LoRA adapters (this model already has LoRA layers)")
+        raise InvalidValue("quantize the base model before adding LoRA adapters (this model already has LoRA layers)")
     bnb = bitsandbytes()
     new: dict[str, nn.Module] = {}  # built first, swapped in at the end: an error leaves the model as it was
     for name in quantize_targets(model, skip):
@@ -100,8 +101,8 @@ def quantize(model: nn.Module, scheme: str = "nf4", double_quant: bool = True,
         new[name] = quantized_linear(bnb, name, module.weight.detach(), module.bias, scheme, double_quant,
                                      compute_dtype).train(module.training)
     if not new and not any(is_4bit(m) for m in model.modules()):
-        raise ValueError(f"{type(model).__name__} has no nn.Linear layer to quantize besides its head "
-                         f"(GPT-2's Conv1D layers stay in full precision)")
+        raise InvalidValue(f"{type(model).__name__} has no nn.Linear layer to quantize besides its head "
+                           f"(GPT-2's Conv1D layers stay in full precision)")
     for name, layer in new.items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
@@ -171,9 +172,9 @@ def _check_rounding(name: str, weight: torch.Tensor, layer: nn.Module) -> None:
         squared_norm += w.pow(2).sum().item()
     error = (squared_error ** 0.5) / max(squared_norm ** 0.5, 1e-30)
     if error > 0.2:
-        raise ValueError(f"bitsandbytes rounded {name} (shape {list(weight.shape)}) with a relative error of "
-                         f"{error:.0%} (4-bit rounding gives ~10%); leave it in full precision with "
-                         f"skip=[{name!r}]")
+        raise InvalidValue(f"bitsandbytes rounded {name} (shape {list(weight.shape)}) with a relative error of "
+                           f"{error:.0%} (4-bit rounding gives ~10%); leave it in full precision with "
+                           f"skip=[{name!r}]")
 
 
 def linear_4bit(bnb: ModuleType, weight: torch.Tensor, bias: torch.Tensor | None, scheme: str, double_quant: bool,

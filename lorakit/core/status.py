@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Literal
 
 from torch import nn
 
+from .errors import InvalidValue
 from .inject import ModulesToSave
 from .layers import LoraLayer, is_4bit
 
@@ -125,8 +126,8 @@ def get_layer_status(model: LoraModel) -> list[TunerLayerStatus]:
     wrapped = {id(m) for _, m in model.lora_layers()} | {id(m) for _, m in model.saved_modules()}
     status = [_layer_status(name, module) for name, module in model.named_modules() if id(module) in wrapped]
     if not status:
-        raise ValueError("no adapter layers found in the model (unload() or merge_and_unload() took them out); "
-                         "there is no adapter status to report")
+        raise InvalidValue("no adapter layers found in the model (unload() or merge_and_unload() took them out); "
+                           "there is no adapter status to report")
     return status
 
 

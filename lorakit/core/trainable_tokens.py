@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import InvalidType, InvalidValue
 from .layer_base import LoraLayer
 
 
@@ -42,7 +43,7 @@ class TrainableTokensLayer(LoraLayer):
 
     def __init__(self, base: nn.Module, tied_to: TrainableTokensLayer | None = None) -> None:
         if not isinstance(base, (nn.Embedding, nn.Linear)):
-            raise TypeError(f"trainable tokens work on Embedding and Linear layers, not {type(base).__name__}")
+            raise InvalidType(f"trainable tokens work on Embedding and Linear layers, not {type(base).__name__}")
         super().__init__(base)
         self.in_features, self.out_features = base.weight.shape[1], base.weight.shape[0]
         self.tied_to = [tied_to] if tied_to is not None else []  # a list: not registered as a submodule
@@ -51,24 +52,24 @@ class TrainableTokensLayer(LoraLayer):
         self._replaced: dict[str, torch.Tensor] = {}  # rows overwritten by merge(), put back by unmerge()
 
     def add_adapter(self, name: str, *args, **kwargs) -> None:
-        raise ValueError(f"this {type(self.base).__name__} holds trainable tokens; PEFT does not put LoRA on such "
-                         f"a layer, and neither does lorakit (train the rows with trainable_token_indices instead)")
+        raise InvalidValue(f"this {type(self.base).__name__} holds trainable tokens; PEFT does not put LoRA on such "
+                           f"a layer, and neither does lorakit (train the rows with trainable_token_indices instead)")
 
     def add_tokens(self, name: str, token_indices: Sequence[int]) -> TokenRows:
         """Create adapter ``name`` training rows ``token_indices`` (starting from their current values)."""
         if name in self.adapters:
-            raise ValueError(f"adapter {name!r} already exists on this layer")
+            raise InvalidValue(f"adapter {name!r} already exists on this layer")
         rows = self.base.weight.shape[0]
         bad = [i for i in token_indices if not 0 <= i < rows]
         if bad:
-            raise ValueError(f"trainable_token_indices {bad} out of range: this {type(self.base).__name__} has "
-                             f"{rows} rows (token ids 0..{rows - 1})")
+            raise InvalidValue(f"trainable_token_indices {bad} out of range: this {type(self.base).__name__} has "
+                               f"{rows} rows (token ids 0..{rows - 1})")
         adapter = TokenRows(token_indices, self.base.weight)
         self.adapters[name] = adapter
         return adapter
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        raise ValueError(f"adapter {name!r} trains whole token rows here, not a low-rank update; it has no B·A")
+        raise InvalidValue(f"adapter {name!r} trains whole token rows here, not a low-rank update; it has no B·A")
 
     def _weight_with(self, names: Sequence[str], weight: torch.Tensor) -> torch.Tensor:
         """``weight`` with the rows of adapters ``names`` in place (a new tensor; differentiable in the rows)."""
@@ -76,8 +77,8 @@ class TrainableTokensLayer(LoraLayer):
         for name in names:
             adapter = self.adapters[name]
             if seen & set(adapter.token_indices):
-                raise ValueError(f"active adapters train overlapping token rows ({sorted(seen & set(adapter.token_indices))}); "
-                                 f"activate adapters with disjoint trainable_token_indices")
+                raise InvalidValue(f"active adapters train overlapping token rows ({sorted(seen & set(adapter.token_indices))}); "
+                                   f"activate adapters with disjoint trainable_token_indices")
             seen |= set(adapter.token_indices)
             weight = weight.index_copy(0, adapter.index, adapter.trainable_tokens_delta.to(weight.dtype))
         return weight
@@ -103,8 +104,8 @@ class TrainableTokensLayer(LoraLayer):
         """A mixed batch: each row is looked up with the rows of its own adapter."""
         index, names = self.routing.index, self.routing.names
         if x.shape[0] != index.numel():
-            raise ValueError(f"adapter_names has {index.numel()} entries but the batch has {x.shape[0]} rows; "
-                             f"give one adapter name per row")
+            raise InvalidValue(f"adapter_names has {index.numel()} entries but the batch has {x.shape[0]} rows; "
+                               f"give one adapter name per row")
         result = self.base(x)
         for slot, name in enumerate(names, start=1):
             rows = index == slot

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..core.errors import InvalidType, InvalidValue
 from ..core.layers import LoraLayer, is_4bit
 from ..core.quant import dense_weight
 from .io import make_folder, temporary_folder
@@ -89,19 +90,19 @@ def export_merged(model: LoraModel, save_directory: str | os.PathLike, tokenizer
         ValueError: An unknown format or quant, or (GGUF) an architecture or tokenizer it cannot write.
     """
     if format not in FORMATS:
-        raise ValueError(f"unknown export format {format!r}; allowed: {', '.join(FORMATS)}")
+        raise InvalidValue(f"unknown export format {format!r}; allowed: {', '.join(FORMATS)}")
     if format == "gguf":
         return _export_gguf(model, save_directory, tokenizer, adapter_names, "f16" if quant is None else quant)
     if quant is not None:
-        raise ValueError(f"quant={quant!r} applies to format='gguf' only; a Hugging Face folder keeps the model's "
-                         f"dtype")
+        raise InvalidValue(f"quant={quant!r} applies to format='gguf' only; a Hugging Face folder keeps the model's "
+                           f"dtype")
     if not hasattr(model.model, "save_pretrained"):
-        raise TypeError(f"export_merged needs a Hugging Face model; {type(model.model).__name__} has no "
-                        f"save_pretrained (use merge_and_unload() and save the result yourself)")
+        raise InvalidType(f"export_merged needs a Hugging Face model; {type(model.model).__name__} has no "
+                          f"save_pretrained (use merge_and_unload() and save the result yourself)")
     folder = Path(save_directory)
     if folder.exists() and not folder.is_dir():  # said before the merge, not after it
-        raise ValueError(f"export folder {str(folder)!r} is a file, not a folder; name a folder (it is replaced "
-                         f"if it exists) or move the file away")
+        raise InvalidValue(f"export folder {str(folder)!r} is a file, not a folder; name a folder (it is replaced "
+                           f"if it exists) or move the file away")
     make_folder(folder.parent, "export folder's parent")
     state = _merged_tensors(model, adapter_names)
     tmp = temporary_folder(folder.parent, f".{folder.name}.")

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ..core.errors import InvalidValue, MissingDependency
 from .io import atomic_write
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ def require_gguf():
     try:
         import gguf
     except ImportError:
-        raise ImportError("writing GGUF files needs the gguf package: pip install 'lorakit[hf]'") from None
+        raise MissingDependency("writing GGUF files needs the gguf package: pip install 'lorakit[hf]'") from None
     return gguf
 
 
@@ -53,7 +54,7 @@ def check_architecture(model: torch.nn.Module) -> None:
 def check_quant(quant: str) -> str:
     """``quant`` if it is one of :data:`QUANTS`; a ValueError naming it otherwise."""
     if quant not in QUANTS:
-        raise ValueError(f"unsupported GGUF quant {quant!r}; allowed: {', '.join(QUANTS)}")
+        raise InvalidValue(f"unsupported GGUF quant {quant!r}; allowed: {', '.join(QUANTS)}")
     return quant
 
 
@@ -62,7 +63,7 @@ def permute_rows(weight: torch.Tensor, n_head: int) -> torch.Tensor:
     heads, row ``i + d/2·j`` goes to ``2i + j`` (d: the head size). See the module docstring."""
     rows = weight.shape[0]
     if rows % (2 * n_head):
-        raise ValueError(f"{rows} rows do not split into {n_head} heads of an even size")
+        raise InvalidValue(f"{rows} rows do not split into {n_head} heads of an even size")
     return weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
@@ -78,11 +79,11 @@ class _Arch:
         model_type = getattr(config, "model_type", None)
         if model_type not in ARCHITECTURES:
             kind = f"model_type {model_type!r}" if model_type else type(model).__name__
-            raise ValueError(f"GGUF export supports the {', '.join(ARCHITECTURES)} architecture (LlamaForCausalLM); "
-                             f"this model is {kind} ({type(model).__name__})")
+            raise InvalidValue(f"GGUF export supports the {', '.join(ARCHITECTURES)} architecture (LlamaForCausalLM); "
+                               f"this model is {kind} ({type(model).__name__})")
         if not hasattr(model, "lm_head"):
-            raise ValueError(f"GGUF export writes causal language models (LlamaForCausalLM); {type(model).__name__} "
-                             f"has no lm_head")
+            raise InvalidValue(f"GGUF export writes causal language models (LlamaForCausalLM); {type(model).__name__} "
+                               f"has no lm_head")
         self.config = config
         self.name = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA]
         self.n_head = config.num_attention_heads
@@ -91,7 +92,7 @@ class _Arch:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_head
         self.names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, self.n_layer)
         if getattr(config, "hidden_act", "silu") != "silu":
-            raise ValueError(f"llama.cpp's llama architecture computes SiLU; this model uses {config.hidden_act!r}")
+            raise InvalidValue(f"llama.cpp's llama architecture computes SiLU; this model uses {config.hidden_act!r}")
         rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
         self.rope = rope
         self.rope_theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
@@ -99,8 +100,8 @@ class _Arch:
         if self.rope_type not in ("default", "llama3") or rope.get("partial_rotary_factor", 1.0) != 1.0:
             # llama.cpp stores other scalings as keys that transformers' GGUF reader ignores, so such a file could
             # not be checked here; refused rather than written unchecked.
-            raise ValueError(f"GGUF export supports plain and Llama 3 RoPE (rope_type 'default', 'llama3'); this "
-                             f"model uses {rope}")
+            raise InvalidValue(f"GGUF export supports plain and Llama 3 RoPE (rope_type 'default', 'llama3'); this "
+                               f"model uses {rope}")
 
     def rope_freqs(self) -> torch.Tensor | None:
         """Llama 3's RoPE as llama.cpp takes it: a ``rope_freqs`` vector by which each rotary frequency of plain
@@ -123,7 +124,7 @@ class _Arch:
         ``blk.0.attn_q.weight``)."""
         name = self.names.get_name(key, try_suffixes=(".weight", ".bias"))
         if name is None:
-            raise ValueError(f"tensor {key!r} has no GGUF name in llama.cpp's {self.name} layout")
+            raise InvalidValue(f"tensor {key!r} has no GGUF name in llama.cpp's {self.name} layout")
         return name
 
     def llama_cpp_rows(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -266,22 +267,22 @@ def write_gguf_adapter(model: LoraModel, path: str | os.PathLike, adapter_name: 
             continue
         adapter = layer.adapters[name]
         if not isinstance(layer, LoraLinear) or layer.fan_in_fan_out:
-            raise ValueError(f"{owner}: llama.cpp LoRA adapters hold linear layers only, not {type(layer).__name__}")
+            raise InvalidValue(f"{owner}: llama.cpp LoRA adapters hold linear layers only, not {type(layer).__name__}")
         if adapter.use_dora or adapter.lora_B_bias is not None:
             kind = "DoRA" if adapter.use_dora else "lora_bias"
-            raise ValueError(f"{owner}: adapter {name!r} uses {kind}, which llama.cpp LoRA adapters cannot hold; "
-                             f"export the merged model instead")
+            raise InvalidValue(f"{owner}: adapter {name!r} uses {kind}, which llama.cpp LoRA adapters cannot hold; "
+                               f"export the merged model instead")
         if owner == "lm_head" and getattr(arch.config, "tie_word_embeddings", False):
-            raise ValueError(f"{owner}: adapter {name!r} changes the output projection, which this model ties to "
-                             f"the embedding (no output.weight in its GGUF for llama.cpp to apply it to); export the "
-                             f"merged model instead")
+            raise InvalidValue(f"{owner}: adapter {name!r} changes the output projection, which this model ties to "
+                               f"the embedding (no output.weight in its GGUF for llama.cpp to apply it to); export the "
+                               f"merged model instead")
         modules.append((owner, adapter))
     heads = [owner for owner, module in model.saved_modules() if name in module.modules_to_save]
     if heads:
-        raise ValueError(f"adapter {name!r} trains {', '.join(heads)} in full, which llama.cpp LoRA adapters cannot "
-                         f"hold; export the merged model instead")
+        raise InvalidValue(f"adapter {name!r} trains {', '.join(heads)} in full, which llama.cpp LoRA adapters cannot "
+                           f"hold; export the merged model instead")
     if not modules:
-        raise ValueError(f"adapter {name!r} has no LoRA layers")
+        raise InvalidValue(f"adapter {name!r} has no LoRA layers")
     alphas = {adapter.lora_alpha for _, adapter in modules}
     plain = len(alphas) == 1 and all(math.isclose(a.scaling, a.lora_alpha / a.r, rel_tol=1e-12) for _, a in modules)
     alpha = float(next(iter(alphas))) if plain else 0.0
@@ -305,12 +306,12 @@ def write_gguf_adapter(model: LoraModel, path: str | os.PathLike, adapter_name: 
 def _one_adapter(model: LoraModel, adapter_name: str | None) -> str:
     if adapter_name is not None:
         if adapter_name not in model.peft_config:
-            raise ValueError(f"no adapter {adapter_name!r}; the model has {sorted(model.peft_config)}")
+            raise InvalidValue(f"no adapter {adapter_name!r}; the model has {sorted(model.peft_config)}")
         return adapter_name
     active = model.active_adapters
     if len(active) != 1:
-        raise ValueError(f"a GGUF adapter file holds one adapter; {len(active)} are active ({active}): pass "
-                         f"adapter_name")
+        raise InvalidValue(f"a GGUF adapter file holds one adapter; {len(active)} are active ({active}): pass "
+                           f"adapter_name")
     return active[0]
 
 
@@ -328,15 +329,15 @@ def _copy_tokenizer(writer: Any, source: Path, vocab_size: int) -> None:
     """Copy the ``tokenizer.*`` keys of another GGUF file (e.g. the one the base model came from)."""
     gguf = require_gguf()
     if source.suffix != ".gguf" or not source.is_file():
-        raise ValueError(f"tokenizer {str(source)!r} is not a .gguf file; pass a Hugging Face tokenizer, a .gguf "
-                         f"file to copy the tokenizer from, or None")
+        raise InvalidValue(f"tokenizer {str(source)!r} is not a .gguf file; pass a Hugging Face tokenizer, a .gguf "
+                           f"file to copy the tokenizer from, or None")
     reader = gguf.GGUFReader(source)
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     if tokens is None:
-        raise ValueError(f"{source} holds no tokenizer (tokenizer.ggml.tokens)")
+        raise InvalidValue(f"{source} holds no tokenizer (tokenizer.ggml.tokens)")
     if len(tokens.data) != vocab_size:
-        raise ValueError(f"the tokenizer in {source} has {len(tokens.data)} tokens; the model's vocabulary has "
-                         f"{vocab_size}")
+        raise InvalidValue(f"the tokenizer in {source} has {len(tokens.data)} tokens; the model's vocabulary has "
+                           f"{vocab_size}")
     for key, field in reader.fields.items():
         if not key.startswith("tokenizer."):
             continue
@@ -351,18 +352,18 @@ def _describe_tokenizer(writer: Any, tokenizer: Any, vocab_size: int) -> None:
     gguf = require_gguf()
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        raise ValueError(f"GGUF export describes fast (tokenizers) tokenizers only; got {type(tokenizer).__name__}")
+        raise InvalidValue(f"GGUF export describes fast (tokenizers) tokenizers only; got {type(tokenizer).__name__}")
     spec = json.loads(backend.to_str())
     model = spec.get("model") or {}
     if model.get("type") != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
-        raise ValueError(f"GGUF export describes byte-level BPE tokenizers (GPT-2, SmolLM, Llama 3) only; this one is "
-                         f"{model.get('type')} with decoder {(spec.get('decoder') or {}).get('type')}; pass a .gguf "
-                         f"file to copy the tokenizer from, or tokenizer=None")
+        raise InvalidValue(f"GGUF export describes byte-level BPE tokenizers (GPT-2, SmolLM, Llama 3) only; this one is "
+                           f"{model.get('type')} with decoder {(spec.get('decoder') or {}).get('type')}; pass a .gguf "
+                           f"file to copy the tokenizer from, or tokenizer=None")
     pre = _pre_tokenizer_name(spec.get("pre_tokenizer"))
     vocab = tokenizer.get_vocab()  # token -> id, added tokens included
     by_id = {i: t for t, i in vocab.items()}
     if len(by_id) > vocab_size:
-        raise ValueError(f"the tokenizer has {len(by_id)} tokens; the model's vocabulary has {vocab_size}")
+        raise InvalidValue(f"the tokenizer has {len(by_id)} tokens; the model's vocabulary has {vocab_size}")
     added = {token.content: token for token in tokenizer.added_tokens_decoder.values()}
     tokens, types = [], []
     for i in range(vocab_size):
@@ -405,9 +406,9 @@ def _pre_tokenizer_name(pre_tokenizer: Mapping[str, Any] | None) -> str:
     if kinds in _PRE_TOKENIZERS and plain:
         return _PRE_TOKENIZERS[kinds]
     shown = re.sub(r"\s+", " ", json.dumps(pre_tokenizer))[:200]
-    raise ValueError(f"GGUF export knows llama.cpp's name for the pre-tokenizers "
-                     f"{', '.join(_PRE_TOKENIZERS.values())} only, not {shown}; pass a .gguf file to copy the "
-                     f"tokenizer from, or tokenizer=None")
+    raise InvalidValue(f"GGUF export knows llama.cpp's name for the pre-tokenizers "
+                       f"{', '.join(_PRE_TOKENIZERS.values())} only, not {shown}; pass a .gguf file to copy the "
+                       f"tokenizer from, or tokenizer=None")
 
 
 def dequantized(path: str | os.PathLike) -> dict[str, np.ndarray]:

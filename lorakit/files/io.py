@@ -30,6 +30,7 @@ from safetensors.torch import save
 from torch import nn
 
 from ..core.config import LoraConfig, changes_base, check_adapter_name
+from ..core.errors import FileProblem, InvalidValue, MissingFile
 from ..core.inject import ModulesToSave, find_modules_to_save, find_targets, find_token_targets
 from ..core.layers import LoraEmbedding, LoraLayer, TrainableTokensLayer, lora_shapes
 from .fingerprint import compare_fingerprints, fingerprint
@@ -133,16 +134,16 @@ def make_folder(path: str | os.PathLike, what: str = "output folder") -> Path:
     for part in (path, *path.parents):
         if part.exists() and not part.is_dir():
             if part == path:
-                raise ValueError(f"{what} {str(path)!r} is a file, not a folder; name a folder (it is created if "
-                                 f"missing) or move the file away")
-            raise ValueError(f"{what} {str(path)!r} cannot be created: {str(part)!r} is a file, not a folder")
+                raise InvalidValue(f"{what} {str(path)!r} is a file, not a folder; name a folder (it is created if "
+                                   f"missing) or move the file away")
+            raise InvalidValue(f"{what} {str(path)!r} cannot be created: {str(part)!r} is a file, not a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except PermissionError:
-        raise ValueError(f"{what} {str(path)!r} cannot be created: permission denied (choose a folder you can "
-                         f"write to)") from None
+        raise InvalidValue(f"{what} {str(path)!r} cannot be created: permission denied (choose a folder you can "
+                           f"write to)") from None
     except OSError as err:
-        raise ValueError(f"{what} {str(path)!r} cannot be created: {err.strerror or err}") from None
+        raise InvalidValue(f"{what} {str(path)!r} cannot be created: {err.strerror or err}") from None
     return path
 
 
@@ -168,7 +169,7 @@ def atomic_write(path: Path, write: Any) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         kept = f"the existing {path.name} is unchanged" if path.exists() else "nothing was written"
-        raise OSError(f"could not write {path} ({err.strerror or err}); {kept}") from None
+        raise FileProblem(f"could not write {path} ({err.strerror or err}); {kept}") from None
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -206,7 +207,7 @@ def save_adapters(model: LoraModel, save_directory: str | os.PathLike, adapter_n
     for name in names:
         check_adapter_name(name)
         if name not in model.peft_config:
-            raise ValueError(f"unknown adapter {name!r}; adapters: {sorted(model.peft_config)}")
+            raise InvalidValue(f"unknown adapter {name!r}; adapters: {sorted(model.peft_config)}")
         folder = make_folder(Path(save_directory) if name == "default" else Path(save_directory) / name,
                              "adapter folder")
         tensors = {PREFIX + k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model, name).items()}
@@ -238,17 +239,17 @@ def _convert_to_lora(lora_config: LoraConfig, config: dict[str, Any], tensors: d
                      initial: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """PEFT's PiSSA → LoRA conversion of one adapter's config and tensors (see :func:`save_adapters`)."""
     if lora_config.use_rslora and (lora_config.rank_pattern or lora_config.alpha_pattern):
-        raise ValueError("path_initial_model_for_weight_conversion does not work with use_rslora together with "
-                         "rank_pattern or alpha_pattern (the doubled rank would change the scaling; PEFT refuses it "
-                         "too)")
+        raise InvalidValue("path_initial_model_for_weight_conversion does not work with use_rslora together with "
+                           "rank_pattern or alpha_pattern (the doubled rank would change the scaling; PEFT refuses it "
+                           "too)")
     if lora_config.use_dora:
-        raise ValueError("path_initial_model_for_weight_conversion cannot convert a DoRA adapter: its magnitude "
-                         "vector is not a difference of two low-rank updates")
+        raise InvalidValue("path_initial_model_for_weight_conversion cannot convert a DoRA adapter: its magnitude "
+                           "vector is not a difference of two low-rank updates")
     init_config, init_tensors, _ = read_adapter(initial)
     init_tensors = {PREFIX + k: v for k, v in init_tensors.items()}
     if (init_config.r, init_config.rank_pattern) != (lora_config.r, lora_config.rank_pattern):
-        raise ValueError(f"{str(initial)!r} holds an adapter of rank {init_config.r}, this one has rank "
-                         f"{lora_config.r}: it is not this adapter's initial state")
+        raise InvalidValue(f"{str(initial)!r} holds an adapter of rank {init_config.r}, this one has rank "
+                           f"{lora_config.r}: it is not this adapter's initial state")
     out: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
         is_a = key.endswith((".lora_A.weight", ".lora_embedding_A"))
@@ -257,8 +258,8 @@ def _convert_to_lora(lora_config: LoraConfig, config: dict[str, Any], tensors: d
             out[key] = value
             continue
         if key not in init_tensors or init_tensors[key].shape != value.shape:
-            raise ValueError(f"{str(initial)!r} lacks {key!r} (or has it in another shape): it is not this "
-                             f"adapter's initial state")
+            raise InvalidValue(f"{str(initial)!r} lacks {key!r} (or has it in another shape): it is not this "
+                               f"adapter's initial state")
         start = init_tensors[key].to(value.dtype)
         # B·A − B₀·A₀ = [B, −B₀]·[A; A₀]: A stacks along the rank (dim 0), B along its rank (dim 1).
         out[key] = torch.cat([value, start], dim=0) if is_a else torch.cat([value, -start], dim=1)
@@ -321,17 +322,17 @@ def read_json_object(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:
-        raise ValueError(f"{str(path)!r} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+        raise InvalidValue(f"{str(path)!r} is not UTF-8 text ({err.reason} at byte {err.start})") from None
     except json.JSONDecodeError as err:
-        raise ValueError(f"{str(path)!r} is not valid JSON: {err}") from None
+        raise InvalidValue(f"{str(path)!r} is not valid JSON: {err}") from None
     except RecursionError:
-        raise ValueError(f"{str(path)!r} nests too deeply to be a config") from None
+        raise InvalidValue(f"{str(path)!r} nests too deeply to be a config") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{str(path)!r} holds a JSON {type(data).__name__}, not an object of settings")
+        raise InvalidValue(f"{str(path)!r} holds a JSON {type(data).__name__}, not an object of settings")
     bad = _non_finite(data)
     if bad is not None:
         field, value = bad
-        raise ValueError(f"{str(path)!r}: {field} is {value}; every number in it must be finite")
+        raise InvalidValue(f"{str(path)!r}: {field} is {value}; every number in it must be finite")
     return data
 
 
@@ -361,9 +362,9 @@ def inside(folder: str | os.PathLike, name: str, allow_symlinks: bool = False) -
         return path
     target, root = path.resolve(), Path(folder).resolve()
     if target != root and root not in target.parents:
-        raise ValueError(f"{str(path)!r} is a symbolic link to {str(target)!r}, outside the adapter folder; lorakit "
-                         f"does not follow links out of an adapter folder (copy the file in, or pass "
-                         f"allow_symlinks=True from Python)")
+        raise InvalidValue(f"{str(path)!r} is a symbolic link to {str(target)!r}, outside the adapter folder; lorakit "
+                           f"does not follow links out of an adapter folder (copy the file in, or pass "
+                           f"allow_symlinks=True from Python)")
     return path
 
 
@@ -371,7 +372,7 @@ def read_adapter_config(folder: Path, allow_symlinks: bool = False) -> dict[str,
     """The ``adapter_config.json`` of an adapter folder as a dict (any PEFT type), with clear errors."""
     path = inside(folder, CONFIG_NAME, allow_symlinks)
     if not path.is_file():
-        raise FileNotFoundError(f"{str(folder)!r} has no {CONFIG_NAME}")
+        raise MissingFile(f"{str(folder)!r} has no {CONFIG_NAME}")
     return read_json_object(path)
 
 
@@ -394,15 +395,15 @@ def read_adapter(path: str | os.PathLike, allow_pickle: bool = False, allow_syml
     """
     folder = Path(path)
     if not folder.is_dir():
-        raise FileNotFoundError(f"adapter folder {str(folder)!r} does not exist")
+        raise MissingFile(f"adapter folder {str(folder)!r} does not exist")
     config_file = inside(folder, CONFIG_NAME, allow_symlinks)
     if not config_file.is_file():
-        raise FileNotFoundError(f"{str(config_file)!r} not found: not an adapter folder")
+        raise MissingFile(f"{str(config_file)!r} not found: not an adapter folder")
     settings = read_json_object(config_file)
     try:
         config = LoraConfig.from_dict(settings)
     except (ValueError, TypeError) as err:  # a setting lorakit lacks, or of the wrong type, e.g. "r": [8]
-        raise ValueError(f"{str(config_file)!r}: {err}") from None
+        raise InvalidValue(f"{str(config_file)!r}: {err}") from None
     weights = inside(folder, WEIGHTS_NAME, allow_symlinks)
     pickled = inside(folder, PICKLE_NAME, allow_symlinks)
     metadata: dict[str, str] = {}
@@ -412,20 +413,20 @@ def read_adapter(path: str | os.PathLike, allow_pickle: bool = False, allow_syml
                 metadata = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError, ValueError) as err:
-            raise ValueError(f"{str(weights)!r} is truncated or corrupt: {err}") from None
+            raise InvalidValue(f"{str(weights)!r} is truncated or corrupt: {err}") from None
     elif pickled.is_file():
         if not allow_pickle:
-            raise ValueError(
-                f"{str(pickled)!r} is a pickle file, which can run code when loaded; lorakit refuses it "
-                f"unless you pass allow_pickle=True (it is then read with torch.load(weights_only=True)), or convert "
-                f"it to {WEIGHTS_NAME}"
-            )
+            raise InvalidValue(
+                  f"{str(pickled)!r} is a pickle file, which can run code when loaded; lorakit refuses it "
+                  f"unless you pass allow_pickle=True (it is then read with torch.load(weights_only=True)), or convert "
+                  f"it to {WEIGHTS_NAME}"
+              )
         try:
             tensors = torch.load(pickled, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file
-            raise ValueError(f"{str(pickled)!r} could not be read safely: {err}") from None
+            raise InvalidValue(f"{str(pickled)!r} could not be read safely: {err}") from None
     else:
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {str(folder)!r}")
+        raise MissingFile(f"no {WEIGHTS_NAME} in {str(folder)!r}")
     check_finite(tensors, folder)
     label = metadata.get(INIT_KEY)
     if config.init_lora_weights is True and isinstance(label, str) and changes_base(label):
@@ -437,14 +438,14 @@ def check_finite(tensors: dict[str, torch.Tensor], folder: Path) -> None:
     """Refuse NaN or ±inf weights: they would load silently and make every output NaN (empty generated text)."""
     for key, value in tensors.items():
         if not isinstance(value, torch.Tensor):
-            raise ValueError(f"{str(folder)!r}: {key!r} is a {type(value).__name__}, not a tensor")
+            raise InvalidValue(f"{str(folder)!r}: {key!r} is a {type(value).__name__}, not a tensor")
         if not value.is_floating_point():  # cast silently, integers would load as some other adapter than saved
-            raise ValueError(f"{str(folder)!r}: tensor {key!r} has dtype {str(value.dtype).removeprefix('torch.')}; "
-                             f"adapter weights are floating point (float32, float16 or bfloat16)")
+            raise InvalidValue(f"{str(folder)!r}: tensor {key!r} has dtype {str(value.dtype).removeprefix('torch.')}; "
+                               f"adapter weights are floating point (float32, float16 or bfloat16)")
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             bad = int((~torch.isfinite(value)).sum())
-            raise ValueError(f"{str(folder)!r}: tensor {key!r} holds {bad} NaN or infinite value(s); "
-                             f"the adapter is damaged (was it saved after training diverged?)")
+            raise InvalidValue(f"{str(folder)!r}: tensor {key!r} holds {bad} NaN or infinite value(s); "
+                               f"the adapter is damaged (was it saved after training diverged?)")
 
 
 def _normalize_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -485,26 +486,26 @@ def _plan(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor]
             required[f"{name}.{key}"] = tuple(value.shape)
     missing = [k for k in required if k not in tensors]
     if missing:
-        raise ValueError(f"the adapter file lacks {len(missing)} tensor(s) this model needs under its config, "
-                         f"e.g. {missing[:3]}")
+        raise InvalidValue(f"the adapter file lacks {len(missing)} tensor(s) this model needs under its config, "
+                           f"e.g. {missing[:3]}")
     for key, shape in required.items():
         if tuple(tensors[key].shape) != tuple(shape):
-            raise ValueError(f"shape mismatch for {key!r}: the file has {list(tensors[key].shape)}, "
-                             f"this model needs {list(shape)}")
+            raise InvalidValue(f"shape mismatch for {key!r}: the file has {list(tensors[key].shape)}, "
+                               f"this model needs {list(shape)}")
     for key in tensors.keys() - required.keys():
         value, current = tensors[key], _base_param(model, key)
         if key.endswith("bias") and current is not None:
             if current.shape != value.shape:
-                raise ValueError(f"shape mismatch for {key!r}: the file has {list(value.shape)}, "
-                                 f"this model needs {list(current.shape)}")
+                raise InvalidValue(f"shape mismatch for {key!r}: the file has {list(value.shape)}, "
+                                   f"this model needs {list(current.shape)}")
             continue
         if key.endswith(".base_layer.weight") and current is not None:  # PEFT saves a targeted base embedding
             if current.shape == value.shape and torch.equal(current.detach().cpu(), value.to(current.dtype)):
                 continue
-            raise ValueError(f"adapter tensor {key!r} would replace a base weight with other values (a resized "
-                             f"vocabulary?); lorakit does not load base weights from adapter files")
-        raise ValueError(f"adapter tensor {key!r} has no place in this model "
-                         f"(the config targets {config.target_modules!r})")
+            raise InvalidValue(f"adapter tensor {key!r} would replace a base weight with other values (a resized "
+                               f"vocabulary?); lorakit does not load base weights from adapter files")
+        raise InvalidValue(f"adapter tensor {key!r} has no place in this model "
+                           f"(the config targets {config.target_modules!r})")
     return targets
 
 
@@ -529,24 +530,24 @@ def check_fits(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Te
     residual = (f"this adapter was initialized with {init!r}, which moved part of each targeted base weight into "
                 f"the adapter: it only fits the residual base that initialization left")
     if changes_base(init) and FINGERPRINT_KEY not in metadata and not force:
-        raise ValueError(f"{residual}, and the file carries no fingerprint of that base (a PEFT file), so lorakit "
-                         f"cannot tell a residual base from a plain one. If this model is the residual base, pass "
-                         f"force=True; for the original base, convert the adapter to plain LoRA "
-                         f"(save_pretrained(..., path_initial_model_for_weight_conversion=...))")
+        raise InvalidValue(f"{residual}, and the file carries no fingerprint of that base (a PEFT file), so lorakit "
+                           f"cannot tell a residual base from a plain one. If this model is the residual base, pass "
+                           f"force=True; for the original base, convert the adapter to plain LoRA "
+                           f"(save_pretrained(..., path_initial_model_for_weight_conversion=...))")
     if FINGERPRINT_KEY in metadata:
         try:
             saved = json.loads(metadata[FINGERPRINT_KEY])
         except json.JSONDecodeError:
-            raise ValueError(f"the adapter's {FINGERPRINT_KEY} metadata is not valid JSON") from None
+            raise InvalidValue(f"the adapter's {FINGERPRINT_KEY} metadata is not valid JSON") from None
         diffs = compare_fingerprints(saved, fingerprint(model, adapter_modules(model, config)))
         if diffs and not force:
             if changes_base(init):
-                raise ValueError(f"{residual}, and this model's base weights are not that residual (a plain base?): "
-                                 + "; ".join(diffs[:5]) + ". Load it onto the residual base, or convert it to plain "
-                                 "LoRA for the original base (save_pretrained(..., "
-                                 "path_initial_model_for_weight_conversion=...)).")
-            raise ValueError("this adapter was trained on a different base model: " + "; ".join(diffs[:5])
-                             + ". Pass force=True to load it anyway (the shapes must still fit).")
+                raise InvalidValue(f"{residual}, and this model's base weights are not that residual (a plain base?): "
+                                   + "; ".join(diffs[:5]) + ". Load it onto the residual base, or convert it to plain "
+                                   "LoRA for the original base (save_pretrained(..., "
+                                   "path_initial_model_for_weight_conversion=...)).")
+            raise InvalidValue("this adapter was trained on a different base model: " + "; ".join(diffs[:5])
+                               + ". Pass force=True to load it anyway (the shapes must still fit).")
     return _plan(model, config, tensors)
 
 
@@ -584,9 +585,9 @@ def set_adapter_state_dict(model: LoraModel, state_dict: dict[str, torch.Tensor]
     without the ``base_model.model.`` prefix) into the existing adapter ``adapter_name``. Checked first:
     on error nothing changes."""
     if adapter_name not in model.peft_config:
-        raise ValueError(f"unknown adapter {adapter_name!r}; adapters: {sorted(model.peft_config)}")
+        raise InvalidValue(f"unknown adapter {adapter_name!r}; adapters: {sorted(model.peft_config)}")
     if any(adapter_name in layer.merged_adapters for _, layer in model.lora_layers()):
-        raise ValueError(f"adapter {adapter_name!r} is merged into the base weights; unmerge_adapter() first")
+        raise InvalidValue(f"adapter {adapter_name!r} is merged into the base weights; unmerge_adapter() first")
     tensors = _normalize_keys(state_dict)
     targets = _plan(model.model, model.peft_config[adapter_name], tensors)
     copy_in(model, adapter_name, targets, tensors)

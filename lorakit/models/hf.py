@@ -10,13 +10,15 @@ from typing import Any
 
 import torch
 
+from ..core.errors import MissingDependency
+
 
 def require_transformers():
     try:
         import transformers
     except ImportError:
-        raise ImportError("loading Hugging Face models needs transformers, gguf and accelerate: "
-                          "pip install 'lorakit[hf]'") from None
+        raise MissingDependency("loading Hugging Face models needs transformers, gguf and accelerate: "
+                                "pip install 'lorakit[hf]'") from None
     # lorakit shows its own progress; transformers' bars (loading weights, converting GGUF, writing shards) would
     # interleave with them, even on error paths.
     transformers.logging.set_verbosity_error()

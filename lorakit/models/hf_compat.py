@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ..core.errors import InvalidValue, MissingDependency
 from ..core.layers import LoraLayer
 from ..files.io import check_fits, copy_in, json_targets, read_adapter
 from .model import LoraModel
@@ -33,7 +34,7 @@ try:
     import transformers
     from transformers.utils.generic import can_return_loss, find_labels
 except ImportError:  # pragma: no cover - lorakit[hf] is what every Trainer user has
-    raise ImportError("lorakit.models.hf_compat needs transformers: pip install 'lorakit[hf]'") from None
+    raise MissingDependency("lorakit.models.hf_compat needs transformers: pip install 'lorakit[hf]'") from None
 
 TRAINING_ARGS_NAME = "training_args.bin"  # transformers.trainer's name for the pickled TrainingArguments
 
@@ -58,7 +59,7 @@ def restore_adapters(model: LoraModel, folder: str | os.PathLike) -> list[str]:
     """
     merged = sorted({n for _, layer in model.lora_layers() for n in layer.merged_adapters})
     if merged:
-        raise ValueError(f"adapter(s) {merged} are merged into the base weights; unmerge_adapter() first")
+        raise InvalidValue(f"adapter(s) {merged} are merged into the base weights; unmerge_adapter() first")
     plans = []
     for name, config in model.peft_config.items():
         path = Path(folder) if name == "default" else Path(folder) / name
@@ -66,8 +67,8 @@ def restore_adapters(model: LoraModel, folder: str | os.PathLike) -> list[str]:
         ours, theirs = _settings(config), _settings(saved)
         if ours != theirs:
             diff = {k: (v, theirs.get(k)) for k, v in ours.items() if theirs.get(k) != v}
-            raise ValueError(f"{str(path)!r} holds adapter {name!r} with another config than the model's "
-                             f"(setting: (model, file)): {diff}")
+            raise InvalidValue(f"{str(path)!r} holds adapter {name!r} with another config than the model's "
+                               f"(setting: (model, file)): {diff}")
         with model.unmerged():  # the fingerprint describes the base weights without any update folded in
             plans.append((name, check_fits(model.model, saved, tensors, metadata), tensors))
     for name, targets, tensors in plans:
@@ -104,8 +105,8 @@ class LoraTrainerMixin:
         if lora is not None and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
             # Both hand _save a gathered state_dict and load checkpoints their own way: refused now, not at the
             # first save.
-            raise ValueError("lorakit.models.hf_compat trains a LoraModel without DeepSpeed or FSDP; they "
-                             "are not supported here (lorakit's own trainer, lorakit.train, has FSDP)")
+            raise InvalidValue("lorakit.models.hf_compat trains a LoraModel without DeepSpeed or FSDP; they "
+                               "are not supported here (lorakit's own trainer, lorakit.train, has FSDP)")
         if lora is not None:
             # What Trainer.__init__ reads from unwrap_peft_model(model) for PEFT: the wrapped model's class.
             base = lora.get_base_model()
@@ -182,7 +183,7 @@ def _sft_trainer() -> type:
     try:
         import trl
     except ImportError:
-        raise ImportError("lorakit.models.hf_compat.SFTTrainer needs TRL: pip install trl") from None
+        raise MissingDependency("lorakit.models.hf_compat.SFTTrainer needs TRL: pip install trl") from None
 
     class SFTTrainer(LoraTrainerMixin, trl.SFTTrainer):
         """TRL's ``SFTTrainer`` that trains, saves and resumes a :class:`~lorakit.LoraModel` as it does a
@@ -192,8 +193,8 @@ def _sft_trainer() -> type:
         def __init__(self, model: Any, *args: Any, **kwargs: Any) -> None:
             if isinstance(model, LoraModel) and isinstance(model.get_output_embeddings(), LoraLayer):
                 # TRL's loss multiplies by lm_head.weight directly (its fused LM head): the adapter would not train.
-                raise ValueError("SFTTrainer computes the loss from lm_head.weight directly, so a LoRA adapter on "
-                                 "the output head would never train; remove the head from target_modules")
+                raise InvalidValue("SFTTrainer computes the loss from lm_head.weight directly, so a LoRA adapter on "
+                                   "the output head would never train; remove the head from target_modules")
             super().__init__(model, *args, **kwargs)
 
     SFTTrainer.__module__ = __name__

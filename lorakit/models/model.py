@@ -20,6 +20,7 @@ from torch import nn
 
 from ..core.combine import add_weighted_adapter
 from ..core.config import BASE_ROW, LoraConfig, check_adapter_name
+from ..core.errors import InvalidType, InvalidValue
 from ..core.inject import ModulesToSave, inject, set_submodule
 from ..core.layers import LoraLayer, is_4bit
 from ..core.mixed import check_rows, copies_per_row, expand_for_generation, routing_for
@@ -133,9 +134,9 @@ class LoraModel(nn.Module):
         """
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
-            raise ValueError(f"adapter {adapter_name!r} already exists; adapters: {sorted(self.peft_config)}")
+            raise InvalidValue(f"adapter {adapter_name!r} already exists; adapters: {sorted(self.peft_config)}")
         if not isinstance(config, LoraConfig):
-            raise TypeError(f"config must be a LoraConfig, got {type(config).__name__}")
+            raise InvalidType(f"config must be a LoraConfig, got {type(config).__name__}")
         wrapped = inject(self.model, config, adapter_name, init_weights=init_weights)
         self._wrappers = None
         self.peft_config[adapter_name] = config
@@ -146,19 +147,19 @@ class LoraModel(nn.Module):
         """Activate one adapter, or several (a list: their updates add up). Only active adapters train."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         if not names:
-            raise ValueError("set_adapter needs at least one adapter name")
+            raise InvalidValue("set_adapter needs at least one adapter name")
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
-            raise ValueError(f"unknown adapter(s) {unknown}; adapters: {sorted(self.peft_config)}")
+            raise InvalidValue(f"unknown adapter(s) {unknown}; adapters: {sorted(self.peft_config)}")
         self._active = names
         self._refresh()
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter from every layer. The last adapter cannot be deleted (use ``unload``)."""
         if adapter_name not in self.peft_config:
-            raise ValueError(f"unknown adapter {adapter_name!r}; adapters: {sorted(self.peft_config)}")
+            raise InvalidValue(f"unknown adapter {adapter_name!r}; adapters: {sorted(self.peft_config)}")
         if len(self.peft_config) == 1:
-            raise ValueError(f"{adapter_name!r} is the only adapter; use unload() to get the base model back")
+            raise InvalidValue(f"{adapter_name!r} is the only adapter; use unload() to get the base model back")
         for _, layer in self.lora_layers():
             if adapter_name in layer.adapters:
                 layer.delete_adapter(adapter_name)
@@ -237,11 +238,11 @@ class LoraModel(nn.Module):
         """Let the parameters of ``adapter_names`` (A, B, DoRA magnitudes, trained heads) train, or stop them, as
         PEFT's method does. ``set_adapter`` and ``enable_adapter_layers`` set them again from the active list."""
         if not isinstance(requires_grad, bool):
-            raise TypeError(f"requires_grad must be True or False, got {requires_grad!r}")
+            raise InvalidType(f"requires_grad must be True or False, got {requires_grad!r}")
         if isinstance(adapter_names, str):
             adapter_names = [adapter_names]
         elif not (isinstance(adapter_names, Sequence) and all(isinstance(n, str) for n in adapter_names)):
-            raise TypeError(f"adapter_names must be an adapter name or a list of them, got {adapter_names!r}")
+            raise InvalidType(f"adapter_names must be an adapter name or a list of them, got {adapter_names!r}")
         names = self._known(adapter_names)
         for _, module in self.lora_layers():
             for name in names:
@@ -278,24 +279,24 @@ class LoraModel(nn.Module):
         unknown = [n for n in dict.fromkeys([*adapter_names, *(encoder_adapter_names or [])])
                    if n != BASE_ROW and n not in self.peft_config]
         if unknown:
-            raise ValueError(f"adapter_names has unknown adapter(s) {unknown}; adapters: {sorted(self.peft_config)} "
-                             f"or {BASE_ROW!r} for the base model")
+            raise InvalidValue(f"adapter_names has unknown adapter(s) {unknown}; adapters: {sorted(self.peft_config)} "
+                               f"or {BASE_ROW!r} for the base model")
         if encoder_adapter_names is not None:
             if not self._is_encoder_decoder:
-                raise ValueError("encoder_adapter_names routes an encoder-decoder's encoder; this model has no "
-                                 "encoder (config.is_encoder_decoder is not set)")
+                raise InvalidValue("encoder_adapter_names routes an encoder-decoder's encoder; this model has no "
+                                   "encoder (config.is_encoder_decoder is not set)")
             rows = len(encoder_adapter_names)
             copies = len(adapter_names) // rows if rows else 0
             if not copies or expand_for_generation(encoder_adapter_names, copies) != list(adapter_names):
-                raise ValueError(f"encoder_adapter_names ({rows} entries) must be adapter_names "
-                                 f"({len(adapter_names)} entries) with each row once: repeating each name k times "
-                                 f"must give adapter_names")
+                raise InvalidValue(f"encoder_adapter_names ({rows} entries) must be adapter_names "
+                                   f"({len(adapter_names)} entries) with each row once: repeating each name k times "
+                                   f"must give adapter_names")
         dora = [n for n in names if self.peft_config[n].use_dora]
         if dora:
-            raise ValueError(f"mixed batches (adapter_names=..., with or without num_beams) do not support DoRA "
-                             f"adapters; {dora} use DoRA")
+            raise InvalidValue(f"mixed batches (adapter_names=..., with or without num_beams) do not support DoRA "
+                               f"adapters; {dora} use DoRA")
         if any(layer.merged_adapters for _, layer in self.lora_layers()):
-            raise ValueError("mixed batches need unmerged adapters; call unmerge_adapter() first")
+            raise InvalidValue("mixed batches need unmerged adapters; call unmerge_adapter() first")
         slots = {n: i for i, n in enumerate(names, start=1)}
 
         def index_of(rows: Sequence[str]) -> torch.Tensor:
@@ -357,16 +358,16 @@ class LoraModel(nn.Module):
         names = self._known(self._active if adapter_names is None else adapter_names)
         self._check_enabled(names)
         if any(is_4bit(layer.base) and set(names) & set(layer.adapters) for _, layer in self.lora_layers()):
-            raise ValueError("merging into a 4-bit base weight would round it to 4 bits again (lossy, and unmerge "
-                             "could not undo it); use merge_and_unload(), which returns dense layers, or "
-                             "merge_and_unload(requantize=True)")
+            raise InvalidValue("merging into a 4-bit base weight would round it to 4 bits again (lossy, and unmerge "
+                               "could not undo it); use merge_and_unload(), which returns dense layers, or "
+                               "merge_and_unload(requantize=True)")
         for _, layer in self.lora_layers():
             layer.merge(names)
 
     def _known(self, names: Sequence[str]) -> list[str]:
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
-            raise ValueError(f"unknown adapter(s) {unknown}; adapters: {sorted(self.peft_config)}")
+            raise InvalidValue(f"unknown adapter(s) {unknown}; adapters: {sorted(self.peft_config)}")
         return list(names)
 
     def unmerge_adapter(self) -> None:
@@ -389,7 +390,7 @@ class LoraModel(nn.Module):
         self._check_enabled(names)
         if not any(is_4bit(m) for m in self.model.modules()):
             if requantize:
-                raise ValueError("requantize=True re-quantizes 4-bit layers; this model has none")
+                raise InvalidValue("requantize=True re-quantizes 4-bit layers; this model has none")
             self.merge_adapter(names)
             return self._unwrap(names)
         probe = default_probe(self.model, self.device) if probe is None else probe
@@ -406,8 +407,8 @@ class LoraModel(nn.Module):
         """Merging is refused while the adapter layers are disabled: a disabled layer computes the base alone, and a
         merged update would bring the adapter back."""
         if any(layer.disabled and set(names) & set(layer.adapters) for _, layer in self.lora_layers()):
-            raise ValueError(f"cannot merge adapter(s) {names} while the adapter layers are disabled (a disabled "
-                             f"layer computes the base model alone); call enable_adapter_layers() first")
+            raise InvalidValue(f"cannot merge adapter(s) {names} while the adapter layers are disabled (a disabled "
+                               f"layer computes the base model alone); call enable_adapter_layers() first")
 
     def unload(self) -> nn.Module:
         """Return the plain base model, without any adapter's update (merged ones are unmerged first)."""
@@ -448,15 +449,15 @@ class LoraModel(nn.Module):
         the other ranks of a distributed run). ``safe_serialization=False`` (pickle) and a ``state_dict`` gathered
         by DeepSpeed or FSDP are refused: lorakit writes safetensors from the model's own adapter tensors."""
         if not safe_serialization:
-            raise ValueError("safe_serialization=False asks for a pickle file; lorakit writes only "
-                             "adapter_model.safetensors")
+            raise InvalidValue("safe_serialization=False asks for a pickle file; lorakit writes only "
+                               "adapter_model.safetensors")
         if state_dict is not None:
-            raise ValueError("save_pretrained(state_dict=...) is not supported: lorakit saves the adapters from the "
-                             "model's own tensors (a state_dict is passed by DeepSpeed / FSDP saving, which lorakit's "
-                             "Trainer integration does not support)")
+            raise InvalidValue("save_pretrained(state_dict=...) is not supported: lorakit saves the adapters from the "
+                               "model's own tensors (a state_dict is passed by DeepSpeed / FSDP saving, which lorakit's "
+                               "Trainer integration does not support)")
         if selected_adapters is not None:
             if adapter_names is not None:
-                raise ValueError("pass adapter_names or selected_adapters (PEFT's name for it), not both")
+                raise InvalidValue("pass adapter_names or selected_adapters (PEFT's name for it), not both")
             adapter_names = selected_adapters
         if not is_main_process:
             return
@@ -480,7 +481,7 @@ class LoraModel(nn.Module):
         """
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
-            raise ValueError(f"adapter {adapter_name!r} already exists; adapters: {sorted(self.peft_config)}")
+            raise InvalidValue(f"adapter {adapter_name!r} already exists; adapters: {sorted(self.peft_config)}")
         config, tensors, metadata = read_adapter(path, allow_pickle, allow_symlinks)
         with self.unmerged():  # the fingerprint describes the base weights without any update folded in
             targets = check_fits(self.model, config, tensors, metadata, force)

@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from ..core.errors import InvalidValue
 from ..files.io import WEIGHTS_NAME, check_finite, inside, read_adapter_config, write_adapter_files
 
 
@@ -33,7 +34,7 @@ class PromptTuningModel(nn.Module):
     def __init__(self, model: nn.Module, num_virtual_tokens: int = 20, seed: int = 0) -> None:
         super().__init__()
         if not isinstance(num_virtual_tokens, int) or num_virtual_tokens < 1:
-            raise ValueError(f"num_virtual_tokens must be a positive integer, got {num_virtual_tokens!r}")
+            raise InvalidValue(f"num_virtual_tokens must be a positive integer, got {num_virtual_tokens!r}")
         embed = model.get_input_embeddings()
         self.model = model
         for p in model.parameters():
@@ -50,8 +51,8 @@ class PromptTuningModel(nn.Module):
     def _inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                 position_ids: torch.Tensor | None) -> dict[str, torch.Tensor]:
         if position_ids is not None:
-            raise ValueError("prompt tuning puts its tokens before each sequence, so packed rows (position_ids) "
-                             "cannot carry it; pad the examples instead")
+            raise InvalidValue("prompt tuning puts its tokens before each sequence, so packed rows (position_ids) "
+                               "cannot carry it; pad the examples instead")
         embeds = self.model.get_input_embeddings()(input_ids)  # (B, T, H)
         batch, n = input_ids.shape[0], self.num_virtual_tokens
         prompt = self.prompt.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)  # (B, n, H)
@@ -111,20 +112,20 @@ class PromptTuningModel(nn.Module):
         folder = Path(path)
         settings = read_adapter_config(folder)
         if settings.get("peft_type") != "PROMPT_TUNING":
-            raise ValueError(f"{folder} holds a {settings.get('peft_type')!r} adapter, not a prompt "
-                             f"(peft_type PROMPT_TUNING)")
+            raise InvalidValue(f"{folder} holds a {settings.get('peft_type')!r} adapter, not a prompt "
+                               f"(peft_type PROMPT_TUNING)")
         try:
             tensors = load_file(str(inside(folder, WEIGHTS_NAME)))
         except (SafetensorError, OSError) as err:
-            raise ValueError(f"{str(folder / WEIGHTS_NAME)!r} is missing, truncated or corrupt: {err}") from None
+            raise InvalidValue(f"{str(folder / WEIGHTS_NAME)!r} is missing, truncated or corrupt: {err}") from None
         check_finite(tensors, folder)
         if "prompt_embeddings" not in tensors:
-            raise ValueError(f"{folder / WEIGHTS_NAME} has no 'prompt_embeddings' tensor")
+            raise InvalidValue(f"{folder / WEIGHTS_NAME} has no 'prompt_embeddings' tensor")
         prompt = tensors["prompt_embeddings"]
         hidden = model.get_input_embeddings().weight.shape[1]
         if prompt.ndim != 2 or prompt.shape[1] != hidden:
-            raise ValueError(f"the saved prompt is {list(prompt.shape)}, but this model's embeddings are "
-                             f"{hidden} wide")
+            raise InvalidValue(f"the saved prompt is {list(prompt.shape)}, but this model's embeddings are "
+                               f"{hidden} wide")
         wrapped = cls(model, prompt.shape[0])
         with torch.no_grad():
             wrapped.prompt.copy_(prompt)

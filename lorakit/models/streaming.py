@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.errors import FileProblem, InvalidValue, MissingFile
 from ..core.process_memory import return_freed_memory
 from .hf import load_pretrained, require_transformers
 
@@ -82,16 +83,16 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise ValueError(f"{path}: not a safetensors file ({size} bytes, shorter than its 8-byte header length)")
+            raise InvalidValue(f"{path}: not a safetensors file ({size} bytes, shorter than its 8-byte header length)")
         (n,) = struct.unpack("<Q", head)
         if n > MAX_HEADER or 8 + n > size:
-            raise ValueError(f"{path}: not a safetensors file (its header length {n} exceeds the file's {size} bytes)")
+            raise InvalidValue(f"{path}: not a safetensors file (its header length {n} exceeds the file's {size} bytes)")
         try:
             header = json.loads(f.read(n))
         except (ValueError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path}: the safetensors header is not valid JSON ({err})") from None
+            raise InvalidValue(f"{path}: the safetensors header is not valid JSON ({err})") from None
     if not isinstance(header, dict):
-        raise ValueError(f"{path}: the safetensors header is not a JSON object")
+        raise InvalidValue(f"{path}: the safetensors header is not a JSON object")
     data_start, entries = 8 + n, {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -101,16 +102,16 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
             if not all(isinstance(d, int) and d >= 0 for d in (*shape, begin, end)):
                 raise TypeError
         except (TypeError, KeyError, ValueError):
-            raise ValueError(f"{path}: tensor {name!r} has a damaged header entry: {info!r}") from None
+            raise InvalidValue(f"{path}: tensor {name!r} has a damaged header entry: {info!r}") from None
         entry = TensorEntry(name, path, dtype, shape, data_start + begin, data_start + end)
         if dtype in DTYPES:
             expected = entry.numel * torch.empty(0, dtype=DTYPES[dtype]).element_size()
             if end - begin != expected:
-                raise ValueError(f"{path}: tensor {name!r} ({dtype}, shape {list(shape)}) should take {expected} "
-                                 f"bytes but its offsets span {end - begin}")
+                raise InvalidValue(f"{path}: tensor {name!r} ({dtype}, shape {list(shape)}) should take {expected} "
+                                   f"bytes but its offsets span {end - begin}")
         if entry.end > size or begin > end:
-            raise ValueError(f"{path}: tensor {name!r} lies at bytes {entry.begin}-{entry.end}, past the end of the "
-                             f"file ({size} bytes; truncated?)")
+            raise InvalidValue(f"{path}: tensor {name!r} lies at bytes {entry.begin}-{entry.end}, past the end of the "
+                               f"file ({size} bytes; truncated?)")
         entries[name] = entry
     return entries
 
@@ -127,15 +128,15 @@ def checkpoint_tensors(folder: Path) -> dict[str, TensorEntry]:
     index_path = folder / INDEX_FILE
     if not index_path.is_file():
         if not (folder / SINGLE_FILE).is_file():
-            raise FileNotFoundError(f"{folder} holds neither {SINGLE_FILE} nor {INDEX_FILE}")
+            raise MissingFile(f"{folder} holds neither {SINGLE_FILE} nor {INDEX_FILE}")
         return read_header(folder / SINGLE_FILE)
     try:
         weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise TypeError
     except (ValueError, KeyError, TypeError):
-        raise ValueError(f"{index_path}: not a safetensors index (it needs a \"weight_map\" of tensor name → "
-                         f"shard file)") from None
+        raise InvalidValue(f"{index_path}: not a safetensors index (it needs a \"weight_map\" of tensor name → "
+                           f"shard file)") from None
     by_file: dict[str, list[str]] = {}
     for name, file in weight_map.items():
         by_file.setdefault(file, []).append(name)
@@ -143,15 +144,15 @@ def checkpoint_tensors(folder: Path) -> dict[str, TensorEntry]:
     for file, names in by_file.items():
         path = folder / file
         if Path(file).is_absolute() or ".." in Path(file).parts:
-            raise ValueError(f"{index_path}: shard {file!r} (holding {names[0]!r}) lies outside {folder}")
+            raise InvalidValue(f"{index_path}: shard {file!r} (holding {names[0]!r}) lies outside {folder}")
         if not path.is_file():
             more = f" and {len(names) - 1} more tensors" if len(names) > 1 else ""
-            raise FileNotFoundError(f"{index_path} names the shard {file}, which is missing from {folder} (it should "
-                                    f"hold {names[0]!r}{more})")
+            raise MissingFile(f"{index_path} names the shard {file}, which is missing from {folder} (it should "
+                              f"hold {names[0]!r}{more})")
         header = read_header(path)
         for name in names:
             if name not in header:
-                raise ValueError(f"{index_path} places tensor {name!r} in {path}, which does not hold it")
+                raise InvalidValue(f"{index_path} places tensor {name!r} in {path}, which does not hold it")
             entries[name] = header[name]
     return entries
 
@@ -182,17 +183,17 @@ def model_config(source: Path, trust_remote_code: bool = False, **overrides: Any
     try:
         values = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise ValueError(f"{file}: not a readable model config ({err})") from None
+        raise InvalidValue(f"{file}: not a readable model config ({err})") from None
     if not isinstance(values, dict):
-        raise ValueError(f"{file}: not a model config (a JSON object)")
+        raise InvalidValue(f"{file}: not a model config (a JSON object)")
     model_type = values.get("model_type")
     if model_type not in CONFIG_MAPPING and not (trust_remote_code and values.get("auto_map")):
         archs = values.get("architectures") or []
         hint = (" It ships its own code (auto_map): pass --trust-remote-code (trust_remote_code=True) if you trust it."
                 if values.get("auto_map") else
                 f" Upgrade transformers (pip install -U transformers) if {archs[0] if archs else 'it'} is newer.")
-        raise ValueError(f"{file}: unknown architecture {', '.join(archs) or '(none named)'} (model_type "
-                         f"{model_type!r}); transformers {transformers.__version__} does not know it.{hint}")
+        raise InvalidValue(f"{file}: unknown architecture {', '.join(archs) or '(none named)'} (model_type "
+                           f"{model_type!r}); transformers {transformers.__version__} does not know it.{hint}")
     return transformers.AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code, **overrides)
 
 
@@ -205,8 +206,8 @@ def meta_model(auto: Any, config: Any, dtype: torch.dtype | None = None, trust_r
     has_class = type(config) in auto._model_mapping or (trust_remote_code and auto.__name__ in
                                                         (getattr(config, "auto_map", None) or {}))
     if not has_class:
-        raise ValueError(f"{type(config).__name__} ({config.model_type}) has no {auto.__name__} class in "
-                         f"transformers; this task cannot use that model")
+        raise InvalidValue(f"{type(config).__name__} ({config.model_type}) has no {auto.__name__} class in "
+                           f"transformers; this task cannot use that model")
     kwargs = {"dtype": dtype} if dtype is not None else {}
     with torch.device("meta"):
         return auto.from_config(config, trust_remote_code=trust_remote_code, **kwargs)
@@ -268,19 +269,19 @@ def plan_load(model: nn.Module, tensors: dict[str, TensorEntry], folder: Path,
     if missing:
         where = folder / INDEX_FILE if (folder / INDEX_FILE).is_file() else folder / SINGLE_FILE
         shown = ", ".join(repr(k) for k in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise ValueError(f"{where} lacks {len(missing)} tensor(s) of {type(model).__name__}: {shown}")
+        raise InvalidValue(f"{where} lacks {len(missing)} tensor(s) of {type(model).__name__}: {shown}")
     return LoadPlan(sources, initialized, tied)
 
 
 def _check_entry(key: str, tensor: torch.Tensor, entry: TensorEntry) -> None:
     if list(entry.shape) != list(tensor.shape):
-        raise ValueError(f"{entry.file}: tensor {entry.name!r} has shape {list(entry.shape)}, but "
-                         f"{key} of the model has shape {list(tensor.shape)} (a checkpoint of another model size?)")
+        raise InvalidValue(f"{entry.file}: tensor {entry.name!r} has shape {list(entry.shape)}, but "
+                           f"{key} of the model has shape {list(tensor.shape)} (a checkpoint of another model size?)")
     allowed = FLOAT_DTYPES if tensor.is_floating_point() else tuple(
         k for k, v in DTYPES.items() if not v.is_floating_point)
     if entry.dtype not in allowed:
-        raise ValueError(f"{entry.file}: tensor {entry.name!r} is stored as {entry.dtype}, which lorakit cannot load "
-                         f"into {key} (allowed: {', '.join(allowed)}; pre-quantized checkpoints are not supported)")
+        raise InvalidValue(f"{entry.file}: tensor {entry.name!r} is stored as {entry.dtype}, which lorakit cannot load "
+                           f"into {key} (allowed: {', '.join(allowed)}; pre-quantized checkpoints are not supported)")
 
 
 def checkpoint_dtype(folder: Path, tensors: dict[str, TensorEntry] | None = None) -> torch.dtype | None:
@@ -325,8 +326,8 @@ class _Reader:
         while done < nbytes:
             got = f.readinto(view[done:])
             if not got:
-                raise OSError(f"{entry.file}: tensor {entry.name!r} ends past the end of the file (truncated while "
-                              f"loading?)")
+                raise FileProblem(f"{entry.file}: tensor {entry.name!r} ends past the end of the file (truncated while "
+                                  f"loading?)")
             done += got
         return buffer.view(DTYPES[entry.dtype]).reshape(entry.shape)
 
@@ -408,8 +409,8 @@ def load_checkpoint(auto: Any, source: Path, *, dtype: torch.dtype | None = None
     bnb = quant.bitsandbytes() if quantize else None
     every_target = quant.quantize_targets(model, skip) if quantize else []
     if quantize and not every_target:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear layer to quantize besides its head "
-                         f"(GPT-2's Conv1D layers stay in full precision)")
+        raise InvalidValue(f"{type(model).__name__} has no nn.Linear layer to quantize besides its head "
+                           f"(GPT-2's Conv1D layers stay in full precision)")
     # A layer to quantize whose weight the checkpoint lacks (a new head) is quantized after its initialisation.
     targets = [name for name in every_target if f"{name}.weight" in plan.sources]
     fp32 = _fp32_names(model, dtype)
@@ -501,14 +502,14 @@ def _build_the_rest(model: nn.Module, plan: LoadPlan, dtype: torch.dtype) -> Non
     for key, tensor in sentinels:
         buffer = model.get_buffer(key)
         if buffer.is_floating_point() and torch.isnan(buffer).any():
-            raise ValueError(f"transformers' initialisation did not compute the buffer {key} of "
-                             f"{type(model).__name__}; load this model without --quantize")
+            raise InvalidValue(f"transformers' initialisation did not compute the buffer {key} of "
+                               f"{type(model).__name__}; load this model without --quantize")
     left = [k for k, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     tied = set(plan.tied)
     left = [k for k in left if k not in tied]
     if left:
-        raise ValueError(f"no checkpoint tensor or initialisation for {', '.join(left[:5])} of "
-                         f"{type(model).__name__}")
+        raise InvalidValue(f"no checkpoint tensor or initialisation for {', '.join(left[:5])} of "
+                           f"{type(model).__name__}")
 
 
 def _generation_config(model: nn.Module, source: Path) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.errors import InvalidValue
 from ..core.quant import default_probe, logits
 from ..files.io import PREFIX, json_targets, read_adapter, read_adapter_config, write_adapter_files
 from .model import LoraModel
@@ -88,7 +89,7 @@ def inspect_adapter(path: str | os.PathLike) -> dict[str, Any]:
     """
     config, tensors, _ = read_adapter(path)
     if config.use_dora:
-        raise ValueError("DoRA adapters also rescale the base weight's rows; their rank advice is not B·A's alone")
+        raise InvalidValue("DoRA adapters also rescale the base weight's rows; their rank advice is not B·A's alone")
     modules, energies = [], []
     for name, (key_a, key_b) in _factors(tensors).items():
         _, s, _ = _svd(tensors[key_a], tensors[key_b], _scaling(config, name))
@@ -97,7 +98,7 @@ def inspect_adapter(path: str | os.PathLike) -> dict[str, Any]:
         modules.append(ModuleSpectrum(name, tensors[key_a].shape[0], [float(v) for v in s],
                                       _rank_for(energy, 0.9), _rank_for(energy, 0.99)))
     if not modules:
-        raise ValueError(f"{path} holds no LoRA A/B pairs")
+        raise InvalidValue(f"{path} holds no LoRA A/B pairs")
     r = max(m.r for m in modules)
     total = sum(float(e.sum()) for e in energies)
     if total == 0:  # an untrained adapter (B = 0): no update to keep
@@ -126,13 +127,13 @@ def resize_adapter(path: str | os.PathLike, rank: int, output: str | os.PathLike
         ``max_abs_logit_diff``, ``mean_abs_logit_diff``, ``max_abs_logit``.
     """
     if not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+        raise InvalidValue(f"rank must be a positive integer, got {rank!r}")
     if Path(output).resolve() == Path(path).resolve():
-        raise ValueError(f"the output folder {str(output)!r} is the adapter itself; write the resized adapter "
-                         f"elsewhere")
+        raise InvalidValue(f"the output folder {str(output)!r} is the adapter itself; write the resized adapter "
+                           f"elsewhere")
     config, tensors, metadata = read_adapter(path)
     if config.use_dora:
-        raise ValueError("lorakit cannot resize DoRA adapters (their magnitude vector depends on the full update)")
+        raise InvalidValue("lorakit cannot resize DoRA adapters (their magnitude vector depends on the full update)")
     out_tensors = dict(tensors)
     rank_pattern: dict[str, int] = {}
     kept = total = 0.0
@@ -168,7 +169,7 @@ def _logit_error(model: nn.Module, before: str | os.PathLike, after: Path, probe
     lora.load_adapter(after, adapter_name="after")
     probe = probe if probe is not None else default_probe(model, lora.device)
     if probe is None:
-        raise ValueError("pass probe= inputs to compare logits on this model (it has no vocabulary to sample)")
+        raise InvalidValue("pass probe= inputs to compare logits on this model (it has no vocabulary to sample)")
     lora.set_adapter("before")
     reference = logits(lora, probe)
     lora.set_adapter("after")

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..core.errors import InvalidValue, MissingDependency
 from ..core.quant import quantize as to_4bit
 from ..models.devices import resolve_device
 from ..models.embedded_models import build_model, model_source, require_transformers
@@ -59,15 +60,15 @@ def build_engine(base: str = "default", adapters: dict[str, str | Path] | None =
             ``trust_remote_code``, an adapter that does not load, or ``merge`` without exactly one adapter.
     """
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        raise InvalidValue(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     adapters = dict(adapters or {})
     if merge and len(adapters) != 1:
-        raise ValueError(f"merged mode serves exactly one adapter; got {len(adapters)}: {sorted(adapters)}")
+        raise InvalidValue(f"merged mode serves exactly one adapter; got {len(adapters)}: {sorted(adapters)}")
     if merge and engine_args.get("adapter_root") is not None:
-        raise ValueError("merged mode serves one fixed adapter; it cannot load others (drop --adapter-root)")
+        raise InvalidValue("merged mode serves one fixed adapter; it cannot load others (drop --adapter-root)")
     model = build_model(base, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     if not hasattr(model, "generate") or not type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")):
-        raise ValueError(f"{base!r} is a {type(model).__name__}; lorakit serve needs a causal language model")
+        raise InvalidValue(f"{base!r} is a {type(model).__name__}; lorakit serve needs a causal language model")
     if quantize is not None:
         to_4bit(model, quantize)
     model.to(resolve_device(device))  # adapters loaded later follow their base layers' device
@@ -88,7 +89,7 @@ def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, log_level: 
     try:
         import uvicorn
     except ImportError as err:
-        raise ImportError("lorakit serve needs FastAPI and uvicorn: pip install 'lorakit[serve]'") from err
+        raise MissingDependency("lorakit serve needs FastAPI and uvicorn: pip install 'lorakit[serve]'") from err
     try:
         uvicorn.run(create_app(engine), host=host, port=port, log_level=log_level)
     finally:

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from types import ModuleType
 from typing import Any
 
+from ..core.errors import InvalidValue, MissingDependency
 from .protocol import error_body
 from .sampling import RequestError
 from .scheduler import Engine
@@ -36,7 +37,7 @@ def _fastapi() -> ModuleType:
     try:
         import fastapi
     except ImportError as err:
-        raise ImportError("lorakit serve needs FastAPI and uvicorn: pip install 'lorakit[serve]'") from err
+        raise MissingDependency("lorakit serve needs FastAPI and uvicorn: pip install 'lorakit[serve]'") from err
     return fastapi
 
 
@@ -56,7 +57,7 @@ class BodyLimit:
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         if limit < 1:
-            raise ValueError(f"max_request_bytes must be at least 1, got {limit}")
+            raise InvalidValue(f"max_request_bytes must be at least 1, got {limit}")
         self.app = app
         self.limit = limit
 

@@ -12,8 +12,10 @@ from typing import Any
 
 import torch
 
+from ..core.errors import InvalidValue
 
-class RequestError(ValueError):
+
+class RequestError(InvalidValue):
     """A client mistake, with the HTTP status the server answers it with (400, 403, 404, ...)."""
 
     def __init__(self, status: int, message: str) -> None:

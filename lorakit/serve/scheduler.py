@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ..core.config import check_adapter_name
+from ..core.errors import InvalidValue
 from .batch import Batch, Row, left_padded
 from .kv_cache import joinable, new_cache
 from .request import Event, Request
@@ -66,9 +67,9 @@ class Engine:
                  adapter_root: str | Path | None = None, max_batch_size: int = 32, max_tokens: int = 1024,
                  max_request_bytes: int = MAX_REQUEST_BYTES) -> None:
         if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+            raise InvalidValue(f"max_batch_size must be at least 1, got {max_batch_size}")
         if max_request_bytes < 1:
-            raise ValueError(f"max_request_bytes must be at least 1, got {max_request_bytes}")
+            raise InvalidValue(f"max_request_bytes must be at least 1, got {max_request_bytes}")
         self.model = model.eval()  # LoRA layers are injected into it in place: it is always the model to call
         self.tokenizer = tokenizer
         self.base_name = base_name
@@ -96,7 +97,7 @@ class Engine:
         """Register the adapters served from the start; load as many as there are slots."""
         for i, (name, path) in enumerate(adapters.items()):
             if name == self.base_name:
-                raise ValueError(f"adapter name {name!r} is the base model's name; choose another")
+                raise InvalidValue(f"adapter name {name!r} is the base model's name; choose another")
             self.slots.register(name, Path(path).resolve())
             try:  # a bad folder is an error now, not a 400 on the first request for it
                 if i < self.slots.capacity:
@@ -105,7 +106,7 @@ class Engine:
                     raise RequestError(400, f"the adapter {name!r} at {str(self.slots.paths[name])!r} has no "
                                             f"adapter_config.json")
             except RequestError as err:  # its message names the adapter and its folder
-                raise ValueError(err.message) from None
+                raise InvalidValue(err.message) from None
 
     # -- the public surface ------------------------------------------------------------------------------
 

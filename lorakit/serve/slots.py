@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..core.errors import InvalidValue
 from ..files.io import read_adapter_config
 from ..models.model import LoraModel
 from .sampling import RequestError, quoted
@@ -34,7 +35,7 @@ class AdapterSlots:
     def __init__(self, model: torch.nn.Module, capacity: int, root: str | Path | None,
                  before_change: Callable[[], None]) -> None:
         if capacity < 1:
-            raise ValueError(f"max_adapters must be at least 1, got {capacity}")
+            raise InvalidValue(f"max_adapters must be at least 1, got {capacity}")
         self.base = model
         self.lora = None
         self.capacity = capacity
@@ -55,7 +56,7 @@ class AdapterSlots:
         """Remember an adapter's folder; ``rooted``: it came through the API, so every (re)load checks that its
         files lie under the root."""
         if name in self.paths:
-            raise ValueError(f"adapter {name!r} is given twice")
+            raise InvalidValue(f"adapter {name!r} is given twice")
         self.paths[name] = folder
         if rooted:
             self._rooted.add(name)
@@ -150,7 +151,7 @@ class AdapterSlots:
         self._before_change()
         try:
             if read_adapter_config(folder).get("use_dora"):
-                raise ValueError("DoRA adapters cannot share a batch with other adapters; serve it alone with --merge")
+                raise InvalidValue("DoRA adapters cannot share a batch with other adapters; serve it alone with --merge")
             if self.lora is None:
                 self.lora = LoraModel.from_pretrained(self.base, folder, name)
             else:

@@ -34,6 +34,7 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from ..core.errors import FileProblem, InvalidValue
 from ..files.io import safetensors_bytes, temporary_folder
 from .devices import Processes
 from .fsdp import shard_like, shard_optimizer_state
@@ -95,8 +96,8 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
             reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
             earlier = checkpoints(root)
             kept = f"the previous checkpoint, {earlier[-1]}, is intact" if earlier else "no earlier checkpoint exists"
-            raise OSError(f"could not write {writing.name} of the step-{step} checkpoint in {root} ({reason}); "
-                          f"{kept}") from None
+            raise FileProblem(f"could not write {writing.name} of the step-{step} checkpoint in {root} ({reason}); "
+                              f"{kept}") from None
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -180,29 +181,29 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     try:
         tensors = load_file(str(path / "trainable.safetensors"))
     except (OSError, SafetensorError) as err:
-        raise ValueError(f"{path / 'trainable.safetensors'} {damaged} ({err})") from None
+        raise InvalidValue(f"{path / 'trainable.safetensors'} {damaged} ({err})") from None
     params = dict(model.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}
     if set(tensors) != expected:
         missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-        raise ValueError(f"checkpoint {path} does not fit this model: missing {missing[:3]}, unexpected {extra[:3]}")
+        raise InvalidValue(f"checkpoint {path} does not fit this model: missing {missing[:3]}, unexpected {extra[:3]}")
     for name, value in tensors.items():
         if value.shape != params[name].shape:
-            raise ValueError(f"checkpoint {path}: {name} is {list(value.shape)}, the model's is "
-                             f"{list(params[name].shape)}")
+            raise InvalidValue(f"checkpoint {path}: {name} is {list(value.shape)}, the model's is "
+                               f"{list(params[name].shape)}")
     try:
         saved = torch.load(path / "optimizer.pt", weights_only=True)
         if not isinstance(saved, dict) or not {"optimizer", "scheduler"} <= saved.keys():
-            raise ValueError("not an optimizer and scheduler state")
+            raise InvalidValue("not an optimizer and scheduler state")
     except Exception as err:  # noqa: BLE001 - torch.load raises many types for a damaged file
-        raise ValueError(f"{path / 'optimizer.pt'} {damaged} ({str(err).splitlines()[0] if str(err) else err!r})"
-                         ) from None
+        raise InvalidValue(f"{path / 'optimizer.pt'} {damaged} ({str(err).splitlines()[0] if str(err) else err!r})"
+                           ) from None
     try:
         state = json.loads((path / "state.json").read_text(encoding="utf-8"))
         if not isinstance(state, dict) or not isinstance(state.get("step"), int) or "rng" not in state:
-            raise ValueError("no step and RNG states")
+            raise InvalidValue("no step and RNG states")
     except (OSError, ValueError, RecursionError) as err:
-        raise ValueError(f"{path / 'state.json'} {damaged} ({err})") from None
+        raise InvalidValue(f"{path / 'state.json'} {damaged} ({err})") from None
     with torch.no_grad():
         for name, value in tensors.items():
             params[name].copy_(shard_like(value, params[name]))  # under FSDP: this process's shard of it
@@ -248,32 +249,32 @@ def resume(config: TrainConfig, ckpt_root: Path, procs: Processes, model: torch.
     found = checkpoints(ckpt_root)
     if not config.resume:
         if found:
-            raise ValueError(f"{ckpt_root} holds checkpoints of an earlier run; continue it with --resume, or remove "
-                             f"them or choose another --output-dir (nothing was changed)")
+            raise InvalidValue(f"{ckpt_root} holds checkpoints of an earlier run; continue it with --resume, or remove "
+                               f"them or choose another --output-dir (nothing was changed)")
         return Start()
     if not found:
-        raise ValueError(f"--resume: no checkpoint in {ckpt_root} (checkpoints are written with --save-every N)")
+        raise InvalidValue(f"--resume: no checkpoint in {ckpt_root} (checkpoints are written with --save-every N)")
     last = found[-1]
     try:
         saved = yaml.safe_load((last / "train_config.yaml").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise ValueError(f"{last / 'train_config.yaml'} is damaged; remove this checkpoint to resume from the one "
-                         f"before it ({str(err).splitlines()[0]})") from None
+        raise InvalidValue(f"{last / 'train_config.yaml'} is damaged; remove this checkpoint to resume from the one "
+                           f"before it ({str(err).splitlines()[0]})") from None
     if not isinstance(saved, dict):
-        raise ValueError(f"{last / 'train_config.yaml'} is damaged (not a mapping of options); remove this "
-                         f"checkpoint to resume from the one before it")
+        raise InvalidValue(f"{last / 'train_config.yaml'} is damaged (not a mapping of options); remove this "
+                           f"checkpoint to resume from the one before it")
     changes = _config_changes(saved, config)
     refused = [change for key, change in changes.items() if key not in RECOVERY_CHANGES]
     if refused:
-        raise ValueError(f"--resume: {last} belongs to a run with other options ({'; '.join(refused)})")
+        raise InvalidValue(f"--resume: {last} belongs to a run with other options ({'; '.join(refused)})")
     state = load_checkpoint(last, model, optimizer, scheduler)
     if len(state["rng"]) != procs.world:
-        raise ValueError(f"--resume: {last} was written by {len(state['rng'])} process(es), this run has "
-                         f"{procs.world}; the data order and RNG states would differ. Resume with the same count")
+        raise InvalidValue(f"--resume: {last} was written by {len(state['rng'])} process(es), this run has "
+                           f"{procs.world}; the data order and RNG states would differ. Resume with the same count")
     for path, digest in data_digests.items():
         if state.get("data", {}).get(path, digest) != digest:
-            raise ValueError(f"--resume: {path} changed since {last} was written; resuming would train on other "
-                             f"data than the checkpoint's run. Restore the file, or start a new run")
+            raise InvalidValue(f"--resume: {path} changed since {last} was written; resuming would train on other "
+                               f"data than the checkpoint's run. Restore the file, or start a new run")
     if changes:  # only recovery options changed: the schedule restarts from the new values at this step
         if procs.main:
             print(f"lorakit: resuming with {'; '.join(changes.values())}: the run is no longer bit-identical to "

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..core.errors import InvalidValue, MissingDependency, MissingFile
 from ..models.chat import encode
 
 if TYPE_CHECKING:
@@ -46,7 +47,7 @@ class Example:
         return sum(t != IGNORE for t in self.targets)
 
 
-class DataError(ValueError):
+class DataError(InvalidValue):
     """A dataset file that cannot be read as asked; the message names the file and line."""
 
 
@@ -99,7 +100,7 @@ def _kind(path: Path) -> str:
                         f"dataset_dict.json, nor state.json and dataset_info.json); the data is a file "
                         f"({', '.join(TEXT_SUFFIXES + ARROW_SUFFIXES)}) or such a folder")
     if not path.is_file():
-        raise FileNotFoundError(f"dataset file {str(path)!r} does not exist")
+        raise MissingFile(f"dataset file {str(path)!r} does not exist")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty")
     return path.suffix.lower().lstrip(".") if path.suffix.lower() in ARROW_SUFFIXES else "text"
@@ -125,7 +126,7 @@ def data_source(path: str | Path | DataSource, split: str | None = None, default
     """
     if isinstance(path, DataSource):
         if split is not None and split != path.split:
-            raise ValueError(f"{path} is already read as split {path.split!r}, not {split!r}")
+            raise InvalidValue(f"{path} is already read as split {path.split!r}, not {split!r}")
         return path
     path = Path(path)
     kind = _kind(path)
@@ -189,8 +190,8 @@ def arrow_dataset(source: DataSource) -> Any:
         import datasets
         import pyarrow as pa
     except ImportError:
-        raise ImportError(f"reading {source.path} (parquet, Arrow or a save_to_disk folder) needs the datasets "
-                          f"library: {DATASETS_MISSING}") from None
+        raise MissingDependency(f"reading {source.path} (parquet, Arrow or a save_to_disk folder) needs the datasets "
+                                f"library: {DATASETS_MISSING}") from None
     try:
         if source.kind == "parquet":
             import pyarrow.parquet as pq
@@ -466,8 +467,8 @@ def tokenize_chat(tokenizer: Any, messages: Sequence[dict[str, str]], max_length
             rendered = head
         full = tokenizer.apply_chat_template(list(messages[:i + 1]), tokenize=False)
         if not full.startswith(rendered):
-            raise ValueError("the tokenizer's chat template does not render conversations as growing prefixes; "
-                             "lorakit cannot tell the assistant's tokens apart")
+            raise InvalidValue("the tokenizer's chat template does not render conversations as growing prefixes; "
+                               "lorakit cannot tell the assistant's tokens apart")
         piece = encode(tokenizer, full[len(rendered):])
         ids += piece
         labels += piece if message["role"] == "assistant" else [IGNORE] * len(piece)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.errors import InvalidValue
 from .data import DataError, DataSource, data_source, existing_file, locate, pad_encodings, read_records, read_text
 
 MAX_ANSWER_TOKENS = 30  # longer spans are not considered (transformers' run_qa default)
@@ -143,14 +144,14 @@ def make_windows(tokenizer: Any, questions: Sequence[Question], max_length: int)
             for its context within ``max_length`` (naming it).
     """
     if not getattr(tokenizer, "is_fast", False):
-        raise ValueError("extractive QA needs a fast (Rust) tokenizer for character offsets; this model's "
-                         f"tokenizer is {type(tokenizer).__name__}")
+        raise InvalidValue("extractive QA needs a fast (Rust) tokenizer for character offsets; this model's "
+                           f"tokenizer is {type(tokenizer).__name__}")
     stride = max_length // 4
     lengths = tokenizer([q.question.lstrip() for q in questions], add_special_tokens=False)["input_ids"]
     for q, ids in zip(questions, lengths):
         if len(ids) + 4 + stride > max_length:  # [CLS] q [SEP] ... [SEP], and the overlap must fit
-            raise ValueError(f"{q.where}: the question has {len(ids)} tokens, which leaves no room for the context "
-                             f"within max_length={max_length}; raise --max-length")
+            raise InvalidValue(f"{q.where}: the question has {len(ids)} tokens, which leaves no room for the context "
+                               f"within max_length={max_length}; raise --max-length")
     enc = tokenizer([q.question.lstrip() for q in questions], [q.context for q in questions], truncation="only_second",
                     max_length=max_length, stride=stride, return_overflowing_tokens=True,
                     return_offsets_mapping=True)

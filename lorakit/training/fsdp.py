@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from ..core.errors import InvalidValue
 from ..models.compiling import repeated_blocks
 from .options import TrainConfig
 
@@ -41,19 +42,19 @@ def check_fsdp(config: TrainConfig, world: int, device: torch.device) -> None:
     if not config.fsdp:
         return
     if world < 2:
-        raise ValueError("--fsdp shards the model across the processes of a torchrun job, and this run has one "
-                         "process; start it with `torchrun --nproc_per_node N -m lorakit train --fsdp ...` "
-                         "(N ≥ 2), or drop --fsdp")
+        raise InvalidValue("--fsdp shards the model across the processes of a torchrun job, and this run has one "
+                           "process; start it with `torchrun --nproc_per_node N -m lorakit train --fsdp ...` "
+                           "(N ≥ 2), or drop --fsdp")
     if config.quantize:
-        raise ValueError(f"--fsdp with --quantize {config.quantize}: FSDP2 cannot shard bitsandbytes' packed "
-                         f"4-bit weights (their quantization state lives beside the data). Train QLoRA with one "
-                         f"process per device (DDP: drop --fsdp), or shard a bf16 base (drop --quantize)")
+        raise InvalidValue(f"--fsdp with --quantize {config.quantize}: FSDP2 cannot shard bitsandbytes' packed "
+                           f"4-bit weights (their quantization state lives beside the data). Train QLoRA with one "
+                           f"process per device (DDP: drop --fsdp), or shard a bf16 base (drop --quantize)")
     if device.type == "cuda":
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         if local_world > torch.cuda.device_count():
-            raise ValueError(f"--fsdp with {local_world} processes on this machine but {torch.cuda.device_count()} "
-                             f"CUDA device(s): each process needs its own; use --nproc_per_node "
-                             f"{torch.cuda.device_count()}")
+            raise InvalidValue(f"--fsdp with {local_world} processes on this machine but {torch.cuda.device_count()} "
+                               f"CUDA device(s): each process needs its own; use --nproc_per_node "
+                               f"{torch.cuda.device_count()}")
 
 
 def sharding_units(model: nn.Module) -> list[nn.Module]:
@@ -68,8 +69,8 @@ def sharding_units(model: nn.Module) -> list[nn.Module]:
     """
     units = repeated_blocks(model)  # a block nested in another (an embedding block) shards with its parent
     if not units:
-        raise ValueError(f"--fsdp shards a model layer by layer, and {type(model).__name__} names no layers to shard "
-                         f"(a Hugging Face model lists them in _no_split_modules); train it without --fsdp")
+        raise InvalidValue(f"--fsdp shards a model layer by layer, and {type(model).__name__} names no layers to shard "
+                           f"(a Hugging Face model lists them in _no_split_modules); train it without --fsdp")
     return units
 
 

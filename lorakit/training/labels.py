@@ -15,6 +15,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from ..core.errors import InvalidValue
 from ..files.io import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config, read_json_object
 from .data import DataError, DataSource, locate
 from .options import TrainConfig
@@ -43,16 +44,16 @@ def saved_labels(folder: str | Path) -> list[str] | None:
     if path.is_file():
         id2label = read_json_object(path).get("id2label")
         if not isinstance(id2label, dict) or not id2label:
-            raise ValueError(f"{path}: expected an 'id2label' object of class index → name")
+            raise InvalidValue(f"{path}: expected an 'id2label' object of class index → name")
         try:
             indices = sorted(int(k) for k in id2label)
         except ValueError:
-            raise ValueError(f"{path}: id2label keys must be class indices 0, 1, …; got {sorted(id2label)}") from None
+            raise InvalidValue(f"{path}: id2label keys must be class indices 0, 1, …; got {sorted(id2label)}") from None
         if indices != list(range(len(indices))):
-            raise ValueError(f"{path}: id2label must name classes 0 to {len(indices) - 1} once each; got {indices}")
+            raise InvalidValue(f"{path}: id2label must name classes 0 to {len(indices) - 1} once each; got {indices}")
         names = [id2label[str(i)] if str(i) in id2label else id2label[i] for i in indices]
         if not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
-            raise ValueError(f"{path}: class names must be distinct non-empty strings; got {names}")
+            raise InvalidValue(f"{path}: class names must be distinct non-empty strings; got {names}")
         return names
     saved = folder / "train_config.yaml"
     if saved.is_file():
@@ -93,8 +94,8 @@ def adapter_classes(folder: str | Path) -> list[str] | None:
     """
     names, n = saved_labels(folder), head_classes(folder)
     if names is not None and n is not None and len(names) != n:
-        raise ValueError(f"{folder}: the head has {n} classes but {len(names)} label names are saved "
-                         f"({', '.join(names)})")
+        raise InvalidValue(f"{folder}: the head has {n} classes but {len(names)} label names are saved "
+                           f"({', '.join(names)})")
     if names is None and n is not None:
         return [str(i) for i in range(n)]
     return names
@@ -116,9 +117,9 @@ def parse_label_map(pairs: Sequence[str] | None) -> dict[str, str]:
     for pair in pairs or ():
         label, sep, target = pair.partition("=")
         if not sep or not label.strip() or not target.strip():
-            raise ValueError(f"--label-map {pair!r}: write FILE_LABEL=CLASS pairs, e.g. --label-map neg=0,pos=1")
+            raise InvalidValue(f"--label-map {pair!r}: write FILE_LABEL=CLASS pairs, e.g. --label-map neg=0,pos=1")
         if label.strip() in mapping:
-            raise ValueError(f"--label-map names the file label {label.strip()!r} twice")
+            raise InvalidValue(f"--label-map names the file label {label.strip()!r} twice")
         mapping[label.strip()] = target.strip()
     return mapping
 

@@ -32,6 +32,7 @@ import torch
 import yaml
 from torch import nn
 
+from ..core.errors import InvalidValue
 from ..core.process_memory import allocator_in_use, map_large_allocations, peak_rss_mib, reset_peak_rss
 from ..files.model_card import write_model_card
 from ..models.compiling import compile_blocks, use_compile
@@ -58,7 +59,7 @@ from .tasks import MicroBatch, Task, build_task
 from .utilization import Meter, meter_for, run_peak
 
 
-class TrainingError(ValueError):
+class TrainingError(InvalidValue):
     """Training stopped (a NaN/inf loss, say); the message says where the last good checkpoint is."""
 
 
@@ -240,8 +241,8 @@ def _setup(config: TrainConfig) -> Run:
     optimizer = make_optimizer(groups, config.lr, config.weight_decay)
     per_epoch = len(task.train) // (config.batch_size * procs.world)
     if per_epoch == 0:
-        raise ValueError(f"the training data has {len(task.train)} examples, fewer than one global batch "
-                         f"({config.batch_size} × {procs.world} processes); lower --batch-size")
+        raise InvalidValue(f"the training data has {len(task.train)} examples, fewer than one global batch "
+                           f"({config.batch_size} × {procs.world} processes); lower --batch-size")
     total = config.total_steps(per_epoch)
     schedule = lr_lambda(config.schedule, config.warmup_steps, total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -267,8 +268,8 @@ def _step(run: Run, micro: list[MicroBatch], step: int) -> tuple[float, float, d
     config, procs = run.config, run.procs
     targets = procs.all_sum(float(sum(m.targets for m in micro)))
     if targets == 0:
-        raise ValueError(f"step {step + 1} has no target tokens (every response was cut by --max-length "
-                         f"{config.max_length}?); raise --max-length")
+        raise InvalidValue(f"step {step + 1} has no target tokens (every response was cut by --max-length "
+                           f"{config.max_length}?); raise --max-length")
     compute = autocast(run.precision.name, run.device)
     loss_sum, metric_sums = 0.0, {}
     for i, mb in enumerate(micro):

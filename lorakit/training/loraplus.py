@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.errors import InvalidValue
 from ..core.layer_base import LoraAdapter
 from ..core.layers import LoraEmbedding, LoraLayer
 
@@ -39,15 +40,15 @@ def loraplus_param_groups(model: nn.Module, lr: float, loraplus_lr_ratio: float,
         return isinstance(value, (int, float)) and not isinstance(value, bool)
 
     if not (number(lr) and lr > 0):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
+        raise InvalidValue(f"lr must be a positive number, got {lr!r}")
     if not (number(loraplus_lr_embedding) and loraplus_lr_embedding >= 0):
-        raise ValueError(f"loraplus_lr_embedding must be a number >= 0 (the learning rate of adapters on "
-                         f"embeddings), got {loraplus_lr_embedding!r}")
+        raise InvalidValue(f"loraplus_lr_embedding must be a number >= 0 (the learning rate of adapters on "
+                           f"embeddings), got {loraplus_lr_embedding!r}")
     if not (number(loraplus_weight_decay) and loraplus_weight_decay >= 0):
-        raise ValueError(f"loraplus_weight_decay must be a number >= 0, got {loraplus_weight_decay!r}")
+        raise InvalidValue(f"loraplus_weight_decay must be a number >= 0, got {loraplus_weight_decay!r}")
     if not (number(loraplus_lr_ratio) and loraplus_lr_ratio > 0):
-        raise ValueError(f"loraplus_lr_ratio must be a positive number (B's learning rate over A's), "
-                         f"got {loraplus_lr_ratio!r}")
+        raise InvalidValue(f"loraplus_lr_ratio must be a positive number (B's learning rate over A's), "
+                           f"got {loraplus_lr_ratio!r}")
     # Only LoRA adapters have A and B; trainable-token rows (TokenRows) have neither and, 2-D, join group 1.
     adapters = [adapter for m in model.modules() if isinstance(m, LoraLayer) for adapter in m.adapters.values()
                 if isinstance(adapter, LoraAdapter)]

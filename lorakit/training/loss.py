@@ -19,7 +19,6 @@ from torch import nn
 from .data import IGNORE
 
 
-
 @dataclass
 class LossResult:
     """What a task's loss returns for one micro-batch.

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..core.errors import InvalidValue
 from ..models.chat import prompt_ids
 from .loss import LossResult
 
@@ -172,7 +173,7 @@ def squad_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]
         ``has_answer_*`` / ``no_answer_*`` (with their counts).
     """
     if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions for {len(references)} questions; one each is needed")
+        raise InvalidValue(f"{len(predictions)} predictions for {len(references)} questions; one each is needed")
     em, f1 = [], []
     for prediction, golds in zip(predictions, references):
         golds = [g for g in golds if normalize_answer(g)] or [""]
@@ -232,7 +233,7 @@ def tagging_scores(predictions: Sequence[Sequence[str]], references: Sequence[Se
         references: Each sentence's gold tags, the same lengths.
     """
     if [len(p) for p in predictions] != [len(r) for r in references]:
-        raise ValueError("every sentence needs one predicted tag per gold tag")
+        raise InvalidValue("every sentence needs one predicted tag per gold tag")
     words = sum(len(r) for r in references)
     right = sum(p == r for pred, ref in zip(predictions, references) for p, r in zip(pred, ref))
     scores: dict[str, float] = {"accuracy": right / max(words, 1), "words": words, "n": len(references)}

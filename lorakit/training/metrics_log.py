@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..core.errors import MissingDependency
+
 TENSORBOARD_DIR = "runs"  # next to metrics.jsonl: `tensorboard --logdir OUTPUT_DIR` finds it
 
 
@@ -74,8 +76,8 @@ def summary_writer_class() -> type:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as err:
-        raise ImportError(f"--report-to tensorboard needs TensorBoard ({err}); pip install 'lorakit[tensorboard]'"
-                          ) from None
+        raise MissingDependency(f"--report-to tensorboard needs TensorBoard ({err}); pip install 'lorakit[tensorboard]'"
+                                ) from None
     return SummaryWriter
 
 

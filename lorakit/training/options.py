@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..core.errors import InvalidValue, MissingFile
 from ..core.quant import SCHEMES
 
 TASKS = ("builtin", "causal_lm", "seq_cls", "seq2seq", "qa", "token_cls")
@@ -46,7 +47,7 @@ def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, *, gro
             evaluating a saved adapter reads too. ``lorakit eval --help`` lists only those, and refuses the others.
     """
     if group is not None and group not in GROUPS:
-        raise ValueError(f"group={group!r} is not one of {GROUPS}")
+        raise InvalidValue(f"group={group!r} is not one of {GROUPS}")
     return field(default=default, metadata={"help": help, "choices": choices, "group": group, "commands": commands})
 
 
@@ -157,48 +158,48 @@ class TrainConfig:
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
             if choices and value is not None and value not in choices:
-                raise ValueError(f"{f.name}={value!r} is not allowed; choose one of {', '.join(choices)}")
+                raise InvalidValue(f"{f.name}={value!r} is not allowed; choose one of {', '.join(choices)}")
         positive = ("r", "num_virtual_tokens", "batch_size", "grad_accum", "max_length", "max_new_tokens",
                     "eval_batch_size", "keep_checkpoints")
         for name in positive:
             if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be at least 1")
+                raise InvalidValue(f"{name}={getattr(self, name)!r} must be at least 1")
         for name in ("lr", "epochs"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be positive")
+                raise InvalidValue(f"{name}={getattr(self, name)!r} must be positive")
         for name in ("weight_decay", "max_grad_norm", "warmup_steps", "eval_every", "save_every", "max_eval"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be 0 or more")
+                raise InvalidValue(f"{name}={getattr(self, name)!r} must be 0 or more")
         if self.steps is not None and self.steps < 1:
-            raise ValueError(f"steps={self.steps!r} must be at least 1")
+            raise InvalidValue(f"steps={self.steps!r} must be at least 1")
         if not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"lora_dropout={self.lora_dropout!r} must be in [0, 1)")
+            raise InvalidValue(f"lora_dropout={self.lora_dropout!r} must be in [0, 1)")
         if not 0 < self.eval_fraction < 1:
-            raise ValueError(f"eval_fraction={self.eval_fraction!r} must be between 0 and 1")
+            raise InvalidValue(f"eval_fraction={self.eval_fraction!r} must be between 0 and 1")
         if self.loraplus_lr_ratio is not None and not self.loraplus_lr_ratio > 0:
-            raise ValueError(f"loraplus_lr_ratio={self.loraplus_lr_ratio!r} must be positive (B's learning rate "
-                             f"over A's, e.g. 16)")
+            raise InvalidValue(f"loraplus_lr_ratio={self.loraplus_lr_ratio!r} must be positive (B's learning rate "
+                               f"over A's, e.g. 16)")
         if self.loraplus_lr_ratio is not None and self.method != "lora":
-            raise ValueError(f"--loraplus-lr-ratio sets the learning rates of LoRA's A and B, so it needs --method "
-                             f"lora (got --method {self.method})")
+            raise InvalidValue(f"--loraplus-lr-ratio sets the learning rates of LoRA's A and B, so it needs --method "
+                               f"lora (got --method {self.method})")
         if self.quantize and self.method != "lora":
-            raise ValueError(f"--quantize {self.quantize} holds the base in 4 bits under a LoRA adapter, so it needs "
-                             f"--method lora (got --method {self.method})")
+            raise InvalidValue(f"--quantize {self.quantize} holds the base in 4 bits under a LoRA adapter, so it needs "
+                               f"--method lora (got --method {self.method})")
         if self.method == "prompt" and self.task in ("seq2seq", "qa", "token_cls"):
-            raise ValueError(f"--method prompt is for causal language models (task builtin or causal_lm), not "
-                             f"{self.task}")
+            raise InvalidValue(f"--method prompt is for causal language models (task builtin or causal_lm), not "
+                               f"{self.task}")
         if self.method == "prompt" and self.task == "seq_cls":
-            raise ValueError("--method prompt is for causal language models (task builtin or causal_lm), not seq_cls")
+            raise InvalidValue("--method prompt is for causal language models (task builtin or causal_lm), not seq_cls")
         if self.init_adapter is not None and self.method != "lora":
-            raise ValueError(f"--init-adapter continues a LoRA adapter, so it needs --method lora "
-                             f"(got --method {self.method})")
+            raise InvalidValue(f"--init-adapter continues a LoRA adapter, so it needs --method lora "
+                               f"(got --method {self.method})")
         if self.task == "builtin" and self.data is not None:
-            raise ValueError("--data is for --task causal_lm or seq_cls; the built-in task generates its own data")
+            raise InvalidValue("--data is for --task causal_lm or seq_cls; the built-in task generates its own data")
         if self.task != "builtin" and self.data is None:
-            raise ValueError(f"--task {self.task} needs --data (a training file)")
+            raise InvalidValue(f"--task {self.task} needs --data (a training file)")
         if self.eval_split is not None and self.eval_data is None:
-            raise ValueError(f"--eval-split {self.eval_split} picks a split of --eval-data, which is not given (to "
-                             f"evaluate on another split of the --data folder, pass that folder as --eval-data too)")
+            raise InvalidValue(f"--eval-split {self.eval_split} picks a split of --eval-data, which is not given (to "
+                               f"evaluate on another split of the --data folder, pass that folder as --eval-data too)")
 
     def total_steps(self, batches_per_epoch: int) -> int:
         """Optimizer steps of the run: ``steps``, else ``epochs`` over ``batches_per_epoch`` micro-batches."""
@@ -225,26 +226,26 @@ class TrainConfig:
 
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+            raise MissingFile(f"config file {str(path)!r} does not exist")
         try:
             values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except UnicodeDecodeError as err:
-            raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+            raise InvalidValue(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
         except yaml.YAMLError as err:
             where = getattr(err, "problem_mark", None)
             line = f":{where.line + 1}" if where is not None else ""
-            raise ValueError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', None) or err})") from None
+            raise InvalidValue(f"{path}{line}: not valid YAML ({getattr(err, 'problem', None) or err})") from None
         if not isinstance(values, dict):
-            raise ValueError(f"{path}: expected a mapping of option: value, got {type(values).__name__}")
+            raise InvalidValue(f"{path}: expected a mapping of option: value, got {type(values).__name__}")
         values = {str(k).replace("-", "_"): v for k, v in values.items()}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)}; see `lorakit train --help`")
+            raise InvalidValue(f"{path}: unknown option(s) {', '.join(unknown)}; see `lorakit train --help`")
         try:
             return cls(**{**values, **overrides})
         except (ValueError, TypeError) as err:
-            raise ValueError(f"{path}: {err}") from None
+            raise InvalidValue(f"{path}: {err}") from None
 
     def save_yaml(self, path: str | Path) -> None:
         import yaml
@@ -259,7 +260,7 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
     if value is None:
         if optional:
             return None
-        raise ValueError(f"{name} must be set (got nothing)")
+        raise InvalidValue(f"{name} must be set (got nothing)")
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -286,7 +287,7 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
             return ",".join(str(v) for v in value)
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-    raise ValueError(f"{name}={value!r} is not a valid {kind.__name__}")
+    raise InvalidValue(f"{name}={value!r} is not a valid {kind.__name__}")
 
 
 def _base_type(annotation: Any) -> Any:
@@ -317,7 +318,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "train") -> No
     hints = typing.get_type_hints(TrainConfig)
     names = command_options(command)
     if not names:
-        raise ValueError(f"no TrainConfig option is marked for command {command!r}")
+        raise InvalidValue(f"no TrainConfig option is marked for command {command!r}")
     groups = option_groups()
     sections = {title: parser.add_argument_group(title) for title in GROUPS
                 if any(groups[name] == title for name in names)}

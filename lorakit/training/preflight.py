@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.errors import InvalidValue
 from ..models.calc import RUNTIME_BYTES, MemoryEstimate, estimate_memory
 from ..models.devices import (
     DEFAULT_SHAPES,
@@ -45,7 +46,7 @@ MIN_LENGTH = 128  # shorter --max-length is not suggested: most examples would b
 GiB = 2**30
 
 
-class MemoryPreflightError(ValueError):
+class MemoryPreflightError(InvalidValue):
     """The run's estimated peak memory exceeds what is available; the message says by how much and what fits
     (``check`` holds the numbers)."""
 

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..core.errors import InvalidValue, MissingFile
 from ..files.io import CONFIG_NAME, read_adapter_config
 from ..models.embedded_models import HUB_NAME, minilm_dir
 from .labels import adapter_classes
@@ -48,9 +49,9 @@ def base_spec_for(adapter: str | Path, model: str | None = None) -> str:
     if named and Path(named).exists():
         return named
     if named:
-        raise ValueError(f"{adapter} was trained on {named!r}, which is neither an embedded model nor a folder here; "
-                         f"pass the base model folder (--model DIR)")
-    raise ValueError(f"{adapter} does not say which base it was trained on; pass the base model (--model DIR)")
+        raise InvalidValue(f"{adapter} was trained on {named!r}, which is neither an embedded model nor a folder here; "
+                           f"pass the base model folder (--model DIR)")
+    raise InvalidValue(f"{adapter} does not say which base it was trained on; pass the base model (--model DIR)")
 
 
 def _is_minilm(named: str) -> bool:
@@ -89,8 +90,8 @@ def eval_config(adapter: str | Path, config_file: str | Path | None = None, **op
     if config_file is not None:
         return TrainConfig.from_yaml(config_file, **options)
     if not options.get("eval_data"):
-        raise ValueError(f"{adapter} has no train_config.yaml to say what it was trained on; pass the data to "
-                         f"evaluate on (--eval-data FILE)")
+        raise InvalidValue(f"{adapter} has no train_config.yaml to say what it was trained on; pass the data to "
+                           f"evaluate on (--eval-data FILE)")
     found: dict[str, Any] = {"model": base_spec_for(adapter, options.pop("model", None)), "task": task_of(adapter)}
     if found["task"] in ("seq_cls", "token_cls") and not options.get("labels"):
         found["labels"] = adapter_classes(adapter)
@@ -110,15 +111,15 @@ def with_init_adapter(config: TrainConfig) -> TrainConfig:
         return config
     folder = Path(config.init_adapter)
     if not (folder / CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"--init-adapter {str(folder)!r}: no {CONFIG_NAME} there (not an adapter folder)")
+        raise MissingFile(f"--init-adapter {str(folder)!r}: no {CONFIG_NAME} there (not an adapter folder)")
     settings = read_adapter_config(folder)
     kind = settings.get("peft_type", "LORA")
     if kind != "LORA":
-        raise ValueError(f"--init-adapter {folder} holds a {kind} adapter; only LoRA adapters can be trained further")
+        raise InvalidValue(f"--init-adapter {folder} holds a {kind} adapter; only LoRA adapters can be trained further")
     task_type = settings.get("task_type")
     if task_type in PEFT_TASK_TYPES.values() and task_type != PEFT_TASK_TYPES[config.task]:
-        raise ValueError(f"--init-adapter {folder} was trained for {task_type}; it cannot continue as "
-                         f"--task {config.task}")
+        raise InvalidValue(f"--init-adapter {folder} was trained for {task_type}; it cannot continue as "
+                           f"--task {config.task}")
     changes: dict[str, Any] = {}
     if config.model == "default":  # the default, not a choice: take the adapter's base
         try:
@@ -134,7 +135,7 @@ def with_init_adapter(config: TrainConfig) -> TrainConfig:
     if config.task in ("seq_cls", "token_cls"):
         classes = adapter_classes(folder)
         if config.labels and classes and list(config.labels) != classes:
-            raise ValueError(f"--labels {','.join(config.labels)} differ from the classes of --init-adapter {folder} "
-                             f"({','.join(classes)}); map the data's labels onto them with --label-map")
+            raise InvalidValue(f"--labels {','.join(config.labels)} differ from the classes of --init-adapter {folder} "
+                               f"({','.join(classes)}); map the data's labels onto them with --label-map")
         changes["labels"] = classes or config.labels
     return dataclasses.replace(config, **changes)

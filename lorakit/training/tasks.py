@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.config import ALL_LINEAR, QA_HEAD_NAMES, LoraConfig, parse_targets
+from ..core.errors import InvalidValue, MissingFile
 from ..core.inject import find_targets
 from ..core.quant import quantize
 from ..files.io import WEIGHTS_NAME, is_prompt_adapter
@@ -186,8 +187,8 @@ class CausalLMTask(Task):
             self.train = [tokenize_chat(tokenizer, r["messages"], config.max_length) for r in train_records]
             eval_examples = [tokenize_chat(tokenizer, r["messages"], config.max_length) for r in self.eval_records]
             if any(e.n_targets == 0 for e in self.train):
-                raise ValueError(f"max_length={config.max_length} cuts off the answers of the built-in task; use "
-                                 f"at least {max(len(e) for e in self.train)}")
+                raise InvalidValue(f"max_length={config.max_length} cuts off the answers of the built-in task; use "
+                                   f"at least {max(len(e) for e in self.train)}")
             self.name = "the built-in order-to-JSON task"
         elif start.evaluate_only and config.eval_data:
             self.train, eval_examples = [], load_causal_lm(eval_source(config), tokenizer, config.max_length)
@@ -250,11 +251,11 @@ class ClassificationTask(Task):
         # The classes: a saved adapter's (its head was trained on them), else --labels, else the data's labels
         saved = adapter_classes(start.adapter) if start.adapter and not is_prompt_adapter(start.adapter) else None
         if saved and config.labels and list(config.labels) != saved:
-            raise ValueError(f"--labels {','.join(config.labels)} differ from the classes of the adapter "
-                             f"{start.adapter} ({','.join(saved)}); map the data's labels with --label-map")
+            raise InvalidValue(f"--labels {','.join(config.labels)} differ from the classes of the adapter "
+                               f"{start.adapter} ({','.join(saved)}); map the data's labels with --label-map")
         self.labels = saved or config.labels or sorted({label for _, _, label in train_rows or eval_rows})
         if len(self.labels) < 2:
-            raise ValueError(f"{config.data}: only one label ({self.labels[0]!r}); a classifier needs at least two")
+            raise InvalidValue(f"{config.data}: only one label ({self.labels[0]!r}); a classifier needs at least two")
         check_labels(train_rows, train_from or eval_from, self.labels, mapping)
         check_labels(eval_rows, eval_from, self.labels, mapping)
         self.config = dataclasses.replace(config, labels=self.labels)  # saved as train_config.yaml
@@ -304,7 +305,7 @@ class Seq2SeqTask(Task):
         self.config, self.device = config, device
         model, self.tokenizer = _load(config, dtype, auto=AUTO_CLASSES["SEQ_2_SEQ_LM"])
         if self.tokenizer.pad_token_id is None:
-            raise ValueError(f"model {config.model!r}: its tokenizer has no pad token to pad inputs and targets with")
+            raise InvalidValue(f"model {config.model!r}: its tokenizer has no pad token to pad inputs and targets with")
         self.pad = self.tokenizer.pad_token_id
         train_rows, eval_rows = _read_split(config, start, read_pairs)
         self.train = encode_pairs(self.tokenizer, train_rows, config.max_length)
@@ -389,7 +390,7 @@ class TokenClassificationTask(Task):
         saved = adapter_classes(start.adapter) if start.adapter else None
         self.labels = saved or config.labels or sorted({t for _, _, tags in train_rows or eval_rows for t in tags})
         if len(self.labels) < 2:
-            raise ValueError(f"{config.data}: only one tag ({self.labels[0]!r}); a tagger needs at least two")
+            raise InvalidValue(f"{config.data}: only one tag ({self.labels[0]!r}); a tagger needs at least two")
         self.config = dataclasses.replace(config, labels=self.labels)  # saved as train_config.yaml
         train_from, eval_from = _sources(config, start)
         train_y = tag_ids(train_rows, train_from or eval_from, self.labels)
@@ -456,7 +457,7 @@ def _load(config: TrainConfig, dtype: torch.dtype, num_labels: int | None = None
     transformers = require_transformers()
     source = model_source(config.model, config.trust_remote_code)
     if not (source / "config.json").is_file():
-        raise FileNotFoundError(f"model {config.model!r} is not a Hugging Face model folder (no config.json)")
+        raise MissingFile(f"model {config.model!r} is not a Hugging Face model folder (no config.json)")
     trust = config.trust_remote_code
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust)
     if streams(config, source):
@@ -519,7 +520,7 @@ def _prepare(config: TrainConfig, model: nn.Module, task_type: str, start: Start
     if start.adapter is not None:
         if is_prompt_adapter(start.adapter):
             if start.trainable:
-                raise ValueError(f"--init-adapter {start.adapter} is a prompt-tuning adapter; it takes a LoRA adapter")
+                raise InvalidValue(f"--init-adapter {start.adapter} is a prompt-tuning adapter; it takes a LoRA adapter")
             return PromptTuningModel.from_pretrained(model, start.adapter)
         model = LoraModel.from_pretrained(model, start.adapter, is_trainable=start.trainable)
         return _fp32_masters(model) if start.trainable else model
@@ -547,7 +548,7 @@ def give_pad_token(model: nn.Module, tokenizer: Any, name: str) -> None:
         return
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token is None:
-            raise ValueError(f"model {name!r} has no pad token and no end-of-sequence token to pad batches with")
+            raise InvalidValue(f"model {name!r} has no pad token and no end-of-sequence token to pad batches with")
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
     _say(f"the model's config has no pad_token_id; padding with the tokenizer's token {tokenizer.pad_token!r} "
@@ -594,7 +595,7 @@ def meta_model_of(config: TrainConfig, task_type: str) -> nn.Module:
     transformers = require_transformers()
     source = model_source(config.model, config.trust_remote_code)
     if not (source / "config.json").is_file():
-        raise FileNotFoundError(f"model {config.model!r} is not a Hugging Face model folder (no config.json)")
+        raise MissingFile(f"model {config.model!r} is not a Hugging Face model folder (no config.json)")
     auto = getattr(transformers, AUTO_CLASSES[task_type])
     trust = config.trust_remote_code
     with torch.device("meta"):  # model_config: an unknown architecture is named, with what to do
@@ -616,7 +617,7 @@ def progress_bar(enabled: bool, total: int, what: str) -> Iterator[Callable[[int
 def _split(items: list[Any], config: TrainConfig) -> tuple[list[Any], list[Any]]:
     n_eval = max(1, int(len(items) * config.eval_fraction))
     if len(items) - n_eval < 1:
-        raise ValueError(f"{config.data} has {len(items)} examples: too few to hold {n_eval} out; pass --eval-data")
+        raise InvalidValue(f"{config.data} has {len(items)} examples: too few to hold {n_eval} out; pass --eval-data")
     return items[:-n_eval], items[-n_eval:]
 
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.errors import InvalidValue
 from .data import IGNORE, DataError, DataSource, locate, pad_encodings, read_records
 
 TOKENS_FIELD, TAGS_FIELD = "tokens", "tags"
@@ -83,8 +84,8 @@ def encode_sentences(tokenizer: Any, words: Sequence[list[str]], tags: Sequence[
         ValueError: The tokenizer is not a fast one (the word of each token is needed).
     """
     if not getattr(tokenizer, "is_fast", False):
-        raise ValueError("token classification needs a fast (Rust) tokenizer to map tokens to words; this model's "
-                         f"tokenizer is {type(tokenizer).__name__}")
+        raise InvalidValue("token classification needs a fast (Rust) tokenizer to map tokens to words; this model's "
+                           f"tokenizer is {type(tokenizer).__name__}")
     enc = tokenizer(list(words), is_split_into_words=True, truncation=True, max_length=max_length)
     keys = [k for k in ("input_ids", "token_type_ids", "attention_mask") if k in enc]
     sentences = []

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..core.errors import InvalidValue
 from ..models.embedded_models import build_model
 from ..models.model import LoraModel
 from ..models.prompt_tuning import PromptTuningModel
@@ -54,7 +55,7 @@ def _quality(evaluation: dict[str, Any]) -> tuple[str, float]:
     for key in ("exact_match", "accuracy", "loss"):
         if key in evaluation:
             return key, float(evaluation[key])
-    raise ValueError(f"no quality metric in {sorted(evaluation)}")
+    raise InvalidValue(f"no quality metric in {sorted(evaluation)}")
 
 
 def _train_in_child(config: TrainConfig, folder: Path) -> dict[str, Any]:
@@ -115,12 +116,12 @@ def compare(config: TrainConfig | None = None, methods: tuple[str, ...] = METHOD
     config = config or TrainConfig()
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; methods: {', '.join(METHODS)}")
+        raise InvalidValue(f"unknown method(s) {unknown}; methods: {', '.join(METHODS)}")
     if config.task == "seq_cls" and "prompt" in methods:
         _say("prompt tuning is for causal language models; left out of this seq_cls comparison")
         methods = tuple(m for m in methods if m != "prompt")
     if not methods:
-        raise ValueError(f"nothing to compare: choose methods among {', '.join(METHODS)}")
+        raise InvalidValue(f"nothing to compare: choose methods among {', '.join(METHODS)}")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -221,9 +222,9 @@ def sweep(config: TrainConfig | None = None, ranks: tuple[int, ...] = (4, 8, 16,
     """
     config = config or TrainConfig()
     if not ranks or any(not isinstance(r, int) or r < 1 for r in ranks):
-        raise ValueError(f"ranks must be positive integers, got {list(ranks)}")
+        raise InvalidValue(f"ranks must be positive integers, got {list(ranks)}")
     if not targets:
-        raise ValueError("targets is empty: give at least one target set (e.g. 'q,v' or 'all-linear')")
+        raise InvalidValue("targets is empty: give at least one target set (e.g. 'q,v' or 'all-linear')")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = []

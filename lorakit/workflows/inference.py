@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ..core.errors import InvalidValue, MissingFile
 from ..files.export import FORMATS, export_merged
 from ..files.io import is_prompt_adapter, read_adapter_config
 from ..models.devices import autocast, resolve_device, resolve_precision
@@ -31,8 +32,8 @@ def _kind(folder: str | Path) -> str:
         return "adapter"
     if (folder / "config.json").is_file():
         return "model"
-    raise FileNotFoundError(f"{str(folder)!r} holds neither a LoRA adapter (adapter_config.json) nor a model "
-                            f"(config.json)")
+    raise MissingFile(f"{str(folder)!r} holds neither a LoRA adapter (adapter_config.json) nor a model "
+                      f"(config.json)")
 
 
 def evaluate_adapter(path: str | Path, config: TrainConfig | None = None, **options: Any) -> dict[str, Any]:
@@ -150,7 +151,7 @@ def load_adapter_model(adapter: str | Path, model: str | None = None, trust_remo
         ValueError: The base cannot be found, or the adapter does not fit it.
     """
     if _kind(adapter) != "adapter":
-        raise FileNotFoundError(f"{str(adapter)!r} holds no adapter (adapter_config.json)")
+        raise MissingFile(f"{str(adapter)!r} holds no adapter (adapter_config.json)")
     transformers = require_transformers()
     base = base_spec_for(adapter, model)
     net = base_model_for(adapter, base, trust_remote_code)
@@ -187,9 +188,9 @@ def export_adapter(adapter: str | Path, output: str | Path | None = None, *, for
     from ..files.gguf_export import check_quant, write_gguf_adapter
 
     if format not in FORMATS:
-        raise ValueError(f"unknown export format {format!r}; allowed: {', '.join(FORMATS)}")
+        raise InvalidValue(f"unknown export format {format!r}; allowed: {', '.join(FORMATS)}")
     if format == "hf" and (quant is not None or adapter_only):
-        raise ValueError("quant and adapter_only apply to format='gguf' only")
+        raise InvalidValue("quant and adapter_only apply to format='gguf' only")
     if format == "gguf":
         quant = check_quant(quant or ("f32" if adapter_only else "f16"))
     source = Path(adapter)
@@ -200,7 +201,7 @@ def export_adapter(adapter: str | Path, output: str | Path | None = None, *, for
         target = target / default_name
     net, tokenizer = load_adapter_model(source, model, trust_remote_code)
     if not isinstance(net, LoraModel):
-        raise ValueError(f"{source} is a prompt-tuning adapter: its virtual tokens cannot be folded into weights")
+        raise InvalidValue(f"{source} is a prompt-tuning adapter: its virtual tokens cannot be folded into weights")
     if adapter_only:
         return write_gguf_adapter(net, target, quant=quant)
     if format == "gguf":

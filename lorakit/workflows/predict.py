@@ -16,6 +16,7 @@ from typing import Any, TextIO
 
 import torch
 
+from ..core.errors import InvalidValue
 from ..files.io import is_prompt_adapter, read_adapter_config
 from ..models.devices import resolve_device
 from ..training.builtin_task import SYSTEM
@@ -48,8 +49,8 @@ def predictions(adapter: str | Path, data: str | Path, *, model: str | None = No
     """
     task_type = read_adapter_config(Path(adapter)).get("task_type") if not is_prompt_adapter(adapter) else None
     if task_type not in (None, "CAUSAL_LM", "SEQ_CLS"):
-        raise ValueError(f"{adapter} is a {task_type} adapter; lorakit predict handles sequence classifiers (SEQ_CLS) "
-                         f"and language models (CAUSAL_LM); evaluate it with lorakit eval")
+        raise InvalidValue(f"{adapter} is a {task_type} adapter; lorakit predict handles sequence classifiers (SEQ_CLS) "
+                           f"and language models (CAUSAL_LM); evaluate it with lorakit eval")
     net, tokenizer = load_adapter_model(adapter, model, trust_remote_code)
     net.to(resolve_device(device)).eval()
     if is_classifier(adapter):
