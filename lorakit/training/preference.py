@@ -54,9 +54,10 @@ def token_logps(logits: torch.Tensor, targets: torch.Tensor, chunk: int | None =
     """``log p(targets[b, t])`` under ``logits[b, t]``, in fp32; 0 where the target is :data:`IGNORE`.
 
     ``targets`` are next-token targets already shifted, as :mod:`lorakit.training.data` makes them (``targets[b, t]``
-    is the token that should follow position ``t``). Only the positions with a target are scored, a chunk of rows at
-    a time: ``logit[target] - logsumexp(logits)``, so no full-vocabulary fp32 log-softmax is ever made (one chunk of
-    fp32 logits exists at a time in the forward pass).
+    is the token that should follow position ``t``). Only the positions with a target are scored, a chunk of
+    positions at a time: ``logit[target] - logsumexp(logits)``. No log-softmax of the whole vocabulary is made: the
+    only copy is each chunk's fp32 logits, which autograd keeps for the backward pass when gradients are on (one
+    fp32 copy of the *scored* logits in all; none is kept without gradients).
 
     Args:
         logits: ``(B, T, V)`` the model's logits, any float dtype.
@@ -70,15 +71,16 @@ def token_logps(logits: torch.Tensor, targets: torch.Tensor, chunk: int | None =
         raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} disagree: logits are "
                          f"(batch, seq, vocab) and targets (batch, seq)")
     selected = targets != IGNORE  # (B, T)
-    rows = logits[selected]  # (N, V), only the scored positions
-    picked_targets = targets[selected]  # (N,)
+    flat = logits.reshape(-1, logits.shape[-1])  # (B*T, V), a view of contiguous logits
+    positions = selected.flatten().nonzero().squeeze(1)  # (N,) the scored positions
+    picked_targets = targets.flatten()[positions]  # (N,)
     chunk = chunk or max(1, ROWS_PER_CHUNK_ELEMENTS // logits.shape[-1])
     pieces = []
-    for start in range(0, rows.shape[0], chunk):
-        part = rows[start:start + chunk].float()  # (c, V)
+    for start in range(0, len(positions), chunk):
+        part = flat.index_select(0, positions[start:start + chunk]).float()  # (c, V), one chunk's copy only
         target = picked_targets[start:start + chunk, None]  # (c, 1)
         pieces.append(part.gather(1, target).squeeze(1) - torch.logsumexp(part, dim=-1))  # (c,)
-    values = torch.cat(pieces) if pieces else rows.new_zeros(0, dtype=torch.float32)  # (N,)
+    values = torch.cat(pieces) if pieces else flat.new_zeros(0, dtype=torch.float32)  # (N,)
     out = torch.zeros(targets.shape, dtype=torch.float32, device=logits.device)  # (B, T)
     return out.masked_scatter(selected, values)
 
@@ -117,15 +119,19 @@ def _check_beta(beta: float) -> None:
         raise ValueError(f"beta must be a positive number, got {beta!r}")
 
 
+def _sums(**values: torch.Tensor) -> dict[str, float]:
+    """Each tensor's sum as a float, read from the device at once (one synchronisation, not one per metric)."""
+    sums = torch.stack([v.detach().float().sum() for v in values.values()]).tolist()
+    return {name.replace("__", "/"): value for name, value in zip(values, sums)}
+
+
 def _reward_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, chosen_logps: torch.Tensor,
-                    rejected_logps: torch.Tensor) -> dict[str, float]:
-    """TRL's reward metrics of a paired loss, summed over the pairs."""
-    return {"rewards/chosen": chosen_rewards.sum().item(),
-            "rewards/rejected": rejected_rewards.sum().item(),
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum().item(),
-            "rewards/margins": (chosen_rewards - rejected_rewards).sum().item(),
-            "logps/chosen": chosen_logps.detach().sum().item(),
-            "logps/rejected": rejected_logps.detach().sum().item()}
+                    rejected_logps: torch.Tensor, **more: torch.Tensor) -> dict[str, float]:
+    """TRL's reward metrics of a paired loss (and ``more``), summed over the pairs."""
+    return _sums(rewards__chosen=chosen_rewards, rewards__rejected=rejected_rewards,
+                 rewards__accuracies=chosen_rewards > rejected_rewards,
+                 rewards__margins=chosen_rewards - rejected_rewards, logps__chosen=chosen_logps,
+                 logps__rejected=rejected_logps, **more)
 
 
 def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
@@ -245,9 +251,8 @@ def orpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, chosen_t
     ratio = F.logsigmoid(log_odds)  # (n,)
     nll = _shared_nll(chosen_nll, nll_tokens, len(chosen_logps), chosen_mean)  # (n,)
     losses = nll - beta * ratio
-    metrics = _reward_metrics(beta * chosen_mean.detach(), beta * rejected_mean.detach(), chosen_mean, rejected_mean)
-    metrics.update({"nll_loss": nll.detach().sum().item(), "log_odds_ratio": ratio.detach().sum().item(),
-                    "log_odds_chosen": log_odds.detach().sum().item()})
+    metrics = _reward_metrics(beta * chosen_mean.detach(), beta * rejected_mean.detach(), chosen_mean, rejected_mean,
+                              nll_loss=nll, log_odds_ratio=ratio, log_odds_chosen=log_odds)
     return PreferenceLoss(losses, metrics)
 
 
@@ -297,8 +302,8 @@ def simpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, chosen_
               - label_smoothing * F.logsigmoid(-beta * logits))
     nll = _shared_nll(chosen_nll if cpo_alpha > 0 else None, nll_tokens, len(chosen_logps), chosen_mean)  # (n,)
     losses = losses + cpo_alpha * nll
-    metrics = _reward_metrics(beta * chosen_mean.detach(), beta * rejected_mean.detach(), chosen_mean, rejected_mean)
-    metrics["nll_loss"] = nll.detach().sum().item()
+    metrics = _reward_metrics(beta * chosen_mean.detach(), beta * rejected_mean.detach(), chosen_mean, rejected_mean,
+                              nll_loss=nll)
     return PreferenceLoss(losses, metrics)
 
 
@@ -354,11 +359,9 @@ def kto_loss(logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tens
     losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (ratio - kl))),
                          undesirable_weight * (1 - torch.sigmoid(beta * (kl - ratio))))  # (n,)
     rewards = beta * ratio.detach()  # (n,)
-    logps = logps.detach()
-    metrics = {"kl": kl.item() * len(logps),
-               "rewards/chosen": rewards[desirable].sum().item(), "logps/chosen": logps[desirable].sum().item(),
-               "rewards/rejected": rewards[~desirable].sum().item(), "logps/rejected": logps[~desirable].sum().item(),
-               "count/chosen": float(desirable.sum()), "count/rejected": float((~desirable).sum())}
+    metrics = _sums(kl=kl.expand(len(logps)), rewards__chosen=rewards[desirable], logps__chosen=logps[desirable],
+                    rewards__rejected=rewards[~desirable], logps__rejected=logps[~desirable],
+                    count__chosen=desirable, count__rejected=~desirable)
     return PreferenceLoss(losses, metrics)
 
 

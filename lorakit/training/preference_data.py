@@ -89,10 +89,10 @@ class PreferenceData:
     """
 
     rows: list[Any]
+    source: DataSource
     truncated: int = 0
     dropped: list[int] = field(default_factory=list)
     skipped: list[tuple[int, str]] = field(default_factory=list)
-    source: str = ""
 
     def summary(self) -> str:
         """One line for the run's log: rows kept, truncated, dropped and skipped (the first few named)."""
@@ -317,7 +317,7 @@ def _rows(path: str | Path | DataSource, parse: Any, on_bad: str) -> tuple[DataS
         except _BadRow as err:
             bad.append((line, str(err)))
     if bad and (on_bad == "error" or not good):
-        what = "no usable rows" if not good else f"{len(bad)} rows cannot be used"
+        what = "no usable rows" if not good else f"{len(bad)} row{'s' * (len(bad) > 1)} cannot be used"
         hint = " (on_bad='skip' leaves them out)" if good else ""
         raise DataError(f"{source}: {what}: {_bad_rows(source, bad)}{hint}")
     return source, good, bad
@@ -340,7 +340,7 @@ def load_pairs(path: str | Path | DataSource, tokenizer: Any, max_length: int | 
     """
     _check_options(on_bad, max_length, max_prompt_length)
     source, rows, bad = _rows(path, pair_of, on_bad)
-    data = PreferenceData([], skipped=bad, source=str(source))
+    data = PreferenceData([], source, skipped=bad)
     for line, (prompt, chosen, rejected) in rows:
         head, answers = tokenize_answers(tokenizer, prompt, [chosen, rejected])
         fitted = _truncate(head, answers, max_length, max_prompt_length)
@@ -361,7 +361,7 @@ def load_unpaired(path: str | Path | DataSource, tokenizer: Any, max_length: int
     :func:`load_pairs`)."""
     _check_options(on_bad, max_length, max_prompt_length)
     source, rows, bad = _rows(path, unpaired_of, on_bad)
-    data = PreferenceData([], skipped=bad, source=str(source))
+    data = PreferenceData([], source, skipped=bad)
     for line, examples in rows:
         for prompt, completion, desirable in examples:
             head, (answer,) = tokenize_answers(tokenizer, prompt, [completion])

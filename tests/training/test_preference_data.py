@@ -248,3 +248,12 @@ def test_bad_kto_rows_are_named_by_line(tmp_path, smollm2_tokenizer):
                             (5, "missing field 'label' (fields: prompt, completion)")]
     with pytest.raises(ValueError, match="needs at least 2 examples per batch, got 1"):
         mismatched(data.rows[:1])
+
+
+def test_parquet_rows_read_as_the_jsonl_rows_and_are_named_by_row(tmp_path, smollm2_tokenizer):
+    rows = PAIR_FORMATS["conversational"] + [{"prompt": SKY, "chosen": BLUE, "rejected": BLUE}]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "data.parquet"))
+    from_parquet = load_pairs(tmp_path / "data.parquet", smollm2_tokenizer)
+    from_jsonl = load_pairs(_write(tmp_path, rows), smollm2_tokenizer)
+    assert from_parquet.rows == from_jsonl.rows and len(from_parquet.rows) == 2
+    assert f"{tmp_path / 'data.parquet'}, row 3: chosen and rejected are the same" in from_parquet.summary()
