@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from .data import IGNORE
+from .loss import CHUNK_ELEMENTS
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
-ROWS_PER_CHUNK_ELEMENTS = 2**25  # logits per chunk of token_logps (128 MB in fp32)
 
 
 @dataclass
@@ -74,7 +74,7 @@ def token_logps(logits: torch.Tensor, targets: torch.Tensor, chunk: int | None =
     flat = logits.reshape(-1, logits.shape[-1])  # (B*T, V), a view of contiguous logits
     positions = selected.flatten().nonzero().squeeze(1)  # (N,) the scored positions
     picked_targets = targets.flatten()[positions]  # (N,)
-    chunk = chunk or max(1, ROWS_PER_CHUNK_ELEMENTS // logits.shape[-1])
+    chunk = chunk or max(1, CHUNK_ELEMENTS // logits.shape[-1])
     pieces = []
     for start in range(0, len(positions), chunk):
         part = flat.index_select(0, positions[start:start + chunk]).float()  # (c, V), one chunk's copy only

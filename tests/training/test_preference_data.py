@@ -11,12 +11,16 @@ completion.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
+import transformers
 
-from lorakit.training.data import IGNORE, DataError
+from lorakit.training.data import IGNORE, DataError, pad_batch
+from lorakit.training.preference import dpo_loss, sequence_logps
 from lorakit.training.preference_data import load_pairs, load_unpaired, mismatched
 
 trl = pytest.importorskip("trl", reason="TRL is the reference these token ids are compared with (pip install trl)")
@@ -257,3 +261,20 @@ def test_parquet_rows_read_as_the_jsonl_rows_and_are_named_by_row(tmp_path, smol
     from_jsonl = load_pairs(_write(tmp_path, rows), smollm2_tokenizer)
     assert from_parquet.rows == from_jsonl.rows and len(from_parquet.rows) == 2
     assert f"{tmp_path / 'data.parquet'}, row 3: chosen and rejected are the same" in from_parquet.summary()
+
+
+def test_pairs_batch_into_sequence_logps_and_a_loss(tmp_path, smollm2_tokenizer, tiny_llama_dir):
+    """The data and the losses fit: chosen rows then rejected rows, padded by lorakit's pad_batch; every answer
+    token, and no prompt or padding token, is scored; the policy as its own reference gives DPO's ln 2."""
+    pairs = load_pairs(_write(tmp_path, PAIR_FORMATS["conversational"] + PAIR_FORMATS["plain"]),
+                       smollm2_tokenizer).rows
+    examples = [p.examples() for p in pairs]
+    batch = pad_batch([c for c, _ in examples] + [r for _, r in examples], smollm2_tokenizer.pad_token_id)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logps, counts = sequence_logps(logits, batch["targets"])
+    assert counts.tolist() == [len(p.chosen_ids) for p in pairs] + [len(p.rejected_ids) for p in pairs]
+    n = len(pairs)
+    out = dpo_loss(logps[:n], logps[n:], logps[:n], logps[n:])
+    torch.testing.assert_close(out.losses, torch.full((n,), math.log(2)), atol=1e-6, rtol=0)
