@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..core.errors import InvalidType, InvalidValue
 from .data import IGNORE
 from .loss import CHUNK_ELEMENTS
 
@@ -68,8 +69,8 @@ def token_logps(logits: torch.Tensor, targets: torch.Tensor, chunk: int | None =
         ``(B, T)`` float32 log-probabilities.
     """
     if logits.shape[:-1] != targets.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} disagree: logits are "
-                         f"(batch, seq, vocab) and targets (batch, seq)")
+        raise InvalidValue(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} disagree: logits are "
+                           f"(batch, seq, vocab) and targets (batch, seq)")
     selected = targets != IGNORE  # (B, T)
     flat = logits.reshape(-1, logits.shape[-1])  # (B*T, V), a view of contiguous logits
     positions = selected.flatten().nonzero().squeeze(1)  # (N,) the scored positions
@@ -111,12 +112,12 @@ def sequence_logps(logits: torch.Tensor, targets: torch.Tensor, chunk: int | Non
 def _check_pairs(**tensors: torch.Tensor | None) -> None:
     shapes = {name: tuple(t.shape) for name, t in tensors.items() if t is not None}
     if len(set(shapes.values())) > 1 or any(len(s) != 1 for s in shapes.values()):
-        raise ValueError(f"the per-pair tensors must all be (n,): got {shapes}")
+        raise InvalidValue(f"the per-pair tensors must all be (n,): got {shapes}")
 
 
 def _check_beta(beta: float) -> None:
     if not beta > 0 or not math.isfinite(beta):
-        raise ValueError(f"beta must be a positive number, got {beta!r}")
+        raise InvalidValue(f"beta must be a positive number, got {beta!r}")
 
 
 def _sums(**values: torch.Tensor) -> dict[str, float]:
@@ -170,10 +171,10 @@ def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chose
                  ref_rejected_logps=ref_rejected_logps, chosen_tokens=chosen_tokens, rejected_tokens=rejected_tokens)
     _check_beta(beta)
     if loss_type not in DPO_LOSS_TYPES:
-        raise ValueError(f"loss_type {loss_type!r} is not a DPO loss; allowed: {', '.join(DPO_LOSS_TYPES)}")
+        raise InvalidValue(f"loss_type {loss_type!r} is not a DPO loss; allowed: {', '.join(DPO_LOSS_TYPES)}")
     if not 0.0 <= label_smoothing < (0.5 if loss_type == "robust" else 1.0):
         limit = "0.5 (robust DPO)" if loss_type == "robust" else "1"
-        raise ValueError(f"label_smoothing must be in [0, {limit}), got {label_smoothing!r}")
+        raise InvalidValue(f"label_smoothing must be in [0, {limit}), got {label_smoothing!r}")
     chosen_ratio = chosen_logps - ref_chosen_logps  # (n,)
     rejected_ratio = rejected_logps - ref_rejected_logps  # (n,)
     delta = chosen_ratio - rejected_ratio  # (n,)
@@ -186,7 +187,7 @@ def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chose
         losses = (-(1 - eps) * F.logsigmoid(beta * delta) + eps * F.logsigmoid(-beta * delta)) / (1 - 2 * eps)
     else:  # ipo: TRL averages the summed log-ratios over the answer tokens, so β is comparable across lengths
         if chosen_tokens is None or rejected_tokens is None:
-            raise ValueError("loss_type 'ipo' needs chosen_tokens and rejected_tokens (the answers' token counts)")
+            raise InvalidValue("loss_type 'ipo' needs chosen_tokens and rejected_tokens (the answers' token counts)")
         ipo_delta = chosen_ratio / chosen_tokens.clamp(min=1) - rejected_ratio / rejected_tokens.clamp(min=1)
         losses = (ipo_delta - 1 / (2 * beta)) ** 2
     chosen_rewards = beta * chosen_ratio.detach()  # (n,)
@@ -211,7 +212,7 @@ def _shared_nll(nll: torch.Tensor | None, nll_tokens: torch.Tensor | int | None,
     if nll is None:
         return like.new_zeros(n)
     if nll_tokens is None:
-        raise ValueError("nll needs nll_tokens: the number of tokens the NLL is summed over, in the whole batch")
+        raise InvalidValue("nll needs nll_tokens: the number of tokens the NLL is summed over, in the whole batch")
     return nll.float() * (n / torch.as_tensor(nll_tokens, dtype=torch.float32, device=like.device).clamp(min=1))
 
 
@@ -290,11 +291,11 @@ def simpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, chosen_
                  rejected_tokens=rejected_tokens, chosen_nll=chosen_nll)
     _check_beta(beta)
     if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+        raise InvalidValue(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
     if cpo_alpha < 0:
-        raise ValueError(f"cpo_alpha must be >= 0, got {cpo_alpha!r}")
+        raise InvalidValue(f"cpo_alpha must be >= 0, got {cpo_alpha!r}")
     if cpo_alpha > 0 and chosen_nll is None:
-        raise ValueError(f"cpo_alpha={cpo_alpha} weighs an NLL term: pass chosen_nll and nll_tokens")
+        raise InvalidValue(f"cpo_alpha={cpo_alpha} weighs an NLL term: pass chosen_nll and nll_tokens")
     chosen_mean = chosen_logps / chosen_tokens.clamp(min=1)  # (n,) a_c
     rejected_mean = rejected_logps / rejected_tokens.clamp(min=1)  # (n,) a_r
     logits = chosen_mean - rejected_mean - gamma / beta  # (n,)
@@ -353,7 +354,7 @@ def kto_loss(logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tens
     _check_pairs(logps=logps, ref_logps=ref_logps, desirable=desirable)
     _check_beta(beta)
     if desirable.dtype != torch.bool:
-        raise TypeError(f"desirable must be a bool tensor, got {desirable.dtype}")
+        raise InvalidType(f"desirable must be a bool tensor, got {desirable.dtype}")
     kl = torch.as_tensor(kl, dtype=torch.float32, device=logps.device).detach()
     ratio = logps - ref_logps  # (n,)
     losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (ratio - kl))),

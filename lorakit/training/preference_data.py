@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..core.errors import InvalidValue
 from ..models.chat import encode, prompt_ids
 from .data import IGNORE, DataError, DataSource, Example, data_source, locate, read_records
 
@@ -44,7 +45,7 @@ SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}  # LL
 ROLES = ("system", "user", "assistant")
 
 
-class _BadRow(ValueError):
+class _BadRow(InvalidValue):
     """Why one row cannot be used (the reader adds its line)."""
 
 
@@ -301,10 +302,10 @@ def _truncate(prompt: list[int], answers: list[list[int]], max_length: int | Non
 
 def _check_options(on_bad: str, max_length: int | None, max_prompt_length: int | None) -> None:
     if on_bad not in ON_BAD:
-        raise ValueError(f"on_bad must be one of {', '.join(ON_BAD)}, got {on_bad!r}")
+        raise InvalidValue(f"on_bad must be one of {', '.join(ON_BAD)}, got {on_bad!r}")
     for name, value in (("max_length", max_length), ("max_prompt_length", max_prompt_length)):
         if value is not None and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+            raise InvalidValue(f"{name} must be a positive integer or None, got {value!r}")
 
 
 def _rows(path: str | Path | DataSource, parse: Any, on_bad: str) -> tuple[DataSource, list, list]:
@@ -381,7 +382,7 @@ def mismatched(examples: Sequence[UnpairedExample], max_length: int | None = 102
     """KTO's KL rows for one batch: each prompt followed by the *previous* example's completion (the first by the
     last's), TRL's rotation, cut to ``max_length`` from the end. Their log-ratio estimates the reference point."""
     if len(examples) < 2:
-        raise ValueError(f"KTO's KL estimate needs at least 2 examples per batch, got {len(examples)}")
+        raise InvalidValue(f"KTO's KL estimate needs at least 2 examples per batch, got {len(examples)}")
     rows = []
     for i, e in enumerate(examples):
         ex = _example(e.prompt_ids, examples[i - 1].completion_ids)
