@@ -116,6 +116,9 @@ class LoraLayer(nn.Module):
         # Mixed-batch weights stacked per adapter list, reused while the adapters' tensors are unchanged
         # (kept by ``lorakit.core.mixed.stacked_weights``; cleared here whenever the adapters change).
         self.stack_cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
+        # Under CPU autocast, the update may run in bf16/fp16 (this CPU's low-precision rank-r products measured
+        # fast: lorakit.core.fast_paths.set_low_precision_updates); else it runs in fp32.
+        self.low_precision_updates = False
 
     # -- shapes ------------------------------------------------------------------------------------------
 

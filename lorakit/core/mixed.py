@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import InvalidValue
-from .layers import LoraLayer, LoraLinear, update_dtype
+from .fast_paths import update_dtype
+from .layers import LoraLayer, LoraLinear
 
 
 @dataclass
@@ -95,7 +96,7 @@ def routing_for(layer: LoraLayer, index: torch.Tensor, names: list[str]) -> Rout
     routing = Routing(index, names)
     if isinstance(layer, LoraLinear) and len(layer.adapters):
         first = next(iter(layer.adapters.values())).lora_A
-        dtype = update_dtype(layer.base.weight, first)
+        dtype = update_dtype(layer.base.weight, first, layer.low_precision_updates)
         # Per-row stacks hold no more entries than per-adapter ones (and need no gather when the layer runs).
         routing.per_row = index.numel() <= len(names) + 1
         entries = [names[i - 1] if i else None for i in index.tolist()] if routing.per_row else [None, *names]

@@ -158,6 +158,29 @@ def decide_precision(name: str, device: torch.device, shapes: list[Shape] | None
     return Precision(chosen, reason, fp32_s * 1e3, bf16_s * 1e3)
 
 
+# A rank-8 update of a 1024-wide layer over 256 tokens, as the layers compute it: A·xᵀ, then (x·Aᵀ)·Bᵀ
+RANK_SHAPES: list[Shape] = [(8, 1024, 256), (256, 8, 1024)]
+RANK_MARGIN = 2.0  # low-precision rank products count as fast up to this many times fp32's time
+
+
+def low_precision_updates_fast(device: torch.device, *, cache: Path | None = None,
+                               measure: Callable[[list[Shape], torch.dtype, torch.device], float] = time_gemms
+                               ) -> bool:
+    """Whether LoRA updates may run in bf16 under CPU autocast here: this CPU's rank-8 bf16 products take at most
+    :data:`RANK_MARGIN` × fp32's time. Measured once per machine beside the precision (same cache, same key rules);
+    always True on CUDA, whose layers pick the dtype themselves.
+
+    The margin is wide on purpose: CPUs differ by far more than timing noise (AVX2-only CPUs run these products
+    many times slower in bf16, CPUs with AVX-512 BF16 faster), and near parity bf16 still wins, as the fp32 path
+    also pays casts of every layer's input and output. Set the answer on a model's layers with
+    :func:`lorakit.core.fast_paths.set_low_precision_updates`.
+    """
+    if device.type != "cpu":
+        return True
+    measured = decide_precision("auto", device, RANK_SHAPES, cache=cache, measure=measure)
+    return measured.bf16_ms <= RANK_MARGIN * measured.fp32_ms
+
+
 def read_cache(path: Path) -> dict[str, Any]:
     """The precision measurements in ``path`` that are well formed."""
     known = _read_json(path)

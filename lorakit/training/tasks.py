@@ -24,9 +24,11 @@ from torch import nn
 
 from ..core.config import ALL_LINEAR, QA_HEAD_NAMES, LoraConfig, parse_targets
 from ..core.errors import InvalidValue, MissingFile
+from ..core.fast_paths import set_low_precision_updates
 from ..core.inject import find_targets
 from ..core.quant import quantize
 from ..files.io import WEIGHTS_NAME, is_prompt_adapter
+from ..models.devices import low_precision_updates_fast
 from ..models.embedded_models import HUB_NAME, load_pretrained, model_source, require_transformers
 from ..models.model import LoraModel, get_lora_model
 from ..models.prompt_tuning import PromptTuningModel
@@ -152,7 +154,10 @@ def build_task(config: TrainConfig, device: torch.device, precision: str, adapte
     check_before_loading(config, start)
     task_class = {"seq_cls": ClassificationTask, "seq2seq": Seq2SeqTask, "qa": QuestionAnsweringTask,
                   "token_cls": TokenClassificationTask}.get(config.task, CausalLMTask)
-    return task_class(config, device, base_dtype, start)
+    task = task_class(config, device, base_dtype, start)
+    if precision == "bf16":  # the LoRA updates under autocast: bf16 where this CPU's rank products are fast
+        set_low_precision_updates(task.model, low_precision_updates_fast(device))
+    return task
 
 
 def check_before_loading(config: TrainConfig, start: Start = Start()) -> None:

@@ -10,6 +10,7 @@ from conftest import assert_rows_match_single_adapter_runs, tiny_gpt2, tiny_llam
 from torch import nn
 
 from lorakit import LoraConfig, get_lora_model, set_adapter_state_dict
+from lorakit.core.fast_paths import base_accumulates
 from lorakit.core.layers import (
     LoraConv1d,
     LoraConv2d,
@@ -205,19 +206,19 @@ def test_inference_on_a_bare_linear_accumulates_the_base_onto_the_update_and_equ
     layer.set_active(["a", "b"])
     x = torch.randn(3, 50, 16)  # 150 tokens: enough for the reordered path (decoding keeps the module path)
     with torch.no_grad():
-        assert layer._base_can_accumulate(x) and not layer._base_can_accumulate(x[:, :1])
+        assert base_accumulates(layer, x) and not base_accumulates(layer, x[:, :1])
         reordered = layer(x)
         handle = layer.base.register_forward_hook(lambda *_: None)  # a hook: the base must run as a module
-        assert not layer._base_can_accumulate(x)
+        assert not base_accumulates(layer, x)
         plain = layer(x)
         handle.remove()
     torch.testing.assert_close(reordered, plain, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(reordered, layer(x).detach(), atol=1e-6, rtol=1e-6)  # the training path
     with torch.no_grad(), layer.base.register_forward_pre_hook(lambda *_: None):
-        assert not layer._base_can_accumulate(x)
+        assert not base_accumulates(layer, x)
     layer.adapters["b"].lora_magnitude_vector = nn.Parameter(torch.ones(12))  # DoRA computes a norm: plain path
     with torch.no_grad():
-        assert not layer._base_can_accumulate(x)
+        assert not base_accumulates(layer, x)
 
 
 def test_adapter_in_another_dtype_than_the_base():
@@ -333,16 +334,16 @@ def test_tied_head_gets_the_embeddings_trainable_rows():
 
 
 @pytest.mark.parametrize("fast", [True, False])
-def test_cpu_autocast_update_dtype_follows_the_measured_speed(monkeypatch, fast):
+def test_cpu_autocast_update_dtype_follows_the_measured_speed(fast):
     """Under CPU bf16 autocast the update runs in bf16 where this CPU's rank-r bf16 products are fast (no fp32
     copies of x and of the output), else in fp32; either way A and B keep fp32 gradients."""
-    import lorakit.core.layers
+    from lorakit.core.fast_paths import set_low_precision_updates
 
-    monkeypatch.setattr(lorakit.core.layers, "low_precision_rank_products_are_fast", lambda dtype: fast)
     torch.manual_seed(0)
     layer = LoraLinear(nn.Linear(16, 12, bias=False).to(torch.bfloat16))
     layer.add_adapter("a", r=4, lora_alpha=8)
     layer.set_active(["a"])
+    set_low_precision_updates(layer, fast)
     adapter = layer.adapters["a"]
     with torch.no_grad():
         adapter.lora_B.normal_()
@@ -362,19 +363,30 @@ def test_cpu_autocast_update_dtype_follows_the_measured_speed(monkeypatch, fast)
     assert adapter.lora_B.grad.abs().sum() > 0
 
 
-def test_the_rank_product_speed_is_measured_once_per_process(monkeypatch):
-    import lorakit.core.layers
+def test_a_layer_never_told_takes_the_fp32_update():
+    layer = LoraLinear(nn.Linear(16, 12, bias=False).to(torch.bfloat16))
+    assert layer.low_precision_updates is False
 
-    timed, real_timing = [], lorakit.core.layers.time_rank_products
 
-    def fake_timing(dtype):
-        timed.append(dtype)
-        return {torch.float32: 1.0, torch.bfloat16: 1.9, torch.float16: 2.1}[dtype]  # seconds
+def test_the_rank_product_speed_is_measured_once_per_machine_and_cached(tmp_path):
+    from lorakit.models.devices import low_precision_updates_fast, time_gemms
 
-    monkeypatch.setattr(lorakit.core.layers, "_RANK_PRODUCTS_FAST", {})
-    monkeypatch.setattr(lorakit.core.layers, "time_rank_products", fake_timing)
-    fast = lorakit.core.layers.low_precision_rank_products_are_fast
-    assert fast(torch.bfloat16) and fast(torch.bfloat16)  # within twice fp32's time: fast
-    assert not fast(torch.float16)  # beyond: the update stays in fp32
-    assert timed == [torch.bfloat16, torch.float32, torch.float16, torch.float32]  # once per dtype
-    assert 0 < real_timing(torch.bfloat16) < 1  # seconds, measured
+    timed = []
+
+    def fake(seconds_by_dtype):
+        def measure(shapes, dtype, device):
+            timed.append(dtype)
+            return seconds_by_dtype[dtype]
+        return measure
+
+    cpu = torch.device("cpu")
+    fast = low_precision_updates_fast(cpu, cache=tmp_path / "a.json",
+                                      measure=fake({torch.float32: 1.0, torch.bfloat16: 1.9}))
+    assert fast and len(timed) == 4  # within twice fp32's time: fast; two rounds per dtype
+    assert low_precision_updates_fast(cpu, cache=tmp_path / "a.json", measure=fake({})) and len(timed) == 4  # cached
+    assert not low_precision_updates_fast(cpu, cache=tmp_path / "b.json",
+                                          measure=fake({torch.float32: 1.0, torch.bfloat16: 2.1}))
+    assert low_precision_updates_fast(torch.device("cuda"), cache=tmp_path / "c.json", measure=fake({}))
+    from lorakit.models.devices import RANK_SHAPES
+
+    assert 0 < time_gemms(RANK_SHAPES, torch.bfloat16, cpu, 0.001) < 1  # seconds, measured
