@@ -25,13 +25,13 @@ import numpy as np
 import torch
 
 from ..core.errors import InvalidValue, MissingDependency
+from ..core.families import family_of, gguf_families
 from .io import atomic_write
 
 if TYPE_CHECKING:
     from ..models.model import LoraModel
 
 QUANTS = ("f32", "f16", "q8_0")
-ARCHITECTURES = ("llama",)  # Hugging Face model_type values this module writes (LlamaForCausalLM)
 
 # llama.cpp's names for the byte-level BPE pre-tokenizers lorakit recognizes in a tokenizer.json: GPT-2's regex
 # alone, or split into single digits first (SmolLM's). Both list their regexes in llama.cpp's llama-vocab.cpp.
@@ -77,9 +77,9 @@ class _Arch:
         gguf = require_gguf()
         config = getattr(model, "config", None)
         model_type = getattr(config, "model_type", None)
-        if model_type not in ARCHITECTURES:
+        if family_of(model_type).gguf is None:
             kind = f"model_type {model_type!r}" if model_type else type(model).__name__
-            raise InvalidValue(f"GGUF export supports the {', '.join(ARCHITECTURES)} architecture (LlamaForCausalLM); "
+            raise InvalidValue(f"GGUF export supports the {', '.join(gguf_families())} architecture (LlamaForCausalLM); "
                                f"this model is {kind} ({type(model).__name__})")
         if not hasattr(model, "lm_head"):
             raise InvalidValue(f"GGUF export writes causal language models (LlamaForCausalLM); {type(model).__name__} "

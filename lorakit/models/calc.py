@@ -19,6 +19,7 @@ import torch
 
 from ..core.config import LoraConfig
 from ..core.errors import InvalidValue, MissingDependency
+from ..core.families import family_of, preset_classes
 from ..core.inject import ModulesToSave, describe_targets, find_targets
 from ..core.layers import LoraLinear, is_conv1d
 from ..core.quant import head_names, in_head
@@ -53,12 +54,7 @@ def preset_model(name: str) -> torch.nn.Module:
     except ImportError:
         raise MissingDependency("model presets need transformers: pip install 'lorakit[hf]'") from None
     family, dims = PRESETS[name]
-    config_class, model_class = {
-        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-        "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel),
-        "bert": (transformers.BertConfig, transformers.BertForSequenceClassification),
-    }[family]
+    config_class, model_class = (getattr(transformers, n) for n in preset_classes(family))
     with torch.device("meta"):
         return model_class(config_class(**dims))
 
@@ -159,7 +155,7 @@ class Dims:
                    intermediate=get("intermediate_size", "n_inner", default=4 * hidden),
                    layers=get("num_hidden_layers", "n_layer"), heads=heads, vocab=get("vocab_size"),
                    gated=get("hidden_act", "activation_function", default="") in ("silu", "swiglu")
-                   or getattr(config, "model_type", "") in ("llama", "mistral", "qwen2", "qwen3", "gemma"))
+                   or family_of(getattr(config, "model_type", None)).gated_mlp)
 
 
 @dataclass

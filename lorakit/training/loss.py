@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.families import family_of
 from .data import IGNORE
 
 
@@ -98,18 +99,13 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     return total
 
 
-# Architectures whose logits are exactly ``lm_head(final hidden state)``. Others (Gemma-2's softcapping, Granite's
-# logits_scaling, Cohere's logit_scale, ...) take the full-logits path, which is always right, only bigger.
-PLAIN_HEAD_MODELS = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3",
-                               "olmo", "olmo2", "starcoder2", "smollm3"})
-
-
 def _plain_head(model: nn.Module) -> nn.Linear | None:
-    """The output layer if the logits are exactly ``hidden @ weight.T`` (a known architecture, a plain layer)."""
+    """The output layer if the logits are exactly ``hidden @ weight.T``: a family known to have a plain head (no
+    softcapping or logit scaling: :mod:`lorakit.core.families`) and a plain layer."""
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
     config = getattr(model, "config", None)
-    if getattr(config, "model_type", None) not in PLAIN_HEAD_MODELS:
+    if not family_of(getattr(config, "model_type", None)).plain_head:
         return None
     if type(head) is not nn.Linear or head.bias is not None:
         return None
