@@ -64,9 +64,9 @@ def test_eval_refuses_a_training_option_with_its_own_usage(capsys):
 
 def test_train_help_has_every_option_in_its_section(monkeypatch):
     text = _help("train", monkeypatch)
-    every = {"--" + f.name.replace("_", "-") for f in dataclasses.fields(TrainConfig)}
+    every = {"--" + f.name.replace("_", "-") for f in dataclasses.fields(TrainConfig) if f.name != "task_options"}
     assert every <= _flags(text)
-    assert command_options("train") == [f.name for f in dataclasses.fields(TrainConfig)]
+    assert command_options("train") == [f.name for f in dataclasses.fields(TrainConfig) if f.name != "task_options"]
     # the sections in GROUPS' order, each option under its own
     starts = [text.index(f"\n{title}:\n") for title in GROUPS]
     assert starts == sorted(starts)
@@ -108,4 +108,4 @@ def test_opt_keeps_its_positional_signature_and_defaults_to_train_only():
     assert _opt(0, "x", commands=EVAL).metadata["commands"] == ("train", "eval")
     with pytest.raises(ValueError, match="group='optimisation' is not one of"):
         _opt(0, "x", group="optimisation")
-    assert set(option_groups().values()) == set(GROUPS)
+    assert set(option_groups().values()) == {*GROUPS, "--task seq_cls"}  # a task's own fields under its heading

@@ -10,8 +10,8 @@ import torch
 import transformers
 
 from lorakit import LoraConfig, LoraModel, get_lora_model, train
-from lorakit.models import embedded_models as pretrained
 from lorakit.core.quant import quantize, quantized_bytes
+from lorakit.models import embedded_models as pretrained
 
 
 @pytest.fixture(scope="module")

@@ -33,10 +33,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def metric(evaluation: dict) -> str:
-    """The headline of an evaluation: exact match or accuracy, else the loss and perplexity."""
-    for key in ("exact_match", "accuracy"):
-        if key in evaluation:
+def metric(evaluation: dict, headline: str | None = None) -> str:
+    """The headline of an evaluation: the task's headline metric when given and present, else exact match or
+    accuracy, else the loss and perplexity."""
+    for key in ([headline] if headline else []) + ["exact_match", "accuracy"]:
+        if key in evaluation and key != "loss":
             return f"{key.replace('_', ' ')} {100 * evaluation[key]:.1f}%"
     return f"loss {evaluation['loss']:.4f} (perplexity {evaluation['perplexity']:.2f})"
 
@@ -58,7 +59,8 @@ def format_summary(result: dict) -> str:
         *([f"MFU:      {100 * result['mfu']:.1f}% (in the steps: {result['model_flops_per_s'] / 1e9:.1f} useful "
             f"GFLOP/s of the {result['matmul_peak_flops_per_s'] / 1e9:.0f} this machine's matrix products reach in "
             f"{result['precision']})"] if result.get("mfu") else []),
-        f"held-out: {metric(result['before'])} before -> {metric(result['after'])} after",
+        f"held-out: {metric(result['before'], result.get('headline_metric'))} before -> "
+        f"{metric(result['after'], result.get('headline_metric'))} after",
     ]
     samples = result["after"].get("samples")
     if samples:

@@ -127,10 +127,10 @@ class LoraConfig:
             raise InvalidValue(f"task_type must be one of {', '.join(TASK_TYPES)} or None; got {self.task_type!r}")
         if not is_known_init(self.init_lora_weights):
             raise InvalidValue(
-                f"init_lora_weights must be one of True, False, 'gaussian', 'pissa' (or, for a trained adapter being "
-                f"loaded, one of PEFT's labels {', '.join(PEFT_ONLY_INITS)}, 'pissa_niter_<n>'); "
-                f"got {self.init_lora_weights!r}"
-            )
+              f"init_lora_weights must be one of True, False, 'gaussian', 'pissa' (or, for a trained adapter being "
+              f"loaded, one of PEFT's labels {', '.join(PEFT_ONLY_INITS)}, 'pissa_niter_<n>'); "
+              f"got {self.init_lora_weights!r}"
+          )
         if not isinstance(self.lora_bias, bool):
             raise InvalidType(f"lora_bias must be True or False, got {self.lora_bias!r}")
         if self.lora_bias and self.use_dora:
@@ -148,9 +148,9 @@ class LoraConfig:
         if self.layers_to_transform is not None:
             if isinstance(self.target_modules, str):
                 raise InvalidValue(
-                    "layers_to_transform only works with a list of target_modules, "
-                    f"not with the string {self.target_modules!r}"
-                )
+                  "layers_to_transform only works with a list of target_modules, "
+                  f"not with the string {self.target_modules!r}"
+              )
             indices = [self.layers_to_transform] if isinstance(self.layers_to_transform, int) else self.layers_to_transform
             if not all(isinstance(i, int) and i >= 0 for i in indices):
                 raise InvalidValue(f"layers_to_transform must be non-negative layer indices, got {self.layers_to_transform!r}")
@@ -259,6 +259,6 @@ def check_adapter_name(name: str) -> None:
     if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name \
             or ".." in name or "\x00" in name or name == BASE_ROW or "." in name:
         raise InvalidValue(
-            f"invalid adapter name {name!r}: use a non-empty name without '/', '\\\\', '.' or '..' "
-            f"(and not {BASE_ROW!r})"
-        )
+          f"invalid adapter name {name!r}: use a non-empty name without '/', '\\\\', '.' or '..' "
+          f"(and not {BASE_ROW!r})"
+      )

@@ -134,9 +134,9 @@ def _default_targets(model: nn.Module) -> list[str]:
     targets = family_of(model_type).default_targets
     if targets is None:
         raise InvalidValue(
-            f"target_modules is None and lorakit has no default for model_type {model_type!r}; "
-            f"name the modules (for example target_modules=['q_proj', 'v_proj']) or use 'all-linear'"
-        )
+          f"target_modules is None and lorakit has no default for model_type {model_type!r}; "
+          f"name the modules (for example target_modules=['q_proj', 'v_proj']) or use 'all-linear'"
+      )
     return list(targets)
 
 
@@ -176,8 +176,8 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         missing = [t for t in targets if not any(_matches_list(n, [t]) for n in names)]
         if missing:
             raise InvalidValue(
-                "; ".join(f"target module {t!r} matches no module in the model ({_suggest(t, names)})" for t in missing)
-            )
+              "; ".join(f"target module {t!r} matches no module in the model ({_suggest(t, names)})" for t in missing)
+          )
         if config.layers_to_transform is not None:
             wanted = config.layers_to_transform
             wanted = {wanted} if isinstance(wanted, int) else set(wanted)
@@ -185,9 +185,9 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             selected = [n for n in selected if n in targets or _layer_index(n, config.layers_pattern) in wanted]
             if not selected:
                 raise InvalidValue(
-                    f"layers_to_transform={config.layers_to_transform!r} (layers_pattern={config.layers_pattern!r}) "
-                    f"leaves none of the targets {targets!r}"
-                )
+                  f"layers_to_transform={config.layers_to_transform!r} (layers_pattern={config.layers_pattern!r}) "
+                  f"leaves none of the targets {targets!r}"
+              )
 
     excl = config.exclude_modules
     if isinstance(excl, str):
@@ -394,8 +394,8 @@ def find_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
                and not any(_matches_list(n, [m]) for n in names)]
     if missing:
         raise InvalidValue(
-            "; ".join(f"modules_to_save entry {m!r} matches no module ({_suggest(m, names)})" for m in missing)
-        )
+          "; ".join(f"modules_to_save entry {m!r} matches no module ({_suggest(m, names)})" for m in missing)
+      )
     # Keep the outermost match only (a head's own sub-layers are inside its copy already).
     return [n for n in found if not any(n.startswith(o + ".") for o in found if o != n)]
 

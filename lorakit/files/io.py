@@ -417,10 +417,10 @@ def read_adapter(path: str | os.PathLike, allow_pickle: bool = False, allow_syml
     elif pickled.is_file():
         if not allow_pickle:
             raise InvalidValue(
-                f"{str(pickled)!r} is a pickle file, which can run code when loaded; lorakit refuses it "
-                f"unless you pass allow_pickle=True (it is then read with torch.load(weights_only=True)), or convert "
-                f"it to {WEIGHTS_NAME}"
-            )
+              f"{str(pickled)!r} is a pickle file, which can run code when loaded; lorakit refuses it "
+              f"unless you pass allow_pickle=True (it is then read with torch.load(weights_only=True)), or convert "
+              f"it to {WEIGHTS_NAME}"
+          )
         try:
             tensors = torch.load(pickled, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file

@@ -364,7 +364,7 @@ def summarize(config: TrainConfig, task: Task, *, precision: str, device: torch.
     mfu = {key: speed.pop(key) for key in ("mfu", "model_flops", "step_seconds", "matmul_peak_flops_per_s",
                                           "model_flops_per_s")}
     return {
-        "task": task.name, "method": config.method, "quantize": config.quantize, "precision": precision,
+        "task": task.name, "headline_metric": task.headline_metric, "method": config.method, "quantize": config.quantize, "precision": precision,
         "device": str(device),
         "processes": procs.world, "trainable_params": trainable, "all_params": all_params,
         "steps": steps, "resumed_from": str(resumed_from) if resumed_from else None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,16 +17,12 @@ from typing import Any
 
 from ..core.errors import InvalidValue, MissingFile
 from ..core.quant import SCHEMES
+from .registry import task_class, task_names
 
-TASKS = ("builtin", "causal_lm", "seq_cls", "seq2seq", "qa", "token_cls")
-# PEFT's task type of each --task (recorded as task_type in adapter_config.json)
-PEFT_TASK_TYPES = {"builtin": "CAUSAL_LM", "causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM",
-                   "qa": "QUESTION_ANS", "token_cls": "TOKEN_CLS"}
 METHODS = ("lora", "full", "prompt")
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
-BUILTIN_STEPS = 40  # the built-in task passes 90% exact match after ~30 (see README)
 
 
 REPORTERS = ("none", "tensorboard")
@@ -58,10 +55,8 @@ class TrainConfig:
     # What to train on
     model: str = _opt("default", "'default' (SmolLM2-135M-Instruct, embedded), 'minilm' (all-MiniLM-L6-v2 encoder, "
                                  "embedded) or a Hugging Face model folder", group="model", commands=EVAL)
-    task: str = _opt("builtin", "builtin (the built-in order-to-JSON task, generated), causal_lm (Alpaca/chat/text "
-                                "JSON(L) or .txt), seq_cls (text + label from CSV/TSV/JSONL), seq2seq (input + target "
-                                "JSONL, encoder-decoder models), qa (extractive QA on SQuAD JSON) or token_cls (tokens "
-                                "+ tags JSONL)", TASKS, group="data", commands=EVAL)
+    task: str = _opt("builtin", "what to train on; each task's own options are listed under its heading below",
+                     task_names, group="data", commands=EVAL)
     data: str | None = _opt(None, "training file or folder: JSON(L), CSV/TSV, .txt, parquet, .arrow, or a folder "
                                   "written by datasets' save_to_disk (needed by every task but the built-in one)",
                             commands=EVAL)
@@ -102,8 +97,8 @@ class TrainConfig:
     double_quant: bool = _opt(True, "with --quantize: quantize the per-block scales too (--no-double-quant)",
                               commands=EVAL)
     # How
-    steps: int | None = _opt(None, f"optimizer steps (default: {BUILTIN_STEPS} for the built-in task, else "
-                                   f"--epochs over the data)", group="optimization")
+    steps: int | None = _opt(None, "optimizer steps (default: the task's own, 40 for the built-in task; else "
+                                   "--epochs over the data)", group="optimization")
     epochs: float = _opt(1.0, "passes over the data when --steps is not given")
     batch_size: int = _opt(8, "examples per micro-batch on each process")
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
@@ -149,13 +144,17 @@ class TrainConfig:
     report_to: str = _opt("none", "also write the metrics log's scalars as TensorBoard event files in "
                                   "OUTPUT_DIR/runs (needs pip install 'lorakit[tensorboard]')", REPORTERS)
     progress: bool = _opt(True, "show a progress bar (--no-progress to hide it)", commands=EVAL)
+    # The chosen task's own options (its ``options`` dataclass), by name: flags under the task's heading, or a YAML
+    # section named after the task.
+    task_options: dict[str, Any] = field(default_factory=dict, metadata={"help": "the task's own options",
+                                                                         "commands": ()})
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             setattr(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
         for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
+            choices = _choices(f)
             value = getattr(self, f.name)
             if choices and value is not None and value not in choices:
                 raise InvalidValue(f"{f.name}={value!r} is not allowed; choose one of {', '.join(choices)}")
@@ -185,18 +184,18 @@ class TrainConfig:
         if self.quantize and self.method != "lora":
             raise InvalidValue(f"--quantize {self.quantize} holds the base in 4 bits under a LoRA adapter, so it needs "
                                f"--method lora (got --method {self.method})")
-        if self.method == "prompt" and self.task in ("seq2seq", "qa", "token_cls"):
+        task = task_class(self.task)
+        if self.method == "prompt" and task.peft_task_type != "CAUSAL_LM":
             raise InvalidValue(f"--method prompt is for causal language models (task builtin or causal_lm), not "
                                f"{self.task}")
-        if self.method == "prompt" and self.task == "seq_cls":
-            raise InvalidValue("--method prompt is for causal language models (task builtin or causal_lm), not seq_cls")
         if self.init_adapter is not None and self.method != "lora":
             raise InvalidValue(f"--init-adapter continues a LoRA adapter, so it needs --method lora "
                                f"(got --method {self.method})")
-        if self.task == "builtin" and self.data is not None:
-            raise InvalidValue("--data is for --task causal_lm or seq_cls; the built-in task generates its own data")
-        if self.task != "builtin" and self.data is None:
+        if not task.needs_data and self.data is not None:
+            raise InvalidValue(f"--data is for the tasks that read a file; --task {self.task} generates its own data")
+        if task.needs_data and self.data is None:
             raise InvalidValue(f"--task {self.task} needs --data (a training file)")
+        self.task_options = _task_options(task, self.task_options)
         if self.eval_split is not None and self.eval_data is None:
             raise InvalidValue(f"--eval-split {self.eval_split} picks a split of --eval-data, which is not given (to "
                                f"evaluate on another split of the --data folder, pass that folder as --eval-data too)")
@@ -205,8 +204,9 @@ class TrainConfig:
         """Optimizer steps of the run: ``steps``, else ``epochs`` over ``batches_per_epoch`` micro-batches."""
         if self.steps is not None:
             return self.steps
-        if self.task == "builtin":
-            return BUILTIN_STEPS
+        default = task_class(self.task).default_steps
+        if default is not None:
+            return default
         return max(1, int(self.epochs * batches_per_epoch) // self.grad_accum)
 
     def resolved(self) -> TrainConfig:
@@ -237,11 +237,13 @@ class TrainConfig:
             raise InvalidValue(f"{path}{line}: not valid YAML ({getattr(err, 'problem', None) or err})") from None
         if not isinstance(values, dict):
             raise InvalidValue(f"{path}: expected a mapping of option: value, got {type(values).__name__}")
-        values = {str(k).replace("-", "_"): v for k, v in values.items()}
+        values = _task_sections({str(k).replace("-", "_"): v for k, v in values.items()}, path)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise InvalidValue(f"{path}: unknown option(s) {', '.join(unknown)}; see `lorakit train --help`")
+        if "task_options" in overrides and isinstance(values.get("task_options"), dict):  # typed flags win per option
+            overrides = {**overrides, "task_options": {**values["task_options"], **overrides["task_options"]}}
         try:
             return cls(**{**values, **overrides})
         except (ValueError, TypeError) as err:
@@ -251,6 +253,66 @@ class TrainConfig:
         import yaml
 
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def task_option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A field of a task's ``options`` dataclass: a ``lorakit train`` flag under the task's heading."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+def _choices(f: dataclasses.Field) -> tuple[str, ...] | None:
+    """A field's allowed values; a callable is asked (``task``: the registered tasks)."""
+    choices = f.metadata.get("choices")
+    return tuple(choices()) if callable(choices) else choices
+
+
+def _task_options(task: type, given: Any) -> dict[str, Any]:
+    """``given`` checked against ``task``'s options dataclass, with its defaults filled in."""
+    if not isinstance(given, dict):
+        raise InvalidValue(f"task_options must be a mapping of option: value, got {type(given).__name__}")
+    if task.options is None:
+        if given:
+            raise InvalidValue(f"--task {task.task_name} takes no options of its own; got {', '.join(given)}")
+        return {}
+    names = {f.name for f in dataclasses.fields(task.options)}
+    unknown = sorted(set(given) - names)
+    if unknown:
+        raise InvalidValue(f"--task {task.task_name} has no option(s) {', '.join(unknown)}; its options: "
+                           f"{', '.join(sorted(names))}")
+    hints = typing.get_type_hints(task.options)
+    values = {k: _coerce(k, v, hints[k]) for k, v in given.items()}
+    options = task.options(**values)
+    for f in dataclasses.fields(options):
+        choices = f.metadata.get("choices")
+        if choices and getattr(options, f.name) not in choices:
+            raise InvalidValue(f"{f.name}={getattr(options, f.name)!r} is not allowed; choose one of "
+                               f"{', '.join(choices)}")
+    return dataclasses.asdict(options)
+
+
+def _task_sections(values: dict[str, Any], path: Path) -> dict[str, Any]:
+    """A YAML file's sections named after a task (``seq_cls: {text_field: text}``) as TrainConfig's fields: the
+    task's ``option_fields`` at the top level, its own ``options`` in ``task_options``."""
+    out = {k: v for k, v in values.items() if k not in task_names() or not isinstance(v, dict)}
+    for name in task_names():
+        section = values.get(name)
+        if not isinstance(section, dict):
+            continue
+        task = task_class(name)
+        own = {f.name for f in dataclasses.fields(task.options)} if task.options else set()
+        for key, value in section.items():
+            key = str(key).replace("-", "_")
+            if key in task.option_fields:
+                out[key] = value
+            elif key in own:
+                if out.get("task", "builtin") != name:
+                    raise InvalidValue(f"{path}: section {name!r} sets {key}, an option of --task {name}, but the "
+                                       f"file trains --task {out.get('task', 'builtin')}")
+                out.setdefault("task_options", {})[key] = value
+            else:
+                raise InvalidValue(f"{path}: section {name!r} has no option {key!r}; its options: "
+                                   f"{', '.join(sorted({*task.option_fields, *own})) or 'none'}")
+    return out
 
 
 def _coerce(name: str, value: Any, annotation: Any) -> Any:
@@ -282,6 +344,9 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
             return [v.strip() for v in value.split(",") if v.strip()]
         if isinstance(value, (list, tuple)):
             return [str(v) for v in value]
+    elif kind is dict:
+        if isinstance(value, dict):
+            return dict(value)
     elif kind is str:
         if isinstance(value, (list, tuple)):  # target_modules: [q_proj, v_proj]
             return ",".join(str(v) for v in value)
@@ -291,18 +356,28 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
 
 
 def _base_type(annotation: Any) -> Any:
-    """``int | None`` → ``int``; ``list[str] | None`` → ``list``."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    annotation = args[0] if args else annotation
+    """``int | None`` → ``int``; ``list[str] | None`` → ``list``; ``dict[str, Any]`` → ``dict``."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
     return typing.get_origin(annotation) or annotation
 
 
+TASK_OPTION = "task_option__"  # the argparse dest prefix of a task's own options
+
+
+def task_heading(name: str) -> str:
+    """The ``--help`` section of a task's options."""
+    return f"--task {name}"
+
+
 def option_groups() -> dict[str, str]:
-    """The ``--help`` section of each TrainConfig field, by name (a field without one joins the one above it)."""
+    """The ``--help`` section of each TrainConfig field, by name (a field without one joins the one above it; a
+    field a task declares in ``option_fields`` is listed under that task's heading)."""
+    owner = {field: name for name in task_names() for field in task_class(name).option_fields}
     groups, current = {}, GROUPS[0]
     for f in dataclasses.fields(TrainConfig):
         current = f.metadata.get("group") or current
-        groups[f.name] = current
+        groups[f.name] = task_heading(owner[f.name]) if f.name in owner else current
     return groups
 
 
@@ -311,41 +386,72 @@ def command_options(command: str) -> list[str]:
     return [f.name for f in dataclasses.fields(TrainConfig) if command in f.metadata.get("commands", TRAIN)]
 
 
+def _task_option_fields() -> dict[str, tuple[list[str], dataclasses.Field, Any]]:
+    """Each option name some task's ``options`` declares: the tasks that take it, its field and type."""
+    found: dict[str, tuple[list[str], dataclasses.Field, Any]] = {}
+    for name in task_names():
+        options = task_class(name).options
+        if options is None:
+            continue
+        hints = typing.get_type_hints(options)
+        for f in dataclasses.fields(options):
+            found.setdefault(f.name, ([], f, hints[f.name]))[0].append(name)
+    return found
+
+
 def add_arguments(parser: argparse.ArgumentParser, command: str = "train") -> None:
     """One ``--option`` per TrainConfig field that ``command`` uses (see :func:`command_options`), with its help
-    text, in the sections of :data:`GROUPS`. Options not given stay out of the namespace, so that a YAML file's
-    values are only overridden by what the user typed."""
+    text, in the sections of :data:`GROUPS` and one section per task; for ``train`` also each task's own options.
+    Options not given stay out of the namespace, so that a YAML file's values are only overridden by what the user
+    typed."""
     hints = typing.get_type_hints(TrainConfig)
     names = command_options(command)
     if not names:
         raise InvalidValue(f"no TrainConfig option is marked for command {command!r}")
     groups = option_groups()
-    sections = {title: parser.add_argument_group(title) for title in GROUPS
-                if any(groups[name] == title for name in names)}
+    own = _task_option_fields() if command == "train" else {}
+    titles = [*GROUPS, *(task_heading(n) for n in task_names())]
+    summaries = {task_heading(n): task_class(n).summary for n in task_names()}
+    sections = {title: parser.add_argument_group(title, summaries.get(title)) for title in titles
+                if any(groups[name] == title for name in names)
+                or any(title == task_heading(tasks[0]) for tasks, _, _ in own.values())}
     for f in dataclasses.fields(TrainConfig):
-        if f.name not in names:
-            continue
-        section = sections[groups[f.name]]
-        flag = "--" + f.name.replace("_", "-")
-        kind = _base_type(hints[f.name])
-        help_text = f.metadata["help"]
-        if "default" not in help_text:
-            help_text += f" (default: {f.default})"
-        if kind is bool:
-            section.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                 help=help_text)
-        elif kind is list:
-            section.add_argument(flag, type=lambda s: [v.strip() for v in s.split(",")], default=argparse.SUPPRESS,
-                                 help=help_text + ", comma-separated")
-        else:
-            section.add_argument(flag, type=kind, default=argparse.SUPPRESS, choices=f.metadata.get("choices"),
-                                 help=help_text)
+        if f.name in names:
+            help_text = f.metadata["help"]
+            if f.name == "task":
+                help_text += ": " + "; ".join(task_class(n).summary for n in task_names())
+            _add_flag(sections[groups[f.name]], f, hints[f.name], f.name, help_text)
+    for option, (tasks, f, annotation) in own.items():
+        help_text = f.metadata["help"] + (f" (tasks {', '.join(tasks)})" if len(tasks) > 1 else "")
+        _add_flag(sections[task_heading(tasks[0])], f, annotation, TASK_OPTION + option, help_text)
+
+
+def _add_flag(section: Any, f: dataclasses.Field, annotation: Any, dest: str, help_text: str) -> None:
+    flag = "--" + f.name.replace("_", "-")
+    kind = _base_type(annotation)
+    if "default" not in help_text:
+        help_text += f" (default: {f.default})"
+    if kind is bool:
+        section.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                             help=help_text)
+    elif kind is list:
+        section.add_argument(flag, dest=dest, type=lambda s: [v.strip() for v in s.split(",")],
+                             default=argparse.SUPPRESS, metavar=f.name.upper(), help=help_text + ", comma-separated")
+    else:
+        choices = _choices(f)
+        section.add_argument(flag, dest=dest, type=kind, default=argparse.SUPPRESS, choices=choices,
+                             metavar=None if choices else f.name.upper(), help=help_text)
 
 
 def typed_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The TrainConfig options typed on the command line (those not typed are absent from ``args``)."""
+    """The TrainConfig options typed on the command line (those not typed are absent from ``args``); a task's own
+    options are gathered in ``task_options``."""
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    return {k: v for k, v in vars(args).items() if k in known}
+    typed = {k: v for k, v in vars(args).items() if k in known}
+    own = {k.removeprefix(TASK_OPTION): v for k, v in vars(args).items() if k.startswith(TASK_OPTION)}
+    if own:
+        typed["task_options"] = own
+    return typed
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -33,7 +33,8 @@ from ..models.devices import (
 from ..models.embedded_models import model_source
 from ..models.streaming import checkpoint_dtype
 from .devices import Processes
-from .options import PEFT_TASK_TYPES, TrainConfig
+from .options import TrainConfig
+from .registry import peft_task_type
 from .tasks import lora_config_of, meta_model_of
 
 # A run is refused only when its estimate exceeds 95% of the available memory. The estimate counts live tensors;
@@ -243,7 +244,7 @@ def estimate_run(config: TrainConfig, model: nn.Module | None = None, dtypes: Dt
             :func:`run_dtypes` says).
         runtime: Bytes of the process before the model.
     """
-    task_type = PEFT_TASK_TYPES[config.task]
+    task_type = peft_task_type(config.task)
     model = model if model is not None else meta_model_of(config, task_type)
     if dtypes is None:
         dtypes = run_dtypes(config, "fp32" if config.precision == "auto" else config.precision, stored_dtype(config))
@@ -391,7 +392,7 @@ def preflight(config: TrainConfig, device: torch.device, procs: Processes | None
     shards = procs.world if config.fsdp else 1
     runtime = 0 if device.type == "cuda" else RUNTIME_BYTES  # on CUDA the context is already out of the free memory
     try:
-        model = meta_model_of(config, PEFT_TASK_TYPES[config.task])
+        model = meta_model_of(config, peft_task_type(config.task))
         stored = stored_dtype(config)
         known = known_precision(config, device)
         if known is not None:

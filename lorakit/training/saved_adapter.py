@@ -17,7 +17,8 @@ from ..core.errors import InvalidValue, MissingFile
 from ..files.io import CONFIG_NAME, read_adapter_config
 from ..models.embedded_models import HUB_NAME, minilm_dir
 from .labels import adapter_classes
-from .options import PEFT_TASK_TYPES, TrainConfig
+from .options import TrainConfig
+from .registry import peft_task_type, task_class, task_for_peft_type
 
 
 def saved_config(folder: str | Path) -> dict[str, Any]:
@@ -68,8 +69,7 @@ def task_of(adapter: str | Path) -> str:
     if trained.get("task"):
         return trained["task"]
     task_type = read_adapter_config(Path(adapter)).get("task_type")
-    return next((task for task, kind in PEFT_TASK_TYPES.items() if kind == task_type and task != "builtin"),
-                "causal_lm")
+    return task_for_peft_type(task_type, "causal_lm")
 
 
 def eval_config(adapter: str | Path, config_file: str | Path | None = None, **options: Any) -> TrainConfig:
@@ -93,7 +93,7 @@ def eval_config(adapter: str | Path, config_file: str | Path | None = None, **op
         raise InvalidValue(f"{adapter} has no train_config.yaml to say what it was trained on; pass the data to "
                            f"evaluate on (--eval-data FILE)")
     found: dict[str, Any] = {"model": base_spec_for(adapter, options.pop("model", None)), "task": task_of(adapter)}
-    if found["task"] in ("seq_cls", "token_cls") and not options.get("labels"):
+    if task_class(found["task"]).labelled and not options.get("labels"):
         found["labels"] = adapter_classes(adapter)
     # ``data`` is the training file, which such an adapter does not name; evaluation reads only ``eval_data``
     return TrainConfig(**{**found, "data": options["eval_data"], **options})
@@ -117,7 +117,7 @@ def with_init_adapter(config: TrainConfig) -> TrainConfig:
     if kind != "LORA":
         raise InvalidValue(f"--init-adapter {folder} holds a {kind} adapter; only LoRA adapters can be trained further")
     task_type = settings.get("task_type")
-    if task_type in PEFT_TASK_TYPES.values() and task_type != PEFT_TASK_TYPES[config.task]:
+    if task_for_peft_type(task_type, "") and task_type != peft_task_type(config.task):
         raise InvalidValue(f"--init-adapter {folder} was trained for {task_type}; it cannot continue as "
                            f"--task {config.task}")
     changes: dict[str, Any] = {}
@@ -132,7 +132,7 @@ def with_init_adapter(config: TrainConfig) -> TrainConfig:
     targets = settings.get("target_modules")
     changes.update(r=int(settings.get("r", config.r)), lora_alpha=float(settings.get("lora_alpha", config.lora_alpha)),
                    target_modules=",".join(targets) if isinstance(targets, list) else targets)
-    if config.task in ("seq_cls", "token_cls"):
+    if task_class(config.task).labelled:
         classes = adapter_classes(folder)
         if config.labels and classes and list(config.labels) != classes:
             raise InvalidValue(f"--labels {','.join(config.labels)} differ from the classes of --init-adapter {folder} "

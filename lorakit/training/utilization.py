@@ -24,9 +24,8 @@ from ..models.calc import FlopCounter, flop_counter
 from ..models.devices import PEAK_ROWS, matmul_peak, model_shapes
 from .devices import Processes
 from .options import TrainConfig
+from .registry import task_class
 from .tasks import MicroBatch
-
-LM_TASKS = ("builtin", "causal_lm")  # the tasks whose output head is the vocabulary's
 
 
 @dataclass
@@ -121,7 +120,7 @@ def run_peak(config: TrainConfig, precision: str, device: torch.device, procs: P
     if config.method == "prompt":
         return None
     shapes = model_shapes(config.model, config.trust_remote_code, config.batch_size * config.max_length,
-                          max_rows=PEAK_ROWS, head=config.task in LM_TASKS)
+                          max_rows=PEAK_ROWS, head=task_class(config.task).vocabulary_head)
     if procs.world == 1:
         return matmul_peak(shapes, precision, device)
     box = [matmul_peak(shapes, precision, device) if procs.main else None]

@@ -29,6 +29,7 @@ from ..models.model import LoraModel
 from ..models.prompt_tuning import PromptTuningModel
 from ..training.loop import train
 from ..training.options import TrainConfig
+from ..training.registry import peft_task_type
 from .inference import base_model_for
 
 METHODS = ("full", "lora", "qlora", "prompt")
@@ -117,8 +118,8 @@ def compare(config: TrainConfig | None = None, methods: tuple[str, ...] = METHOD
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise InvalidValue(f"unknown method(s) {unknown}; methods: {', '.join(METHODS)}")
-    if config.task == "seq_cls" and "prompt" in methods:
-        _say("prompt tuning is for causal language models; left out of this seq_cls comparison")
+    if peft_task_type(config.task) != "CAUSAL_LM" and "prompt" in methods:
+        _say(f"prompt tuning is for causal language models; left out of this {config.task} comparison")
         methods = tuple(m for m in methods if m != "prompt")
     if not methods:
         raise InvalidValue(f"nothing to compare: choose methods among {', '.join(METHODS)}")

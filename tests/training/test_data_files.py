@@ -25,11 +25,11 @@ from lorakit.training.data import (
     read_records,
     read_table,
 )
-from lorakit.training.extractive_qa import read_squad
 from lorakit.training.options import TrainConfig
-from lorakit.training.seq2seq import read_pairs
 from lorakit.training.tasks import ClassificationTask, Start, build_task
-from lorakit.training.token_cls import read_tagged
+from lorakit.training.tasks.qa import read_squad
+from lorakit.training.tasks.seq2seq import read_pairs
+from lorakit.training.tasks.token_cls import read_tagged
 
 CPU = torch.device("cpu")
 ARROW_FORMATS = ("parquet", "arrow_stream", "arrow_file", "dataset", "dataset_dict")

@@ -16,11 +16,11 @@ import transformers
 from lorakit import LoraConfig, LoraModel, get_lora_model
 from lorakit.files.io import read_adapter_config
 from lorakit.training.data import DataError
-from lorakit.training.extractive_qa import Question, best_answers, collate_windows, make_windows, qa_loss, read_squad
 from lorakit.training.loop import train
 from lorakit.training.metrics import normalize_answer, squad_scores
 from lorakit.training.options import TrainConfig
 from lorakit.training.tasks import QuestionAnsweringTask, build_task
+from lorakit.training.tasks.qa import Question, best_answers, collate_windows, make_windows, qa_loss, read_squad
 
 CPU = torch.device("cpu")
 SQUAD = Path(__file__).resolve().parents[3] / "shared" / "data" / "squad" / "squad2_dev_cs224n_6078.json"

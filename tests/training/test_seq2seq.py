@@ -15,8 +15,8 @@ from lorakit.files.io import read_adapter_config
 from lorakit.training.data import IGNORE, DataError
 from lorakit.training.loop import train
 from lorakit.training.options import TrainConfig
-from lorakit.training.seq2seq import encode_pairs, pad_pairs, read_pairs, seq2seq_loss
 from lorakit.training.tasks import Seq2SeqTask, build_task
+from lorakit.training.tasks.seq2seq import encode_pairs, pad_pairs, read_pairs, seq2seq_loss
 from lorakit.workflows.inference import generate
 
 CPU = torch.device("cpu")

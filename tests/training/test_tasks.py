@@ -10,7 +10,7 @@ import torch
 from lorakit.models.model import LoraModel
 from lorakit.training.data import IGNORE
 from lorakit.training.options import TrainConfig
-from lorakit.training.tasks import CausalLMTask, ClassificationTask, build_task
+from lorakit.training.tasks import BuiltinTask, CausalLMTask, ClassificationTask, build_task
 
 CPU = torch.device("cpu")
 
@@ -25,7 +25,7 @@ def tsv(tmp_path):
 
 def test_build_task_picks_the_causal_lm_task_and_its_batches(tiny_llama_dir):
     task = build_task(TrainConfig(model=tiny_llama_dir, max_eval=3, eval_batch_size=2), CPU, "fp32")
-    assert type(task) is CausalLMTask and isinstance(task.model, LoraModel)
+    assert type(task) is BuiltinTask and isinstance(task, CausalLMTask) and isinstance(task.model, LoraModel)
     assert task.name == "the built-in order-to-JSON task" and len(task.eval_batches) == 2  # 3 held out, by 2
     indices = [0, 1, 2, 3]
     examples = [task.train[i] for i in indices]
@@ -115,12 +115,13 @@ def test_a_decoder_without_a_pad_token_id_classifies_batches_with_the_tokenizers
     ({"task": "causal_lm", "data": "{tsv}", "eval_data": "/no/such/dev.jsonl"}, "'/no/such/dev.jsonl' does not exist"),
 ])
 def test_mistakes_are_found_before_any_weight_is_loaded(options, message, tiny_llama_dir, tsv, monkeypatch):
-    import lorakit.training.tasks as tasks
+    from lorakit.training.tasks import causal_lm, qa, seq2seq, seq_cls, token_cls
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the weights were loaded before the mistake was found")
 
-    monkeypatch.setattr(tasks, "_load", no_loading)
+    for module in (causal_lm, qa, seq2seq, seq_cls, token_cls):
+        monkeypatch.setattr(module, "load_model", no_loading)
     options = {k: v.format(tsv=tsv) if isinstance(v, str) else v for k, v in options.items()}
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         build_task(TrainConfig(model=tiny_llama_dir, **options), CPU, "fp32")

@@ -17,7 +17,7 @@ from lorakit.training.loop import train
 from lorakit.training.metrics import entities, tagging_scores
 from lorakit.training.options import TrainConfig
 from lorakit.training.tasks import TokenClassificationTask, build_task
-from lorakit.training.token_cls import collate_sentences, encode_sentences, read_tagged, tag_ids, token_loss
+from lorakit.training.tasks.token_cls import collate_sentences, encode_sentences, read_tagged, tag_ids, token_loss
 
 CPU = torch.device("cpu")
 

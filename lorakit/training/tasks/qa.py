@@ -24,8 +24,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.errors import InvalidValue
-from .data import DataError, DataSource, data_source, existing_file, locate, pad_encodings, read_records, read_text
+from ...core.config import QA_HEAD_NAMES
+from ...core.errors import InvalidValue
+from ..data import (
+    DataError,
+    DataSource,
+    data_source,
+    existing_file,
+    locate,
+    pad_encodings,
+    read_records,
+    read_text,
+)
+from ..loss import LossResult
+from ..metrics import run_eval, squad_scores
+from ..options import TrainConfig
+from ..registry import register
+from .base import MicroBatch, Task
+from .loading import (
+    AUTO_CLASSES,
+    Start,
+    data_name,
+    limit,
+    load_model,
+    prepare_model,
+    progress_bar,
+    read_split,
+)
 
 MAX_ANSWER_TOKENS = 30  # longer spans are not considered (transformers' run_qa default)
 N_BEST = 20  # start and end candidates per window
@@ -240,3 +265,55 @@ def best_answers(questions: Sequence[Question], windows: Sequence[Window], start
         score, text = best.get(q, (float("-inf"), ""))
         answers.append("" if allow_null and null.get(q, float("-inf")) > score else text)
     return answers
+
+
+@register
+class QuestionAnsweringTask(Task):
+    """Extractive question answering (``qa``, PEFT's ``QUESTION_ANS``) on SQuAD files: the span head
+    (``qa_outputs``) trained in full next to the adapter; SQuAD's exact match and F1 as the metrics."""
+
+    task_name = "qa"
+    peft_task_type = "QUESTION_ANS"
+    summary = "qa (extractive QA on SQuAD JSON)"
+    headline_metric = "f1"
+
+    def __init__(self, config: TrainConfig, device: torch.device, dtype: torch.dtype, start: Start) -> None:
+        self.config, self.device = config, device
+        model, self.tokenizer = load_model(config, dtype, auto=AUTO_CLASSES["QUESTION_ANS"], supplied=QA_HEAD_NAMES)
+        self.pad = self.tokenizer.pad_token_id or 0
+        train_questions, eval_questions = read_split(config, start, read_squad)
+        # "No answer" is a possible prediction only for a model that was shown unanswerable questions.
+        self.allow_null = any(not q.answers for q in train_questions or eval_questions)
+        self.train = make_windows(self.tokenizer, train_questions, config.max_length) if train_questions else []
+        self.eval_questions = list(limit(eval_questions, config))
+        self.eval_windows = make_windows(self.tokenizer, self.eval_questions, config.max_length)
+        self.model = prepare_model(config, model, "QUESTION_ANS", start).to(device)
+        self.name = data_name(config, start)
+        size = config.eval_batch_size
+        self.eval_batches = [collate_windows(self.eval_windows[i:i + size], self.pad)
+                             for i in range(0, len(self.eval_windows), size)]
+
+    def batch(self, indices: Sequence[int]) -> MicroBatch:
+        tensors = collate_windows([self.train[i] for i in indices], self.pad)
+        mask = tensors["attention_mask"]
+        return MicroBatch(tensors, len(indices), int(mask.sum()), mask.sum(1).tolist())
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossResult:
+        return LossResult(*qa_loss(model, batch))
+
+    def evaluate(self, model: nn.Module, label: str) -> dict[str, Any]:
+        def scores(b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, float]:
+            start, end = qa_logits(model, b)  # (B, L) each
+            return start.cpu(), end.cpu(), span_loss(start, end, b).item()
+
+        batches = [{k: v.to(self.device) for k, v in b.items()} for b in self.eval_batches]
+        with progress_bar(self.config.progress, len(self.eval_windows), f"exact match ({label})") as bar:
+            results = run_eval(model, batches, scores, progress=bar)
+        starts = [row for start, _, _ in results for row in start]
+        ends = [row for _, end, _ in results for row in end]
+        answers = best_answers(self.eval_questions, self.eval_windows, starts, ends, self.allow_null)
+        references = [[text for text, _ in q.answers] for q in self.eval_questions]
+        samples = [{"prompt": q.question, "reference": refs[0] if refs else "", "prediction": a}
+                   for q, refs, a in list(zip(self.eval_questions, references, answers))[:3]]
+        return {"loss": sum(loss for _, _, loss in results) / max(len(self.eval_windows), 1),
+                **squad_scores(answers, references), "samples": samples}

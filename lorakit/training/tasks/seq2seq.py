@@ -17,8 +17,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import IGNORE, DataError, DataSource, locate, read_records
-from .metrics import run_eval
+from ...core.errors import InvalidValue
+from ..data import (
+    IGNORE,
+    DataError,
+    DataSource,
+    locate,
+    read_records,
+)
+from ..loss import LossResult
+from ..metrics import lm_loss, run_eval
+from ..options import TrainConfig
+from ..registry import register
+from .base import MicroBatch, Task
+from .loading import (
+    AUTO_CLASSES,
+    Start,
+    data_name,
+    limit,
+    load_model,
+    prepare_model,
+    progress_bar,
+    read_split,
+)
 
 INPUT_FIELD, TARGET_FIELD = "input", "target"
 
@@ -113,3 +134,45 @@ def exact_match_of(predictions: Sequence[str], pairs: Sequence[Pair]) -> dict[st
     samples = [{"prompt": pair.prompt, "reference": pair.target, "prediction": p}
                for p, pair in list(zip(predictions, pairs))[:3]]
     return {"exact_match": sum(hits) / max(len(hits), 1), "n": len(hits), "samples": samples}
+
+
+@register
+class Seq2SeqTask(Task):
+    """Encoder-decoder generation (``seq2seq``, PEFT's ``SEQ_2_SEQ_LM``): input/target pairs, the loss on the
+    target; held-out loss, perplexity and exact match of greedy generations."""
+
+    task_name = "seq2seq"
+    peft_task_type = "SEQ_2_SEQ_LM"
+    summary = "seq2seq (input + target JSONL, encoder-decoder models)"
+    headline_metric = "exact_match"
+
+    def __init__(self, config: TrainConfig, device: torch.device, dtype: torch.dtype, start: Start) -> None:
+        self.config, self.device = config, device
+        model, self.tokenizer = load_model(config, dtype, auto=AUTO_CLASSES["SEQ_2_SEQ_LM"])
+        if self.tokenizer.pad_token_id is None:
+            raise InvalidValue(f"model {config.model!r}: its tokenizer has no pad token to pad inputs and targets with")
+        self.pad = self.tokenizer.pad_token_id
+        train_rows, eval_rows = read_split(config, start, read_pairs)
+        self.train = encode_pairs(self.tokenizer, train_rows, config.max_length)
+        self.eval_pairs = encode_pairs(self.tokenizer, list(limit(eval_rows, config)), config.max_length)
+        self.model = prepare_model(config, model, "SEQ_2_SEQ_LM", start).to(device)
+        self.name = data_name(config, start)
+        size = config.eval_batch_size
+        self.eval_batches = [pad_pairs(self.eval_pairs[i:i + size], self.pad)
+                             for i in range(0, len(self.eval_pairs), size)]
+
+    def batch(self, indices: Sequence[int]) -> MicroBatch:
+        pairs = [self.train[i] for i in indices]
+        tensors = pad_pairs(pairs, self.pad)
+        return MicroBatch(tensors, int((tensors["labels"] != IGNORE).sum()), sum(len(p) for p in pairs))
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossResult:
+        return LossResult(*seq2seq_loss(model, batch))
+
+    def evaluate(self, model: nn.Module, label: str) -> dict[str, Any]:
+        batches = [{k: v.to(self.device) for k, v in b.items()} for b in self.eval_batches]
+        with progress_bar(self.config.progress, len(self.eval_pairs), f"loss ({label})") as bar:
+            metrics = lm_loss(lambda b: self.loss(model, b), model, batches, progress=bar)
+        with progress_bar(self.config.progress, len(self.eval_pairs), f"exact match ({label})") as bar:
+            predictions = generate_targets(model, self.tokenizer, batches, self.config.max_new_tokens, bar)
+        return {**metrics, **exact_match_of(predictions, self.eval_pairs)}

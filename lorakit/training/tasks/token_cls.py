@@ -9,6 +9,7 @@ token-classification examples align them, so each word counts once in the loss a
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +19,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.errors import InvalidValue
-from .data import IGNORE, DataError, DataSource, locate, pad_encodings, read_records
+from ...core.errors import InvalidValue
+from ..data import (
+    IGNORE,
+    DataError,
+    DataSource,
+    locate,
+    pad_encodings,
+    read_records,
+)
+from ..labels import HEADS, adapter_classes, save_labels
+from ..loss import LossResult
+from ..metrics import run_eval, tagging_scores
+from ..options import TrainConfig
+from ..registry import register
+from .base import MicroBatch, Task
+from .loading import (
+    AUTO_CLASSES,
+    Start,
+    data_name,
+    limit,
+    load_model,
+    prepare_model,
+    progress_bar,
+    read_split,
+    sources,
+)
 
 TOKENS_FIELD, TAGS_FIELD = "tokens", "tags"
 
@@ -131,3 +156,73 @@ def word_tags(logits: torch.Tensor, batch: dict[str, torch.Tensor], labels: Sequ
         predicted.append([labels[i] for i in best[row][keep].tolist()])
         gold.append([labels[i] for i in batch["labels"][row][keep].tolist()])
     return predicted, gold
+
+
+@register
+class TokenClassificationTask(Task):
+    """Token classification (``token_cls``, PEFT's ``TOKEN_CLS``): a tag per word, the classification head trained
+    in full next to the adapter; token accuracy and, for IOB2/IOBES tags, seqeval's entity F1."""
+
+    task_name = "token_cls"
+    peft_task_type = "TOKEN_CLS"
+    summary = "token_cls (tokens + tags JSONL)"
+    headline_metric = "accuracy"
+    labelled = True
+
+    def __init__(self, config: TrainConfig, device: torch.device, dtype: torch.dtype, start: Start) -> None:
+        self.device = device
+        train_rows, eval_rows = read_split(config, start, read_tagged)
+        # The tags: a saved adapter's (its head was trained on them), else --labels, else the data's sorted tags.
+        saved = adapter_classes(start.adapter) if start.adapter else None
+        self.labels = saved or config.labels or sorted({t for _, _, tags in train_rows or eval_rows for t in tags})
+        if len(self.labels) < 2:
+            raise InvalidValue(f"{config.data}: only one tag ({self.labels[0]!r}); a tagger needs at least two")
+        self.config = dataclasses.replace(config, labels=self.labels)  # saved as train_config.yaml
+        train_from, eval_from = sources(config, start)
+        train_y = tag_ids(train_rows, train_from or eval_from, self.labels)
+        eval_rows = list(limit(eval_rows, config))
+        eval_y = tag_ids(eval_rows, eval_from, self.labels)
+        model, self.tokenizer = load_model(config, dtype, auto=AUTO_CLASSES["TOKEN_CLS"], supplied=HEADS,
+                                      num_labels=len(self.labels))
+        model.config.id2label = dict(enumerate(self.labels))
+        model.config.label2id = {name: i for i, name in enumerate(self.labels)}
+        self.pad = self.tokenizer.pad_token_id or 0
+        self.train = encode_sentences(self.tokenizer, [w for _, w, _ in train_rows], train_y, config.max_length) \
+            if train_rows else []
+        held_out = encode_sentences(self.tokenizer, [w for _, w, _ in eval_rows], eval_y, config.max_length)
+        self.model = prepare_model(config, model, "TOKEN_CLS", start).to(device)
+        self.name = data_name(config, start)
+        size = config.eval_batch_size
+        self.eval_batches = [collate_sentences(held_out[i:i + size], self.pad) for i in range(0, len(held_out), size)]
+
+    def batch(self, indices: Sequence[int]) -> MicroBatch:
+        sentences = [self.train[i] for i in indices]
+        tensors = collate_sentences(sentences, self.pad)
+        mask = tensors["attention_mask"]
+        return MicroBatch(tensors, sum(s.n_words for s in sentences), int(mask.sum()), mask.sum(1).tolist())
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossResult:
+        return LossResult(*token_loss(model, batch))
+
+    def evaluate(self, model: nn.Module, label: str) -> dict[str, Any]:
+        def tags(b: dict[str, torch.Tensor]) -> tuple[list[list[str]], list[list[str]], float, int]:
+            logits = token_logits(model, b)  # (B, L, n_labels)
+            keep = b["labels"] != IGNORE
+            loss = F.cross_entropy(logits[keep].float(), b["labels"][keep], reduction="sum").item()
+            return *word_tags(logits.cpu(), {"labels": b["labels"].cpu()}, self.labels), loss, int(keep.sum())
+
+        batches = [{k: v.to(self.device) for k, v in b.items()} for b in self.eval_batches]
+        n = sum(len(b["input_ids"]) for b in batches)
+        with progress_bar(self.config.progress, n, f"accuracy ({label})") as bar:
+            results = run_eval(model, batches, tags, progress=bar)
+        predicted = [p for pred, _, _, _ in results for p in pred]
+        gold = [g for _, ref, _, _ in results for g in ref]
+        words = sum(count for _, _, _, count in results)
+        return {"loss": sum(loss for _, _, loss, _ in results) / max(words, 1), **tagging_scores(predicted, gold),
+                "labels": list(self.labels)}
+
+    def save(self, model: nn.Module, out: Path) -> int:
+        """The adapter (or model) and ``labels.json``: which tag each output of the head stands for."""
+        saved = super().save(model, out)
+        save_labels(out, self.labels)
+        return saved

@@ -1,0 +1,17 @@
+"""The training tasks, one module each, registered by name (:mod:`lorakit.training.registry`): ``builtin`` and
+``causal_lm`` (:mod:`.causal_lm`), ``seq_cls``, ``seq2seq``, ``qa`` and ``token_cls``. A new task is one new module
+here that defines a :class:`Task` subclass decorated with ``@register`` and is imported below.
+"""
+
+from . import causal_lm, qa, seq2seq, seq_cls, token_cls  # noqa: F401 - importing a task module registers it
+from .base import MicroBatch, Task, build_task, check_before_loading
+from .causal_lm import BuiltinTask, CausalLMTask
+from .loading import enable_checkpointing, give_pad_token, lora_config_of, meta_model_of, progress_bar, streams
+from .qa import QuestionAnsweringTask
+from .seq2seq import Seq2SeqTask
+from .seq_cls import ClassificationTask
+from .token_cls import TokenClassificationTask
+
+__all__ = ["AUTO_CLASSES", "BuiltinTask", "CausalLMTask", "ClassificationTask", "MicroBatch", "QuestionAnsweringTask",
+           "Seq2SeqTask", "Start", "Task", "TokenClassificationTask", "build_task", "check_before_loading",
+           "enable_checkpointing", "give_pad_token", "lora_config_of", "meta_model_of", "progress_bar", "streams"]
