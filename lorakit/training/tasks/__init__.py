@@ -6,7 +6,8 @@ here that defines a :class:`Task` subclass decorated with ``@register`` and is i
 from . import causal_lm, qa, seq2seq, seq_cls, token_cls  # noqa: F401 - importing a task module registers it
 from .base import MicroBatch, Task, build_task, check_before_loading
 from .causal_lm import BuiltinTask, CausalLMTask
-from .loading import enable_checkpointing, give_pad_token, lora_config_of, meta_model_of, progress_bar, streams
+from .loading import (AUTO_CLASSES, Start, enable_checkpointing, give_pad_token, lora_config_of, meta_model_of,
+                      progress_bar, streams)
 from .qa import QuestionAnsweringTask
 from .seq2seq import Seq2SeqTask
 from .seq_cls import ClassificationTask
