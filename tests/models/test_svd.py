@@ -78,7 +78,7 @@ def test_cli_inspect_and_resize(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "a")]) == 0
     out = capsys.readouterr().out
     assert "rank 3 keeps 90% and rank 3 keeps 99% of this r=8 adapter's update" in out
-    assert f"lorakit resize {tmp_path / 'a'} --rank 3" in out
+    assert f"lorakit resize {tmp_path / 'a'} --r 3" in out
     assert main(["resize", str(tmp_path / "a"), "--rank", "3", "--output", str(tmp_path / "b"), "--json"]) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out)["energy_kept"] == pytest.approx(1.0)

@@ -120,7 +120,7 @@ def test_micro_batches_of_the_processes_are_the_slices_of_one_global_batch():
 
 def test_nan_loss_stops_names_the_last_good_checkpoint_and_the_command_to_recover(tiny_llama_dir, tmp_path,
                                                                                      monkeypatch, capsys):
-    real, calls = lorakit.training.tasks.causal_lm_loss, []
+    real, calls = lorakit.training.tasks.causal_lm.causal_lm_loss, []
 
     def loss_turning_nan_at_step_5(model, batch):
         loss, count = real(model, batch)
@@ -130,7 +130,7 @@ def test_nan_loss_stops_names_the_last_good_checkpoint_and_the_command_to_recove
                 return loss * float("nan"), count
         return loss, count
 
-    monkeypatch.setattr(lorakit.training.tasks, "causal_lm_loss", loss_turning_nan_at_step_5)
+    monkeypatch.setattr(lorakit.training.tasks.causal_lm, "causal_lm_loss", loss_turning_nan_at_step_5)
     with pytest.raises(TrainingError) as raised:
         train(model=tiny_llama_dir, steps=40, save_every=2, output_dir=str(tmp_path), **FAST)
     message = str(raised.value)
@@ -142,7 +142,7 @@ def test_nan_loss_stops_names_the_last_good_checkpoint_and_the_command_to_recove
     assert sorted(p.name for p in ckpt.iterdir()) == ["diverged-step-000004", "step-000002"]  # nothing half-written
     assert not (tmp_path / "adapter_model.safetensors").exists()
     # The printed command works: resuming at a lower rate is allowed, with a warning, and finishes the run.
-    monkeypatch.setattr(lorakit.training.tasks, "causal_lm_loss", real)
+    monkeypatch.setattr(lorakit.training.tasks.causal_lm, "causal_lm_loss", real)
     result = train(TrainConfig.from_yaml(ckpt / "step-000002" / "train_config.yaml", resume=True, lr=1e-3))
     assert result["resumed_from"].endswith("step-000002") and result["steps"] == 40
     assert "lr: 0.01 → 0.001" in capsys.readouterr().err

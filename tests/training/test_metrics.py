@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from lorakit.training.loss import LossResult
 from lorakit.training.metrics import classification, exact_match, generate_texts, lm_loss
 
 
@@ -67,12 +68,13 @@ def test_lm_loss_is_the_mean_over_tokens_and_its_exponential():
 
     def loss_fn(batch):
         assert not model.training and not torch.is_grad_enabled()
-        return batch["sum"], batch["n"]
+        return LossResult(batch["sum"], batch["n"])
 
     result = lm_loss(loss_fn, model, batches)
     assert result == {"loss": 2.0, "perplexity": pytest.approx(math.exp(2.0)), "tokens": 4}
     assert model.training
-    assert lm_loss(lambda b: (torch.tensor(1e4), torch.tensor(1)), model, [{}])["perplexity"] == math.exp(50.0)
+    assert lm_loss(lambda b: LossResult(torch.tensor(1e4), torch.tensor(1)), model, [{}])["perplexity"] == \
+        math.exp(50.0)
 
 
 class Fixed(nn.Module):
