@@ -71,14 +71,11 @@ def messages(request: str, answer: str | None = None) -> list[dict[str, str]]:
     return chat
 
 
-def builtin_orders(n_train: int = 2000, n_eval: int = 100, seed: int = 1234) -> tuple[list[dict], list[dict]]:
-    """The train and held-out splits as chat records (``{"messages": [...]}``), generated from ``seed``.
-
-    No held-out request appears in the training split.
-    """
+def _split_orders(n_train: int, n_eval: int, seed: int) -> tuple[list[tuple[Order, str]], list[tuple[Order, str]]]:
+    """The train and held-out (order, request) pairs generated from ``seed``; no request is in both."""
     rng = random.Random(seed)
     seen: set[str] = set()
-    splits: tuple[list[dict], list[dict]] = ([], [])
+    splits: tuple[list[tuple[Order, str]], list[tuple[Order, str]]] = ([], [])
     for split, n in zip(splits, (n_train, n_eval)):
         while len(split) < n:
             order = _random_order(rng)
@@ -86,5 +83,47 @@ def builtin_orders(n_train: int = 2000, n_eval: int = 100, seed: int = 1234) -> 
             if request in seen:
                 continue
             seen.add(request)
-            split.append({"messages": messages(request, order.answer())})
+            split.append((order, request))
     return splits
+
+
+def builtin_orders(n_train: int = 2000, n_eval: int = 100, seed: int = 1234) -> tuple[list[dict], list[dict]]:
+    """The train and held-out splits as chat records (``{"messages": [...]}``), generated from ``seed``.
+
+    No held-out request appears in the training split.
+    """
+    train, held_out = _split_orders(n_train, n_eval, seed)
+    return tuple([{"messages": messages(request, order.answer())} for order, request in split]  # type: ignore
+                 for split in (train, held_out))
+
+
+def near_miss(order: Order, rng: random.Random) -> str:
+    """An answer that is almost the exact JSON: one of the mistakes a base model makes (the quantity as a string,
+    the day capitalised, the item in the plural, the keys in another order, a wrong size)."""
+    fields = {"name": order.name, "item": order.item, "size": order.size, "quantity": order.quantity,
+              "day": order.day}
+    mistake = rng.randrange(5)
+    if mistake == 0:
+        fields["quantity"] = str(order.quantity) if rng.random() < 0.5 else WORDS[order.quantity - 1]
+    elif mistake == 1:
+        fields["day"] = order.day.capitalize()
+    elif mistake == 2:
+        fields["item"] = PLURALS.get(order.item, order.item + "s")
+    elif mistake == 3:
+        keys = list(fields)
+        while keys == list(fields):
+            rng.shuffle(keys)
+        fields = {k: fields[k] for k in keys}
+    else:
+        fields["size"] = rng.choice([s for s in SIZES if s != order.size])
+    return json.dumps(fields)
+
+
+def builtin_pairs(n_train: int = 2000, n_eval: int = 100, seed: int = 1234) -> tuple[list[dict], list[dict]]:
+    """The built-in task as preference pairs (TRL's conversational ``prompt`` / ``chosen`` / ``rejected``): the
+    requests of :func:`builtin_orders`, the exact JSON chosen and a near miss (:func:`near_miss`) rejected."""
+    rng = random.Random(seed + 1)
+    return tuple([{"prompt": messages(request),  # type: ignore[return-value]
+                   "chosen": [{"role": "assistant", "content": order.answer()}],
+                   "rejected": [{"role": "assistant", "content": near_miss(order, rng)}]}
+                  for order, request in split] for split in _split_orders(n_train, n_eval, seed))

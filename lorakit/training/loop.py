@@ -281,7 +281,8 @@ def _step(run: Run, micro: list[MicroBatch], step: int) -> tuple[float, float, d
         for name, value in result.metrics.items():
             metric_sums[name] = metric_sums.get(name, 0.0) + float(value)
     loss = procs.all_sum(loss_sum) / targets  # the same value on every process, so all of them stop together
-    task_metrics = {name: procs.all_sum(value) / targets for name, value in sorted(metric_sums.items())}
+    task_metrics = run.task.step_metrics({name: procs.all_sum(value) for name, value in sorted(metric_sums.items())},
+                                         targets)
     if not math.isfinite(loss):
         _stop_on_nan(loss, step + 1, run.ckpt_root, config)
     norm = run.par.clip(run.params, config.max_grad_norm)  # the same on every process (FSDP: over all shards)

@@ -99,7 +99,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     return total
 
 
-def _plain_head(model: nn.Module) -> nn.Linear | None:
+def plain_head(model: nn.Module) -> nn.Linear | None:
     """The output layer if the logits are exactly ``hidden @ weight.T``: a family known to have a plain head (no
     softcapping or logit scaling: :mod:`lorakit.core.families`) and a plain layer."""
     get = getattr(model, "get_output_embeddings", None)
@@ -124,7 +124,7 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     selected = targets != IGNORE  # (B, T)
     count = selected.sum()
     get_decoder = getattr(model, "get_decoder", None)
-    head = _plain_head(model)
+    head = plain_head(model)
     decoder = get_decoder() if callable(get_decoder) and head is not None else None
     if decoder is not None and decoder is not model:
         hidden = decoder(**inputs, use_cache=False).last_hidden_state  # (B, T, H)

@@ -193,7 +193,7 @@ class TrainConfig:
                                f"(got --method {self.method})")
         if not task.needs_data and self.data is not None:
             raise InvalidValue(f"--data is for the tasks that read a file; --task {self.task} generates its own data")
-        if task.needs_data and self.data is None:
+        if task.needs_data and self.data is None and not task.data_optional:
             raise InvalidValue(f"--task {self.task} needs --data (a training file)")
         self.task_options = _task_options(task, self.task_options)
         if self.eval_split is not None and self.eval_data is None:
@@ -204,7 +204,7 @@ class TrainConfig:
         """Optimizer steps of the run: ``steps``, else ``epochs`` over ``batches_per_epoch`` micro-batches."""
         if self.steps is not None:
             return self.steps
-        default = task_class(self.task).default_steps
+        default = task_class(self.task).default_steps_for(self)
         if default is not None:
             return default
         return max(1, int(self.epochs * batches_per_epoch) // self.grad_accum)

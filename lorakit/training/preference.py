@@ -15,13 +15,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..core.errors import InvalidType, InvalidValue
 from .data import IGNORE
-from .loss import CHUNK_ELEMENTS
+from .loss import CHUNK_ELEMENTS, plain_head
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 
@@ -102,6 +104,103 @@ def sequence_logps(logits: torch.Tensor, targets: torch.Tensor, chunk: int | Non
     """
     logps = token_logps(logits, targets, chunk).sum(dim=1)  # (B,)
     return logps, (targets != IGNORE).sum(dim=1)
+
+
+class _LinearLogProbs(torch.autograd.Function):
+    """``log softmax(hidden_i · weightᵀ)[target_i]`` for each row i, chunked; the gradient with respect to ``hidden``
+    is made in the forward pass, so no chunk's logits outlive it. The second output, each row's mean logit (TRL's
+    ``logits/*`` metrics), takes no gradient.
+
+    For a frozen head (LoRA: the output embedding does not train) the gradient of row i's log-prob with respect to
+    its hidden state is ``(onehot_i - softmax_i) · weight``: an ``(N, H)`` tensor, where autograd would keep the
+    ``(N, V)`` logits. The backward pass scales each row by its incoming gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,  # type: ignore[override]
+                chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        grad_h = torch.empty_like(hidden)  # (N, H)
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # (N,)
+        means = torch.empty_like(out)  # (N,)
+        for start in range(0, hidden.shape[0], chunk):
+            logits = (hidden[start:start + chunk] @ weight.t()).float()  # (c, V)
+            t = targets[start:start + chunk]  # (c,)
+            lse = torch.logsumexp(logits, dim=-1)  # (c,)
+            out[start:start + chunk] = logits.gather(1, t[:, None]).squeeze(1) - lse
+            means[start:start + chunk] = logits.mean(dim=-1)
+            probs = logits.sub_(lse[:, None]).exp_().neg_()  # -softmax, in the logits' memory
+            probs[torch.arange(len(t), device=t.device), t] += 1.0  # d logp / d logits
+            grad_h[start:start + chunk] = probs.to(weight.dtype) @ weight  # (c, H)
+        ctx.save_for_backward(grad_h)
+        ctx.mark_non_differentiable(means)
+        return out, means
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor, grad_means: torch.Tensor):  # type: ignore[override]
+        (grad_h,) = ctx.saved_tensors
+        return grad_h * grad_out[:, None].to(grad_h.dtype), None, None, None
+
+
+def linear_token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                       chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``log p(target_i)`` of the logits ``hidden @ weight.T``, row by row, in fp32, without full logits; and each
+    row's mean logit.
+
+    Args:
+        hidden: ``(N, H)`` final hidden states of the scored positions.
+        weight: ``(V, H)`` the output embedding. When it requires a gradient (full fine-tuning) the chunks go
+            through autograd, which keeps each chunk's logits; a frozen head keeps only an ``(N, H)`` gradient.
+        targets: ``(N,)`` token ids.
+        chunk: Rows per chunk (default: about 2^25 logits per chunk).
+
+    Returns:
+        ``(logps, mean_logits)``: ``(N,)`` float32 each; the mean logits are detached.
+    """
+    chunk = chunk or max(1, CHUNK_ELEMENTS // weight.shape[0])
+    if torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad:
+        return _LinearLogProbs.apply(hidden, weight, targets, chunk)
+    logps, means = [], []
+    for start in range(0, hidden.shape[0], chunk):
+        logits = (hidden[start:start + chunk] @ weight.t()).float()  # (c, V)
+        t = targets[start:start + chunk, None]  # (c, 1)
+        logps.append(logits.gather(1, t).squeeze(1) - torch.logsumexp(logits, dim=-1))
+        means.append(logits.detach().mean(dim=-1))
+    if not logps:
+        return (hidden.new_zeros(0, dtype=torch.float32),) * 2
+    return torch.cat(logps), torch.cat(means)
+
+
+def model_token_logps(model: nn.Module, inputs: dict[str, torch.Tensor], targets: torch.Tensor,
+                      mean_logits: bool = False) -> Any:
+    """The model's log-probability of each target token of a batch, in fp32; 0 where the target is IGNORE.
+
+    A Hugging Face causal LM with a plain output layer runs its backbone and scores only the target positions
+    (:func:`linear_token_logps`); any other model's full logits are scored by :func:`token_logps`.
+
+    Args:
+        model: A causal LM (a :class:`~lorakit.models.model.LoraModel` or a plain one).
+        inputs: ``input_ids`` and ``attention_mask`` ``(B, T)``.
+        targets: ``(B, T)`` shifted next-token targets or IGNORE.
+        mean_logits: Also return each scored position's mean logit over the vocabulary (detached, 0 elsewhere).
+
+    Returns:
+        ``(B, T)`` float32 log-probabilities; with ``mean_logits``, ``(logps, mean_logits)``.
+    """
+    head = plain_head(model)
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) and head is not None else None
+    selected = targets != IGNORE  # (B, T)
+    if decoder is None or decoder is model:
+        logits = model(**inputs, use_cache=False).logits  # (B, T, V)
+        logps = token_logps(logits, targets)
+        if not mean_logits:
+            return logps
+        return logps, logits.detach().float().mean(dim=-1) * selected
+    hidden = decoder(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
+    values, means = linear_token_logps(hidden[selected], head.weight, targets[selected])  # (N,) each
+    zeros = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
+    logps = zeros.masked_scatter(selected, values)
+    return (logps, zeros.masked_scatter(selected, means)) if mean_logits else logps
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -300,6 +300,18 @@ def _truncate(prompt: list[int], answers: list[list[int]], max_length: int | Non
     return prompt, [a[:room] for a in answers], cut
 
 
+def tokenize_pair(tokenizer: Any, prompt: Text, chosen: Text, rejected: Text, max_length: int | None = 1024,
+                  max_prompt_length: int | None = None, line: int = 0) -> tuple[PreferencePair, bool] | None:
+    """One pair tokenized and truncated as TRL's DPOTrainer does, and whether it was cut; None when its prompt alone
+    fills ``max_length``."""
+    head, answers = tokenize_answers(tokenizer, prompt, [chosen, rejected])
+    fitted = _truncate(head, answers, max_length, max_prompt_length)
+    if fitted is None:
+        return None
+    head, (chosen_ids, rejected_ids), cut = fitted
+    return PreferencePair(line, head, chosen_ids, rejected_ids), cut
+
+
 def _check_options(on_bad: str, max_length: int | None, max_prompt_length: int | None) -> None:
     if on_bad not in ON_BAD:
         raise InvalidValue(f"on_bad must be one of {', '.join(ON_BAD)}, got {on_bad!r}")
@@ -319,7 +331,7 @@ def _rows(path: str | Path | DataSource, parse: Any, on_bad: str) -> tuple[DataS
             bad.append((line, str(err)))
     if bad and (on_bad == "error" or not good):
         what = "no usable rows" if not good else f"{len(bad)} row{'s' * (len(bad) > 1)} cannot be used"
-        hint = " (on_bad='skip' leaves them out)" if good else ""
+        hint = " (--bad-rows skip leaves them out)" if good else ""
         raise DataError(f"{source}: {what}: {_bad_rows(source, bad)}{hint}")
     return source, good, bad
 
@@ -343,14 +355,13 @@ def load_pairs(path: str | Path | DataSource, tokenizer: Any, max_length: int | 
     source, rows, bad = _rows(path, pair_of, on_bad)
     data = PreferenceData([], source, skipped=bad)
     for line, (prompt, chosen, rejected) in rows:
-        head, answers = tokenize_answers(tokenizer, prompt, [chosen, rejected])
-        fitted = _truncate(head, answers, max_length, max_prompt_length)
+        fitted = tokenize_pair(tokenizer, prompt, chosen, rejected, max_length, max_prompt_length, line)
         if fitted is None:
             data.dropped.append(line)
             continue
-        head, (chosen_ids, rejected_ids), cut = fitted
+        pair, cut = fitted
         data.truncated += cut
-        data.rows.append(PreferencePair(line, head, chosen_ids, rejected_ids))
+        data.rows.append(pair)
     if not data.rows:
         raise DataError(f"{source}: every prompt fills max_length={max_length}; raise it")
     return data
@@ -378,16 +389,18 @@ def load_unpaired(path: str | Path | DataSource, tokenizer: Any, max_length: int
     return data
 
 
+def kl_example(example: UnpairedExample, partner: UnpairedExample, max_length: int | None = 1024) -> Example:
+    """KTO's mismatched KL row: ``example``'s prompt followed by ``partner``'s completion, cut to ``max_length``
+    (keeping its start). Its log-ratio estimates the reference point."""
+    row = _example(example.prompt_ids, partner.completion_ids)
+    if max_length is not None and len(row) > max_length:
+        row = Example(row.input_ids[:max_length], row.targets[:max_length - 1] + [IGNORE])
+    return row
+
+
 def mismatched(examples: Sequence[UnpairedExample], max_length: int | None = 1024) -> list[Example]:
     """KTO's KL rows for one batch: each prompt followed by the *previous* example's completion (the first by the
-    last's), TRL's rotation, cut to ``max_length`` from the end. Their log-ratio estimates the reference point."""
+    last's), TRL's rotation (see :func:`kl_example`)."""
     if len(examples) < 2:
         raise InvalidValue(f"KTO's KL estimate needs at least 2 examples per batch, got {len(examples)}")
-    rows = []
-    for i, e in enumerate(examples):
-        ex = _example(e.prompt_ids, examples[i - 1].completion_ids)
-        if max_length is not None and len(ex) > max_length:
-            ids = ex.input_ids[:max_length]
-            ex = Example(ids, ex.targets[:max_length - 1] + [IGNORE])
-        rows.append(ex)
-    return rows
+    return [kl_example(e, examples[i - 1], max_length) for i, e in enumerate(examples)]

@@ -229,7 +229,7 @@ def test_bad_pairs_refuse_the_file_with_on_bad_error(tmp_path, smollm2_tokenizer
     path = _write(tmp_path, [row for row, _ in BAD_PAIRS[:4]])
     with pytest.raises(DataError, match=rf"3 rows cannot be used: {path}:2: missing field 'rejected'.*; {path}:3: "
                                         rf"empty chosen answer; {path}:4: chosen and rejected are the same "
-                                        rf"\(on_bad='skip' leaves them out\)"):
+                                        r"\(--bad-rows skip leaves them out\)"):
         load_pairs(path, smollm2_tokenizer, on_bad="error")
     with pytest.raises(DataError, match=rf"{path.parent / 'bad.jsonl'}: no usable rows: .*:1: empty chosen"):
         load_pairs(_write(tmp_path, [BAD_PAIRS[2][0]], "bad.jsonl"), smollm2_tokenizer)

@@ -51,7 +51,9 @@ class Task:
         summary: Its line in ``--task``'s help.
         headline_metric: The held-out metric the summary and ``compare`` report (a key of :meth:`evaluate`'s).
         needs_data: Whether it reads ``--data`` (the built-in task generates its own).
-        default_steps: Its optimizer steps when ``--steps`` is not given (None: ``--epochs`` over the data).
+        data_optional: Without ``--data`` it trains on built-in data (the preference tasks' built-in pairs).
+        default_steps: Its optimizer steps when ``--steps`` is not given (None: ``--epochs`` over the data); see
+            :meth:`default_steps_for`.
         vocabulary_head: Its output head is the vocabulary's (a causal LM), for the matmul peak's shapes.
         labelled: Its head's classes are saved beside the adapter (``labels.json``) and read back with it.
         reference_passes: Forward-only passes of the model per example beside the trained one (a DPO reference
@@ -77,6 +79,7 @@ class Task:
     summary: str = ""
     headline_metric: str = "loss"
     needs_data: bool = True
+    data_optional: bool = False
     default_steps: int | None = None
     vocabulary_head: bool = False
     labelled: bool = False
@@ -109,6 +112,16 @@ class Task:
             return (out / WEIGHTS_NAME).stat().st_size
         self.tokenizer.save_pretrained(out)  # full fine-tuning: the whole model, safetensors
         return sum(f.stat().st_size for f in out.glob("*.safetensors"))
+
+    def step_metrics(self, sums: dict[str, float], count: float) -> dict[str, float]:
+        """The task's metrics of a step (or an evaluation) from their sums over ``count`` units (``LossResult``'s
+        count, added over the micro-batches and processes): by default each sum divided by the count."""
+        return {name: value / count for name, value in sums.items()}
+
+    @classmethod
+    def default_steps_for(cls, config: TrainConfig) -> int | None:
+        """Its optimizer steps when ``--steps`` is not given (None: ``--epochs`` over the data)."""
+        return cls.default_steps
 
     def count_parameters(self) -> tuple[int, int]:
         """(trainable parameters, all parameters) of the model as trained."""
