@@ -73,3 +73,18 @@ def test_help_starts_with_a_short_usage_line(command, usage, capsys):
         main([command, "--help"])
     out = capsys.readouterr().out
     assert out.startswith(usage) and out.index("options:") < 1000  # the text comes before 29 lines of usage would
+
+
+def test_train_output_dir_naming_a_file_is_said_in_words(tmp_path, capsys, tiny_llama_dir):
+    from lorakit.cli import main as cli_main
+
+    taken = tmp_path / "a-file"
+    taken.write_text("mine")
+    args = ["train", "--model", tiny_llama_dir, "--steps", "1", "--no-progress", "--precision", "fp32"]
+    assert cli_main([*args, "--output-dir", str(taken)]) == 2
+    err = capsys.readouterr().err.strip()
+    last = err.splitlines()[-1]  # before it: the run's header and the memory check
+    assert "is a file, not a folder" in last and str(taken) in last
+    assert "Traceback" not in err and "Errno" not in err and taken.read_text() == "mine"
+    assert cli_main([*args, "--output-dir", str(taken / "run")]) == 2
+    assert f"{str(taken)!r} is a file, not a folder" in capsys.readouterr().err

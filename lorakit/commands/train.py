@@ -33,12 +33,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+PERCENTS = ("exact_match", "accuracy", "rewards/accuracies", "f1")  # metrics that are shares, shown in percent
+
+
 def metric(evaluation: dict, headline: str | None = None) -> str:
     """The headline of an evaluation: the task's headline metric when given and present, else exact match or
     accuracy, else the loss and perplexity."""
     for key in ([headline] if headline else []) + ["exact_match", "accuracy"]:
         if key in evaluation and key != "loss":
-            return f"{key.replace('_', ' ')} {100 * evaluation[key]:.1f}%"
+            name = key.replace("_", " ")
+            return f"{name} {100 * evaluation[key]:.1f}%" if key in PERCENTS else f"{name} {evaluation[key]:.3f}"
     return f"loss {evaluation['loss']:.4f} (perplexity {evaluation['perplexity']:.2f})"
 
 
@@ -62,6 +66,9 @@ def format_summary(result: dict) -> str:
         f"held-out: {metric(result['before'], result.get('headline_metric'))} before -> "
         f"{metric(result['after'], result.get('headline_metric'))} after",
     ]
+    if result.get("headline_metric") != "exact_match" and "exact_match" in result["after"]:  # built-in preference
+        lines.append(f"          {metric(result['before'], 'exact_match')} before -> "
+                     f"{metric(result['after'], 'exact_match')} after")
     samples = result["after"].get("samples")
     if samples:
         lines.append(f"example:  {samples[0]['prompt']!r}\n       -> {samples[0]['prediction']}")

@@ -176,11 +176,12 @@ class MemoryEstimate:
     logits: int
     runtime: int
     adapter: str = ""  # lora/qlora: the adapter the estimate assumes, e.g. "r=8 on all-linear (210 modules)"
+    reference: int = 0  # a frozen copy of the model (preference training with full fine-tuning)
 
     @property
     def total(self) -> int:
         return (self.weights + self.gradients + self.optimizer_states + self.activations + self.logits
-                + self.runtime)
+                + self.runtime + self.reference)
 
     def as_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "total": self.total}

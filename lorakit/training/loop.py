@@ -34,6 +34,7 @@ from torch import nn
 
 from ..core.errors import InvalidValue
 from ..core.process_memory import allocator_in_use, map_large_allocations, peak_rss_mib, reset_peak_rss
+from ..files.io import make_folder
 from ..files.model_card import write_model_card
 from ..models.compiling import compile_blocks, use_compile
 from ..models.devices import Precision, autocast, model_shapes, resolve_device
@@ -225,7 +226,7 @@ def _setup(config: TrainConfig) -> Run:
     peak = run_peak(config, precision.name, device, procs)  # for MFU; measured once per machine, before loading
     out = Path(config.output_dir)
     if procs.main:
-        out.mkdir(parents=True, exist_ok=True)
+        make_folder(out, "output folder (--output-dir)")  # a file in its way is said in words
 
     par = parallel_for(config, procs, precision.name)
     with par.initializing(config.seed):

@@ -102,7 +102,8 @@ class TrainConfig:
     epochs: float = _opt(1.0, "passes over the data when --steps is not given")
     batch_size: int = _opt(8, "examples per micro-batch on each process")
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
-    lr: float = _opt(2e-3, "peak learning rate (AdamW)")
+    lr: float | None = _opt(None, "peak learning rate (AdamW); default: the task's own, 2e-3 for the supervised "
+                                  "tasks and 5e-5 for the preference tasks (dpo, orpo, simpo, kto)")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
     loraplus_lr_ratio: float | None = _opt(None, "LoRA+: B learns this many times faster than A (--lr), e.g. 16; "
                                                  "adapters on embeddings learn at 1e-6, as PEFT's "
@@ -158,6 +159,8 @@ class TrainConfig:
             value = getattr(self, f.name)
             if choices and value is not None and value not in choices:
                 raise InvalidValue(f"{f.name}={value!r} is not allowed; choose one of {', '.join(choices)}")
+        if self.lr is None:
+            self.lr = task_class(self.task).default_lr
         positive = ("r", "num_virtual_tokens", "batch_size", "grad_accum", "max_length", "max_new_tokens",
                     "eval_batch_size", "keep_checkpoints")
         for name in positive:
@@ -423,10 +426,25 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "train") -> No
             _add_flag(sections[groups[f.name]], f, hints[f.name], f.name, help_text)
     for option, (tasks, f, annotation) in own.items():
         help_text = f.metadata["help"] + (f" (tasks {', '.join(tasks)})" if len(tasks) > 1 else "")
-        _add_flag(sections[task_heading(tasks[0])], f, annotation, TASK_OPTION + option, help_text)
+        choices = _shared_choices(option, tasks)  # each task checks its own (TrainConfig); the flag takes them all
+        _add_flag(sections[task_heading(tasks[0])], f, annotation, TASK_OPTION + option, help_text, choices)
 
 
-def _add_flag(section: Any, f: dataclasses.Field, annotation: Any, dest: str, help_text: str) -> None:
+def _shared_choices(option: str, tasks: list[str]) -> tuple[str, ...] | None:
+    """The values some task allows for an option several tasks take (None: any value)."""
+    every: list[str] = []
+    for name in tasks:
+        f = next(f for f in dataclasses.fields(task_class(name).options) if f.name == option)
+        choices = f.metadata.get("choices")
+        if choices is None:
+            return None
+        every += [c for c in choices if c not in every]
+    return tuple(every)
+
+
+def _add_flag(section: Any, f: dataclasses.Field, annotation: Any, dest: str, help_text: str,
+              choices: tuple[str, ...] | None = None) -> None:
+    """One flag for field ``f``; ``choices`` (default: the field's) are the values the flag accepts."""
     flag = "--" + f.name.replace("_", "-")
     kind = _base_type(annotation)
     if "default" not in help_text:
@@ -438,7 +456,7 @@ def _add_flag(section: Any, f: dataclasses.Field, annotation: Any, dest: str, he
         section.add_argument(flag, dest=dest, type=lambda s: [v.strip() for v in s.split(",")],
                              default=argparse.SUPPRESS, metavar=f.name.upper(), help=help_text + ", comma-separated")
     else:
-        choices = _choices(f)
+        choices = choices or _choices(f)
         section.add_argument(flag, dest=dest, type=kind, default=argparse.SUPPRESS, choices=choices,
                              metavar=None if choices else f.name.upper(), help=help_text)
 

@@ -34,7 +34,7 @@ from ..models.embedded_models import model_source
 from ..models.streaming import checkpoint_dtype
 from .devices import Processes
 from .options import TrainConfig
-from .registry import peft_task_type
+from .registry import peft_task_type, task_class
 from .tasks import lora_config_of, meta_model_of
 
 # A run is refused only when its estimate exceeds 95% of the available memory. The estimate counts live tensors;
@@ -250,10 +250,15 @@ def estimate_run(config: TrainConfig, model: nn.Module | None = None, dtypes: Dt
         dtypes = run_dtypes(config, "fp32" if config.precision == "auto" else config.precision, stored_dtype(config))
     method = "qlora" if config.quantize else config.method
     lora = lora_config_of(config, task_type) if config.method == "lora" else None
-    return estimate_memory(model, method, config.batch_size, config.max_length, dtype=dtypes.activations,
-                           base_dtype=dtypes.base, grad_checkpointing=config.grad_checkpointing, optimizer="adamw",
-                           lora=lora, num_virtual_tokens=config.num_virtual_tokens, runtime=runtime,
-                           double_quant=config.double_quant)
+    task = task_class(config.task)  # a preference pair trains two rows; full fine-tuning's reference is a copy
+    estimate = estimate_memory(model, method, config.batch_size * task.rows_per_example, config.max_length,
+                               dtype=dtypes.activations, base_dtype=dtypes.base,
+                               grad_checkpointing=config.grad_checkpointing, optimizer="adamw", lora=lora,
+                               num_virtual_tokens=config.num_virtual_tokens, runtime=runtime,
+                               double_quant=config.double_quant)
+    if task.reference_passes and config.method == "full":
+        estimate = dataclasses.replace(estimate, reference=estimate.weights)
+    return estimate
 
 
 def peak_bytes(estimate: MemoryEstimate, shards: int = 1) -> int:
@@ -433,7 +438,8 @@ def refusal(check: Check, smallest: Suggestion | None, shards: int = 1) -> str:
     """The message of a refused run."""
     e = check.estimate
     parts = [("weights", e.weights), ("gradients", e.gradients), ("optimizer states", e.optimizer_states),
-             ("activations", e.activations), ("LM-head logits", e.logits), ("runtime", e.runtime)]
+             ("activations", e.activations), ("LM-head logits", e.logits), ("runtime", e.runtime),
+             *([("reference copy", e.reference)] if e.reference else [])]
     lines = [f"this run needs about {_size(check.peak)} of memory at its peak, more than {FIT_MARGIN:.0%} of the "
              f"{_size(check.available.bytes)} available ({check.available.source}). Nothing was loaded.",
              f"  estimate: {_describe(check)}:",

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from ..core.errors import InvalidValue
+from ..files.io import make_folder
 from ..models.embedded_models import build_model
 from ..models.model import LoraModel
 from ..models.prompt_tuning import PromptTuningModel
@@ -61,7 +62,7 @@ def _quality(evaluation: dict[str, Any]) -> tuple[str, float]:
 
 def _train_in_child(config: TrainConfig, folder: Path) -> dict[str, Any]:
     """``lorakit train --config`` in a child process (its peak memory is its own); the run's summary."""
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder, "output folder")
     config_file = folder / "requested_config.yaml"
     config.save_yaml(config_file)
     done = subprocess.run([sys.executable, "-m", "lorakit", "train", "--config", str(config_file)],
@@ -124,7 +125,7 @@ def compare(config: TrainConfig | None = None, methods: tuple[str, ...] = METHOD
     if not methods:
         raise InvalidValue(f"nothing to compare: choose methods among {', '.join(METHODS)}")
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out, "output folder (--output-dir)")
     rows = []
     for i, method in enumerate(methods, 1):
         folder = out / method
@@ -227,7 +228,7 @@ def sweep(config: TrainConfig | None = None, ranks: tuple[int, ...] = (4, 8, 16,
     if not targets:
         raise InvalidValue("targets is empty: give at least one target set (e.g. 'q,v' or 'all-linear')")
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out, "output folder (--output-dir)")
     rows = []
     runs = [(r, t) for t in targets for r in ranks]
     for i, (r, spec) in enumerate(runs, 1):

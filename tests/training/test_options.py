@@ -107,8 +107,12 @@ def test_command_line_options_override_the_config_file(tmp_path):
 def test_every_train_option_has_help():
     train_parser = build_parser()._subparsers._group_actions[0].choices["train"]
     options = [a for a in train_parser._actions if a.option_strings and a.dest != "help"]
-    # every field but task_options (set through each task's own flags), + --config
-    assert len(options) == len(TrainConfig.__dataclass_fields__) - 1 + 1
+    # every field but task_options, + --config, + each task's own options (one flag per name, tasks share it)
+    from lorakit.training.options import _task_option_fields
+
+    own = _task_option_fields()
+    assert {"beta", "loss", "precompute_ref", "simpo_gamma", "desirable_weight"} <= set(own)
+    assert len(options) == len(TrainConfig.__dataclass_fields__) - 1 + 1 + len(own)
     for action in options:
         assert action.help and len(action.help) > 15, action.option_strings
     shown = train_parser.format_help()

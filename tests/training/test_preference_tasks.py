@@ -408,3 +408,32 @@ def test_bad_rows_error_refuses_the_file_naming_the_line(tiny_llama_dir, tmp_pat
 def test_prompt_tuning_is_refused_for_preference_tasks(tiny_llama_dir, pairs_file, tmp_path):
     with pytest.raises(ValueError, match="prompt tuning is not supported"):
         _run(tiny_llama_dir, pairs_file, tmp_path, method="prompt", steps=1)
+
+
+def test_the_preflight_counts_two_rows_per_pair_and_full_fine_tuning_s_reference_copy(tiny_llama_dir, pairs_file):
+    from lorakit.training.preflight import estimate_run
+
+    sft = estimate_run(TrainConfig(model=tiny_llama_dir, task="causal_lm", data=pairs_file, batch_size=4))
+    dpo = estimate_run(TrainConfig(model=tiny_llama_dir, task="dpo", data=pairs_file, batch_size=4))
+    assert dpo.batch == 2 * sft.batch and dpo.activations == pytest.approx(2 * sft.activations, rel=0.01)
+    assert dpo.reference == 0  # LoRA: the reference is the base itself
+    full = estimate_run(TrainConfig(model=tiny_llama_dir, task="dpo", data=pairs_file, batch_size=4, method="full"))
+    assert full.reference == full.weights > 0
+    simpo = estimate_run(TrainConfig(model=tiny_llama_dir, task="simpo", data=pairs_file, batch_size=4,
+                                     method="full"))
+    assert simpo.reference == 0  # no reference model
+
+
+DATA = __import__("pathlib").Path(__file__).resolve().parents[3] / "shared" / "data" / "preference"
+
+
+@pytest.mark.parametrize("task,name", [("dpo", "dpo_en_demo.json"), ("kto", "kto_en_demo.json")])
+def test_the_llama_factory_demo_files_train(tiny_llama_dir, tmp_path, capsys, task, name):
+    path = DATA / name
+    if not path.is_file():
+        pytest.skip(f"{path} is absent")
+    result = train(model=tiny_llama_dir, task=task, data=str(path), steps=1, batch_size=2, precision="fp32",
+                   progress=False, output_dir=str(tmp_path), max_eval=4, r=4, max_length=128)
+    said = capsys.readouterr().err
+    assert f"{name}: 285 rows" in said or f"{name}: 300 rows" in said or "rows," in said
+    assert "truncated" in said and result["steps"] == 1

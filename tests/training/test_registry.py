@@ -51,8 +51,8 @@ def test_a_task_section_in_yaml_sets_its_fields_and_old_flat_keys_still_load(tmp
 
 @dataclasses.dataclass
 class EchoOptions:
-    beta: float = task_option(0.1, "how strongly the test task pulls")
-    loss: str = task_option("sigmoid", "the test task's loss", ("sigmoid", "hinge"))
+    pull: float = task_option(0.1, "how strongly the test task pulls")
+    mode: str = task_option("sigmoid", "the test task's loss", ("sigmoid", "hinge"))
 
 
 class EchoTask(Task):
@@ -70,7 +70,7 @@ class EchoTask(Task):
     def __init__(self, config, device, dtype, start) -> None:
         self.config, self.name, self.tokenizer = config, "echo", None
         self.model, self.train = nn.Linear(2, 1), list(range(4))
-        self.beta = config.task_options["beta"]
+        self.beta = config.task_options["pull"]
 
     def batch(self, indices):
         return MicroBatch({"x": torch.ones(len(indices), 2)}, len(indices), len(indices))
@@ -103,22 +103,22 @@ def test_a_new_task_registers_with_its_own_options_and_is_built(echo, tmp_path, 
     monkeypatch.setenv("COLUMNS", "1000")
     text = parser.format_help()
     section = text[text.index("--task echo_test:"):]
-    assert "echo_test (a task a test defines)" in section and "--beta BETA" in section and "--loss {sigmoid,hinge}" in section
-    config = config_from_args(parser.parse_args(["--task", "echo_test", "--beta", "0.5"]))
-    assert config.task_options == {"beta": 0.5, "loss": "sigmoid"} and config.total_steps(100) == 2
+    assert "echo_test (a task a test defines)" in section and "--pull PULL" in section and "--mode {sigmoid,hinge}" in section
+    config = config_from_args(parser.parse_args(["--task", "echo_test", "--pull", "0.5"]))
+    assert config.task_options == {"pull": 0.5, "mode": "sigmoid"} and config.total_steps(100) == 2
     yaml_file = tmp_path / "echo.yaml"
-    yaml_file.write_text("task: echo_test\necho_test:\n  beta: 0.25\n  loss: hinge\n")
+    yaml_file.write_text("task: echo_test\necho_test:\n  pull: 0.25\n  mode: hinge\n")
     from_file = TrainConfig.from_yaml(yaml_file)
-    assert from_file.task_options == {"beta": 0.25, "loss": "hinge"}
-    assert config_from_args(parser.parse_args(["--config", str(yaml_file), "--beta", "2"])).task_options == \
-        {"beta": 2.0, "loss": "hinge"}  # a typed flag wins over the file, option by option
-    with pytest.raises(ValueError, match="loss='other' is not allowed; choose one of sigmoid, hinge"):
-        TrainConfig(task="echo_test", task_options={"loss": "other"})
+    assert from_file.task_options == {"pull": 0.25, "mode": "hinge"}
+    assert config_from_args(parser.parse_args(["--config", str(yaml_file), "--pull", "2"])).task_options == \
+        {"pull": 2.0, "mode": "hinge"}  # a typed flag wins over the file, option by option
+    with pytest.raises(ValueError, match="mode='other' is not allowed; choose one of sigmoid, hinge"):
+        TrainConfig(task="echo_test", task_options={"mode": "other"})
     with pytest.raises(ValueError, match="--task echo_test has no option"):
         TrainConfig(task="echo_test", task_options={"gamma": 1})
-    with pytest.raises(ValueError, match="--task causal_lm takes no options of its own; got beta"):
-        TrainConfig(task="causal_lm", data="x.jsonl", task_options={"beta": 1})
-    task = build_task(TrainConfig(task="echo_test", task_options={"beta": 0.5}, method="full"),
+    with pytest.raises(ValueError, match="--task causal_lm takes no options of its own; got pull"):
+        TrainConfig(task="causal_lm", data="x.jsonl", task_options={"pull": 1})
+    task = build_task(TrainConfig(task="echo_test", task_options={"pull": 0.5}, method="full"),
                       torch.device("cpu"), "fp32")
     assert type(task) is EchoTask and task.beta == 0.5
 
@@ -129,8 +129,25 @@ def test_a_new_task_trains_and_its_metrics_are_logged(echo, tmp_path):
     from lorakit.training import train
 
     result = train(task="echo_test", method="full", output_dir=str(tmp_path / "run"), progress=False,
-                   task_options={"beta": 0.5}, preflight=False, batch_size=2)
+                   task_options={"pull": 0.5}, preflight=False, batch_size=2)
     assert result["steps"] == 2
     steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     logged = [s for s in steps if "loss" in s and "eval" not in s]
     assert logged and all(s["echo/beta"] == pytest.approx(0.5) for s in logged)
+
+
+@dataclasses.dataclass
+class SharedOptions:
+    loss: str = task_option("exp", "a loss only this test task has", ("exp", "sigmoid"))
+
+
+def test_an_option_tasks_share_takes_every_task_s_values_and_each_task_checks_its_own(monkeypatch):
+    monkeypatch.setattr(registry, "_TASKS", dict(registry._TASKS))
+    registry.register(type("SharedTask", (EchoTask,), {"task_name": "shared_test", "options": SharedOptions}))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert config_from_args(parser.parse_args(["--task", "shared_test", "--loss", "exp"])).task_options == \
+        {"loss": "exp"}
+    assert config_from_args(parser.parse_args(["--task", "dpo", "--loss", "ipo"])).task_options["loss"] == "ipo"
+    with pytest.raises(ValueError, match="loss='exp' is not allowed; choose one of sigmoid, ipo, hinge, robust"):
+        config_from_args(parser.parse_args(["--task", "dpo", "--loss", "exp"]))

@@ -52,12 +52,15 @@ class Task:
         headline_metric: The held-out metric the summary and ``compare`` report (a key of :meth:`evaluate`'s).
         needs_data: Whether it reads ``--data`` (the built-in task generates its own).
         data_optional: Without ``--data`` it trains on built-in data (the preference tasks' built-in pairs).
+        default_lr: Its learning rate when ``--lr`` is not given.
         default_steps: Its optimizer steps when ``--steps`` is not given (None: ``--epochs`` over the data); see
             :meth:`default_steps_for`.
         vocabulary_head: Its output head is the vocabulary's (a causal LM), for the matmul peak's shapes.
         labelled: Its head's classes are saved beside the adapter (``labels.json``) and read back with it.
         reference_passes: Forward-only passes of the model per example beside the trained one (a DPO reference
             pass: 1), counted in the run's useful FLOPs and in the preflight's estimate.
+        rows_per_example: Rows each example puts through the trained forward pass (a preference pair: 2), for the
+            preflight's activations.
         option_fields: The TrainConfig fields only this task reads: listed under its heading in ``--help``, and
             accepted in a YAML section named after the task.
         options: A dataclass of options of its own (fields made with :func:`lorakit.training.options.task_option`),
@@ -80,10 +83,12 @@ class Task:
     headline_metric: str = "loss"
     needs_data: bool = True
     data_optional: bool = False
+    default_lr: float = 2e-3
     default_steps: int | None = None
     vocabulary_head: bool = False
     labelled: bool = False
     reference_passes: int = 0
+    rows_per_example: int = 1
     option_fields: tuple[str, ...] = ()
     options: type | None = None
 

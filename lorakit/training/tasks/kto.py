@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ...core.errors import InvalidValue
-from ..data import IGNORE, Example, pad_batch
+from ..data import IGNORE, pad_batch
 from ..loss import LossResult
 from ..options import task_option
 from ..preference import kto_kl, kto_loss, model_token_logps
@@ -92,8 +92,9 @@ class KTOTask(PreferenceTask):
         tensors.update({f"kl_{name}": t for name, t in kl.items()})
         tensors["desirable"] = torch.tensor([e.desirable for e in rows])
         tensors["index"] = torch.tensor(list(indices), dtype=torch.long)
-        all_rows: list[Example] = [*examples, *kl_rows]
-        return MicroBatch(tensors, len(rows), sum(len(r) for r in all_rows), [len(r) for r in examples],
+        # Tokens: the examples' (the policy's trained rows); the KL rows are counted as forward passes, like the
+        # reference's (reference_passes).
+        return MicroBatch(tensors, len(rows), sum(len(e) for e in examples), [len(e) for e in examples],
                           head_rows=int((tensors["targets"] != IGNORE).sum()))
 
     def batch(self, indices: Sequence[int]) -> MicroBatch:
