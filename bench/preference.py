@@ -52,7 +52,7 @@ def _split(task: str, args: argparse.Namespace, folder: Path) -> tuple[Path, Pat
     out = []
     for name, part in (("train", train), ("eval", held_out)):
         file = folder / f"{task}_{name}.json"
-        file.write_text(json.dumps(part))
+        file.write_text(json.dumps(part, indent=1))  # a row per line or more: messages name rows by line
         out.append(file)
     return out[0], out[1]
 

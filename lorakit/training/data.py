@@ -528,12 +528,15 @@ def pad_batch(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tenso
     return {"input_ids": ids, "attention_mask": mask, "targets": targets}
 
 
-def pack_batch(examples: Sequence[Example], max_length: int, pad_id: int) -> dict[str, torch.Tensor]:
+def pack_batch(examples: Sequence[Example], max_length: int, pad_id: int, segments: bool = False
+               ) -> dict[str, torch.Tensor]:
     """Padding-free packing: examples concatenated (in order) into rows of at most ``max_length`` tokens.
 
     Position ids restart at 0 for every example, so the model keeps attention inside each example (Hugging Face
     models derive a block-diagonal causal mask from them when no attention mask is given). The tail of a row
-    shorter than the longest becomes one more filler "example" of pad tokens with no loss.
+    shorter than the longest becomes one more filler "example" of pad tokens with no loss. With ``segments`` the
+    result also holds ``segments``: the index of the example each token belongs to (-1 for filler), for losses
+    summed per example.
     """
     rows: list[list[Example]] = [[]]
     used = 0
@@ -547,6 +550,8 @@ def pack_batch(examples: Sequence[Example], max_length: int, pad_id: int) -> dic
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     targets = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     positions = torch.zeros((len(rows), width), dtype=torch.long)
+    owner = torch.full((len(rows), width), -1, dtype=torch.long)
+    k = 0
     for i, row in enumerate(rows):
         start = 0
         for e in row:
@@ -554,9 +559,11 @@ def pack_batch(examples: Sequence[Example], max_length: int, pad_id: int) -> dic
             ids[i, start:end] = torch.tensor(e.input_ids)
             targets[i, start:end] = torch.tensor(e.targets)
             positions[i, start:end] = torch.arange(len(e))
-            start = end
+            owner[i, start:end] = k
+            start, k = end, k + 1
         positions[i, start:] = torch.arange(width - start)
-    return {"input_ids": ids, "position_ids": positions, "targets": targets}
+    packed = {"input_ids": ids, "position_ids": positions, "targets": targets}
+    return {**packed, "segments": owner} if segments else packed
 
 
 def pad_encodings(encodings: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:

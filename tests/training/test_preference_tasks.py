@@ -23,6 +23,7 @@ from lorakit.training.data import IGNORE
 from lorakit.training.options import TrainConfig
 from lorakit.training.preference import linear_token_logps, model_token_logps
 from lorakit.training.tasks import build_task
+from lorakit.training.tasks.preference_base import model_inputs, per_example
 
 from .test_preference import _bare, _kto_trainer, _paired_batch, _Reference, _trl_metrics
 
@@ -56,8 +57,8 @@ def kto_file(tmp_path_factory):
     return str(path)
 
 
-def _task(model_dir, data, task="dpo", **options):
-    config = TrainConfig(model=model_dir, task=task, data=data, precision="fp32", progress=False, r=4,
+def _task(model_dir, data, task="dpo", packing=True, **options):
+    config = TrainConfig(model=model_dir, task=task, data=data, precision="fp32", progress=False, r=4, packing=packing,
                          task_options=options, max_eval=4, eval_batch_size=4, batch_size=3,
                          eval_fraction=0.25)
     task = build_task(config, CPU, "fp32")
@@ -128,9 +129,10 @@ def test_linear_token_logps_and_their_gradient_equal_log_softmax(chunk):
 def test_model_token_logps_equal_the_full_logits_path(tiny_llama_dir, pairs_file):
     task = _task(tiny_llama_dir, pairs_file)
     batch = task.batch([0, 1, 2]).tensors
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    inputs = model_inputs(batch)
+    assert "position_ids" in inputs  # packed rows
     ours = model_token_logps(task.model, inputs, batch["targets"])
-    logits = task.model(**inputs).logits
+    logits = task.model(**inputs, use_cache=False).logits  # a cache would hide the packed boundaries
     full = torch.log_softmax(logits.float(), -1).gather(-1, batch["targets"].clamp(min=0)[..., None]).squeeze(-1)
     torch.testing.assert_close(ours, full * (batch["targets"] != IGNORE), **TOL)
 
@@ -140,10 +142,12 @@ def test_model_token_logps_equal_the_full_logits_path(tiny_llama_dir, pairs_file
 # --------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("loss", ["sigmoid", "ipo", "hinge", "robust"])
-def test_dpo_task_equals_trl_dpo_trainer(tiny_llama_dir, pairs_file, loss):
+@pytest.mark.parametrize("loss,packing", [("sigmoid", True), ("sigmoid", False), ("ipo", True), ("hinge", True),
+                                          ("robust", False)])
+def test_dpo_task_equals_trl_dpo_trainer(tiny_llama_dir, pairs_file, loss, packing):
+    """Packed rows (the default) or padded ones (--no-packing): the same as TRL's padded batch."""
     smoothing = 0.1 if loss == "robust" else 0.0
-    task = _task(tiny_llama_dir, pairs_file, loss=loss, beta=0.2, label_smoothing=smoothing)
+    task = _task(tiny_llama_dir, pairs_file, packing=packing, loss=loss, beta=0.2, label_smoothing=smoothing)
     theirs_model = _trl_model(task)
     indices = [0, 4, 7]
     trl_batch = DataCollatorForPreference(pad_token_id=task.pad)(_trl_pairs(task, indices))
@@ -180,7 +184,7 @@ def test_orpo_task_with_nll_on_prompt_equals_trl_orpo_trainer(tiny_llama_dir, pa
 def test_orpo_task_trains_no_prompt_token_by_default(tiny_llama_dir, pairs_file):
     """By default the NLL term is the chosen answers' mean token NLL: the odds-ratio part as TRL, the prompt never
     trained on."""
-    task = _task(tiny_llama_dir, pairs_file, task="orpo")
+    task = _task(tiny_llama_dir, pairs_file, task="orpo", packing=False)
     batch = task.batch([0, 3]).tensors
     assert "scored_targets" not in batch
     result, metrics = _our_step(task, [0, 3])
@@ -251,14 +255,14 @@ def test_at_step_0_dpo_is_ln_2_and_the_reference_is_the_base_model(tiny_llama_di
     refs = task.reference_columns(batch)  # (4, 2)
     base = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     with torch.no_grad():
-        logits = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = base(**model_inputs(batch), use_cache=False).logits
     targets = batch["targets"]
     per_token = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
-    expected = (per_token * (targets != IGNORE)).sum(1).view(2, -1).t()
+    expected = per_example(per_token * (targets != IGNORE), batch).view(2, -1).t()
     torch.testing.assert_close(refs, expected, **TOL)
     with torch.no_grad():
-        policy = model_token_logps(task.model, {k: batch[k] for k in ("input_ids", "attention_mask")}, targets)
-    assert not torch.allclose(policy.sum(1).view(2, -1).t(), refs)  # the adapter is not in the reference
+        policy = model_token_logps(task.model, model_inputs(batch), targets)
+    assert not torch.allclose(per_example(policy, batch).view(2, -1).t(), refs)  # the adapter is not in it
 
 
 def test_the_reference_of_an_init_adapter_is_that_adapter_frozen(tiny_llama_dir, pairs_file, tmp_path):
@@ -270,9 +274,9 @@ def test_the_reference_of_an_init_adapter_is_that_adapter_frozen(tiny_llama_dir,
                          init_adapter=sft, max_eval=4)
     task = build_task(config, CPU, "fp32")
     batch = task.batch([0, 1]).tensors
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
     with torch.no_grad():
-        policy = model_token_logps(task.model, inputs, batch["targets"]).sum(1).view(2, -1).t()
+        policy = per_example(model_token_logps(task.model, model_inputs(batch), batch["targets"]), batch)
+    policy = policy.view(2, -1).t()
     torch.testing.assert_close(task.reference_columns(batch), policy, **TOL)  # at the start: the same adapter
     result = task.loss(task.model, batch)
     assert float(result.sum / result.count) == pytest.approx(math.log(2), abs=1e-6)

@@ -36,8 +36,8 @@ class DPOTask(PairedTask):
     options = DPOOptions
 
     def pair_loss(self, chosen: torch.Tensor, rejected: torch.Tensor, chosen_tokens: torch.Tensor,
-                  rejected_tokens: torch.Tensor, refs: torch.Tensor | None, per_token: torch.Tensor,
-                  batch: dict[str, torch.Tensor]) -> PreferenceLoss:
+                  rejected_tokens: torch.Tensor, refs: torch.Tensor | None,
+                  scored: tuple[torch.Tensor, torch.Tensor] | None) -> PreferenceLoss:
         o = self.options
         return dpo_loss(chosen, rejected, refs[:, 0], refs[:, 1], beta=o["beta"], loss_type=o["loss"],
                         label_smoothing=o["label_smoothing"], chosen_tokens=chosen_tokens,

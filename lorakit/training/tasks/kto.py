@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ...core.errors import InvalidValue
-from ..data import IGNORE, pad_batch
+from ..data import IGNORE
 from ..loss import LossResult
 from ..options import task_option
 from ..preference import kto_kl, kto_loss, model_token_logps
@@ -25,7 +25,7 @@ from ..preference_data import PreferenceData, UnpairedExample, kl_example, load_
 from ..registry import register
 from .base import MicroBatch
 from .loading import Start, limit, say
-from .preference_base import PreferenceTask, ReferenceOptions
+from .preference_base import PreferenceTask, ReferenceOptions, model_inputs, per_example, rows
 
 
 @dataclass
@@ -83,18 +83,17 @@ class KTOTask(PreferenceTask):
     def row_ids(self, row: UnpairedExample) -> Any:
         return row.prompt_ids, row.completion_ids
 
-    def _batch(self, rows: Sequence[UnpairedExample], partners_: Sequence[UnpairedExample],
+    def _batch(self, examples: Sequence[UnpairedExample], partners_: Sequence[UnpairedExample],
                indices: Sequence[int]) -> MicroBatch:
-        examples = [e.example() for e in rows]
-        kl_rows = [kl_example(e, p, self.config.max_length) for e, p in zip(rows, partners_)]
-        tensors = pad_batch(examples, self.pad)
-        kl = pad_batch(kl_rows, self.pad)
-        tensors.update({f"kl_{name}": t for name, t in kl.items()})
-        tensors["desirable"] = torch.tensor([e.desirable for e in rows])
+        answers = [e.example() for e in examples]
+        kl_rows = [kl_example(e, p, self.config.max_length) for e, p in zip(examples, partners_)]
+        tensors = rows(answers, self.config, self.pad)
+        tensors.update({f"kl_{name}": t for name, t in rows(kl_rows, self.config, self.pad).items()})
+        tensors["desirable"] = torch.tensor([e.desirable for e in examples])
         tensors["index"] = torch.tensor(list(indices), dtype=torch.long)
         # Tokens: the examples' (the policy's trained rows); the KL rows are counted as forward passes, like the
         # reference's (reference_passes).
-        return MicroBatch(tensors, len(rows), sum(len(e) for e in examples), [len(e) for e in examples],
+        return MicroBatch(tensors, len(examples), sum(len(e) for e in answers), [len(e) for e in answers],
                           head_rows=int((tensors["targets"] != IGNORE).sum()))
 
     def batch(self, indices: Sequence[int]) -> MicroBatch:
@@ -105,21 +104,16 @@ class KTOTask(PreferenceTask):
         return self._batch([self.held_out[i] for i in indices],
                            [self.held_out[self.held_out_partners[i]] for i in indices], indices)
 
-    @staticmethod
-    def _inputs(tensors: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
-        return {"input_ids": tensors[prefix + "input_ids"], "attention_mask": tensors[prefix + "attention_mask"]}
-
     def reference_columns(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        examples = self.reference_logps(self._inputs(tensors), tensors["targets"])  # (n,)
-        kl = self.reference_logps(self._inputs(tensors, "kl_"), tensors["kl_targets"])  # (n,)
-        return torch.stack([examples, kl], dim=1)  # (n, 2)
+        return torch.stack([self.reference_logps(tensors), self.reference_logps(tensors, "kl_")], dim=1)  # (n, 2)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossResult:
-        answer = batch["targets"] != IGNORE  # (n, T)
-        per_token, mean_logits = model_token_logps(model, self._inputs(batch), batch["targets"], mean_logits=True)
-        logps = per_token.sum(dim=1)  # (n,)
+        answer = (batch["targets"] != IGNORE).float()
+        per_token, mean_logits = model_token_logps(model, model_inputs(batch), batch["targets"], mean_logits=True)
+        logps = per_example(per_token, batch)  # (n,)
         with torch.no_grad():  # TRL's KL estimate takes no gradient
-            kl_logps = model_token_logps(model, self._inputs(batch, "kl_"), batch["kl_targets"]).sum(dim=1)
+            kl_logps = per_example(model_token_logps(model, model_inputs(batch, "kl_"), batch["kl_targets"]), batch,
+                                   "kl_")
         if "ref_logps" in batch:
             refs = batch["ref_logps"]
         elif self.options["precompute_ref"]:
@@ -129,7 +123,7 @@ class KTOTask(PreferenceTask):
         o, desirable = self.options, batch["desirable"].bool()
         result = kto_loss(logps, refs[:, 0], desirable, kto_kl(kl_logps, refs[:, 1]), beta=o["beta"],
                           desirable_weight=o["desirable_weight"], undesirable_weight=o["undesirable_weight"])
-        logit_sums, counts = (mean_logits * answer).sum(dim=1), answer.sum(dim=1)  # (n,) each
+        logit_sums, counts = per_example(mean_logits * answer, batch), per_example(answer, batch)  # (n,) each
         metrics = {**result.metrics, "logits/chosen": float(logit_sums[desirable].sum()),
                    "logits/rejected": float(logit_sums[~desirable].sum()),
                    "tokens/chosen": float(counts[desirable].sum()), "tokens/rejected": float(counts[~desirable].sum())}

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data import IGNORE
+from ..data import IGNORE, Example
 from ..options import task_option
 from ..preference import PreferenceLoss, orpo_loss
 from ..preference_data import PreferencePair
@@ -34,23 +34,18 @@ class ORPOTask(PairedTask):
     uses_reference = False
     options = ORPOOptions
 
-    def extra_tensors(self, pairs: Sequence[PreferencePair], tensors: dict[str, torch.Tensor]
-                      ) -> dict[str, torch.Tensor]:
+    def scored_examples(self, pairs: Sequence[PreferencePair]) -> list[Example] | None:
         if not self.options["nll_on_prompt"]:
-            return {}
-        n = len(pairs)
-        scored = tensors["targets"].clone()  # (2n, T)
-        whole = tensors["input_ids"][:n, 1:].masked_fill(tensors["attention_mask"][:n, 1:] == 0, IGNORE)
-        scored[:n, :-1] = whole  # the chosen rows: every next token of prompt and answer
-        return {"scored_targets": scored}
+            return None
+        chosen = [p.prompt_ids + p.chosen_ids for p in pairs]  # every next token of prompt and answer
+        return [Example(ids, ids[1:] + [IGNORE]) for ids in chosen] + [p.examples()[1] for p in pairs]
 
     def pair_loss(self, chosen: torch.Tensor, rejected: torch.Tensor, chosen_tokens: torch.Tensor,
-                  rejected_tokens: torch.Tensor, refs: torch.Tensor | None, per_token: torch.Tensor,
-                  batch: dict[str, torch.Tensor]) -> PreferenceLoss:
+                  rejected_tokens: torch.Tensor, refs: torch.Tensor | None,
+                  scored: tuple[torch.Tensor, torch.Tensor] | None) -> PreferenceLoss:
         n = len(chosen)
-        if "scored_targets" in batch:
-            nll_mask = batch["scored_targets"][:n] != IGNORE  # (n, T)
-            nll, nll_tokens = -(per_token[:n] * nll_mask).sum(dim=1), nll_mask.sum()
+        if scored is not None:  # --nll-on-prompt: the chosen rows' prompt and answer tokens
+            nll, nll_tokens = -scored[0][:n], scored[1][:n].sum()
         else:
             nll, nll_tokens = -chosen, chosen_tokens.sum()
         return orpo_loss(chosen, rejected, chosen_tokens, rejected_tokens, nll, nll_tokens, beta=self.options["beta"])

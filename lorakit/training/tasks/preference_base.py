@@ -29,7 +29,7 @@ from ...core.errors import InvalidValue
 from ...files.io import atomic_write
 from ...models.model import LoraModel
 from ..builtin_task import builtin_pairs
-from ..data import IGNORE, Example, pad_batch
+from ..data import IGNORE, Example, pack_batch, pad_batch
 from ..loss import LossResult
 from ..metrics import exact_match
 from ..options import TrainConfig, task_option
@@ -152,10 +152,11 @@ class PreferenceTask(Task):
         else:
             raise InvalidValue(f"--task {self.task_name} needs a reference model: use --method lora or full")
 
-    def reference_logps(self, inputs: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
-        """``(B,)`` the reference's summed log-probs of each row's targets (no gradient)."""
+    def reference_logps(self, tensors: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
+        """The reference's summed log-probs of each example's targets in a batch from :meth:`rows` (no gradient)."""
         with torch.no_grad(), self._as_reference() as reference:
-            return model_token_logps(reference, inputs, targets).sum(dim=1)
+            per_token = model_token_logps(reference, model_inputs(tensors, prefix), tensors[prefix + "targets"])
+        return per_example(per_token, tensors, prefix)
 
     def precomputed(self) -> torch.Tensor:
         """``--precompute-ref``: the reference log-probs of every training row, computed once (in the first step,
@@ -264,6 +265,30 @@ class PreferenceTask(Task):
         raise NotImplementedError
 
 
+def rows(examples: Sequence[Example], config: TrainConfig, pad: int) -> dict[str, torch.Tensor]:
+    """The examples as model inputs: packed without padding into rows of ``--max-length`` tokens (``segments``
+    says which example each token belongs to), or right-padded rows with ``--no-packing``."""
+    if config.packing:
+        return pack_batch(examples, max(config.max_length, max(len(e) for e in examples)), pad, segments=True)
+    return pad_batch(examples, pad)
+
+
+def model_inputs(tensors: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """What the model reads of a batch from :func:`rows`: the ids, and the position ids or the attention mask."""
+    extra = "position_ids" if prefix + "position_ids" in tensors else "attention_mask"
+    return {"input_ids": tensors[prefix + "input_ids"], extra: tensors[prefix + extra]}
+
+
+def per_example(values: torch.Tensor, tensors: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
+    """``(n,)`` the sum of ``values`` ``(B, T)`` over each example's tokens: per packed segment, or per row."""
+    segments = tensors.get(prefix + "segments")
+    if segments is None:
+        return values.sum(dim=1)
+    inside = segments >= 0
+    out = values.new_zeros(int(segments.max()) + 1)
+    return out.index_add(0, segments[inside], values[inside])
+
+
 class _Routed(nn.Module):
     """A LoRA model whose every row runs the frozen reference adapter (a mixed batch of one adapter)."""
 
@@ -327,18 +352,19 @@ class PairedTask(PreferenceTask):
 
     def _pairs_batch(self, pairs: Sequence[PreferencePair], indices: Sequence[int]) -> MicroBatch:
         chosen, rejected = zip(*(p.examples() for p in pairs))
-        rows: list[Example] = [*chosen, *rejected]
-        tensors = pad_batch(rows, self.pad)
+        examples: list[Example] = [*chosen, *rejected]
+        tensors = rows(examples, self.config, self.pad)
         tensors["index"] = torch.tensor(list(indices), dtype=torch.long)
-        tensors.update(self.extra_tensors(pairs, tensors))
+        scored = self.scored_examples(pairs)
+        if scored is not None:  # the same lengths, so the same layout: only the targets differ
+            tensors["scored_targets"] = rows(scored, self.config, self.pad)["targets"]
         answer_tokens = int((tensors["targets"] != IGNORE).sum())
-        return MicroBatch(tensors, len(pairs), sum(len(r) for r in rows), [len(r) for r in rows],
+        return MicroBatch(tensors, len(pairs), sum(len(r) for r in examples), [len(r) for r in examples],
                           head_rows=answer_tokens)
 
-    def extra_tensors(self, pairs: Sequence[PreferencePair], tensors: dict[str, torch.Tensor]
-                      ) -> dict[str, torch.Tensor]:
-        """More tensors a task's loss needs (ORPO: the NLL's targets)."""
-        return {}
+    def scored_examples(self, pairs: Sequence[PreferencePair]) -> list[Example] | None:
+        """The rows again with the targets the loss scores beyond the answers (ORPO's NLL on the prompt), or None."""
+        return None
 
     def batch(self, indices: Sequence[int]) -> MicroBatch:
         return self._pairs_batch([self.train[i] for i in indices], indices)
@@ -347,17 +373,15 @@ class PairedTask(PreferenceTask):
         return self._pairs_batch([self.held_out[i] for i in indices], indices)
 
     def reference_columns(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        inputs = {"input_ids": tensors["input_ids"], "attention_mask": tensors["attention_mask"]}
-        return self.reference_logps(inputs, tensors["targets"]).view(2, -1).t()  # (n, 2): chosen, rejected
+        return self.reference_logps(tensors).view(2, -1).t()  # (n, 2): chosen, rejected
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossResult:
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        targets = batch["targets"]  # (2n, T) answer tokens
+        targets = batch["targets"]  # answer tokens
         scored = batch.get("scored_targets", targets)  # a superset of the answer tokens (ORPO's NLL)
-        per_token, mean_logits = model_token_logps(model, inputs, scored, mean_logits=True)  # (2n, T) each
-        answer = targets != IGNORE  # (2n, T)
-        logps = (per_token * answer).sum(dim=1)  # (2n,)
-        counts = answer.sum(dim=1)  # (2n,)
+        per_token, mean_logits = model_token_logps(model, model_inputs(batch), scored, mean_logits=True)
+        answer = (targets != IGNORE).float()
+        logps = per_example(per_token * answer, batch)  # (2n,)
+        counts = per_example(answer, batch).long()  # (2n,)
         n = len(logps) // 2
         refs = None
         if self.uses_reference:
@@ -367,17 +391,23 @@ class PairedTask(PreferenceTask):
                 refs = self.precomputed()[batch["index"]]
             else:
                 refs = self.reference_columns(batch)
-        result = self.pair_loss(logps[:n], logps[n:], counts[:n], counts[n:], refs, per_token, batch)
-        logit_sums = (mean_logits * answer).sum(dim=1)  # (2n,)
+        extra = None
+        if "scored_targets" in batch:
+            in_scored = (scored != IGNORE).float()
+            extra = per_example(per_token * in_scored, batch), per_example(in_scored, batch).long()
+        result = self.pair_loss(logps[:n], logps[n:], counts[:n], counts[n:], refs, extra)
+        logit_sums = per_example(mean_logits * answer, batch)  # (2n,)
         metrics = {**result.metrics, "logits/chosen": float(logit_sums[:n].sum()),
                    "logits/rejected": float(logit_sums[n:].sum()), "tokens/chosen": float(counts[:n].sum()),
                    "tokens/rejected": float(counts[n:].sum())}
         return LossResult(result.losses.sum(), n, metrics)
 
     def pair_loss(self, chosen: torch.Tensor, rejected: torch.Tensor, chosen_tokens: torch.Tensor,
-                  rejected_tokens: torch.Tensor, refs: torch.Tensor | None, per_token: torch.Tensor,
-                  batch: dict[str, torch.Tensor]) -> PreferenceLoss:
-        """The task's loss of n pairs from their summed answer log-probs (``refs``: ``(n, 2)`` the reference's)."""
+                  rejected_tokens: torch.Tensor, refs: torch.Tensor | None,
+                  scored: tuple[torch.Tensor, torch.Tensor] | None) -> PreferenceLoss:
+        """The task's loss of n pairs from their summed answer log-probs and token counts. ``refs``: ``(n, 2)`` the
+        reference's; ``scored``: each row's summed log-probs and counts over the scored targets, when a task
+        scores more than the answers (:meth:`scored_examples`)."""
         raise NotImplementedError
 
     @classmethod

@@ -34,8 +34,8 @@ class SimPOTask(PairedTask):
     options = SimPOOptions
 
     def pair_loss(self, chosen: torch.Tensor, rejected: torch.Tensor, chosen_tokens: torch.Tensor,
-                  rejected_tokens: torch.Tensor, refs: torch.Tensor | None, per_token: torch.Tensor,
-                  batch: dict[str, torch.Tensor]) -> PreferenceLoss:
+                  rejected_tokens: torch.Tensor, refs: torch.Tensor | None,
+                  scored: tuple[torch.Tensor, torch.Tensor] | None) -> PreferenceLoss:
         o = self.options
         return simpo_loss(chosen, rejected, chosen_tokens, rejected_tokens, beta=o["beta"], gamma=o["simpo_gamma"],
                           label_smoothing=o["label_smoothing"], cpo_alpha=o["cpo_alpha"], chosen_nll=-chosen,
