@@ -203,6 +203,31 @@ def model_token_logps(model: nn.Module, inputs: dict[str, torch.Tensor], targets
     return (logps, zeros.masked_scatter(selected, means)) if mean_logits else logps
 
 
+def model_position_logps(model: nn.Module, inputs: dict[str, torch.Tensor], positions: torch.Tensor,
+                         targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's log-probability of ``targets[i]`` after position ``positions[i]`` of the flattened batch, in fp32,
+    and the mean logit there (detached). A position may be scored more than once (a shared prompt's last token
+    predicts the first token of each answer).
+
+    Args:
+        model: A causal LM; a Hugging Face one with a plain output layer scores only the given positions
+            (:func:`linear_token_logps`), any other forms its full logits.
+        inputs: What the model reads (ids, and position ids and/or an attention mask).
+        positions: ``(N,)`` indices into the flattened ``(B*T)`` positions.
+        targets: ``(N,)`` token ids.
+    """
+    head = plain_head(model)
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) and head is not None else None
+    if decoder is not None and decoder is not model:
+        hidden = decoder(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
+        return linear_token_logps(hidden.flatten(0, 1).index_select(0, positions), head.weight, targets)
+    logits = model(**inputs, use_cache=False).logits  # (B, T, V)
+    picked = logits.flatten(0, 1).index_select(0, positions).float()  # (N, V)
+    logps = picked.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(picked, dim=-1)
+    return logps, picked.detach().mean(dim=-1)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # DPO
 # --------------------------------------------------------------------------------------------------------------

@@ -19,11 +19,10 @@ import torch.nn.functional as F
 
 from lorakit.training import train
 from lorakit.training.builtin_task import builtin_pairs, near_miss
-from lorakit.training.data import IGNORE
+from lorakit.training.data import IGNORE, pad_batch
 from lorakit.training.options import TrainConfig
-from lorakit.training.preference import linear_token_logps, model_token_logps
+from lorakit.training.preference import linear_token_logps
 from lorakit.training.tasks import build_task
-from lorakit.training.tasks.preference_base import model_inputs, per_example
 
 from .test_preference import _bare, _kto_trainer, _paired_batch, _Reference, _trl_metrics
 
@@ -61,6 +60,7 @@ def _task(model_dir, data, task="dpo", packing=True, **options):
     config = TrainConfig(model=model_dir, task=task, data=data, precision="fp32", progress=False, r=4, packing=packing,
                          task_options=options, max_eval=4, eval_batch_size=4, batch_size=3,
                          eval_fraction=0.25)
+    torch.manual_seed(0)  # the same adapter in every task built here
     task = build_task(config, CPU, "fp32")
     torch.manual_seed(3)
     for name, p in task.model.named_parameters():  # a trained-looking adapter: B != 0
@@ -126,15 +126,33 @@ def test_linear_token_logps_and_their_gradient_equal_log_softmax(chunk):
     torch.testing.assert_close(ours, hidden.grad, **TOL)
 
 
-def test_model_token_logps_equal_the_full_logits_path(tiny_llama_dir, pairs_file):
-    task = _task(tiny_llama_dir, pairs_file)
-    batch = task.batch([0, 1, 2]).tensors
-    inputs = model_inputs(batch)
-    assert "position_ids" in inputs  # packed rows
-    ours = model_token_logps(task.model, inputs, batch["targets"])
-    logits = task.model(**inputs, use_cache=False).logits  # a cache would hide the packed boundaries
-    full = torch.log_softmax(logits.float(), -1).gather(-1, batch["targets"].clamp(min=0)[..., None]).squeeze(-1)
-    torch.testing.assert_close(ours, full * (batch["targets"] != IGNORE), **TOL)
+@pytest.mark.parametrize("task,options", [("dpo", {}), ("orpo", {"nll_on_prompt": True}), ("orpo", {})])
+def test_the_shared_prompt_layout_trains_as_two_padded_rows(tiny_llama_dir, pairs_file, task, options):
+    """Packed, each pair's prompt is computed once (the rejected answer masked from the chosen one): loss, metrics
+    and LoRA gradients equal those of the two padded rows."""
+    shared = _task(tiny_llama_dir, pairs_file, task=task, **options)
+    padded = _task(tiny_llama_dir, pairs_file, task=task, packing=False, **options)
+    indices = [0, 5, 2, 7]
+    batch = shared.batch(indices)
+    assert batch.tensors["attention_mask"].dim() == 4 and len(batch.tensors["input_ids"]) < 2 * len(indices)
+    assert batch.tokens == padded.batch(indices).tokens  # the same policy tokens, counted as two rows
+    ours, ours_metrics = _our_step(shared, indices)
+    theirs, theirs_metrics = _our_step(padded, indices)
+    assert float(ours.sum) == pytest.approx(float(theirs.sum), abs=1e-5)
+    assert ours_metrics == pytest.approx(theirs_metrics, abs=1e-5)
+    _same_grads(_grads(shared.model), _grads(padded.model))
+
+
+def test_an_empty_prompt_scores_no_first_answer_token_in_either_layout(tiny_llama_dir, tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("".join(json.dumps({"prompt": "", "chosen": f"yes {i} it is", "rejected": f"no {i}"}) + "\n"
+                            for i in range(8)))
+    shared = _task(tiny_llama_dir, str(path))
+    padded = _task(tiny_llama_dir, str(path), packing=False)
+    assert not shared.train[0].prompt_ids  # this tokenizer adds no BOS: nothing to predict the first token from
+    a, b = shared.batch([0, 1]).tensors, padded.batch([0, 1]).tensors
+    assert len(a["score_positions"]) == len(b["score_positions"])
+    torch.testing.assert_close(shared.reference_columns(a), padded.reference_columns(b), **TOL)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -184,14 +202,13 @@ def test_orpo_task_with_nll_on_prompt_equals_trl_orpo_trainer(tiny_llama_dir, pa
 def test_orpo_task_trains_no_prompt_token_by_default(tiny_llama_dir, pairs_file):
     """By default the NLL term is the chosen answers' mean token NLL: the odds-ratio part as TRL, the prompt never
     trained on."""
-    task = _task(tiny_llama_dir, pairs_file, task="orpo", packing=False)
-    batch = task.batch([0, 3]).tensors
-    assert "scored_targets" not in batch
+    task = _task(tiny_llama_dir, pairs_file, task="orpo")
+    assert bool(task.batch([0, 3]).tensors["score_answer"].all())  # only answer tokens are scored
     result, metrics = _our_step(task, [0, 3])
+    chosen = pad_batch([task.train[i].examples()[0] for i in (0, 3)], task.pad)
     with torch.no_grad():
-        logits = task.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        targets = batch["targets"]
-        nll = F.cross_entropy(logits[:2].flatten(0, 1), targets[:2].flatten(), ignore_index=IGNORE)
+        logits = task.model(input_ids=chosen["input_ids"], attention_mask=chosen["attention_mask"]).logits
+        nll = F.cross_entropy(logits.flatten(0, 1), chosen["targets"].flatten(), ignore_index=IGNORE)
     assert metrics["nll_loss"] == pytest.approx(float(nll), abs=1e-5)
     assert float(result.sum / result.count) == pytest.approx(float(nll) - 0.1 * metrics["log_odds_ratio"], abs=1e-5)
 
@@ -252,17 +269,19 @@ def test_at_step_0_dpo_is_ln_2_and_the_reference_is_the_base_model(tiny_llama_di
     for name, p in task.model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.1)
-    refs = task.reference_columns(batch)  # (4, 2)
+    refs = task.reference_columns(batch)  # (4, 2); the packed layout, each prompt computed once
     base = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    rows = [task.train[i].examples()[side] for side in (0, 1) for i in range(4)]  # two padded rows per pair
+    padded = pad_batch(rows, task.pad)
     with torch.no_grad():
-        logits = base(**model_inputs(batch), use_cache=False).logits
-    targets = batch["targets"]
+        logits = base(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
+    targets = padded["targets"]
     per_token = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
-    expected = per_example(per_token * (targets != IGNORE), batch).view(2, -1).t()
+    expected = (per_token * (targets != IGNORE)).sum(1).view(2, -1).t()
     torch.testing.assert_close(refs, expected, **TOL)
     with torch.no_grad():
-        policy = model_token_logps(task.model, model_inputs(batch), targets)
-    assert not torch.allclose(per_example(policy, batch).view(2, -1).t(), refs)  # the adapter is not in it
+        policy = task._by_row(task._scores(task.model, batch)[0], batch, batch["score_answer"])
+    assert not torch.allclose(policy.view(2, -1).t(), refs)  # the adapter is not in the reference
 
 
 def test_the_reference_of_an_init_adapter_is_that_adapter_frozen(tiny_llama_dir, pairs_file, tmp_path):
@@ -275,8 +294,7 @@ def test_the_reference_of_an_init_adapter_is_that_adapter_frozen(tiny_llama_dir,
     task = build_task(config, CPU, "fp32")
     batch = task.batch([0, 1]).tensors
     with torch.no_grad():
-        policy = per_example(model_token_logps(task.model, model_inputs(batch), batch["targets"]), batch)
-    policy = policy.view(2, -1).t()
+        policy = task._by_row(task._scores(task.model, batch)[0], batch, batch["score_answer"]).view(2, -1).t()
     torch.testing.assert_close(task.reference_columns(batch), policy, **TOL)  # at the start: the same adapter
     result = task.loss(task.model, batch)
     assert float(result.sum / result.count) == pytest.approx(math.log(2), abs=1e-6)

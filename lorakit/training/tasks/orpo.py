@@ -3,15 +3,12 @@ weighted by β, no reference model."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from ..data import IGNORE, Example
 from ..options import task_option
 from ..preference import PreferenceLoss, orpo_loss
-from ..preference_data import PreferencePair
 from ..registry import register
 from .preference_base import PairedTask, PreferenceOptions
 
@@ -33,12 +30,6 @@ class ORPOTask(PairedTask):
     data_optional = True
     uses_reference = False
     options = ORPOOptions
-
-    def scored_examples(self, pairs: Sequence[PreferencePair]) -> list[Example] | None:
-        if not self.options["nll_on_prompt"]:
-            return None
-        chosen = [p.prompt_ids + p.chosen_ids for p in pairs]  # every next token of prompt and answer
-        return [Example(ids, ids[1:] + [IGNORE]) for ids in chosen] + [p.examples()[1] for p in pairs]
 
     def pair_loss(self, chosen: torch.Tensor, rejected: torch.Tensor, chosen_tokens: torch.Tensor,
                   rejected_tokens: torch.Tensor, refs: torch.Tensor | None,

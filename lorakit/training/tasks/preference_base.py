@@ -33,7 +33,7 @@ from ..data import IGNORE, Example, pack_batch, pad_batch
 from ..loss import LossResult
 from ..metrics import exact_match
 from ..options import TrainConfig, task_option
-from ..preference import PreferenceLoss, mean_metrics, model_token_logps
+from ..preference import PreferenceLoss, mean_metrics, model_position_logps, model_token_logps
 from ..preference_data import PreferenceData, PreferencePair, load_pairs, tokenize_pair
 from .base import MicroBatch, Task
 from .loading import Start, limit, load_model, prepare_model, progress_bar, say, sources, split_held_out
@@ -289,6 +289,79 @@ def per_example(values: torch.Tensor, tensors: dict[str, torch.Tensor], prefix: 
     return out.index_add(0, segments[inside], values[inside])
 
 
+def shared_prompt_rows(pairs: Sequence[PreferencePair], capacity: int, pad: int, nll_on_prompt: bool = False
+                       ) -> dict[str, torch.Tensor]:
+    """Pairs packed without padding, each pair one sequence: its prompt once, the chosen answer, then the rejected
+    answer, whose positions restart after the prompt and which the attention mask keeps from seeing the chosen
+    answer. Every score equals that of the pair's two separate rows, for one prompt's work instead of two.
+
+    Returns:
+        ``input_ids``, ``position_ids`` ``(B, T)`` and a boolean ``attention_mask`` ``(B, 1, T, T)``; the scored
+        positions: ``score_positions`` (into the flattened ``B*T``), ``score_targets``, ``score_owner`` (the row of
+        a two-row layout: pair i's chosen answer is i, its rejected answer n+i) and ``score_answer`` (False for the
+        prompt tokens scored with ``nll_on_prompt``: ORPO's NLL on the chosen rows' prompts).
+    """
+    n = len(pairs)
+    placed: list[list[tuple[int, PreferencePair]]] = [[]]  # each row: (start, pair)
+    used = 0
+    for pair in pairs:
+        size = len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)
+        if placed[-1] and used + size > capacity:
+            placed.append([])
+            used = 0
+        placed[-1].append((used, pair))
+        used += size
+    width = max(start + len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for row in placed
+                for start, p in row[-1:])
+    ids = torch.full((len(placed), width), pad, dtype=torch.long)
+    positions = torch.zeros((len(placed), width), dtype=torch.long)
+    mask = torch.zeros((len(placed), 1, width, width), dtype=torch.bool)
+    flat, targets, owner, answer = [], [], [], []
+    k = 0
+    for b, row in enumerate(placed):
+        end = 0
+        for start, pair in row:
+            prompt, chosen, rejected = pair.prompt_ids, pair.chosen_ids, pair.rejected_ids
+            p_len, c_len = len(prompt), len(chosen)
+            end = start + p_len + c_len + len(rejected)
+            ids[b, start:end] = torch.tensor(prompt + chosen + rejected)
+            positions[b, start:end] = torch.cat([torch.arange(p_len + c_len),
+                                                 torch.arange(p_len, p_len + len(rejected))])
+            mask[b, 0, start:end, start:end] = torch.ones(end - start, end - start, dtype=torch.bool).tril()
+            mask[b, 0, start + p_len + c_len:end, start + p_len:start + p_len + c_len] = False
+            base = b * width + start
+            for j, token in enumerate(chosen):  # predicted after the token before it
+                if p_len + j > 0:
+                    flat.append(base + p_len + j - 1), targets.append(token), owner.append(k), answer.append(True)
+            for j, token in enumerate(rejected):  # the first after the prompt, the others after the rejected tokens
+                before = p_len - 1 if j == 0 else p_len + c_len + j - 1
+                if before >= 0 and (j > 0 or p_len > 0):
+                    flat.append(base + before), targets.append(token), owner.append(n + k), answer.append(True)
+            if nll_on_prompt:
+                for j in range(p_len - 1):
+                    flat.append(base + j), targets.append(prompt[j + 1]), owner.append(k), answer.append(False)
+            k += 1
+        filler = width - end  # a causal block of its own, so that no row of the mask is empty
+        positions[b, end:] = torch.arange(filler)
+        mask[b, 0, end:, end:] = torch.ones(filler, filler, dtype=torch.bool).tril()
+    return {"input_ids": ids, "position_ids": positions, "attention_mask": mask,
+            "score_positions": torch.tensor(flat, dtype=torch.long), "score_targets": torch.tensor(targets),
+            "score_owner": torch.tensor(owner), "score_answer": torch.tensor(answer)}
+
+
+def padded_pair_rows(examples: Sequence[Example], scored: Sequence[Example] | None, pad: int
+                     ) -> dict[str, torch.Tensor]:
+    """The pairs' rows right-padded (``--no-packing``), with the scored positions as :func:`shared_prompt_rows`
+    gives them; ``scored`` (ORPO's NLL on the prompt) are the rows again with more targets."""
+    tensors = pad_batch(examples, pad)
+    answer_targets = tensors.pop("targets")
+    targets = pad_batch(scored, pad)["targets"] if scored is not None else answer_targets
+    where = (targets != IGNORE).flatten().nonzero().squeeze(1)  # (N,)
+    tensors.update(score_positions=where, score_targets=targets.flatten()[where],
+                   score_owner=where // targets.shape[1], score_answer=answer_targets.flatten()[where] != IGNORE)
+    return tensors
+
+
 class _Routed(nn.Module):
     """A LoRA model whose every row runs the frozen reference adapter (a mixed batch of one adapter)."""
 
@@ -322,7 +395,10 @@ class _RoutedCall:
 
 
 class PairedTask(PreferenceTask):
-    """A preference task on pairs (DPO, ORPO, SimPO): chosen and rejected rows through the model in one forward.
+    """A preference task on pairs (DPO, ORPO, SimPO): chosen and rejected answers through the model in one forward.
+
+    By default (``--packing``) each pair is one sequence whose prompt is computed once (:func:`shared_prompt_rows`);
+    with ``--no-packing`` the pair is two right-padded rows, the n chosen rows first, as TRL's batches.
 
     A micro-batch of n pairs is 2n right-padded rows, the n chosen rows first; ``targets`` are the answer tokens
     (the prompt and padding are IGNORE), ``index`` the pairs' places in the training data (for precomputed
@@ -353,18 +429,21 @@ class PairedTask(PreferenceTask):
     def _pairs_batch(self, pairs: Sequence[PreferencePair], indices: Sequence[int]) -> MicroBatch:
         chosen, rejected = zip(*(p.examples() for p in pairs))
         examples: list[Example] = [*chosen, *rejected]
-        tensors = rows(examples, self.config, self.pad)
+        nll_on_prompt = bool(self.options.get("nll_on_prompt"))
+        if self.config.packing:
+            longest = max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+            tensors = shared_prompt_rows(pairs, max(self.config.max_length, longest), self.pad, nll_on_prompt)
+            lengths = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
+        else:
+            scored = None
+            if nll_on_prompt:  # every next token of the chosen rows' prompt and answer
+                whole = [p.prompt_ids + p.chosen_ids for p in pairs]
+                scored = [Example(ids, ids[1:] + [IGNORE]) for ids in whole] + list(rejected)
+            tensors = padded_pair_rows(examples, scored, self.pad)
+            lengths = [len(e) for e in examples]
         tensors["index"] = torch.tensor(list(indices), dtype=torch.long)
-        scored = self.scored_examples(pairs)
-        if scored is not None:  # the same lengths, so the same layout: only the targets differ
-            tensors["scored_targets"] = rows(scored, self.config, self.pad)["targets"]
-        answer_tokens = int((tensors["targets"] != IGNORE).sum())
-        return MicroBatch(tensors, len(pairs), sum(len(r) for r in examples), [len(r) for r in examples],
-                          head_rows=answer_tokens)
-
-    def scored_examples(self, pairs: Sequence[PreferencePair]) -> list[Example] | None:
-        """The rows again with the targets the loss scores beyond the answers (ORPO's NLL on the prompt), or None."""
-        return None
+        return MicroBatch(tensors, len(pairs), sum(len(e) for e in examples), lengths,
+                          head_rows=len(tensors["score_positions"]))
 
     def batch(self, indices: Sequence[int]) -> MicroBatch:
         return self._pairs_batch([self.train[i] for i in indices], indices)
@@ -372,16 +451,27 @@ class PairedTask(PreferenceTask):
     def eval_batch(self, indices: Sequence[int]) -> MicroBatch:
         return self._pairs_batch([self.held_out[i] for i in indices], indices)
 
+    @staticmethod
+    def _scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask") if k in batch}
+        return model_position_logps(model, inputs, batch["score_positions"], batch["score_targets"])
+
+    @staticmethod
+    def _by_row(values: torch.Tensor, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
+        """``(2n,)`` the sums of the scored ``values`` over each row (chosen rows, then rejected) where ``keep``."""
+        rows = 2 * len(batch["index"])
+        return values.new_zeros(rows).index_add(0, batch["score_owner"][keep], values[keep])
+
     def reference_columns(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.reference_logps(tensors).view(2, -1).t()  # (n, 2): chosen, rejected
+        with torch.no_grad(), self._as_reference() as reference:
+            logps, _ = self._scores(reference, tensors)
+        return self._by_row(logps, tensors, tensors["score_answer"]).view(2, -1).t()  # (n, 2): chosen, rejected
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossResult:
-        targets = batch["targets"]  # answer tokens
-        scored = batch.get("scored_targets", targets)  # a superset of the answer tokens (ORPO's NLL)
-        per_token, mean_logits = model_token_logps(model, model_inputs(batch), scored, mean_logits=True)
-        answer = (targets != IGNORE).float()
-        logps = per_example(per_token * answer, batch)  # (2n,)
-        counts = per_example(answer, batch).long()  # (2n,)
+        token_logps, mean_logits = self._scores(model, batch)  # (N,) each
+        answer = batch["score_answer"]
+        ones = torch.ones_like(token_logps)
+        logps, counts = self._by_row(token_logps, batch, answer), self._by_row(ones, batch, answer).long()  # (2n,)
         n = len(logps) // 2
         refs = None
         if self.uses_reference:
@@ -391,12 +481,11 @@ class PairedTask(PreferenceTask):
                 refs = self.precomputed()[batch["index"]]
             else:
                 refs = self.reference_columns(batch)
-        extra = None
-        if "scored_targets" in batch:
-            in_scored = (scored != IGNORE).float()
-            extra = per_example(per_token * in_scored, batch), per_example(in_scored, batch).long()
-        result = self.pair_loss(logps[:n], logps[n:], counts[:n], counts[n:], refs, extra)
-        logit_sums = per_example(mean_logits * answer, batch)  # (2n,)
+        everything = torch.ones_like(answer)
+        scored = None if bool(answer.all()) else (self._by_row(token_logps, batch, everything),
+                                                  self._by_row(ones, batch, everything).long())
+        result = self.pair_loss(logps[:n], logps[n:], counts[:n], counts[n:], refs, scored)
+        logit_sums = self._by_row(mean_logits, batch, answer)  # (2n,)
         metrics = {**result.metrics, "logits/chosen": float(logit_sums[:n].sum()),
                    "logits/rejected": float(logit_sums[n:].sum()), "tokens/chosen": float(counts[:n].sum()),
                    "tokens/rejected": float(counts[n:].sum())}
