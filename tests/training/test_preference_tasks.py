@@ -459,3 +459,26 @@ def test_the_llama_factory_demo_files_train(tiny_llama_dir, tmp_path, capsys, ta
     said = capsys.readouterr().err
     assert f"{name}: 285 rows" in said or f"{name}: 300 rows" in said or "rows," in said
     assert "truncated" in said and result["steps"] == 1
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_dpo_under_ddp_and_fsdp_equals_one_process_with_the_global_batch(tiny_llama_dir, pairs_file, tmp_path, mode):
+    from .test_fsdp import _adapter, _finish, _torchrun, train_cli
+
+    common = ["--task", "dpo", "--model", tiny_llama_dir, "--data", pairs_file, "--steps", "2", "--max-eval", "2",
+              "--no-progress", "--lr", "1e-2", "--warmup-steps", "0", "--precision", "fp32",
+              "--eval-fraction", "0.25"]
+    _finish(_torchrun(*common, "--batch-size", "2", *(["--fsdp"] if mode == "fsdp" else []),
+                      "--output-dir", str(tmp_path / mode)))
+    single = train_cli(*common, "--batch-size", "4", "--output-dir", str(tmp_path / "one"))
+    assert single.wait(timeout=300) == 0, single.stdout.read()[-2000:]
+    parallel, one = _adapter(tmp_path / mode), _adapter(tmp_path / "one")
+    assert parallel.keys() == one.keys()
+    assert max((parallel[k] - one[k]).abs().max().item() for k in one) <= 1e-5
+
+
+def test_qlora_dpo_with_gradient_checkpointing_trains(llama64_dir, pairs_file, tmp_path):
+    pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (the qlora extra)")
+    result = _run(llama64_dir, pairs_file, tmp_path, quantize="nf4", grad_checkpointing=True, steps=3)
+    assert result["quantize"] == "nf4" and result["steps"] == 3
+    assert result["after"]["rewards/margins"] != 0  # the adapter moved away from the reference (the 4-bit base)
