@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -457,8 +458,7 @@ def test_the_llama_factory_demo_files_train(tiny_llama_dir, tmp_path, capsys, ta
     result = train(model=tiny_llama_dir, task=task, data=str(path), steps=1, batch_size=2, precision="fp32",
                    progress=False, output_dir=str(tmp_path), max_eval=4, r=4, max_length=128)
     said = capsys.readouterr().err
-    assert f"{name}: 285 rows" in said or f"{name}: 300 rows" in said or "rows," in said
-    assert "truncated" in said and result["steps"] == 1
+    assert re.search(rf"{name}: \d+ rows, \d+ truncated", said) and result["steps"] == 1
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])

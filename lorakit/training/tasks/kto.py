@@ -17,15 +17,15 @@ import torch
 from torch import nn
 
 from ...core.errors import InvalidValue
-from ..data import IGNORE
+from ..data import IGNORE, Example, pack_batch, pad_batch
 from ..loss import LossResult
-from ..options import task_option
+from ..options import TrainConfig, task_option
 from ..preference import kto_kl, kto_loss, model_token_logps
 from ..preference_data import PreferenceData, UnpairedExample, kl_example, load_unpaired
 from ..registry import register
 from .base import MicroBatch
 from .loading import Start, limit, say
-from .preference_base import PreferenceTask, ReferenceOptions, model_inputs, per_example, rows
+from .preference_base import PreferenceTask, ReferenceOptions
 
 
 @dataclass
@@ -47,6 +47,30 @@ def partners(n: int, seed: int) -> list[int]:
     for k, i in enumerate(order):
         partner[i] = order[k - 1]
     return partner
+
+
+def rows(examples: Sequence[Example], config: TrainConfig, pad: int) -> dict[str, torch.Tensor]:
+    """The examples as model inputs: packed without padding into rows of ``--max-length`` tokens (``segments``
+    says which example each token belongs to), or right-padded rows with ``--no-packing``."""
+    if config.packing:
+        return pack_batch(examples, max(config.max_length, max(len(e) for e in examples)), pad, segments=True)
+    return pad_batch(examples, pad)
+
+
+def model_inputs(tensors: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """What the model reads of a batch from :func:`rows`: the ids, and the position ids or the attention mask."""
+    extra = "position_ids" if prefix + "position_ids" in tensors else "attention_mask"
+    return {"input_ids": tensors[prefix + "input_ids"], extra: tensors[prefix + extra]}
+
+
+def per_example(values: torch.Tensor, tensors: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
+    """``(n,)`` the sum of ``values`` ``(B, T)`` over each example's tokens: per packed segment, or per row."""
+    segments = tensors.get(prefix + "segments")
+    if segments is None:
+        return values.sum(dim=1)
+    inside = segments >= 0
+    out = values.new_zeros(int(segments.max()) + 1)
+    return out.index_add(0, segments[inside], values[inside])
 
 
 @register
@@ -103,6 +127,12 @@ class KTOTask(PreferenceTask):
     def eval_batch(self, indices: Sequence[int]) -> MicroBatch:
         return self._batch([self.held_out[i] for i in indices],
                            [self.held_out[self.held_out_partners[i]] for i in indices], indices)
+
+    def reference_logps(self, tensors: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
+        """The reference's summed log-probs of each example's targets in a batch from :func:`rows` (no gradient)."""
+        with torch.no_grad(), self._as_reference() as reference:
+            per_token = model_token_logps(reference, model_inputs(tensors, prefix), tensors[prefix + "targets"])
+        return per_example(per_token, tensors, prefix)
 
     def reference_columns(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.stack([self.reference_logps(tensors), self.reference_logps(tensors, "kl_")], dim=1)  # (n, 2)

@@ -29,11 +29,11 @@ from ...core.errors import InvalidValue
 from ...files.io import atomic_write
 from ...models.model import LoraModel
 from ..builtin_task import builtin_pairs
-from ..data import IGNORE, Example, pack_batch, pad_batch
+from ..data import IGNORE, Example, pad_batch
 from ..loss import LossResult
 from ..metrics import exact_match
 from ..options import TrainConfig, task_option
-from ..preference import PreferenceLoss, mean_metrics, model_position_logps, model_token_logps
+from ..preference import PreferenceLoss, mean_metrics, model_position_logps
 from ..preference_data import PreferenceData, PreferencePair, load_pairs, tokenize_pair
 from .base import MicroBatch, Task
 from .loading import Start, limit, load_model, prepare_model, progress_bar, say, sources, split_held_out
@@ -152,12 +152,6 @@ class PreferenceTask(Task):
         else:
             raise InvalidValue(f"--task {self.task_name} needs a reference model: use --method lora or full")
 
-    def reference_logps(self, tensors: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
-        """The reference's summed log-probs of each example's targets in a batch from :meth:`rows` (no gradient)."""
-        with torch.no_grad(), self._as_reference() as reference:
-            per_token = model_token_logps(reference, model_inputs(tensors, prefix), tensors[prefix + "targets"])
-        return per_example(per_token, tensors, prefix)
-
     def precomputed(self) -> torch.Tensor:
         """``--precompute-ref``: the reference log-probs of every training row, computed once (in the first step,
         under its precision) or read back from ``OUTPUT_DIR/reference_logps.safetensors`` when that file holds the
@@ -263,30 +257,6 @@ class PreferenceTask(Task):
     def eval_batch(self, indices: Sequence[int]) -> MicroBatch:
         """The tensors of the held-out examples at ``indices``."""
         raise NotImplementedError
-
-
-def rows(examples: Sequence[Example], config: TrainConfig, pad: int) -> dict[str, torch.Tensor]:
-    """The examples as model inputs: packed without padding into rows of ``--max-length`` tokens (``segments``
-    says which example each token belongs to), or right-padded rows with ``--no-packing``."""
-    if config.packing:
-        return pack_batch(examples, max(config.max_length, max(len(e) for e in examples)), pad, segments=True)
-    return pad_batch(examples, pad)
-
-
-def model_inputs(tensors: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
-    """What the model reads of a batch from :func:`rows`: the ids, and the position ids or the attention mask."""
-    extra = "position_ids" if prefix + "position_ids" in tensors else "attention_mask"
-    return {"input_ids": tensors[prefix + "input_ids"], extra: tensors[prefix + extra]}
-
-
-def per_example(values: torch.Tensor, tensors: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
-    """``(n,)`` the sum of ``values`` ``(B, T)`` over each example's tokens: per packed segment, or per row."""
-    segments = tensors.get(prefix + "segments")
-    if segments is None:
-        return values.sum(dim=1)
-    inside = segments >= 0
-    out = values.new_zeros(int(segments.max()) + 1)
-    return out.index_add(0, segments[inside], values[inside])
 
 
 def shared_prompt_rows(pairs: Sequence[PreferencePair], capacity: int, pad: int, nll_on_prompt: bool = False
