@@ -125,7 +125,7 @@ DTYPES = {"fp32": 4, "bf16": 2}
 # Resident memory of a training process before any model: Python, PyTorch, transformers and a tokenizer,
 # measured on the CPU this was written on (bench/memory.py prints it). On a GPU the CUDA context plays this part.
 RUNTIME_BYTES = 360 * 2**20
-CHUNK_LOGITS = 2**25  # logits per chunk of lorakit's chunked cross-entropy (see lorakit.training.loss)
+CHUNK_LOGITS = 2**22  # logits per chunk of lorakit's chunked cross-entropy (see lorakit.training.loss)
 
 
 @dataclass

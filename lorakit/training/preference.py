@@ -65,7 +65,7 @@ def token_logps(logits: torch.Tensor, targets: torch.Tensor, chunk: int | None =
     Args:
         logits: ``(B, T, V)`` the model's logits, any float dtype.
         targets: ``(B, T)`` token ids or :data:`IGNORE`.
-        chunk: Positions per chunk (default: about 2^25 logits per chunk).
+        chunk: Positions per chunk (default: about 2^22 logits per chunk).
 
     Returns:
         ``(B, T)`` float32 log-probabilities.
@@ -123,12 +123,12 @@ class _LinearLogProbs(torch.autograd.Function):
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # (N,)
         means = torch.empty_like(out)  # (N,)
         for start in range(0, hidden.shape[0], chunk):
-            logits = (hidden[start:start + chunk] @ weight.t()).float()  # (c, V)
+            logits = hidden[start:start + chunk] @ weight.t()  # (c, V), in the autocast dtype under autocast
             t = targets[start:start + chunk]  # (c,)
-            lse = torch.logsumexp(logits, dim=-1)  # (c,)
-            out[start:start + chunk] = logits.gather(1, t[:, None]).squeeze(1) - lse
-            means[start:start + chunk] = logits.mean(dim=-1)
-            probs = logits.sub_(lse[:, None]).exp_().neg_()  # -softmax, in the logits' memory
+            means[start:start + chunk] = logits.mean(dim=-1, dtype=torch.float32)
+            logps = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # (c, V)
+            out[start:start + chunk] = logps.gather(1, t[:, None]).squeeze(1)
+            probs = logps.exp_().neg_()  # -softmax, in the log-probs' memory
             probs[torch.arange(len(t), device=t.device), t] += 1.0  # d logp / d logits
             grad_h[start:start + chunk] = probs.to(weight.dtype) @ weight  # (c, H)
         ctx.save_for_backward(grad_h)
@@ -151,7 +151,7 @@ def linear_token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
         weight: ``(V, H)`` the output embedding. When it requires a gradient (full fine-tuning) the chunks go
             through autograd, which keeps each chunk's logits; a frozen head keeps only an ``(N, H)`` gradient.
         targets: ``(N,)`` token ids.
-        chunk: Rows per chunk (default: about 2^25 logits per chunk).
+        chunk: Rows per chunk (default: about 2^22 logits per chunk).
 
     Returns:
         ``(logps, mean_logits)``: ``(N,)`` float32 each; the mean logits are detached.
@@ -161,10 +161,10 @@ def linear_token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
         return _LinearLogProbs.apply(hidden, weight, targets, chunk)
     logps, means = [], []
     for start in range(0, hidden.shape[0], chunk):
-        logits = (hidden[start:start + chunk] @ weight.t()).float()  # (c, V)
+        logits = hidden[start:start + chunk] @ weight.t()  # (c, V)
         t = targets[start:start + chunk, None]  # (c, 1)
-        logps.append(logits.gather(1, t).squeeze(1) - torch.logsumexp(logits, dim=-1))
-        means.append(logits.detach().mean(dim=-1))
+        logps.append(torch.log_softmax(logits, dim=-1, dtype=torch.float32).gather(1, t).squeeze(1))
+        means.append(logits.detach().mean(dim=-1, dtype=torch.float32))
     if not logps:
         return (hidden.new_zeros(0, dtype=torch.float32),) * 2
     return torch.cat(logps), torch.cat(means)
