@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 
-from ..core.errors import is_user_error
+from ..core.errors import Interrupted, is_user_error
 from . import (
     compare,
     demo,
@@ -84,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     options = parse_options(command.options, args, _subparser(parser, args.command)) if command.options else args
     try:
         return command.run(options)
+    except Interrupted as err:  # Ctrl-C, handled: what was kept, and the shell's exit status for SIGINT
+        print(f"lorakit {args.command}: {err}", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly (Python docs' recipe)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -38,6 +38,10 @@ class FileProblem(UserError, OSError):
     """A file could not be read or written: the disk is full, a permission is missing."""
 
 
+class Interrupted(UserError):
+    """The user stopped a long job (Ctrl-C) and it stopped cleanly; the message says what was kept."""
+
+
 # What the operating system says about a user's path: the user's environment, not a bug.
 USER_ERRNOS = frozenset({errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.EEXIST,
                          errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.ENAMETOOLONG})

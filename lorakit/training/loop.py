@@ -32,13 +32,14 @@ import torch
 import yaml
 from torch import nn
 
-from ..core.errors import InvalidValue
+from ..core.errors import Interrupted, InvalidValue
 from ..core.process_memory import allocator_in_use, map_large_allocations, peak_rss_mib, reset_peak_rss
 from ..files.io import make_folder
 from ..files.model_card import write_model_card
 from ..models.compiling import compile_blocks, use_compile
 from ..models.devices import Precision, autocast, model_shapes, resolve_device
 from .checkpoint import (
+    PREFIX,
     Start,
     checkpoints,
     file_digests,
@@ -50,6 +51,7 @@ from .checkpoint import (
 )
 from .devices import Processes, run_precision, start_processes
 from .fsdp import check_fsdp, full_bytes, local_bytes
+from .interrupt import StopRequest
 from .loraplus import loraplus_param_groups
 from .metrics_log import MetricsLog, plot_loss, summary_writer_class
 from .options import TrainConfig
@@ -180,6 +182,17 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
     bar = _progress(config.progress and procs.main, total, run.start.step)
     model.train()
     run.meter.start()
+    with StopRequest() as stop:
+        _train_steps(run, bar, before, stop)
+    if bar is not None:
+        bar.close()
+    return _finish(run, before, run.meter.summary())
+
+
+def _train_steps(run: Run, bar: Any, before: dict[str, Any], stop: StopRequest) -> None:
+    """The optimizer steps from the start (or the resumed step) to the last, with their logging, evaluations and
+    checkpoints; after a Ctrl-C, a checkpoint of the step just taken and :class:`Interrupted`."""
+    config, procs, total = run.config, run.procs, run.total
     for step in range(run.start.step, total):
         t_step = time.perf_counter()
         micro = [run.task.batch(micro_batch_indices(step * config.grad_accum + i, len(run.task.train),
@@ -202,11 +215,18 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
             if procs.main:
                 run.log.write({"step": done, "eval": metrics})
             procs.barrier()
-        if config.save_every and done % config.save_every == 0 and done < total:
+        saved = bool(config.save_every) and done % config.save_every == 0 and done < total
+        if saved:
             _checkpoint(run, done, loss, before)
-    if bar is not None:
-        bar.close()
-    return _finish(run, before, run.meter.summary())
+        if done < total and stop.asked(procs):
+            if not saved:
+                _checkpoint(run, done, loss, before)
+            if bar is not None:
+                bar.close()
+            run.log.close()
+            raise Interrupted(f"stopped after step {done} of {total} (Ctrl-C); the checkpoint "
+                              f"{run.ckpt_root / f'{PREFIX}{done:06d}'} holds it: the same command with --resume goes "
+                              f"on from there")
 
 
 def _setup(config: TrainConfig) -> Run:

@@ -1,11 +1,13 @@
 """Resumable checkpoints: what a checkpoint holds and restores, how many are kept, that a crash mid-write leaves
-none half-written, and that a run killed with SIGKILL resumes to the bit-identical adapter."""
+none half-written, and that a run killed with SIGKILL, or stopped with Ctrl-C, resumes to the bit-identical
+adapter."""
 
 from __future__ import annotations
 
 import json
 import os
 import random
+import re
 import signal
 import time
 from pathlib import Path
@@ -128,18 +130,39 @@ def test_rng_states_survive_json_and_restore_the_same_random_numbers():
     assert again[0] == expected[0] and torch.equal(again[1], expected[1])
 
 
-def test_kill_minus_9_then_resume_is_bit_identical(tiny_llama_dir, tmp_path):
-    common = ["--model", tiny_llama_dir, "--steps", "120", "--save-every", "10", "--lora-dropout", "0.1",
-              "--max-eval", "2", "--max-new-tokens", "2", "--no-progress", "--lr", "1e-2", "--precision", "fp32"]
-    reference = train_cli(*common, "--output-dir", str(tmp_path / "reference"))
-    assert reference.wait(timeout=600) == 0, reference.stdout.read()[-2000:]
+COMMON = ["--steps", "120", "--save-every", "10", "--lora-dropout", "0.1", "--max-eval", "2", "--max-new-tokens", "2",
+          "--no-progress", "--lr", "1e-2", "--precision", "fp32"]
 
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_llama_dir, tmp_path_factory) -> bytes:
+    """The adapter of the 120-step run that the interrupted runs must reach."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    reference = train_cli("--model", tiny_llama_dir, *COMMON, "--output-dir", str(out))
+    assert reference.wait(timeout=600) == 0, reference.stdout.read()[-2000:]
+    return (out / "adapter_model.safetensors").read_bytes()
+
+
+def _steps_logged(out: Path) -> list[int]:
+    lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
+    return [json.loads(line)["step"] for line in lines if line.endswith("}") and "loss" in json.loads(line)]
+
+
+def _resume_and_compare(tiny_llama_dir: str, out: Path, uninterrupted: bytes) -> dict:
+    resumed = train_cli("--model", tiny_llama_dir, *COMMON, "--output-dir", str(out), "--resume")
+    output = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, output[-2000:]
+    assert (out / "adapter_model.safetensors").read_bytes() == uninterrupted
+    assert _steps_logged(out) == list(range(1, 121))  # steps logged after the checkpoint were dropped and run again
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_kill_minus_9_then_resume_is_bit_identical(tiny_llama_dir, tmp_path, uninterrupted):
     out = tmp_path / "killed"
-    victim = train_cli(*common, "--output-dir", str(out), start_new_session=True)
+    victim = train_cli("--model", tiny_llama_dir, *COMMON, "--output-dir", str(out), start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and victim.poll() is None:
-        if len(list((out / "checkpoints").glob("step-*"))) and any(
-                int(p.name[5:]) >= 30 for p in (out / "checkpoints").glob("step-*")):
+        if any(int(p.name[5:]) >= 30 for p in (out / "checkpoints").glob("step-*")):
             break
         time.sleep(0.02)
     os.killpg(victim.pid, signal.SIGKILL)
@@ -147,16 +170,28 @@ def test_kill_minus_9_then_resume_is_bit_identical(tiny_llama_dir, tmp_path):
     assert victim.returncode == -signal.SIGKILL
     assert not (out / "adapter_model.safetensors").exists(), "the run finished before it could be killed"
 
-    resumed = train_cli(*common, "--output-dir", str(out), "--resume")
-    output = resumed.communicate(timeout=600)[0]
-    assert resumed.returncode == 0, output[-2000:]
-    summary = json.loads((out / "summary.json").read_text())
+    summary = _resume_and_compare(tiny_llama_dir, out, uninterrupted)
     assert summary["resumed_from"] and int(Path(summary["resumed_from"]).name[5:]) >= 30
-    assert (out / "adapter_model.safetensors").read_bytes() == \
-        (tmp_path / "reference" / "adapter_model.safetensors").read_bytes()
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
-             if "loss" in json.loads(line)]
-    assert steps == list(range(1, 121))  # steps logged after the checkpoint were dropped and run again
+
+
+def test_ctrl_c_stops_after_the_step_with_a_checkpoint_that_resumes_bit_identical(tiny_llama_dir, tmp_path,
+                                                                                   uninterrupted):
+    out = tmp_path / "interrupted"
+    victim = train_cli("--model", tiny_llama_dir, *COMMON, "--output-dir", str(out))
+    deadline = time.time() + 300
+    while time.time() < deadline and victim.poll() is None and len(_steps_logged(out)) < 15:
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGINT)
+    output = victim.communicate(timeout=300)[0]
+    assert victim.returncode == 130, output[-2000:]
+    assert "Traceback" not in output
+    stopped = int(re.search(r"stopped after step (\d+) of 120 \(Ctrl-C\)", output).group(1))
+    assert 15 <= stopped < 120 and "--resume" in output
+    assert (out / "checkpoints" / f"step-{stopped:06d}").is_dir()  # the step it stopped after, not an older one
+    assert not (out / "adapter_model.safetensors").exists()
+
+    summary = _resume_and_compare(tiny_llama_dir, out, uninterrupted)
+    assert summary["resumed_from"].endswith(f"step-{stopped:06d}")
 
 
 def test_a_full_disk_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
