@@ -12,6 +12,8 @@ Each subclass is also the built-in type code has always caught (``except ValueEr
 from __future__ import annotations
 
 import errno
+import os
+import re
 
 
 class UserError(Exception):
@@ -53,3 +55,24 @@ def is_user_error(err: BaseException) -> bool:
     if isinstance(err, UserError):
         return True
     return isinstance(err, OSError) and err.filename is not None and err.errno in USER_ERRNOS
+
+
+def write_failure(err: BaseException) -> str:
+    """Why a write failed, in words: a full disk (space, quota or this process's file-size limit) is said as such;
+    otherwise the system's text, without the path (the caller names it)."""
+    if isinstance(err, OSError):
+        if err.errno == errno.ENOSPC:
+            return "the disk is full: no space left on the device"
+        if err.errno == errno.EDQUOT:
+            return "the disk is full for this user: the quota is used up"
+        if err.errno == errno.EFBIG:
+            return "the disk is full for this process: the file reached its size limit (ulimit -f)"
+        return err.strerror or str(err)
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    code = re.search(r"\(os error (\d+)\)", text)  # safetensors' (Rust's) words for a system error
+    if code:
+        number = int(code.group(1))
+        return write_failure(OSError(number, os.strerror(number)))
+    if "unexpected pos" in text:  # torch.save's words for a write that came up short
+        return "the disk is full: the write came up short"
+    return text

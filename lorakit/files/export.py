@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import SafetensorError
 
-from ..core.errors import InvalidType, InvalidValue
+from ..core.errors import FileProblem, InvalidType, InvalidValue, write_failure
 from ..core.layers import LoraLayer, is_4bit
 from ..core.quant import dense_weight
 from .io import make_folder, temporary_folder
@@ -113,6 +114,9 @@ def export_merged(model: LoraModel, save_directory: str | os.PathLike, tokenizer
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
+    except (OSError, SafetensorError) as err:  # safetensors reports a failed write as its own error
+        kept = f"the existing {folder} is unchanged" if folder.exists() else "nothing was written"
+        raise FileProblem(f"could not write the merged model to {folder} ({write_failure(err)}); {kept}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder

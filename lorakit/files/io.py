@@ -30,7 +30,7 @@ from safetensors.torch import save
 from torch import nn
 
 from ..core.config import LoraConfig, changes_base, check_adapter_name
-from ..core.errors import FileProblem, InvalidValue, MissingFile
+from ..core.errors import FileProblem, InvalidValue, MissingFile, write_failure
 from ..core.inject import ModulesToSave, find_modules_to_save, find_targets, find_token_targets
 from ..core.layers import LoraEmbedding, LoraLayer, TrainableTokensLayer, lora_shapes
 from .fingerprint import compare_fingerprints, fingerprint
@@ -165,11 +165,11 @@ def atomic_write(path: Path, write: Any) -> None:
     try:
         write(tmp)
         os.replace(tmp, path)
-    except OSError as err:
+    except (OSError, SafetensorError) as err:  # safetensors reports a failed write as its own error
         if os.path.exists(tmp):
             os.unlink(tmp)
         kept = f"the existing {path.name} is unchanged" if path.exists() else "nothing was written"
-        raise FileProblem(f"could not write {path} ({err.strerror or err}); {kept}") from None
+        raise FileProblem(f"could not write {path} ({write_failure(err)}); {kept}") from None
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

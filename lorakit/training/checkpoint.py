@@ -34,7 +34,7 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ..core.errors import FileProblem, InvalidValue
+from ..core.errors import FileProblem, InvalidValue, write_failure
 from ..files.io import safetensors_bytes, temporary_folder
 from .devices import Processes
 from .fsdp import shard_like, shard_optimizer_state
@@ -93,7 +93,7 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
-            reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
+            reason = write_failure(err)
             earlier = checkpoints(root)
             kept = f"the previous checkpoint, {earlier[-1]}, is intact" if earlier else "no earlier checkpoint exists"
             raise FileProblem(f"could not write {writing.name} of the step-{step} checkpoint in {root} ({reason}); "

@@ -4,14 +4,16 @@ metric."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import MissingDependency
+from ..core.errors import FileProblem, MissingDependency, write_failure
 
 TENSORBOARD_DIR = "runs"  # next to metrics.jsonl: `tensorboard --logdir OUTPUT_DIR` finds it
 
@@ -59,8 +61,16 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         self.records.append(record)
         if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            line = json.dumps(record) + "\n"
+            size = self.path.stat().st_size if self.path.exists() else 0
+            try:
+                with self.path.open("a") as f:
+                    f.write(line)
+            except OSError as err:
+                with contextlib.suppress(OSError):
+                    os.truncate(self.path, size)  # no half line left behind
+                raise FileProblem(f"could not add step {record.get('step')} to {self.path} ({write_failure(err)}); "
+                                  f"the lines before it are intact, and so are the checkpoints") from None
             if self.board is not None:
                 self.board.write(record)
 
