@@ -263,6 +263,8 @@ def read_records(path: str | Path | DataSource) -> list[tuple[int, dict[str, Any
             items = json.loads(text)
         except json.JSONDecodeError as err:
             raise DataError(f"{path}:{err.lineno}: malformed JSON: {err.msg}") from None
+        except RecursionError:
+            raise DataError(f"{path}: JSON nested too deeply to read; expected an array of objects") from None
         # A JSON array does not keep line numbers per item; find each object's opening line for messages.
         if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
             bad = next(i for i, item in enumerate(items) if not isinstance(item, dict)) if isinstance(items, list) \
@@ -278,6 +280,8 @@ def read_records(path: str | Path | DataSource) -> list[tuple[int, dict[str, Any
                 records.append((lineno, json.loads(line)))
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}:{lineno}: malformed JSON: {err.msg} (column {err.colno})") from None
+            except RecursionError:
+                raise DataError(f"{path}:{lineno}: JSON nested too deeply to read; expected one object") from None
     if not records:
         raise DataError(f"{path}: no records in the file")
     for lineno, record in records:

@@ -203,6 +203,8 @@ def pair_of(record: dict[str, Any]) -> tuple[Text, Text, Text]:
     else:
         _require(record, "chosen", "rejected")
         chosen, rejected = record["chosen"], record["rejected"]
+        if any(isinstance(v, dict) and "from" in v for v in (chosen, rejected)):
+            raise _BadRow("missing field 'conversations': a LLaMA-Factory row has conversations, chosen and rejected")
         if isinstance(chosen, list) and isinstance(rejected, list):
             chosen, rejected = _messages(chosen, "chosen"), _messages(rejected, "rejected")
         elif not (isinstance(chosen, str) and isinstance(rejected, str)):
@@ -240,6 +242,9 @@ def unpaired_of(record: dict[str, Any]) -> list[tuple[Text, Text, bool]]:
         prompt: Text = messages[:-1]
         completion: Text = messages[-1:]
     else:
+        if "prompt" not in record and "completion" not in record:
+            raise _BadRow(f"missing the example: a KTO row has 'messages', or 'prompt' and 'completion' (fields: "
+                          f"{', '.join(record)})")
         _require(record, "prompt", "completion")
         prompt, completion = record["prompt"], record["completion"]
         if isinstance(prompt, list) and isinstance(completion, list):
