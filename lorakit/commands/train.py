@@ -67,10 +67,16 @@ def format_summary(result: dict) -> str:
         f"{metric(result['after'], result.get('headline_metric'))} after",
     ]
     if result.get("headline_metric") != "exact_match" and "exact_match" in result["after"]:  # built-in preference
+        changed = result["after"].get("answers_changed")
         lines.append(f"          {metric(result['before'], 'exact_match')} before -> "
-                     f"{metric(result['after'], 'exact_match')} after")
-    samples = result["after"].get("samples")
-    if samples:
+                     f"{metric(result['after'], 'exact_match')} after"
+                     + (f"; {changed} of {result['after']['n']} greedy answers changed" if changed is not None
+                        else ""))
+    samples, earlier = result["after"].get("samples"), (result.get("before") or {}).get("samples")
+    if samples and earlier and earlier[0]["prompt"] == samples[0]["prompt"]:
+        lines.append(f"example:  {samples[0]['prompt']!r}\n  before -> {earlier[0]['prediction']}\n"
+                     f"  after  -> {samples[0]['prediction']}")
+    elif samples:
         lines.append(f"example:  {samples[0]['prompt']!r}\n       -> {samples[0]['prediction']}")
     what = {"lora": "adapter", "prompt": "prompt"}.get(result["method"], "model")
     lines.append(f"saved:    {what} ({result['adapter_bytes'] / 2**20:.2f} MiB) in {result['output_dir']}"

@@ -121,7 +121,8 @@ def near_miss(order: Order, rng: random.Random) -> str:
 
 def builtin_pairs(n_train: int = 2000, n_eval: int = 100, seed: int = 1234) -> tuple[list[dict], list[dict]]:
     """The built-in task as preference pairs (TRL's conversational ``prompt`` / ``chosen`` / ``rejected``): the
-    requests of :func:`builtin_orders`, the exact JSON chosen and a near miss (:func:`near_miss`) rejected."""
+    requests of :func:`builtin_orders`, the exact JSON chosen and a near miss (:func:`near_miss`) rejected. The
+    preference tasks put the model's own answer in place of the near miss where it differs from the exact JSON."""
     rng = random.Random(seed + 1)
     return tuple([{"prompt": messages(request),  # type: ignore[return-value]
                    "chosen": [{"role": "assistant", "content": order.answer()}],

@@ -60,11 +60,13 @@ def generate_texts(model: torch.nn.Module, tokenizer: Any, chats: Sequence[Seque
 
 
 def exact_match(model: torch.nn.Module, tokenizer: Any, records: Sequence[dict], max_new_tokens: int = 64,
-                batch_size: int = 16, progress: Callable | None = None) -> dict[str, Any]:
+                batch_size: int = 16, progress: Callable | None = None, keep_predictions: bool = False
+                ) -> dict[str, Any]:
     """Exact-match accuracy of greedy answers on chat records whose last message is the reference answer.
 
     Returns:
-        ``exact_match`` (fraction), ``n`` and a few ``samples`` (prompt, reference, prediction).
+        ``exact_match`` (fraction), ``n`` and a few ``samples`` (prompt, reference, prediction); with
+        ``keep_predictions`` also every greedy answer, in order (``predictions``).
     """
     chats = [r["messages"][:-1] for r in records]
     references = [r["messages"][-1]["content"].strip() for r in records]
@@ -72,7 +74,8 @@ def exact_match(model: torch.nn.Module, tokenizer: Any, records: Sequence[dict],
     hits = [p == ref for p, ref in zip(predictions, references)]
     samples = [{"prompt": c[-1]["content"], "reference": ref, "prediction": p}
                for c, ref, p in list(zip(chats, references, predictions))[:3]]
-    return {"exact_match": sum(hits) / len(hits), "n": len(hits), "samples": samples}
+    found = {"exact_match": sum(hits) / len(hits), "n": len(hits), "samples": samples}
+    return {**found, "predictions": predictions} if keep_predictions else found
 
 
 def lm_loss(loss_fn: Callable[[dict[str, torch.Tensor]], LossResult], model: torch.nn.Module,

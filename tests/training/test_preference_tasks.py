@@ -325,7 +325,8 @@ def _run(model_dir, data, out, **kw):
 def test_precomputed_references_train_as_the_per_step_pass_and_are_reused(tiny_llama_dir, pairs_file, tmp_path,
                                                                           capsys):
     plain = _run(tiny_llama_dir, pairs_file, tmp_path / "plain")
-    first = _run(tiny_llama_dir, pairs_file, tmp_path / "pre", task_options={"precompute_ref": True})
+    first = _run(tiny_llama_dir, pairs_file, tmp_path / "pre", task_options={"precompute_ref": True},
+                 progress=True)  # with the progress bars the command line shows
     saved = tmp_path / "pre" / "reference_logps.safetensors"
     assert saved.is_file()
     for key in ("rewards/accuracies", "rewards/margins", "loss"):
@@ -377,9 +378,12 @@ def test_the_builtin_pairs_are_trl_conversational_rows_with_a_near_miss():
 
 
 def test_dpo_without_data_trains_on_the_builtin_pairs(tiny_llama_dir, tmp_path):
-    result = train(model=tiny_llama_dir, task="dpo", steps=2, batch_size=2, precision="fp32", progress=False,
+    result = train(model=tiny_llama_dir, task="dpo", steps=2, batch_size=2, precision="fp32", progress=True,
                    output_dir=str(tmp_path), max_eval=4, r=4, max_new_tokens=4)
     assert result["task"] == "the built-in order-to-JSON preference pairs"
+    own = json.loads((tmp_path / "builtin_rejected.json").read_text())  # the model's answers before training
+    assert len(own) == 2 * 2 + 32 and all(isinstance(a, str) for a in own)
+    assert isinstance(result["after"]["answers_changed"], int)
     assert result["headline_metric"] == "rewards/accuracies"
     assert {"rewards/accuracies", "rewards/margins", "exact_match"} <= set(result["after"])
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

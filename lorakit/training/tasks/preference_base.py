@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,11 +29,12 @@ from torch import nn
 
 from ...core.errors import InvalidValue
 from ...files.io import atomic_write
+from ...models.devices import autocast
 from ...models.model import LoraModel
 from ..builtin_task import builtin_pairs
 from ..data import IGNORE, Example, pad_batch
 from ..loss import LossResult
-from ..metrics import exact_match
+from ..metrics import exact_match, generate_texts
 from ..options import TrainConfig, task_option
 from ..preference import PreferenceLoss, mean_metrics, model_position_logps
 from ..preference_data import PreferenceData, PreferencePair, load_pairs, tokenize_pair
@@ -41,6 +44,17 @@ from .loading import Start, limit, load_model, prepare_model, progress_bar, say,
 REFERENCE = "reference"  # the adapter name of a frozen --init-adapter copy
 REFERENCE_FILE = "reference_logps.safetensors"  # --precompute-ref's values, in the output folder
 BUILTIN_EXACT_MATCH = 32  # held-out requests the built-in preference task generates answers for
+BUILTIN_REJECTED_FILE = "builtin_rejected.json"  # the model's own answers to the built-in requests, before training
+
+
+def _read_answers(path: Path, count: int) -> list[str] | None:
+    """The answers a resumed run's first run wrote, if the file holds ``count`` of them."""
+    try:
+        answers = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(answers, list) and len(answers) == count and all(isinstance(a, str) for a in answers)
+    return answers if ok else None
 
 
 @dataclass
@@ -94,6 +108,8 @@ class PreferenceTask(Task):
         self.train, self.held_out, self.name = self.read(start)
         self.held_out = list(limit(self.held_out, config))
         self.model = prepare_model(config, model, "CAUSAL_LM", start).to(device)
+        if self.builtin:
+            self.own_answers_rejected(start, dtype)
         self.reference_model: nn.Module | None = None  # full fine-tuning's frozen copy
         if self.uses_reference:
             self._set_up_reference(start)
@@ -101,6 +117,7 @@ class PreferenceTask(Task):
             self.reference_passes = self.precomputed_passes
         self.ref_logps: torch.Tensor | None = None  # --precompute-ref: (len(train), columns), filled at the first step
         self._held_out_refs: list[torch.Tensor] | None = None  # the reference is fixed: computed once
+        self._first_answers: list[str] | None = None  # built-in: the greedy answers of the first evaluation
 
     # ---- data ------------------------------------------------------------------------------------------------
 
@@ -128,6 +145,9 @@ class PreferenceTask(Task):
                           self.options["bad_rows"])
         say(data.summary())
         return data
+
+    def own_answers_rejected(self, start: Start, dtype: torch.dtype) -> None:
+        """Built-in data whose rejected answers are the model's own (:class:`PairedTask`); none here."""
 
     # ---- the reference ---------------------------------------------------------------------------------------
 
@@ -173,7 +193,7 @@ class PreferenceTask(Task):
                 indices = list(range(start, min(start + batch, len(self.train))))
                 values.append(self.reference_columns(self.batch(indices).tensors))
                 if bar is not None:
-                    bar.update(len(indices))
+                    bar(len(indices))
         self.ref_logps = torch.cat(values)
         tensors = {"logps": self.ref_logps.cpu().contiguous(),
                    "fingerprint": torch.tensor(list(bytes.fromhex(fingerprint)), dtype=torch.uint8)}
@@ -244,14 +264,20 @@ class PreferenceTask(Task):
                 for name, value in result.metrics.items():
                     sums[name] = sums.get(name, 0.0) + value
                 if bar is not None:
-                    bar.update(len(indices))
+                    bar(len(indices))
         metrics = {"loss": loss / len(self.held_out), **self.step_metrics(sums, len(self.held_out))}
         if self.builtin:
             records = self.builtin_records[:BUILTIN_EXACT_MATCH]
             say(f"evaluating exact match on {len(records)} held-out requests ({label})")
             with progress_bar(self.config.progress, len(records), f"exact match ({label})") as bar:
-                metrics.update(exact_match(model, self.tokenizer, records, self.config.max_new_tokens,
-                                           self.config.eval_batch_size, progress=bar))
+                found = exact_match(model, self.tokenizer, records, self.config.max_new_tokens,
+                                    self.config.eval_batch_size, progress=bar, keep_predictions=True)
+            predictions = found.pop("predictions")
+            if self._first_answers is None:  # the first evaluation: what later ones are compared with
+                self._first_answers = predictions
+            else:
+                found["answers_changed"] = sum(a != b for a, b in zip(predictions, self._first_answers))
+            metrics.update(found)
         return metrics
 
     def eval_batch(self, indices: Sequence[int]) -> MicroBatch:
@@ -380,15 +406,54 @@ class PairedTask(PreferenceTask):
     def read(self, start: Start) -> tuple[list[Any], list[Any], str]:
         if not self.builtin:
             return self.read_files(start)
-        train_records, held_out_records = builtin_pairs()
+        # Pairs for the examples this run trains on (and BUILTIN_EXACT_MATCH held out); their rejected answers
+        # become the model's own once it is loaded (own_answers_rejected)
+        train_records, held_out_records = builtin_pairs(self._builtin_train_size(), BUILTIN_EXACT_MATCH)
         self.builtin_records = [{"messages": r["prompt"] + r["chosen"]} for r in held_out_records]
-        rows = [[tokenize_pair(self.tokenizer, r["prompt"], r["chosen"], r["rejected"], self.config.max_length,
-                               line=i + 1) for i, r in enumerate(records)]
-                for records in (train_records, held_out_records)]
-        if any(fitted is None or fitted[1] for split in rows for fitted in split):
+        self._builtin_pair_records = train_records, held_out_records
+        train, held_out = (self._tokenized_builtin(records) for records in (train_records, held_out_records))
+        return train, held_out, "the built-in order-to-JSON preference pairs"
+
+    def _builtin_train_size(self) -> int:
+        """The built-in pairs one run trains on: its steps times the global batch (one epoch of them)."""
+        config = self.config
+        steps = config.steps or self.default_steps_for(config) or 40
+        return steps * config.batch_size * config.grad_accum * int(os.environ.get("WORLD_SIZE", "1"))
+
+    def _tokenized_builtin(self, records: Sequence[dict]) -> list[PreferencePair]:
+        fitted = [tokenize_pair(self.tokenizer, r["prompt"], r["chosen"], r["rejected"], self.config.max_length,
+                                line=i + 1) for i, r in enumerate(records)]
+        if any(f is None or f[1] for f in fitted):
             raise InvalidValue(f"max_length={self.config.max_length} cuts the answers of the built-in preference "
                                f"task; raise --max-length")
-        return [f[0] for f in rows[0]], [f[0] for f in rows[1]], "the built-in order-to-JSON preference pairs"
+        return [f[0] for f in fitted]
+
+    def own_answers_rejected(self, start: Start, dtype: torch.dtype) -> None:
+        """The built-in pairs: the rejected answer of each becomes what the model answers before training (greedy,
+        ``--max-new-tokens``), so that preference training moves the model away from what it says now toward the
+        exact JSON; where the model already answers exactly, the near miss stays. The model is the one training starts
+        from (the checkpoint of ``--resume`` is loaded later); its answers go to ``OUTPUT_DIR/builtin_rejected.json``,
+        which a resumed run reads back, so that it trains on the same pairs."""
+        train_records, held_out_records = self._builtin_pair_records
+        records = [*train_records, *held_out_records]
+        path = Path(self.config.output_dir) / BUILTIN_REJECTED_FILE
+        answers = _read_answers(path, len(records)) if self.config.resume else None
+        if answers is None:
+            say(f"the built-in pairs' rejected answers: what the model answers now, to {len(records)} requests")
+            precision = "bf16" if dtype == torch.bfloat16 else "fp32"  # a bf16 base computes under autocast
+            with progress_bar(self.config.progress, len(records), "the model's own answers") as bar, \
+                    autocast(precision, self.device):
+                answers = generate_texts(self.model, self.tokenizer, [r["prompt"] for r in records],
+                                         self.config.max_new_tokens, max(self.config.eval_batch_size, 16), bar)
+            if path.parent.is_dir():
+                atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(answers, indent=0)))
+        own = 0
+        for record, answer in zip(records, answers):
+            if answer and answer != record["chosen"][0]["content"]:
+                record["rejected"] = [{"role": "assistant", "content": answer}]
+                own += 1
+        say(f"{own} of {len(records)} built-in pairs reject the model's own answer; the others a near miss")
+        self.train, self.held_out = (self._tokenized_builtin(part) for part in (train_records, held_out_records))
 
     def load(self, source: Any) -> PreferenceData:
         return self.read_pairs(source)
