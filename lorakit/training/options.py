@@ -103,7 +103,8 @@ class TrainConfig:
     batch_size: int = _opt(8, "examples per micro-batch on each process")
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
     lr: float | None = _opt(None, "peak learning rate (AdamW); default: the task's own, 2e-3 for the supervised "
-                                  "tasks and 5e-5 for the preference tasks (dpo, orpo, simpo, kto)")
+                                  "tasks and 5e-5 for the preference tasks (dpo, orpo, simpo, kto; 2e-4 on their "
+                                  "built-in pairs)")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
     loraplus_lr_ratio: float | None = _opt(None, "LoRA+: B learns this many times faster than A (--lr), e.g. 16; "
                                                  "adapters on embeddings learn at 1e-6, as PEFT's "
@@ -160,7 +161,7 @@ class TrainConfig:
             if choices and value is not None and value not in choices:
                 raise InvalidValue(f"{f.name}={value!r} is not allowed; choose one of {', '.join(choices)}")
         if self.lr is None:
-            self.lr = task_class(self.task).default_lr
+            self.lr = task_class(self.task).default_lr_for(self)
         positive = ("r", "num_virtual_tokens", "batch_size", "grad_accum", "max_length", "max_new_tokens",
                     "eval_batch_size", "keep_checkpoints")
         for name in positive:

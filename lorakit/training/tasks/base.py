@@ -52,7 +52,7 @@ class Task:
         headline_metric: The held-out metric the summary and ``compare`` report (a key of :meth:`evaluate`'s).
         needs_data: Whether it reads ``--data`` (the built-in task generates its own).
         data_optional: Without ``--data`` it trains on built-in data (the preference tasks' built-in pairs).
-        default_lr: Its learning rate when ``--lr`` is not given.
+        default_lr: Its learning rate when ``--lr`` is not given; see :meth:`default_lr_for`.
         default_steps: Its optimizer steps when ``--steps`` is not given (None: ``--epochs`` over the data); see
             :meth:`default_steps_for`.
         vocabulary_head: Its output head is the vocabulary's (a causal LM), for the matmul peak's shapes.
@@ -127,6 +127,11 @@ class Task:
     def default_steps_for(cls, config: TrainConfig) -> int | None:
         """Its optimizer steps when ``--steps`` is not given (None: ``--epochs`` over the data)."""
         return cls.default_steps
+
+    @classmethod
+    def default_lr_for(cls, config: TrainConfig) -> float:
+        """Its learning rate when ``--lr`` is not given."""
+        return cls.default_lr
 
     def count_parameters(self) -> tuple[int, int]:
         """(trainable parameters, all parameters) of the model as trained."""

@@ -44,6 +44,7 @@ from .loading import Start, limit, load_model, prepare_model, progress_bar, say,
 REFERENCE = "reference"  # the adapter name of a frozen --init-adapter copy
 REFERENCE_FILE = "reference_logps.safetensors"  # --precompute-ref's values, in the output folder
 BUILTIN_EXACT_MATCH = 32  # held-out requests the built-in preference task generates answers for
+BUILTIN_LR = 2e-4  # the learning rate on the built-in pairs, when --lr is not given
 BUILTIN_REJECTED_FILE = "builtin_rejected.json"  # the model's own answers to the built-in requests, before training
 
 
@@ -537,4 +538,10 @@ class PairedTask(PreferenceTask):
     @classmethod
     def default_steps_for(cls, config: TrainConfig) -> int | None:
         return 40 if config.data is None else None  # the built-in pairs: accuracy passes 90% well before
+
+    @classmethod
+    def default_lr_for(cls, config: TrainConfig) -> float:
+        # The built-in pairs: 40 steps at 5e-5 reach 100% held-out reward accuracy but leave the greedy answers
+        # far from the JSON; 2e-4 makes them JSON-like (exact match 0% -> 12.5% on the default model, bf16)
+        return BUILTIN_LR if config.data is None else cls.default_lr
 
