@@ -110,7 +110,7 @@ class PreferenceTask(Task):
         self.held_out = list(limit(self.held_out, config))
         self.model = prepare_model(config, model, "CAUSAL_LM", start).to(device)
         if self.builtin:
-            self.own_answers_rejected(start, dtype)
+            self.own_answers_rejected(dtype)
         self.reference_model: nn.Module | None = None  # full fine-tuning's frozen copy
         if self.uses_reference:
             self._set_up_reference(start)
@@ -147,7 +147,7 @@ class PreferenceTask(Task):
         say(data.summary())
         return data
 
-    def own_answers_rejected(self, start: Start, dtype: torch.dtype) -> None:
+    def own_answers_rejected(self, dtype: torch.dtype) -> None:
         """Built-in data whose rejected answers are the model's own (:class:`PairedTask`); none here."""
 
     # ---- the reference ---------------------------------------------------------------------------------------
@@ -429,13 +429,14 @@ class PairedTask(PreferenceTask):
                                f"task; raise --max-length")
         return [f[0] for f in fitted]
 
-    def own_answers_rejected(self, start: Start, dtype: torch.dtype) -> None:
-        """The built-in pairs: the rejected answer of each becomes what the model answers before training (greedy,
+    def own_answers_rejected(self, dtype: torch.dtype) -> None:
+        """The built-in pairs (the held-out ones as ``--max-eval`` limits them): the rejected answer of each becomes what the model answers before training (greedy,
         ``--max-new-tokens``), so that preference training moves the model away from what it says now toward the
         exact JSON; where the model already answers exactly, the near miss stays. The model is the one training starts
         from (the checkpoint of ``--resume`` is loaded later); its answers go to ``OUTPUT_DIR/builtin_rejected.json``,
         which a resumed run reads back, so that it trains on the same pairs."""
         train_records, held_out_records = self._builtin_pair_records
+        held_out_records = list(limit(held_out_records, self.config))
         records = [*train_records, *held_out_records]
         path = Path(self.config.output_dir) / BUILTIN_REJECTED_FILE
         answers = _read_answers(path, len(records)) if self.config.resume else None
