@@ -24,8 +24,9 @@ PEFT_ONLY_INITS = ("olora", "orthogonal", "eva", "corda", "loftq", "mica", "lora
 BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 ALL_LINEAR = "all-linear"
 
-# Heads that PEFT makes trainable (and saves) for sequence classification.
-SEQ_CLS_HEAD_NAMES = ("classifier", "score")
+# Heads that PEFT makes trainable (and saves) for sequence and token classification; DistilBERT-style heads have a
+# randomly initialised pre_classifier too (PEFT 0.22 and later train and save it with the classifier).
+SEQ_CLS_HEAD_NAMES = ("classifier", "score", "pre_classifier")
 QA_HEAD_NAMES = ("qa_outputs",)  # and for extractive question answering
 BASE_ROW = "__base__"  # the adapter name that selects "no adapter" for a row of a mixed batch
 

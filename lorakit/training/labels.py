@@ -15,13 +15,14 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from ..core.config import SEQ_CLS_HEAD_NAMES
 from ..core.errors import InvalidValue
 from ..files.io import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config, read_json_object
 from .data import DataError, DataSource, locate
 from .options import TrainConfig
 
 LABELS_NAME = "labels.json"
-HEADS = ("classifier", "score")  # the heads PEFT trains next to a SEQ_CLS adapter
+HEADS = SEQ_CLS_HEAD_NAMES  # the heads PEFT trains next to a SEQ_CLS adapter
 
 
 def save_labels(folder: str | Path, labels: Sequence[str]) -> None:
