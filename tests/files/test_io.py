@@ -340,7 +340,7 @@ def test_a_failed_write_names_the_file_and_keeps_the_old_one(tmp_path, monkeypat
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(lk_io.Path, "write_bytes", disk_full)
-    with pytest.raises(OSError, match=r"could not write .*adapter_model.safetensors \(No space left on device\); "
+    with pytest.raises(OSError, match=r"could not write .*adapter_model.safetensors \(the disk is full: no space left on the device\); "
                                       r"the existing adapter_model.safetensors is unchanged"):
         model.save_pretrained(tmp_path)
     monkeypatch.undo()
