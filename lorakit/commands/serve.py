@@ -21,8 +21,9 @@ class ServeOptions(TrustOption):
     port: int = option(8000, "the port")
     max_adapters: int = option(8, "most adapters in memory at once; the least recently used is evicted and reloaded "
                                   "from its folder when asked for again")
-    adapter_root: str | None = option(None, "allow /v1/load_lora_adapter for folders under DIR (default: runtime "
-                                            "loading is off)", metavar="DIR")
+    adapter_root: str | None = option(None, "allow /v1/load_lora_adapter for folders under DIR, and serve a request "
+                                            "whose model names an adapter folder in DIR by loading it on first use "
+                                            "(default: runtime loading is off)", metavar="DIR")
     max_batch_size: int = option(32, "most requests decoded together")
     max_tokens: int = option(1024, "the largest max_tokens a request may ask for")
     max_request_bytes: int = option(2**20, "the largest request body accepted; larger ones get 413 (default: "

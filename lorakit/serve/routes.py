@@ -20,8 +20,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from .protocol import (
+    LogprobFormat,
     chat_chunk,
     chat_ids,
+    chat_logprobs,
     collect,
     completion_chunk,
     completion_ids,
@@ -108,43 +110,52 @@ async def models(request: fastapi.Request) -> dict[str, Any]:
     for name, path in sorted(engine.adapters.items()):
         data.append({"id": name, "object": "model", "created": created, "owned_by": "lorakit",
                      "root": str(path), "parent": engine.base_name})
+    root = engine.slots.root
+    for name in await run_in_threadpool(engine.loadable):  # under --adapter-root: loaded on first use
+        data.append({"id": name, "object": "model", "created": created, "owned_by": "lorakit",
+                     "root": str(root / name), "parent": engine.base_name})
     return {"object": "list", "data": data}
 
 
 async def completions(request: fastapi.Request) -> Any:
     engine = request.app.state.engine
     body = await read_body(request, CompletionRequest)
-    adapter = engine.resolve(body.model)
+    adapter = await run_in_threadpool(engine.resolve_or_load, body.model)  # may load it: off the loop
     prompts = await run_in_threadpool(completion_ids, engine, body)
     params = sampling_params(engine, body, body.max_tokens if body.max_tokens is not None else 16,
-                             max(map(len, prompts)))
+                             max(map(len, prompts)), body.logprobs)
     requests, queue = await submit(engine, prompts, adapter, params)
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": body.model}
+    logprobs = LogprobFormat(engine.tokenizer, chat=False)
     if body.stream:
-        return streaming(sse(requests, queue, functools.partial(completion_chunk, head), include_usage(body)))
+        return streaming(sse(requests, queue, functools.partial(completion_chunk, head), include_usage(body),
+                             logprobs=logprobs))
     events = await collect(requests, queue)
-    return {**head, "choices": [{"index": i, "text": e.text, "logprobs": None, "finish_reason": e.finish_reason}
-                                for i, e in enumerate(events)], "usage": usage(events)}
+    return {**head, "choices": [{"index": i, "text": e.text, "logprobs": logprobs(i, e.logprobs),
+                                 "finish_reason": e.finish_reason} for i, e in enumerate(events)],
+            "usage": usage(events)}
 
 
 async def chat_completions(request: fastapi.Request) -> Any:
     engine = request.app.state.engine
     body = await read_body(request, ChatRequest)
-    adapter = engine.resolve(body.model)
+    adapter = await run_in_threadpool(engine.resolve_or_load, body.model)  # may load it: off the loop
     ids = await run_in_threadpool(chat_ids, engine, body.messages)
-    params = sampling_params(engine, body, body.max_completion_tokens or body.max_tokens, len(ids))
+    params = sampling_params(engine, body, body.max_completion_tokens or body.max_tokens, len(ids),
+                             chat_logprobs(body))
     requests, queue = await submit(engine, [ids], adapter, params)
+    logprobs = LogprobFormat(engine.tokenizer, chat=True)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk" if body.stream
             else "chat.completion", "created": int(time.time()), "model": body.model}
     if body.stream:
         role = {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                      "logprobs": None, "finish_reason": None}]}
         return streaming(sse(requests, queue, functools.partial(chat_chunk, head), include_usage(body),
-                             opening=[role]))
+                             opening=[role], logprobs=logprobs))
     (event,) = await collect(requests, queue)
     return {**head, "choices": [{"index": 0, "message": {"role": "assistant", "content": event.text},
-                                 "logprobs": None, "finish_reason": event.finish_reason}],
+                                 "logprobs": logprobs(0, event.logprobs), "finish_reason": event.finish_reason}],
             "usage": usage([event])}
 
 

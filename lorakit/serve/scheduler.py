@@ -30,7 +30,7 @@ from ..core.errors import InvalidValue
 from .batch import Batch, Row, left_padded
 from .kv_cache import joinable, new_cache
 from .request import Event, Request
-from .sampling import RequestError, TextStream, next_token, quoted
+from .sampling import RequestError, TextStream, next_token, quoted, token_logprob
 from .slots import AdapterSlots
 from .stats import Stats
 
@@ -50,7 +50,8 @@ class Engine:
             merged mode).
         adapters: Adapters to register at start, name -> folder (loaded lazily when more than ``max_adapters``).
         max_adapters: Most adapters resident at once; the least recently used is evicted.
-        adapter_root: The folder under which runtime loads (``load_adapter``) must lie; None turns them off.
+        adapter_root: The folder under which runtime loads (``load_adapter``) must lie, and whose adapter folders
+            a request may name to have them loaded on first use (:meth:`resolve_or_load`); None turns both off.
         max_batch_size: Most requests decoded together.
         max_tokens: The largest ``max_tokens`` a request may ask for.
         max_request_bytes: The largest request body the HTTP API accepts (:func:`~lorakit.serve.api.create_app`
@@ -87,6 +88,8 @@ class Engine:
         self._commands: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
         self._warned_static = False
         self._cv = threading.Condition()
+        self._first_loads: dict[str, threading.Lock] = {}  # an adapter loading on demand: one load, others wait
+        self._first_loads_lock = threading.Lock()
         self._closing = False
         self.stats = Stats()
         self._register(adapters or {})
@@ -132,6 +135,53 @@ class Engine:
             return None
         served = ([self.base_name] if self.base_name is not None else []) + sorted(self.slots.paths)
         raise RequestError(404, f"the model {quoted(model)} does not exist; this server has {served}")
+
+    def resolve_or_load(self, model: str) -> str | None:
+        """:meth:`resolve`; with ``adapter_root``, a ``model`` that names an adapter folder directly under it and is
+        not registered is loaded now, as :meth:`load_adapter` loads (the LRU limit, the base's fingerprint and the
+        serve-safe checks apply), and once however many requests ask for it at the same time. Blocks until the
+        load is done: call it from a worker thread.
+
+        Raises:
+            RequestError: 404 when nothing of that name is served or loadable, 400 for a folder that does not load
+                (its message names it), 503 when every slot is held by running requests.
+        """
+        try:
+            return self.resolve(model)
+        except RequestError as err:
+            if err.status != 404 or not self._loadable(model):
+                raise
+        with self._first_loads_lock:
+            lock = self._first_loads.setdefault(model, threading.Lock())
+        with lock:
+            if model not in self.slots.paths:  # the first of the requests asking at once loads it
+                self.load_adapter(model, model)
+        return model
+
+    def loadable(self) -> list[str]:
+        """The adapter folders directly under ``adapter_root`` that are not registered (at most 1,000, sorted)."""
+        root = self.slots.root
+        if root is None:
+            return []
+        try:
+            names = sorted(p.name for p in root.iterdir() if self._loadable(p.name))
+        except OSError:
+            return []
+        return [name for name in names if name not in self.slots.paths][:1000]
+
+    def _loadable(self, name: str) -> bool:
+        """Whether ``name`` is a folder directly under ``adapter_root`` (not a link) holding an adapter config."""
+        root = self.slots.root
+        if root is None or len(name) > 255 or name == self.base_name:
+            return False
+        try:
+            check_adapter_name(name)  # no path separators, dots or NUL: the name cannot leave the root
+        except ValueError:
+            return False
+        folder = root / name
+        if folder.is_symlink():  # the server never follows one
+            return False
+        return folder.is_dir() and (folder / "adapter_config.json").is_file()
 
     def submit(self, request: Request) -> None:
         """Queue a request. Its events arrive through ``request.emit``.
@@ -356,12 +406,14 @@ class Engine:
                 continue
             try:
                 token = next_token(logits[i], request.params, row.generator)
+                top = request.params.logprobs
+                scored = token_logprob(logits[i], token, top) if top is not None else None
             except Exception as err:  # noqa: BLE001 - one row's problem ends that row only
                 logger.error("sampling failed: %s", err)
                 self._finish_error(request, RequestError(500, f"sampling failed: {err}"))
                 continue
             self.stats.count_token()
-            event = row.add(token, self.eos_ids)
+            event = row.add(token, self.eos_ids, scored)
             if event is None or not event.final:
                 keep.append(i)
             else:

@@ -78,17 +78,18 @@ def test_models_lists_the_base_and_adapters(client, root):
 # -- adapters at runtime ----------------------------------------------------------------------------------
 
 def test_load_use_unload_then_404(client, reference, smollm2_tokenizer):
-    response = client.post("/v1/load_lora_adapter", json={"lora_name": "c", "lora_path": "c"})
+    # Under another name than its folder's (a request naming the folder itself would load it on demand)
+    response = client.post("/v1/load_lora_adapter", json={"lora_name": "copy", "lora_path": "c"})
     assert response.status_code == 200, response.text
-    assert "c" in [m["id"] for m in client.get("/v1/models").json()["data"]]
+    assert "copy" in [m["id"] for m in client.get("/v1/models").json()["data"]]
     # c holds a's weights, so it answers as a does
-    assert complete(client, "c", PROMPTS[0], max_tokens=8)["choices"][0]["text"] == \
+    assert complete(client, "copy", PROMPTS[0], max_tokens=8)["choices"][0]["text"] == \
         greedy(reference, smollm2_tokenizer, PROMPTS[0], "a", 8)
-    assert client.post("/v1/unload_lora_adapter", json={"lora_name": "c"}).status_code == 200
-    gone = client.post("/v1/completions", json={"model": "c", "prompt": "x", "max_tokens": 2})
-    assert gone.status_code == 404 and "c" in gone.json()["error"]["message"]
-    assert client.post("/v1/unload_lora_adapter", json={"lora_name": "c"}).status_code == 404
-    assert "c" not in [m["id"] for m in client.get("/v1/models").json()["data"]]
+    assert client.post("/v1/unload_lora_adapter", json={"lora_name": "copy"}).status_code == 200
+    gone = client.post("/v1/completions", json={"model": "copy", "prompt": "x", "max_tokens": 2})
+    assert gone.status_code == 404 and "copy" in gone.json()["error"]["message"]
+    assert client.post("/v1/unload_lora_adapter", json={"lora_name": "copy"}).status_code == 404
+    assert "copy" not in [m["id"] for m in client.get("/v1/models").json()["data"]]
 
 
 # -- client mistakes: 4xx, never 500, and the server goes on ----------------------------------------------
