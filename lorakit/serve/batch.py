@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, ExitStack, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,7 +23,7 @@ from ..core.config import BASE_ROW
 from ..models.model import LoraModel
 from .kv_cache import concat_caches, joinable, left_pad_cache, slice_cache
 from .request import Event, Request
-from .sampling import TextStream
+from .sampling import TextStream, TokenLogprob
 
 
 @dataclass
@@ -36,16 +36,20 @@ class Row:
     pending: int = -1  # the last sampled token, fed to the model at the next step
     position: int = 0  # the position id of ``pending``
     generated: int = 0
+    scored: list[TokenLogprob] = field(default_factory=list)  # log-probs not sent yet (when the request asks)
 
-    def add(self, token: int, eos_ids: set[int]) -> Event | None:
-        """Take the row's next token: the event for its owner (None: no text to send yet). After a final event
-        (an end-of-sequence token, a stop string or ``max_tokens``) the row is done."""
+    def add(self, token: int, eos_ids: set[int], logprob: TokenLogprob | None = None) -> Event | None:
+        """Take the row's next token (and its log-probability, when the request asks for them): the event for its
+        owner (None: no text to send yet). After a final event (an end-of-sequence token, a stop string or
+        ``max_tokens``) the row is done."""
         params = self.request.params
         self.generated += 1
         finish = None
         if token in eos_ids and not params.ignore_eos:
             finish, piece = "stop", self.stream.flush()
         else:
+            if logprob is not None:
+                self.scored.append(logprob)
             piece = self.stream.add(token)
             if self.stream.stopped:
                 finish = "stop"
@@ -53,9 +57,15 @@ class Row:
                 finish, piece = "length", piece + self.stream.flush()
         if finish is None:
             self.pending = token
-            return Event(text=piece) if piece else None
+            return Event(text=piece, logprobs=self._take_scored()) if piece else None
         return Event(text=piece, finish_reason=finish, prompt_tokens=len(self.request.prompt_ids),
-                     completion_tokens=self.generated)
+                     completion_tokens=self.generated, logprobs=self._take_scored())
+
+    def _take_scored(self) -> list[TokenLogprob] | None:
+        if self.request.params.logprobs is None:
+            return None
+        taken, self.scored = self.scored, []
+        return taken
 
 
 def left_padded(prompts: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -11,20 +11,22 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import json
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .request import Event, Request
-from .sampling import RequestError, SamplingParams
+from .sampling import RequestError, SamplingParams, TokenLogprob
 from .scheduler import Engine
 
 if TYPE_CHECKING:  # pydantic is the serve extra's, imported only once an app is built
     import pydantic
 
-    from .schema import Body, CompletionRequest, Message, Sampling
+    from .schema import Body, ChatRequest, CompletionRequest, Message, Sampling
 
-Chunk = Callable[[int, str | None, str | None], dict[str, Any]]  # (choice index, text, finish reason) -> chunk
+# (choice index, text, finish reason, log-probabilities) -> chunk
+Chunk = Callable[[int, str | None, str | None, dict[str, Any] | None], dict[str, Any]]
 
 MAX_PROMPTS = 128  # prompts in one /v1/completions request
 
@@ -73,7 +75,8 @@ def completion_ids(engine: Engine, body: CompletionRequest) -> list[list[int]]:
     return [engine.tokenizer(text)["input_ids"] for text in texts]
 
 
-def sampling_params(engine: Engine, body: Sampling, max_tokens: int | None, prompt_len: int) -> SamplingParams:
+def sampling_params(engine: Engine, body: Sampling, max_tokens: int | None, prompt_len: int,
+                    logprobs: int | None = None) -> SamplingParams:
     """A request's sampling fields as :class:`SamplingParams` (``max_tokens`` None: as many as fit; other fields
     None: OpenAI's defaults).
 
@@ -87,7 +90,50 @@ def sampling_params(engine: Engine, body: Sampling, max_tokens: int | None, prom
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     return SamplingParams(max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
                           top_p=1.0 if body.top_p is None else body.top_p, stop=stop, seed=body.seed,
-                          ignore_eos=body.ignore_eos)
+                          ignore_eos=body.ignore_eos, logprobs=logprobs)
+
+
+def chat_logprobs(body: ChatRequest) -> int | None:
+    """How many alternatives a chat request asks log-probabilities of (None: none asked).
+
+    Raises:
+        RequestError: 400 for ``top_logprobs`` without ``logprobs: true`` (as OpenAI refuses it).
+    """
+    if not body.logprobs:
+        if body.top_logprobs is not None:
+            raise RequestError(400, "top_logprobs needs logprobs: true")
+        return None
+    return body.top_logprobs or 0
+
+
+class LogprobFormat:
+    """Token log-probabilities in OpenAI's shapes for one response: completions' ``tokens`` / ``token_logprobs`` /
+    ``top_logprobs`` / ``text_offset`` lists, or chat's ``content`` list of ``{token, logprob, bytes,
+    top_logprobs}``. Called once per piece of a choice, in order (a stream's chunks): the completions' text
+    offsets go on from the previous piece of the same choice."""
+
+    def __init__(self, tokenizer: Any, chat: bool) -> None:
+        self.tokenizer, self.chat = tokenizer, chat
+        self._offsets: dict[int, int] = {}
+
+    def __call__(self, index: int, items: Sequence[TokenLogprob] | None) -> dict[str, Any] | None:
+        if items is None:
+            return None
+        if self.chat:
+            return {"content": [{**self._token(t.token, t.logprob),
+                                 "top_logprobs": [self._token(i, lp) for i, lp in t.top]} for t in items]}
+        tokens = [self._text(t.token) for t in items]
+        offsets = list(itertools.accumulate((len(t) for t in tokens), initial=self._offsets.get(index, 0)))
+        self._offsets[index] = offsets[-1]
+        return {"tokens": tokens, "token_logprobs": [t.logprob for t in items],
+                "top_logprobs": [{self._text(i): lp for i, lp in t.top} for t in items], "text_offset": offsets[:-1]}
+
+    def _text(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
+    def _token(self, token: int, logprob: float) -> dict[str, Any]:
+        text = self._text(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
 
 def include_usage(body: Sampling) -> bool:
@@ -146,6 +192,7 @@ async def collect(requests: list[Request], queue: asyncio.Queue) -> list[Event]:
         RequestError: The first error event.
     """
     texts = [""] * len(requests)
+    scored: list[list[TokenLogprob] | None] = [None] * len(requests)
     finals: list[Event | None] = [None] * len(requests)
     try:
         while any(f is None for f in finals):
@@ -153,13 +200,15 @@ async def collect(requests: list[Request], queue: asyncio.Queue) -> list[Event]:
             if event.error is not None:
                 raise event.error
             texts[index] += event.text
+            if event.logprobs is not None:
+                scored[index] = (scored[index] or []) + event.logprobs
             if event.final:
                 finals[index] = event
     finally:
         for request in requests:
             request.cancelled = True  # no-op for finished ones; stops the rest if this task was cancelled
     return [Event(text=t, finish_reason=f.finish_reason, prompt_tokens=f.prompt_tokens,
-                  completion_tokens=f.completion_tokens) for t, f in zip(texts, finals)]
+                  completion_tokens=f.completion_tokens, logprobs=lp) for t, lp, f in zip(texts, scored, finals)]
 
 
 def usage(events: list[Event]) -> dict[str, int]:
@@ -169,15 +218,17 @@ def usage(events: list[Event]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def completion_chunk(head: dict[str, Any], index: int, text: str | None, finish: str | None) -> dict[str, Any]:
+def completion_chunk(head: dict[str, Any], index: int, text: str | None, finish: str | None,
+                     logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     """A streamed ``/v1/completions`` chunk: ``head`` (id, object, created, model) and one choice."""
-    return {**head, "choices": [{"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}]}
+    return {**head, "choices": [{"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}]}
 
 
-def chat_chunk(head: dict[str, Any], index: int, text: str | None, finish: str | None) -> dict[str, Any]:
+def chat_chunk(head: dict[str, Any], index: int, text: str | None, finish: str | None,
+               logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     """A streamed ``/v1/chat/completions`` chunk: ``head`` and one choice whose delta holds the text, if any."""
     delta = {"content": text} if text is not None else {}
-    return {**head, "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+    return {**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
 
 
 def sse_data(payload: dict[str, Any], include_usage: bool) -> str:
@@ -188,9 +239,10 @@ def sse_data(payload: dict[str, Any], include_usage: bool) -> str:
 
 
 async def sse(requests: list[Request], queue: asyncio.Queue, chunk: Chunk, include_usage: bool,
-              opening: Sequence[dict[str, Any]] = ()) -> AsyncIterator[str]:
-    """Server-sent events in OpenAI's shape: ``opening`` chunks, one chunk per piece of text, then per choice a
-    chunk with its ``finish_reason`` and no text, the usage chunk if asked for, and ``[DONE]``."""
+              opening: Sequence[dict[str, Any]] = (), logprobs: LogprobFormat | None = None) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's shape: ``opening`` chunks, one chunk per piece of text (with its tokens'
+    log-probabilities when asked for), then per choice a chunk with its ``finish_reason`` and no text (with the
+    log-probabilities of tokens that made no text, if any), the usage chunk if asked for, and ``[DONE]``."""
     finals: list[Event | None] = [None] * len(requests)
     try:
         for payload in opening:
@@ -200,11 +252,13 @@ async def sse(requests: list[Request], queue: asyncio.Queue, chunk: Chunk, inclu
             if event.error is not None:
                 yield sse_data({"error": error_body(event.error.status, event.error.message)}, include_usage)
                 break
+            scored = logprobs(index, event.logprobs) if logprobs is not None and event.logprobs else None
             if event.text:
-                yield sse_data(chunk(index, event.text, None), include_usage)
+                yield sse_data(chunk(index, event.text, None, scored), include_usage)
+                scored = None
             if event.final:
                 finals[index] = event
-                yield sse_data(chunk(index, None, event.finish_reason), include_usage)
+                yield sse_data(chunk(index, None, event.finish_reason, scored), include_usage)
         else:
             if include_usage:
                 yield sse_data({**chunk(0, None, None), "choices": [], "usage": usage(finals)}, include_usage)

@@ -5,19 +5,21 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .sampling import RequestError, SamplingParams
+from .sampling import RequestError, SamplingParams, TokenLogprob
 
 
 @dataclass
 class Event:
     """What the engine tells a request's owner: a piece of text, then one final event with ``finish_reason``
-    ("stop": a stop string or end of sequence; "length": ``max_tokens``) or ``error``."""
+    ("stop": a stop string or end of sequence; "length": ``max_tokens``) or ``error``. ``logprobs``: when the
+    request asked for them, the tokens generated since the last event (the end-of-sequence token not among them)."""
 
     text: str = ""
     finish_reason: str | None = None
     error: RequestError | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None
 
     @property
     def final(self) -> bool:

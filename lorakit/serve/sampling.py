@@ -43,6 +43,9 @@ class SamplingParams:
         stop: Strings that end the text when generated (not included in the output); at most 4.
         seed: Seed of this request's random generator (None: a fresh random seed).
         ignore_eos: Keep generating after the end-of-sequence token (vLLM's extension; for benchmarks).
+        logprobs: Return each generated token's log-probability under the model (the log-softmax of its logits,
+            before temperature and top_p) and those of the ``logprobs`` most likely tokens there (0: none); None:
+            no log-probabilities.
     """
 
     max_tokens: int = 16
@@ -51,6 +54,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     ignore_eos: bool = False
+    logprobs: int | None = None
 
     def validate(self, max_tokens_limit: int) -> None:
         """Raise :class:`RequestError` (400) naming the first field outside its range."""
@@ -61,6 +65,8 @@ class SamplingParams:
             raise RequestError(400, f"temperature={self.temperature} is outside 0..2")
         if not 0.0 < self.top_p <= 1.0:
             raise RequestError(400, f"top_p={self.top_p} must be in (0, 1]")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise RequestError(400, f"logprobs={self.logprobs} is outside 0..{MAX_LOGPROBS}")
         if len(self.stop) > 4 or any(not 0 < len(s) <= MAX_STOP_CHARS for s in self.stop):
             shown = [s if len(s) <= 20 else s[:20] + "..." for s in self.stop[:5]]
             raise RequestError(400, f"stop={shown!r}{'...' if len(self.stop) > 5 else ''}: give at most 4 non-empty "
@@ -70,6 +76,26 @@ class SamplingParams:
         """This request's random generator (CPU: the same draws on every device). Any integer seeds it."""
         seed = self.seed % 2**64 if self.seed is not None else int.from_bytes(os.urandom(8), "little")
         return torch.Generator().manual_seed(seed)
+
+
+MAX_LOGPROBS = 20  # most alternatives a request may ask log-probabilities of (OpenAI's and vLLM's limit)
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability, and the ``top`` most likely tokens' at that step, most likely first."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """The log-probability of ``token`` under ``(vocab,)`` ``logits`` (log-softmax in fp32) and the ``top`` best."""
+    logps = torch.log_softmax(logits.float(), dim=-1)
+    best = logps.topk(top) if top else None
+    pairs = list(zip(best.indices.tolist(), best.values.tolist())) if best is not None else []
+    return TokenLogprob(token, float(logps[token]), pairs)
 
 
 GREEDY_BELOW = 1e-5  # temperatures this small are greedy (dividing by them overflows)

@@ -43,6 +43,7 @@ class Sampling(Body):
 
 class CompletionRequest(Sampling):
     prompt: str | List[str]
+    logprobs: int | None = pydantic.Field(default=None, ge=0, le=20)  # the top alternatives per token
 
 
 class TextPart(Body):
@@ -58,6 +59,8 @@ class Message(Body):
 class ChatRequest(Sampling):
     messages: List[Message] = pydantic.Field(min_length=1)
     max_completion_tokens: int | None = pydantic.Field(default=None, ge=1)  # OpenAI's newer name for max_tokens
+    logprobs: bool | None = None
+    top_logprobs: int | None = pydantic.Field(default=None, ge=0, le=20)  # needs logprobs: true
 
 
 class LoadRequest(Body):

@@ -101,6 +101,16 @@ def cases(model: str, max_tokens: int, limit: int, context: int = 1024) -> list[
         add(f"{tag}-stream-max_tokens=0", path, {**base, "stream": True, "max_tokens": 0})
         add(f"{tag}-stream-options-wrong", path, {**base, "stream": True, "stream_options": {"include_usage": 1}})
     add("chat-max_completion_tokens=0", CHAT, {**chat, "max_completion_tokens": 0})
+    # log-probabilities: completions' logprobs is a count, chat's a boolean with top_logprobs the count
+    for kind in ("bool", "string", "float", "list", "object"):
+        add(f"cmpl-logprobs-{kind}", COMPLETIONS, {**completion, "logprobs": WRONG[kind]})
+        add(f"chat-top_logprobs-{kind}", CHAT, {**chat, "logprobs": True, "top_logprobs": WRONG[kind]})
+    for kind in ("number", "string", "float", "list", "object"):
+        add(f"chat-logprobs-{kind}", CHAT, {**chat, "logprobs": WRONG[kind]})
+    for value in (-1, 21, 10**9):
+        add(f"cmpl-logprobs={value}", COMPLETIONS, {**completion, "logprobs": value})
+        add(f"chat-top_logprobs={value}", CHAT, {**chat, "logprobs": True, "top_logprobs": value})
+    add("chat-top_logprobs-without-logprobs", CHAT, {**chat, "top_logprobs": 2})
     add("chat-max_completion_tokens-huge", CHAT, {**chat, "max_completion_tokens": 10**9})
 
     # -- prompts and messages ----------------------------------------------------------------------------------
