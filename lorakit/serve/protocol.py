@@ -10,6 +10,7 @@ threads, never on the event loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import itertools
 import json
@@ -28,7 +29,8 @@ if TYPE_CHECKING:  # pydantic is the serve extra's, imported only once an app is
 # (choice index, text, finish reason, log-probabilities) -> chunk
 Chunk = Callable[[int, str | None, str | None, dict[str, Any] | None], dict[str, Any]]
 
-MAX_PROMPTS = 128  # prompts in one /v1/completions request
+MAX_PROMPTS = 128  # prompts in one /v1/completions request, times n
+MAX_N = 16  # choices per prompt
 
 
 def parse_body(schema: type[Body], raw: bytes, content_type: str | None) -> Body:
@@ -81,10 +83,10 @@ def sampling_params(engine: Engine, body: Sampling, max_tokens: int | None, prom
     None: OpenAI's defaults).
 
     Raises:
-        RequestError: 400 for ``n`` other than 1.
+        RequestError: 400 for ``n`` outside 1..:data:`MAX_N`.
     """
-    if body.n not in (None, 1):
-        raise RequestError(400, f"n={body.n}: this server returns one choice per prompt (n=1)")
+    if body.n is not None and not 1 <= body.n <= MAX_N:
+        raise RequestError(400, f"n={body.n} is outside 1..{MAX_N}")
     if max_tokens is None:  # OpenAI's chat default: as much as the context allows, here within --max-tokens
         max_tokens = max(1, min(engine.max_tokens, engine.context_length - prompt_len))
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
@@ -164,17 +166,30 @@ def _put(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, index: int, even
     loop.call_soon_threadsafe(queue.put_nowait, (index, event))
 
 
-async def submit(engine: Engine, prompts: list[list[int]], adapter: str | None, params: SamplingParams
+def choices(body: Sampling) -> int:
+    """The choices per prompt a request asks for (``n``; None: 1)."""
+    return body.n or 1
+
+
+async def submit(engine: Engine, prompts: list[list[int]], adapter: str | None, params: SamplingParams, n: int = 1
                  ) -> tuple[list[Request], asyncio.Queue]:
-    """Submit one request per prompt; their events arrive on the queue as (choice index, event).
+    """Submit ``n`` requests per prompt (choice ``i * n + j`` is prompt i's j-th; the engine prefills each prompt
+    once for them); their events arrive on the queue as (choice index, event). With a ``seed``, choice j samples
+    with ``seed + j``: the same request gives the same choices, alone or batched with others.
 
     Raises:
-        RequestError: The engine refused a request (none of them runs then).
+        RequestError: The engine refused a request (none of them runs then), 400 for more than
+            :data:`MAX_PROMPTS` choices in all.
     """
+    if len(prompts) * n > MAX_PROMPTS:
+        raise RequestError(400, f"{len(prompts)} prompts x n={n} are {len(prompts) * n} choices; one request takes "
+                                f"at most {MAX_PROMPTS}")
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
-    requests = [Request(ids, adapter, params, functools.partial(_put, loop, queue, index))
-                for index, ids in enumerate(prompts)]
+    seeded = [params if params.seed is None or j == 0 else dataclasses.replace(params, seed=params.seed + j)
+              for j in range(n)]
+    requests = [Request(ids, adapter, seeded[j], functools.partial(_put, loop, queue, i * n + j))
+                for i, ids in enumerate(prompts) for j in range(n)]
     try:
         for request in requests:
             engine.submit(request)
@@ -211,9 +226,10 @@ async def collect(requests: list[Request], queue: asyncio.Queue) -> list[Event]:
                   completion_tokens=f.completion_tokens, logprobs=lp) for t, lp, f in zip(texts, scored, finals)]
 
 
-def usage(events: list[Event]) -> dict[str, int]:
-    """OpenAI's usage object: the tokens of the prompts and of the answers."""
-    prompt = sum(e.prompt_tokens for e in events)
+def usage(events: list[Event], n: int = 1) -> dict[str, int]:
+    """OpenAI's usage object: the tokens of the prompts (each once, however many choices it has) and of the
+    answers."""
+    prompt = sum(e.prompt_tokens for e in events[::n])
     completion = sum(e.completion_tokens for e in events)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
@@ -239,7 +255,8 @@ def sse_data(payload: dict[str, Any], include_usage: bool) -> str:
 
 
 async def sse(requests: list[Request], queue: asyncio.Queue, chunk: Chunk, include_usage: bool,
-              opening: Sequence[dict[str, Any]] = (), logprobs: LogprobFormat | None = None) -> AsyncIterator[str]:
+              opening: Sequence[dict[str, Any]] = (), logprobs: LogprobFormat | None = None, n: int = 1
+              ) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's shape: ``opening`` chunks, one chunk per piece of text (with its tokens'
     log-probabilities when asked for), then per choice a chunk with its ``finish_reason`` and no text (with the
     log-probabilities of tokens that made no text, if any), the usage chunk if asked for, and ``[DONE]``."""
@@ -261,7 +278,8 @@ async def sse(requests: list[Request], queue: asyncio.Queue, chunk: Chunk, inclu
                 yield sse_data(chunk(index, None, event.finish_reason, scored), include_usage)
         else:
             if include_usage:
-                yield sse_data({**chunk(0, None, None), "choices": [], "usage": usage(finals)}, include_usage)
+                yield sse_data({**chunk(0, None, None, None), "choices": [], "usage": usage(finals, n)},
+                               include_usage)
         yield "data: [DONE]\n\n"
     finally:
         for request in requests:

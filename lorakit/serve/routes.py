@@ -24,6 +24,7 @@ from .protocol import (
     chat_chunk,
     chat_ids,
     chat_logprobs,
+    choices,
     collect,
     completion_chunk,
     completion_ids,
@@ -124,17 +125,18 @@ async def completions(request: fastapi.Request) -> Any:
     prompts = await run_in_threadpool(completion_ids, engine, body)
     params = sampling_params(engine, body, body.max_tokens if body.max_tokens is not None else 16,
                              max(map(len, prompts)), body.logprobs)
-    requests, queue = await submit(engine, prompts, adapter, params)
+    n = choices(body)
+    requests, queue = await submit(engine, prompts, adapter, params, n)
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": body.model}
     logprobs = LogprobFormat(engine.tokenizer, chat=False)
     if body.stream:
         return streaming(sse(requests, queue, functools.partial(completion_chunk, head), include_usage(body),
-                             logprobs=logprobs))
+                             logprobs=logprobs, n=n))
     events = await collect(requests, queue)
     return {**head, "choices": [{"index": i, "text": e.text, "logprobs": logprobs(i, e.logprobs),
                                  "finish_reason": e.finish_reason} for i, e in enumerate(events)],
-            "usage": usage(events)}
+            "usage": usage(events, n)}
 
 
 async def chat_completions(request: fastapi.Request) -> Any:
@@ -144,19 +146,21 @@ async def chat_completions(request: fastapi.Request) -> Any:
     ids = await run_in_threadpool(chat_ids, engine, body.messages)
     params = sampling_params(engine, body, body.max_completion_tokens or body.max_tokens, len(ids),
                              chat_logprobs(body))
-    requests, queue = await submit(engine, [ids], adapter, params)
+    n = choices(body)
+    requests, queue = await submit(engine, [ids], adapter, params, n)
     logprobs = LogprobFormat(engine.tokenizer, chat=True)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk" if body.stream
             else "chat.completion", "created": int(time.time()), "model": body.model}
     if body.stream:
-        role = {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                     "logprobs": None, "finish_reason": None}]}
+        roles = [{**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                       "logprobs": None, "finish_reason": None}]} for i in range(n)]
         return streaming(sse(requests, queue, functools.partial(chat_chunk, head), include_usage(body),
-                             opening=[role], logprobs=logprobs))
-    (event,) = await collect(requests, queue)
-    return {**head, "choices": [{"index": 0, "message": {"role": "assistant", "content": event.text},
-                                 "logprobs": logprobs(0, event.logprobs), "finish_reason": event.finish_reason}],
-            "usage": usage([event])}
+                             opening=roles, logprobs=logprobs, n=n))
+    events = await collect(requests, queue)
+    return {**head, "choices": [{"index": i, "message": {"role": "assistant", "content": e.text},
+                                 "logprobs": logprobs(i, e.logprobs), "finish_reason": e.finish_reason}
+                                for i, e in enumerate(events)],
+            "usage": usage(events, n)}
 
 
 async def load_lora_adapter(request: fastapi.Request) -> PlainTextResponse:

@@ -357,15 +357,24 @@ class Engine:
         return chosen
 
     def _prefill(self, requests: list[Request]) -> None:
-        """Run the prompts of ``requests``, sample their first tokens and join the rows that go on to the batch."""
+        """Run the prompts of ``requests``, sample their first tokens and join the rows that go on to the batch.
+        Requests with the same prompt and adapter (the ``n`` choices of one request) share one prefill: its KV
+        cache is copied to each of their rows."""
         device = self._device()
-        ids, mask, positions = left_padded([r.prompt_ids for r in requests], self._pad_id())
+        first: dict[tuple[tuple[int, ...], str | None], int] = {}
+        owner = [first.setdefault((tuple(r.prompt_ids), r.adapter), len(first)) for r in requests]
+        unique = [requests[owner.index(k)] for k in range(len(first))]
+        ids, mask, positions = left_padded([r.prompt_ids for r in unique], self._pad_id())
+        self.stats.prompt_tokens += int(mask.sum())  # the tokens computed
         cache = new_cache(self.model)
-        logits = self._forward([r.adapter for r in requests], ids.to(device), mask.to(device),
+        logits = self._forward([r.adapter for r in unique], ids.to(device), mask.to(device),
                                positions.to(device), cache)
+        if len(unique) < len(requests):  # each shared prompt's logits and cache, once per request
+            copies = torch.tensor(owner, device=device)
+            logits, mask = logits[copies], mask[copies.cpu()]
+            cache.batch_select_indices(copies)
         rows = [Row(r, TextStream(self.tokenizer, r.params.stop), r.params.generator(), position=len(r.prompt_ids))
                 for r in requests]
-        self.stats.prompt_tokens += int(mask.sum())
         keep = self._sample(rows, logits)
         if not keep:
             return

@@ -87,7 +87,7 @@ def cases(model: str, max_tokens: int, limit: int, context: int = 1024) -> list[
         for name, values in {"max_tokens": [0, -1, max_tokens + 1, 10**9, 10**30],
                              "temperature": [-1, -1e-9, 2.5, 1e9, 1e308],
                              "top_p": [0, -0.5, 1.0001, 2],
-                             "n": [0, -1, 2, 10**9],
+                             "n": [0, -1, 17, 10**9],
                              "stop": [["a", "b", "c", "d", "e"], [""], "", ["x" * 300], ["a"] * 1000]}.items():
             for value in values:
                 add(f"{tag}-{name}={str(value)[:12]}", path, {**base, name: value})

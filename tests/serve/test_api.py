@@ -106,7 +106,7 @@ def test_load_use_unload_then_404(client, reference, smollm2_tokenizer):
     ("/v1/completions", {"model": "a", "prompt": "", "max_tokens": 4}, 400),
     ("/v1/completions", {"model": "a", "prompt": "hi", "temperature": -1}, 400),
     ("/v1/completions", {"model": "a", "prompt": "hi", "top_p": 0}, 400),
-    ("/v1/completions", {"model": "a", "prompt": "hi", "n": 2}, 400),
+    ("/v1/completions", {"model": "a", "prompt": "hi", "n": 17}, 400),
     ("/v1/completions", {"model": "a", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400),
     ("/v1/completions", {"model": "a", "prompt": "hi", "seed": 2**70, "max_tokens": 2}, 200),  # any int seeds
     ("/v1/completions", {"model": "a", "prompt": "hi", "temperature": 1e-40, "max_tokens": 2}, 200),  # greedy
