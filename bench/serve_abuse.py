@@ -127,7 +127,7 @@ async def sender(http: httpx.AsyncClient, cases: Any, remaining: list[int], tall
         status = response.status_code
         try:
             error = response.json()["error"]
-            shape = set(error) == {"message", "type", "code"} and error["code"] == status
+            shape = set(error) == {"message", "type", "param", "code"} and error["code"] == status
         except (ValueError, KeyError, TypeError):
             shape = False
         tally["sent"] += 1

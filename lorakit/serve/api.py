@@ -1,7 +1,7 @@
 """The HTTP API: OpenAI's completions, chat completions and models endpoints, vLLM's adapter loading endpoints,
 ``/health`` and Prometheus ``/metrics``, over an :class:`~lorakit.serve.scheduler.Engine`.
 
-Every error has OpenAI's body ``{"error": {"message", "type", "code"}}``: 400 (malformed JSON or UTF-8, bad fields),
+Every error has OpenAI's body ``{"error": {"message", "type", "param", "code"}}``: 400 (malformed JSON or UTF-8, bad fields),
 403 (an adapter path outside the adapter root), 404 (an unknown model, adapter or route), 405 (a wrong method),
 409 (a name whose unloaded adapter still runs), 413 (a body over the limit), 415 (a body that is not JSON), 503
 (busy) and, for a bug, 500. A bad request never reaches the model, and a failing one never stops the server.

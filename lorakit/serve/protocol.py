@@ -290,7 +290,7 @@ def error_body(status: int, message: str) -> dict[str, Any]:
     """OpenAI's error object."""
     kind = {403: "permission_error", 404: "not_found_error", 409: "conflict_error", 503: "service_unavailable"
             }.get(status, "invalid_request_error" if 400 <= status < 500 else "server_error")
-    return {"message": message, "type": kind, "code": status}
+    return {"message": message, "type": kind, "param": None, "code": status}
 
 
 def prometheus_text(values: dict[str, float]) -> str:

@@ -68,7 +68,7 @@ def assert_openai_error(response: httpx.Response, status: int) -> None:
     assert response.status_code == status, response.text[:500]
     assert response.headers["content-type"].startswith("application/json")
     body = response.json()
-    assert list(body) == ["error"] and set(body["error"]) == {"message", "type", "code"}, body
+    assert list(body) == ["error"] and set(body["error"]) == {"message", "type", "param", "code"}, body
     assert isinstance(body["error"]["message"], str) and body["error"]["message"], "the error must say what is wrong"
     assert isinstance(body["error"]["type"], str) and body["error"]["code"] == status
     assert len(body["error"]["message"]) < 2000, "an error must not echo a large value back"
