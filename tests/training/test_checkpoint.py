@@ -130,13 +130,13 @@ def test_rng_states_survive_json_and_restore_the_same_random_numbers():
     assert again[0] == expected[0] and torch.equal(again[1], expected[1])
 
 
-COMMON = ["--steps", "120", "--save-every", "10", "--lora-dropout", "0.1", "--max-eval", "2", "--max-new-tokens", "2",
+COMMON = ["--steps", "60", "--save-every", "10", "--lora-dropout", "0.1", "--max-eval", "2", "--max-new-tokens", "2",
           "--no-progress", "--lr", "1e-2", "--precision", "fp32"]
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_llama_dir, tmp_path_factory) -> bytes:
-    """The adapter of the 120-step run that the interrupted runs must reach."""
+    """The adapter of the 60-step run that the interrupted runs must reach."""
     out = tmp_path_factory.mktemp("uninterrupted")
     reference = train_cli("--model", tiny_llama_dir, *COMMON, "--output-dir", str(out))
     assert reference.wait(timeout=600) == 0, reference.stdout.read()[-2000:]
@@ -153,7 +153,7 @@ def _resume_and_compare(tiny_llama_dir: str, out: Path, uninterrupted: bytes) ->
     output = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0, output[-2000:]
     assert (out / "adapter_model.safetensors").read_bytes() == uninterrupted
-    assert _steps_logged(out) == list(range(1, 121))  # steps logged after the checkpoint were dropped and run again
+    assert _steps_logged(out) == list(range(1, 61))  # steps logged after the checkpoint were dropped and run again
     return json.loads((out / "summary.json").read_text())
 
 
@@ -185,8 +185,8 @@ def test_ctrl_c_stops_after_the_step_with_a_checkpoint_that_resumes_bit_identica
     output = victim.communicate(timeout=300)[0]
     assert victim.returncode == 130, output[-2000:]
     assert "Traceback" not in output
-    stopped = int(re.search(r"stopped after step (\d+) of 120 \(Ctrl-C\)", output).group(1))
-    assert 15 <= stopped < 120 and "--resume" in output
+    stopped = int(re.search(r"stopped after step (\d+) of 60 \(Ctrl-C\)", output).group(1))
+    assert 15 <= stopped < 60 and "--resume" in output
     assert (out / "checkpoints" / f"step-{stopped:06d}").is_dir()  # the step it stopped after, not an older one
     assert not (out / "adapter_model.safetensors").exists()
 
