@@ -1,10 +1,10 @@
 """The HTTP API: OpenAI's completions, chat completions and models endpoints, vLLM's adapter loading endpoints,
 ``/health`` and Prometheus ``/metrics``, over an :class:`~lorakit.serve.scheduler.Engine`.
 
-Every error has OpenAI's body ``{"error": {"message", "type", "param", "code"}}``: 400 (malformed JSON or UTF-8, bad fields),
-403 (an adapter path outside the adapter root), 404 (an unknown model, adapter or route), 405 (a wrong method),
-409 (a name whose unloaded adapter still runs), 413 (a body over the limit), 415 (a body that is not JSON), 503
-(busy) and, for a bug, 500. A bad request never reaches the model, and a failing one never stops the server.
+Every error has OpenAI's body ``{"error": {"message", "type", "param", "code"}}``: 400 (malformed JSON or UTF-8,
+bad fields), 403 (an adapter path outside the adapter root), 404 (an unknown model, adapter or route), 405 (a wrong
+method), 409 (a name whose unloaded adapter still runs), 413 (a body over the limit), 415 (a body that is not JSON),
+503 (busy) and, for a bug, 500. A bad request never reaches the model, and a failing one never stops the server.
 
 The event loop only moves bytes: a body over ``max_request_bytes`` is refused before it is read (by its
 Content-Length, or by counting while reading), and JSON parsing, chat templates and tokenization run in worker

@@ -361,9 +361,12 @@ class Engine:
         Requests with the same prompt and adapter (the ``n`` choices of one request) share one prefill: its KV
         cache is copied to each of their rows."""
         device = self._device()
-        first: dict[tuple[tuple[int, ...], str | None], int] = {}
-        owner = [first.setdefault((tuple(r.prompt_ids), r.adapter), len(first)) for r in requests]
-        unique = [requests[owner.index(k)] for k in range(len(first))]
+        first: dict[tuple[tuple[int, ...], str | None], Request] = {}  # each prompt's first request
+        for r in requests:
+            first.setdefault((tuple(r.prompt_ids), r.adapter), r)
+        unique = list(first.values())
+        slot = {key: i for i, key in enumerate(first)}
+        owner = [slot[(tuple(r.prompt_ids), r.adapter)] for r in requests]  # the prefill row of each request
         ids, mask, positions = left_padded([r.prompt_ids for r in unique], self._pad_id())
         self.stats.prompt_tokens += int(mask.sum())  # the tokens computed
         cache = new_cache(self.model)

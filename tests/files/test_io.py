@@ -340,8 +340,8 @@ def test_a_failed_write_names_the_file_and_keeps_the_old_one(tmp_path, monkeypat
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(lk_io.Path, "write_bytes", disk_full)
-    with pytest.raises(OSError, match=r"could not write .*adapter_model.safetensors \(the disk is full: no space left on the device\); "
-                                      r"the existing adapter_model.safetensors is unchanged"):
+    with pytest.raises(OSError, match=r"could not write .*adapter_model.safetensors \(the disk is full: no space left "
+                                      r"on the device\); the existing adapter_model.safetensors is unchanged"):
         model.save_pretrained(tmp_path)
     monkeypatch.undo()
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == before

@@ -90,21 +90,18 @@ def _check_skipped(data, reason_names: str) -> None:
     assert reason and "\n" not in reason and reason_names in reason, reason
 
 
-@pytest.mark.parametrize("case, row, names", PAIR_CASES, ids=[c[0] for c in PAIR_CASES])
-def test_a_damaged_pair_is_skipped_with_its_line_and_field(tmp_path, smollm2_tokenizer, case, row, names):
-    path = _write(tmp_path, [PAIR_ROWS["plain"][0], row])
-    _check_skipped(load_pairs(path, smollm2_tokenizer), names)
-    with pytest.raises(ValueError, match=rf"{path}:2: .*{names}") as refused:
-        load_pairs(path, smollm2_tokenizer, on_bad="error")
-    assert is_user_error(refused.value) and "\n" not in str(refused.value)
+# Each reader, and a good row it reads before the damaged one.
+READERS = {"pairs": (load_pairs, PAIR_ROWS["plain"][0]), "kto": (load_unpaired, KTO_ROWS["plain"][0])}
+ROW_CASES = [("pairs", *c) for c in PAIR_CASES] + [("kto", *c) for c in KTO_CASES]
 
 
-@pytest.mark.parametrize("case, row, names", KTO_CASES, ids=[c[0] for c in KTO_CASES])
-def test_a_damaged_kto_row_is_skipped_with_its_line_and_field(tmp_path, smollm2_tokenizer, case, row, names):
-    path = _write(tmp_path, [KTO_ROWS["plain"][0], row])
-    _check_skipped(load_unpaired(path, smollm2_tokenizer), names)
+@pytest.mark.parametrize("reader, case, row, names", ROW_CASES, ids=[f"{c[0]}-{c[1]}" for c in ROW_CASES])
+def test_a_damaged_row_is_skipped_with_its_line_and_field(tmp_path, smollm2_tokenizer, reader, case, row, names):
+    load, good = READERS[reader]
+    path = _write(tmp_path, [good, row])
+    _check_skipped(load(path, smollm2_tokenizer), names)
     with pytest.raises(ValueError, match=rf"{path}:2: .*{names}") as refused:
-        load_unpaired(path, smollm2_tokenizer, on_bad="error")
+        load(path, smollm2_tokenizer, on_bad="error")
     assert is_user_error(refused.value) and "\n" not in str(refused.value)
 
 
@@ -136,7 +133,7 @@ FILE_DAMAGE = [
 def test_a_damaged_file_is_one_error_naming_it(tmp_path, smollm2_tokenizer, case, name, content, reader):
     path = tmp_path / name
     path.write_bytes(content)
-    load = load_pairs if reader == "pairs" else load_unpaired
+    load = READERS[reader][0]
     with pytest.raises(Exception) as refused:
         load(path, smollm2_tokenizer)
     message = str(refused.value)
@@ -146,7 +143,7 @@ def test_a_damaged_file_is_one_error_naming_it(tmp_path, smollm2_tokenizer, case
 
 @pytest.mark.parametrize("reader", ["pairs", "kto"])
 def test_a_missing_file_or_a_folder_is_one_error_naming_it(tmp_path, smollm2_tokenizer, reader):
-    load = load_pairs if reader == "pairs" else load_unpaired
+    load = READERS[reader][0]
     for path in (tmp_path / "nowhere.jsonl", tmp_path):
         with pytest.raises(Exception) as refused:
             load(path, smollm2_tokenizer)

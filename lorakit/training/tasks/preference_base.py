@@ -430,11 +430,13 @@ class PairedTask(PreferenceTask):
         return [f[0] for f in fitted]
 
     def own_answers_rejected(self, dtype: torch.dtype) -> None:
-        """The built-in pairs (the held-out ones as ``--max-eval`` limits them): the rejected answer of each becomes what the model answers before training (greedy,
-        ``--max-new-tokens``), so that preference training moves the model away from what it says now toward the
-        exact JSON; where the model already answers exactly, the near miss stays. The model is the one training starts
-        from (the checkpoint of ``--resume`` is loaded later); its answers go to ``OUTPUT_DIR/builtin_rejected.json``,
-        which a resumed run reads back, so that it trains on the same pairs."""
+        """The built-in pairs (the held-out ones as ``--max-eval`` limits them): the rejected answer of each becomes
+        what the model answers before training (greedy, ``--max-new-tokens``), so that preference training moves the
+        model away from what it says now toward the exact JSON; where the model already answers exactly, the near
+        miss stays. The model is the one training starts from (the checkpoint of ``--resume`` is loaded later); its
+        answers go to ``OUTPUT_DIR/builtin_rejected.json``, which a resumed run reads back, so that it trains on the
+        same pairs. (:meth:`read` tokenized the near-miss pairs already: a ``--max-length`` too short for the task
+        is said before the answers are generated.)"""
         train_records, held_out_records = self._builtin_pair_records
         held_out_records = list(limit(held_out_records, self.config))
         records = [*train_records, *held_out_records]
