@@ -4,7 +4,11 @@ Starts `lorakit serve` (the embedded SmolLM2-135M-Instruct, fp32) on a free loop
 q,k,v,o adapters, then runs each scenario in turn, alternating, `--rounds` times:
 
 - mixed: client i asks adapter i % 8 (so every batch mixes 8 adapters);
-- single: every client asks the same adapter (every batch uses one adapter: the plain forward).
+- single: every client asks the same adapter (every batch uses one adapter: the plain forward);
+- structured: as mixed, and every request has a `response_format` JSON schema: an array of at least 20 documents
+  of one of the five test schemas (tests/serve/schemas: nested objects, enums, arrays, patterns), so that the
+  grammar cannot end before `--max-tokens` and the tokens are the same as mixed's. Its tokens/s against mixed's is
+  the cost of structured output, and the server's `/metrics` say how much of its wall time went to the masks.
 
 Each client sends `--requests` completions one after the other (half of the clients stream them as server-sent
 events), `--max-tokens` tokens each with `ignore_eos`, so both scenarios generate the same number of tokens.
@@ -32,6 +36,7 @@ from pathlib import Path
 import httpx
 import torch
 
+SCHEMAS = Path(__file__).resolve().parents[1] / "tests" / "serve" / "schemas"
 PROMPTS = ["Write a haiku about the sea.", "What is the capital of France? Answer in one sentence.",
            "List three uses of a paperclip.", "Explain LoRA to a five-year-old.",
            "Translate 'good morning' into Spanish and German.", "Give me a name for a grey cat."]
@@ -59,11 +64,19 @@ def make_adapters(folder: Path, n: int) -> dict[str, Path]:
     return paths
 
 
+def response_formats() -> list[dict]:
+    """The structured scenario's formats: for each test schema, an array of at least 20 such documents."""
+    return [{"type": "json_schema", "json_schema": {"name": path.stem, "schema": {
+        "type": "array", "items": json.loads(path.read_text()), "minItems": 20}}} for path in sorted(SCHEMAS.glob("*.json"))]
+
+
 async def client(http: httpx.AsyncClient, adapter: str, requests: int, max_tokens: int, stream: bool,
-                 seed: int, stats: dict) -> None:
+                 seed: int, stats: dict, formats: list[dict]) -> None:
     for k in range(requests):
         body = {"model": adapter, "prompt": PROMPTS[(seed + k) % len(PROMPTS)], "max_tokens": max_tokens,
                 "temperature": 0, "ignore_eos": True}
+        if formats:
+            body["response_format"] = formats[(seed + k) % len(formats)]
         try:
             if stream:
                 body.update(stream=True, stream_options={"include_usage": True})
@@ -95,13 +108,14 @@ async def client(http: httpx.AsyncClient, adapter: str, requests: int, max_token
             stats["errors"].append(f"{adapter}: {err}")
 
 
-async def scenario(url: str, adapters: list[str], clients: int, requests: int, max_tokens: int) -> dict:
+async def scenario(url: str, adapters: list[str], clients: int, requests: int, max_tokens: int,
+                   formats: list[dict] | None = None) -> dict:
     stats = {"tokens": 0, "done": 0, "errors": []}
     limits = httpx.Limits(max_connections=clients + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
         start = time.perf_counter()
-        await asyncio.gather(*(client(http, adapters[i % len(adapters)], requests, max_tokens, i % 2 == 1, i, stats)
-                               for i in range(clients)))
+        await asyncio.gather(*(client(http, adapters[i % len(adapters)], requests, max_tokens, i % 2 == 1, i, stats,
+                                      formats or []) for i in range(clients)))
         seconds = time.perf_counter() - start
     return {**stats, "seconds": seconds, "tokens_per_s": stats["tokens"] / seconds,
             "expected": clients * requests}
@@ -122,6 +136,12 @@ def wait_until_serving(server: subprocess.Popen, url: str, server_log: Callable[
         if time.time() > deadline:
             raise TimeoutError("lorakit serve did not start within 300 s")
         time.sleep(0.5)
+
+
+def metric(url: str, name: str) -> float:
+    """One value of the server's ``/metrics``."""
+    lines = httpx.get(f"{url}/metrics").text.splitlines()
+    return next(float(line.split()[1]) for line in lines if line.startswith(f"lorakit_{name} "))
 
 
 def free_port() -> int:
@@ -153,12 +173,18 @@ def main() -> int:
             if not wait_until_serving(server, url, server.stderr.read):
                 return 1
             names = list(paths)
-            asyncio.run(scenario(url, names, args.clients, 1, 4))  # warm-up: every adapter resident, caches hot
-            runs: dict[str, list[dict]] = {"single": [], "mixed": []}
+            formats = response_formats()
+            # warm-up: every adapter resident, caches hot, the grammar engine's vocabulary read
+            asyncio.run(scenario(url, names, args.clients, 1, 4, formats))
+            runs: dict[str, list[dict]] = {"single": [], "mixed": [], "structured": []}
             for _ in range(args.rounds):
                 runs["single"].append(asyncio.run(scenario(url, names[:1], args.clients, args.requests,
                                                            args.max_tokens)))
                 runs["mixed"].append(asyncio.run(scenario(url, names, args.clients, args.requests, args.max_tokens)))
+                before = metric(url, "grammar_mask_seconds_total")
+                runs["structured"].append(asyncio.run(scenario(url, names, args.clients, args.requests,
+                                                               args.max_tokens, formats)))
+                runs["structured"][-1]["mask_seconds"] = metric(url, "grammar_mask_seconds_total") - before
             metrics = httpx.get(f"{url}/metrics").text
         finally:
             server.terminate()
@@ -183,6 +209,10 @@ def main() -> int:
                 print(f"    error: {error}")
     ratio = result["mixed"]["tokens_per_s"] / result["single"]["tokens_per_s"]
     print(f"\nthroughput mixed / single: {ratio:.2f}x (target >= 0.8)")
+    print(f"throughput structured / mixed: {result['structured']['tokens_per_s'] / result['mixed']['tokens_per_s']:.2f}x"
+          f" (the cost of response_format)")
+    masks = sum(r["mask_seconds"] for r in runs["structured"]) / sum(r["seconds"] for r in runs["structured"])
+    print(f"the server's time in grammar masks: {masks:.1%} of the structured loads' wall time")
     largest = [line for line in metrics.splitlines() if line.startswith(("lorakit_largest_batch",
                                                                          "lorakit_mixed_adapter"))]
     print("server:", "; ".join(largest))

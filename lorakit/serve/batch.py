@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..core.config import BASE_ROW
 from ..models.model import LoraModel
+from .grammar import Constraint
 from .kv_cache import concat_caches, joinable, left_pad_cache, slice_cache
 from .request import Event, Request
 from .sampling import TextStream, TokenLogprob
@@ -37,11 +38,13 @@ class Row:
     position: int = 0  # the position id of ``pending``
     generated: int = 0
     scored: list[TokenLogprob] = field(default_factory=list)  # log-probs not sent yet (when the request asks)
+    constraint: Constraint | None = None  # the grammar of a request with a response_format (made at its first token)
 
-    def add(self, token: int, eos_ids: set[int], logprob: TokenLogprob | None = None) -> Event | None:
+    def add(self, token: int, eos_ids: set[int], logprob: TokenLogprob | None = None, complete: bool = False
+            ) -> Event | None:
         """Take the row's next token (and its log-probability, when the request asks for them): the event for its
-        owner (None: no text to send yet). After a final event (an end-of-sequence token, a stop string or
-        ``max_tokens``) the row is done."""
+        owner (None: no text to send yet). After a final event (an end-of-sequence token, a stop string, a
+        ``complete`` structured document or ``max_tokens``) the row is done."""
         params = self.request.params
         self.generated += 1
         finish = None
@@ -53,6 +56,8 @@ class Row:
             piece = self.stream.add(token)
             if self.stream.stopped:
                 finish = "stop"
+            elif complete:
+                finish, piece = "stop", piece + self.stream.flush()
             elif self.generated >= params.max_tokens:
                 finish, piece = "length", piece + self.stream.flush()
         if finish is None:

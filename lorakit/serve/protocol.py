@@ -78,9 +78,9 @@ def completion_ids(engine: Engine, body: CompletionRequest) -> list[list[int]]:
 
 
 def sampling_params(engine: Engine, body: Sampling, max_tokens: int | None, prompt_len: int,
-                    logprobs: int | None = None) -> SamplingParams:
+                    logprobs: int | None = None, grammar: str | None = None) -> SamplingParams:
     """A request's sampling fields as :class:`SamplingParams` (``max_tokens`` None: as many as fit; other fields
-    None: OpenAI's defaults).
+    None: OpenAI's defaults), with the ``grammar`` of its ``response_format`` (see :func:`grammar`).
 
     Raises:
         RequestError: 400 for ``n`` outside 1..:data:`MAX_N`.
@@ -92,7 +92,20 @@ def sampling_params(engine: Engine, body: Sampling, max_tokens: int | None, prom
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     return SamplingParams(max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
                           top_p=1.0 if body.top_p is None else body.top_p, stop=stop, seed=body.seed,
-                          ignore_eos=body.ignore_eos, logprobs=logprobs)
+                          ignore_eos=body.ignore_eos, logprobs=logprobs, grammar=grammar)
+
+
+def grammar(engine: Engine, body: Sampling) -> str | None:
+    """The compiled grammar of a request's ``response_format`` (None: free text). Costs up to a second on a
+    server's first structured request (the grammar engine reads the vocabulary), a millisecond after: call it from
+    a worker thread.
+
+    Raises:
+        RequestError: 400 for a schema the grammar engine does not support (the message names the feature).
+    """
+    if body.response_format is None:
+        return None
+    return engine.grammars.compile(body.response_format.model_dump(by_alias=True, exclude_none=True))
 
 
 def chat_logprobs(body: ChatRequest) -> int | None:

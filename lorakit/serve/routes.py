@@ -29,6 +29,7 @@ from .protocol import (
     completion_chunk,
     completion_ids,
     error_body,
+    grammar,
     include_usage,
     parse_body,
     prometheus_text,
@@ -122,9 +123,9 @@ async def completions(request: fastapi.Request) -> Any:
     engine = request.app.state.engine
     body = await read_body(request, CompletionRequest)
     adapter = await run_in_threadpool(engine.resolve_or_load, body.model)  # may load it: off the loop
-    prompts = await run_in_threadpool(completion_ids, engine, body)
+    prompts, rules = await run_in_threadpool(lambda: (completion_ids(engine, body), grammar(engine, body)))
     params = sampling_params(engine, body, body.max_tokens if body.max_tokens is not None else 16,
-                             max(map(len, prompts)), body.logprobs)
+                             max(map(len, prompts)), body.logprobs, rules)
     n = choices(body)
     requests, queue = await submit(engine, prompts, adapter, params, n)
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
@@ -143,9 +144,9 @@ async def chat_completions(request: fastapi.Request) -> Any:
     engine = request.app.state.engine
     body = await read_body(request, ChatRequest)
     adapter = await run_in_threadpool(engine.resolve_or_load, body.model)  # may load it: off the loop
-    ids = await run_in_threadpool(chat_ids, engine, body.messages)
+    ids, rules = await run_in_threadpool(lambda: (chat_ids(engine, body.messages), grammar(engine, body)))
     params = sampling_params(engine, body, body.max_completion_tokens or body.max_tokens, len(ids),
-                             chat_logprobs(body))
+                             chat_logprobs(body), rules)
     n = choices(body)
     requests, queue = await submit(engine, [ids], adapter, params, n)
     logprobs = LogprobFormat(engine.tokenizer, chat=True)

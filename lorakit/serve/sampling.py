@@ -46,6 +46,8 @@ class SamplingParams:
         logprobs: Return each generated token's log-probability under the model (the log-softmax of its logits,
             before temperature and top_p) and those of the ``logprobs`` most likely tokens there (0: none); None:
             no log-probabilities.
+        grammar: The llguidance grammar the text must follow (from ``response_format``, compiled by
+            :class:`~lorakit.serve.grammar.Grammars`); None: free text.
     """
 
     max_tokens: int = 16
@@ -55,6 +57,7 @@ class SamplingParams:
     seed: int | None = None
     ignore_eos: bool = False
     logprobs: int | None = None
+    grammar: str | None = None
 
     def validate(self, max_tokens_limit: int) -> None:
         """Raise :class:`RequestError` (400) naming the first field outside its range."""

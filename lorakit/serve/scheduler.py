@@ -17,6 +17,7 @@ import collections
 import inspect
 import logging
 import threading
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -28,6 +29,7 @@ import torch
 from ..core.config import check_adapter_name
 from ..core.errors import InvalidValue
 from .batch import Batch, Row, left_padded
+from .grammar import Constraint, Grammars
 from .kv_cache import joinable, new_cache
 from .request import Event, Request
 from .sampling import RequestError, TextStream, next_token, quoted, token_logprob
@@ -79,6 +81,7 @@ class Engine:
         self.max_request_bytes = max_request_bytes
         self.context_length = _context_length(model, tokenizer)
         self.eos_ids = _eos_ids(model, tokenizer)
+        self.grammars = Grammars(tokenizer, _vocab_size(model, tokenizer))
         self._takes_logits_to_keep = _accepts(model, "logits_to_keep")
         self._cache_argument = "cache" if _accepts(model, "cache") else "past_key_values"  # renamed in transformers 5
         self.batch = Batch()
@@ -360,6 +363,15 @@ class Engine:
         """Run the prompts of ``requests``, sample their first tokens and join the rows that go on to the batch.
         Requests with the same prompt and adapter (the ``n`` choices of one request) share one prefill: its KV
         cache is copied to each of their rows."""
+        ready: list[tuple[Request, Constraint | None]] = []  # each request, and its grammar's state if it has one
+        for r in requests:
+            try:
+                ready.append((r, self.grammars.constraint(r.params.grammar) if r.params.grammar is not None else None))
+            except RequestError as err:
+                self._finish_error(r, err)
+        if not ready:
+            return
+        requests = [r for r, _ in ready]
         device = self._device()
         first: dict[tuple[tuple[int, ...], str | None], Request] = {}  # each prompt's first request
         for r in requests:
@@ -376,8 +388,8 @@ class Engine:
             copies = torch.tensor(owner, device=device)
             logits, mask = logits[copies], mask[copies.cpu()]
             cache.batch_select_indices(copies)
-        rows = [Row(r, TextStream(self.tokenizer, r.params.stop), r.params.generator(), position=len(r.prompt_ids))
-                for r in requests]
+        rows = [Row(r, TextStream(self.tokenizer, r.params.stop), r.params.generator(), position=len(r.prompt_ids),
+                    constraint=constraint) for r, constraint in ready]
         keep = self._sample(rows, logits)
         if not keep:
             return
@@ -408,24 +420,33 @@ class Engine:
         return out.logits[:, -1, :].float()
 
     def _sample(self, rows: list[Row], logits: torch.Tensor) -> list[int]:
-        """Sample each row's next token, send its text, finish the rows that are done; the indices of the rows
-        that go on."""
+        """Sample each row's next token (within its grammar if it has one), send its text, finish the rows that are
+        done; the indices of the rows that go on. Log-probabilities are the model's, before any grammar's mask (as
+        vLLM reports them)."""
+        start = time.perf_counter()
+        allowed = self.grammars.mask(logits, [row.constraint for row in rows], self.eos_ids)
+        if allowed is not logits:
+            self.stats.grammar_seconds += time.perf_counter() - start
         keep = []
         for i, row in enumerate(rows):
             request = row.request
             if request.cancelled:
                 self.stats.cancelled += 1
                 continue
+            params = request.params
             try:
-                token = next_token(logits[i], request.params, row.generator)
-                top = request.params.logprobs
-                scored = token_logprob(logits[i], token, top) if top is not None else None
+                token = next_token(allowed[i], params, row.generator)
+                scored = token_logprob(logits[i], token, params.logprobs) if params.logprobs is not None else None
+                complete = row.constraint is not None and token not in self.eos_ids and row.constraint.advance(token)
+            except RequestError as err:
+                self._finish_error(request, err)
+                continue
             except Exception as err:  # noqa: BLE001 - one row's problem ends that row only
                 logger.error("sampling failed: %s", err)
                 self._finish_error(request, RequestError(500, f"sampling failed: {err}"))
                 continue
             self.stats.count_token()
-            event = row.add(token, self.eos_ids, scored)
+            event = row.add(token, self.eos_ids, scored, complete)
             if event is None or not event.final:
                 keep.append(i)
             else:
@@ -473,6 +494,15 @@ def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
         if value is not None:
             ids.update(value if isinstance(value, (list, tuple)) else [value])
     return ids
+
+
+def _vocab_size(model: torch.nn.Module, tokenizer: Any) -> int:
+    """The width of the model's logits."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return weight.shape[0]
+    return int(getattr(model.config, "vocab_size", None) or len(tokenizer))
 
 
 def _accepts(model: torch.nn.Module, argument: str) -> bool:

@@ -8,7 +8,7 @@ NaN or infinities are no numbers at all. The optional fields that OpenAI's refer
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import pydantic
 
@@ -26,6 +26,18 @@ class StreamOptions(Body):
     include_usage: bool | None = None
 
 
+class JsonSchemaFormat(Body):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] = pydantic.Field(alias="schema")  # ``schema`` would shadow pydantic's method
+    strict: bool | None = None  # the schema is always enforced
+
+
+class ResponseFormat(Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class Sampling(Body):
     """Fields shared by completions and chat. ``model`` names the adapter, or the base model."""
 
@@ -39,6 +51,7 @@ class Sampling(Body):
     stream_options: StreamOptions | None = None
     n: int | None = None  # None: 1
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens tokens whatever comes
+    response_format: ResponseFormat | None = None  # JSON (matching a schema) enforced while decoding
 
 
 class CompletionRequest(Sampling):

@@ -1,4 +1,5 @@
-"""What ``/metrics`` counts: requests, tokens, forward passes, and the recent generation rate."""
+"""What ``/metrics`` counts: requests, tokens, forward passes, time in grammar masks, and the recent generation
+rate."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ class Stats:
         self.requests = self.finished = self.failed = self.cancelled = 0
         self.prompt_tokens = self.generated_tokens = 0
         self.forwards = self.mixed_forwards = self.largest_batch = 0
+        self.grammar_seconds = 0.0  # computing and applying response_format masks, on the scheduler thread
         self._recent: collections.deque[float] = collections.deque()
 
     def count_token(self) -> None:
@@ -40,4 +42,5 @@ class Stats:
                 "generation_tokens_per_second": round(self.tokens_per_second(), 2),
                 "forward_passes_total": self.forwards,
                 "mixed_adapter_forward_passes_total": self.mixed_forwards, "largest_batch": self.largest_batch,
+                "grammar_mask_seconds_total": round(self.grammar_seconds, 4),
                 "uptime_seconds": round(time.time() - self.started, 1)}

@@ -73,7 +73,7 @@ def test_streamed_logprobs_add_up_to_the_whole_answer(client):
         chunks = [json.loads(line[6:]) for line in response.iter_lines()
                   if line.startswith("data: ") and line != "data: [DONE]"]
     pieces = [c["choices"][0]["logprobs"] for c in chunks if c["choices"][0]["logprobs"] is not None]
-    joined = {key: sum((p[key] for p in pieces), []) for key in whole}
+    joined = {key: [item for p in pieces for item in p[key]] for key in whole}
     assert joined["tokens"] == whole["tokens"] and joined["text_offset"] == whole["text_offset"]
     assert joined["token_logprobs"] == pytest.approx(whole["token_logprobs"], abs=1e-6)
 

@@ -1,7 +1,10 @@
 """The official ``openai`` Python client against the server, as an application calls it: chat and completions,
-streaming with usage, log-probabilities, ``n``, an unknown adapter, a bad request, and the errors it raises."""
+streaming with usage, log-probabilities, ``n``, structured output, an unknown adapter, a bad request, and the errors
+it raises."""
 
 from __future__ import annotations
+
+from typing import Literal
 
 import pytest
 
@@ -61,3 +64,25 @@ def test_an_unknown_adapter_and_a_bad_request_raise_the_clients_errors(api):
     assert "temperature" in bad.value.message
     with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):
         api.chat.completions.create(model="a", messages=[{"role": "user", "content": "Hi"}], top_logprobs=2)
+
+
+def test_structured_output_parses_into_the_applications_class(api):
+    """``chat.completions.parse`` with a pydantic class: the client sends its strict JSON schema as
+    ``response_format`` and parses the answer back into the class."""
+    import pydantic
+
+    class Order(pydantic.BaseModel):
+        name: str = pydantic.Field(max_length=12)
+        size: Literal["small", "medium", "large"]
+        quantity: int = pydantic.Field(ge=1, le=9)
+        extras: list[Literal["milk", "sugar", "ice"]] = pydantic.Field(max_length=2)
+
+    reply = api.chat.completions.parse(model="a", messages=[{"role": "user", "content": "An order, please"}],
+                                       response_format=Order, max_tokens=60, temperature=0)
+    order = reply.choices[0].message.parsed
+    assert isinstance(order, Order) and reply.choices[0].finish_reason == "stop"
+    assert order == Order.model_validate_json(reply.choices[0].message.content)
+    with pytest.raises(openai.BadRequestError, match="uniqueItems"):
+        api.chat.completions.create(model="a", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                    response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {
+                                        "type": "array", "uniqueItems": True}}})
