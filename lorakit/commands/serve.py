@@ -56,7 +56,8 @@ def run(opts: ServeOptions) -> int:
                           max_tokens=opts.max_tokens, max_request_bytes=opts.max_request_bytes,
                           trust_remote_code=opts.trust_remote_code, device=opts.device)
     served = ", ".join([engine.base_name] + sorted(engine.adapters))
-    print(f"lorakit serve: {served} on http://{opts.host}:{opts.port} (OpenAI API under /v1)", flush=True)
+    print(f"lorakit serve: {served} on http://{opts.host}:{opts.port} (OpenAI API under /v1, the playground at /)",
+          flush=True)
     serve(engine, host=opts.host, port=opts.port, log_level=opts.log_level)
     return 0
 

@@ -129,6 +129,7 @@ def create_app(engine: Engine, max_request_bytes: int | None = None) -> Any:
         load_lora_adapter,
         metrics,
         models,
+        playground,
         request_body,
         request_error,
         unload_lora_adapter,
@@ -142,6 +143,7 @@ def create_app(engine: Engine, max_request_bytes: int | None = None) -> Any:
     app.add_exception_handler(Exception, internal_error)  # a bug: still OpenAI's body (the traceback goes to the log)
     limit = engine.max_request_bytes if max_request_bytes is None else max_request_bytes
     app.add_middleware(BodyLimit, limit=limit)
+    app.add_api_route("/", playground, methods=["GET"], include_in_schema=False)
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/v1/models", models, methods=["GET"])
     # The endpoints read and validate their bodies themselves, in a worker thread; the schemas are given here for

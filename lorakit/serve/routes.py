@@ -9,13 +9,14 @@ This module imports FastAPI and pydantic, the serve extra, so only ``create_app`
 """
 
 import functools
+import importlib.resources
 import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
 import fastapi
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
@@ -96,6 +97,22 @@ def streaming(events: AsyncIterator[str]) -> StreamingResponse:
     """Server-sent events, not cached or buffered by proxies on the way."""
     return StreamingResponse(events, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+# The page may reach this server's API and nothing else: no script, style or font from anywhere.
+PLAYGROUND_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
+                     "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+@functools.lru_cache(maxsize=1)
+def playground_html() -> str:
+    return importlib.resources.files("lorakit.serve").joinpath("playground.html").read_text(encoding="utf-8")
+
+
+async def playground() -> HTMLResponse:
+    """The playground page: chat with the base or an adapter, two of them side by side (playground.html)."""
+    return HTMLResponse(playground_html(), headers={"Content-Security-Policy": PLAYGROUND_POLICY,
+                                                    "X-Content-Type-Options": "nosniff"})
 
 
 async def health() -> dict[str, str]:
