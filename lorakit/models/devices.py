@@ -89,23 +89,50 @@ def time_gemms(shapes: list[Shape], dtype: torch.dtype, device: torch.device, se
 
 
 def machine_key(device: torch.device, shapes: list[Shape]) -> str:
-    """What a measurement depends on: the processor (CPU model or GPU name), the torch version and the shapes."""
+    """What a measurement depends on: the processor (the CPU's identity, see :func:`cpu_identity`, or the GPU's
+    name), the threads, the torch version and the shapes."""
     if device.type == "cuda":
         chip = torch.cuda.get_device_name(device)
     else:
-        chip = _cpu_model() or platform.processor() or platform.machine()
+        chip = cpu_identity()
     threads = torch.get_num_threads() if device.type == "cpu" else 0
     return f"{chip} | {threads} threads | torch {torch.__version__} | {device.type} | {shapes}"
 
 
-def _cpu_model() -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
+# The instruction sets that change how fast matrix products run, bf16's above all.
+SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
+
+
+def cpu_identity(cpuinfo: str | None = None) -> str:
+    """What tells CPUs apart for speed: the model name with the vendor, family, model and stepping, and the
+    instruction sets of :data:`SPEED_FLAGS` it has. A name alone is not enough: clouds name a Zen 3 and a Zen 4
+    both "AMD EPYC", and bf16 runs 5-8× slower than fp32 on the one and faster on the other.
+
+    Args:
+        cpuinfo: The text of ``/proc/cpuinfo`` (read when None); without it (not Linux), the platform's processor
+            name and torch's CPU capability.
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            if fields:
+                break  # the first processor's block describes them all
+            continue
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    name = fields.get("model name") or fields.get("Model") or platform.processor() or platform.machine()
+    if not fields:
+        return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
+    numbers = " ".join(f"{label} {fields[key]}" for key, label in (("cpu family", "family"), ("model", "model"),
+                                                                  ("stepping", "stepping")) if key in fields)
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    vendor = fields.get("vendor_id", "")
+    return f"{name} ({' '.join(p for p in (vendor, numbers) if p)}; {' '.join(f for f in SPEED_FLAGS if f in flags)})"
 
 
 def default_cache() -> Path:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lorakit.models.devices import (
+    cpu_identity,
     decide_precision,
     gemm_shapes,
     machine_key,
@@ -155,3 +156,28 @@ def test_matmul_peak_is_the_best_product_measured_once_per_machine(tmp_path):
 def test_matmul_peak_measures_real_products(tmp_path):
     peak = matmul_peak([(64, 64, 64)], "fp32", CPU, cache=tmp_path / "peak.json")
     assert peak is not None and 1e6 < peak < 1e15  # FLOP/s: a real figure, whatever the CPU
+
+
+ZEN3 = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 1
+model name\t: AMD EPYC
+stepping\t: 1
+flags\t\t: fpu sse sse2 avx fma avx2 bmi2
+
+processor\t: 1
+vendor_id\t: AuthenticAMD
+model name\t: something else entirely
+"""
+ZEN4 = ZEN3.replace("model\t\t: 1\n", "model\t\t: 17\n").replace("avx2 bmi2", "avx2 bmi2 avx512f avx512_bf16")
+
+
+def test_cpus_that_share_a_name_do_not_share_measurements():
+    """Clouds call a Zen 3 (bf16 5-8x slower than fp32) and a Zen 4 (bf16 faster) both "AMD EPYC": their
+    precision and peak measurements must not be one cache entry."""
+    assert cpu_identity(ZEN3) == "AMD EPYC (AuthenticAMD family 25 model 1 stepping 1; avx2 fma)"
+    assert cpu_identity(ZEN4) == "AMD EPYC (AuthenticAMD family 25 model 17 stepping 1; avx2 fma avx512f avx512_bf16)"
+    assert cpu_identity(ZEN3.replace("model\t\t: 1\n", "model\t\t: 17\n")) != cpu_identity(ZEN4)  # flags alone
+    assert torch.backends.cpu.get_cpu_capability() in cpu_identity("")  # no /proc/cpuinfo: what torch detects
+    assert cpu_identity() in machine_key(CPU, [(8, 16, 16)])
