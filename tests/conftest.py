@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -69,9 +70,12 @@ def ids() -> torch.Tensor:
 
 
 def train_cli(*args: str, env: dict | None = None, **popen) -> subprocess.Popen:
-    """``python -m lorakit train ARGS`` in a new process, its stdout and stderr together in ``stdout``."""
+    """``python -m lorakit train ARGS`` in a new process, its stdout and stderr together in ``stdout``. It starts
+    with SIGINT's default action even where pytest itself ignores SIGINT (a shell's background job), so that
+    Ctrl-C tests reach lorakit's handler."""
     return subprocess.Popen([sys.executable, "-m", "lorakit", "train", *args], env={**os.environ, **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **popen)
 
 
 def random_lora(r: int = 4, **kwargs) -> LoraConfig:

@@ -99,14 +99,20 @@ def machine_key(device: torch.device, shapes: list[Shape]) -> str:
     return f"{chip} | {threads} threads | torch {torch.__version__} | {device.type} | {shapes}"
 
 
-# The instruction sets that change how fast matrix products run, bf16's above all.
-SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
+# The instruction sets that change how fast matrix products run, bf16's above all (x86, then Arm).
+SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16",
+               "asimd", "bf16", "i8mm", "sve", "sve2", "sme")
+# The fields of /proc/cpuinfo that number a CPU's design: x86's, then Arm's (which has no model name).
+CPU_NUMBERS = (("vendor_id", ""), ("cpu family", "family"), ("model", "model"), ("stepping", "stepping"),
+               ("CPU implementer", "implementer"), ("CPU part", "part"), ("CPU variant", "variant"),
+               ("CPU revision", "revision"))
 
 
 def cpu_identity(cpuinfo: str | None = None) -> str:
-    """What tells CPUs apart for speed: the model name with the vendor, family, model and stepping, and the
-    instruction sets of :data:`SPEED_FLAGS` it has. A name alone is not enough: clouds name a Zen 3 and a Zen 4
-    both "AMD EPYC", and bf16 runs 5-8× slower than fp32 on the one and faster on the other.
+    """What tells CPUs apart for speed: the model name with the numbers of its design (vendor, family, model and
+    stepping; on Arm, implementer, part, variant and revision) and the instruction sets of :data:`SPEED_FLAGS` it
+    has. A name alone is not enough: clouds name a Zen 3 and a Zen 4 both "AMD EPYC", and bf16 runs 5-8× slower
+    than fp32 on the one and faster on the other.
 
     Args:
         cpuinfo: The text of ``/proc/cpuinfo`` (read when None); without it (not Linux), the platform's processor
@@ -125,14 +131,12 @@ def cpu_identity(cpuinfo: str | None = None) -> str:
             continue
         key, _, value = line.partition(":")
         fields[key.strip()] = value.strip()
-    name = fields.get("model name") or fields.get("Model") or platform.processor() or platform.machine()
-    if not fields:
-        return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
-    numbers = " ".join(f"{label} {fields[key]}" for key, label in (("cpu family", "family"), ("model", "model"),
-                                                                  ("stepping", "stepping")) if key in fields)
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    numbers = " ".join(f"{label} {fields[key]}".strip() for key, label in CPU_NUMBERS if key in fields)
     flags = set((fields.get("flags") or fields.get("Features") or "").split())
-    vendor = fields.get("vendor_id", "")
-    return f"{name} ({' '.join(p for p in (vendor, numbers) if p)}; {' '.join(f for f in SPEED_FLAGS if f in flags)})"
+    known = " ".join(f for f in SPEED_FLAGS if f in flags)
+    details = "; ".join(part for part in (numbers, known) if part) or torch.backends.cpu.get_cpu_capability()
+    return f"{name} ({details})"
 
 
 def default_cache() -> Path:

@@ -38,7 +38,7 @@ class Row:
     position: int = 0  # the position id of ``pending``
     generated: int = 0
     scored: list[TokenLogprob] = field(default_factory=list)  # log-probs not sent yet (when the request asks)
-    constraint: Constraint | None = None  # the grammar of a request with a response_format (made at its first token)
+    constraint: Constraint | None = None  # the grammar state of a request with a response_format
 
     def add(self, token: int, eos_ids: set[int], logprob: TokenLogprob | None = None, complete: bool = False
             ) -> Event | None:

@@ -6,10 +6,9 @@ of that grammar. At every step the matcher gives a bitmask over the vocabulary (
 ``int32``); the tokens whose bit is clear get ``-inf`` logits before sampling, and the sampled token advances the
 matcher. Rows of a batch have their own grammars (or none) and adapters.
 
-The engine is llguidance: no dependencies, ~1 ms to compile a schema and 50-80 µs a token for mask and advance
-with a 49k vocabulary (``bench/grammar_engines.py`` compares it with xgrammar and outlines-core); a decoding step
-of 32 structured rows spends ~4 ms in masks, ~2% of the step on a 2-core CPU. JSON is written
-compact, as ``json.dumps`` writes it (``", "`` and ``": "``, no other whitespace), unless the schema's
+The engine is llguidance, chosen for having no dependencies and compiling a schema in about a millisecond
+(``bench/grammar_engines.py`` compares it with xgrammar and outlines-core; bench/README.md has the figures). JSON is
+written compact, as ``json.dumps`` writes it (``", "`` and ``": "``, no other whitespace), unless the schema's
 ``x-guidance`` options say otherwise.
 """
 
@@ -31,8 +30,9 @@ MAX_SCHEMA_BYTES = 64 * 1024
 
 
 class Grammars:
-    """Compiles ``response_format`` s for one tokenizer. Thread-safe; the llguidance tokenizer is built on first
-    use (~0.5 s for a 49k vocabulary), so servers that never see a ``response_format`` never pay for it.
+    """Compiles ``response_format`` s for one tokenizer. Thread-safe. The llguidance tokenizer, which reads the whole
+    vocabulary and is the slow part, is built on first use: servers that never see a ``response_format`` never pay
+    for it. Compiled schemas are cached (the 256 most recently used).
 
     Args:
         tokenizer: The model's Hugging Face tokenizer.
@@ -45,6 +45,7 @@ class Grammars:
         self.vocab_size = vocab_size
         self._lock = threading.Lock()
         self._lltokenizer: Any = None
+        self._compile = functools.lru_cache(maxsize=256)(self._compile_schema)  # a schema's JSON -> its grammar
 
     def lltokenizer(self) -> Any:
         with self._lock:
@@ -70,12 +71,12 @@ class Grammars:
             return None
         return self._compile(json.dumps(schema))  # key order kept: properties come out in it
 
-    @functools.lru_cache(maxsize=256)  # noqa: B019 - one Grammars per engine, for the server's life
-    def _compile(self, schema: str) -> str:
+    def _compile_schema(self, schema: str) -> str:
+        tokenizer = self.lltokenizer()  # first: it says so when llguidance is not installed
         import llguidance
 
         grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
-        error = llguidance.LLMatcher.validate_grammar(grammar, self.lltokenizer())
+        error = llguidance.LLMatcher.validate_grammar(grammar, tokenizer)
         if error and not error.startswith("WARNING"):
             raise RequestError(400, f"response_format: the JSON schema is not supported: {error}")
         return grammar
@@ -93,18 +94,19 @@ class Grammars:
         forbids the token now; ``logits`` itself when no row has a grammar. Once a row's document may end, every
         end-of-sequence token of the model is allowed, not only the tokenizer's.
 
-        Each matcher writes its row of one bitmask (~30-100 µs a row); unpacking the bits and masking are then one
-        operation each for the whole batch.
+        Each matcher writes its row of one bitmask; unpacking the bits and masking are then one operation each for
+        the whole batch.
         """
         rows = [i for i, c in enumerate(constraints) if c is not None]
         if not rows:
             return logits
         words = (self.lltokenizer().vocab_size + 31) // 32
-        bitmask = torch.empty((len(rows), words), dtype=torch.int32)
+        bitmask = torch.empty((len(rows), words), dtype=torch.int32)  # (constrained rows, ceil(vocab / 32))
         for k, i in enumerate(rows):
             constraints[i].matcher.unsafe_compute_mask_ptr(bitmask[k].data_ptr(), words * 4)
         # Bit j of word w is token 32w + j: the words' bytes in little-endian order, each unpacked low bit first.
-        bits = np.unpackbits(bitmask.numpy().astype("<u4", copy=False).view(np.uint8), axis=-1, bitorder="little")
+        little = np.ascontiguousarray(bitmask.numpy(), dtype="<i4")  # no copy on a little-endian machine
+        bits = np.unpackbits(little.view(np.uint8), axis=-1, bitorder="little")  # (constrained rows, 32 * words)
         allowed = torch.from_numpy(bits[:, :logits.shape[-1]]).view(torch.bool)  # (constrained rows, vocab)
         eos = [t for t in eos_ids if t < logits.shape[-1]]
         for k, i in enumerate(rows):

@@ -96,9 +96,9 @@ def sampling_params(engine: Engine, body: Sampling, max_tokens: int | None, prom
 
 
 def grammar(engine: Engine, body: Sampling) -> str | None:
-    """The compiled grammar of a request's ``response_format`` (None: free text). Costs up to a second on a
-    server's first structured request (the grammar engine reads the vocabulary), a millisecond after: call it from
-    a worker thread.
+    """The compiled grammar of a request's ``response_format`` (None: free text). The server's first structured
+    request makes the grammar engine read the whole vocabulary, and a new schema is compiled: call it from a worker
+    thread.
 
     Raises:
         RequestError: 400 for a schema the grammar engine does not support (the message names the feature).

@@ -44,8 +44,8 @@ class SamplingParams:
         seed: Seed of this request's random generator (None: a fresh random seed).
         ignore_eos: Keep generating after the end-of-sequence token (vLLM's extension; for benchmarks).
         logprobs: Return each generated token's log-probability under the model (the log-softmax of its logits,
-            before temperature and top_p) and those of the ``logprobs`` most likely tokens there (0: none); None:
-            no log-probabilities.
+            before temperature and top_p; with a ``grammar``, over the tokens it allows) and those of the
+            ``logprobs`` most likely tokens there (0: none); None: no log-probabilities.
         grammar: The llguidance grammar the text must follow (from ``response_format``, compiled by
             :class:`~lorakit.serve.grammar.Grammars`); None: free text.
     """
@@ -94,10 +94,13 @@ class TokenLogprob:
 
 
 def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
-    """The log-probability of ``token`` under ``(vocab,)`` ``logits`` (log-softmax in fp32) and the ``top`` best."""
+    """The log-probability of ``token`` under ``(vocab,)`` ``logits`` (log-softmax in fp32) and the ``top`` best;
+    tokens with ``-inf`` logits (forbidden by a grammar) are never among the best."""
     logps = torch.log_softmax(logits.float(), dim=-1)
-    best = logps.topk(top) if top else None
-    pairs = list(zip(best.indices.tolist(), best.values.tolist())) if best is not None else []
+    pairs = []
+    if top:
+        best = logps.topk(top)
+        pairs = [(i, lp) for i, lp in zip(best.indices.tolist(), best.values.tolist()) if lp > float("-inf")]
     return TokenLogprob(token, float(logps[token]), pairs)
 
 

@@ -317,16 +317,26 @@ class Engine:
                                "batch to finish", type(self.batch.cache).__name__)
                 self._warned_static = True
             return
-        chosen = self._choose(space)
-        if not chosen:
+        ready = self._with_grammars(self._choose(space))
+        if not ready:
             return
         try:
-            self._prefill(chosen)
+            self._prefill(ready)
         except Exception:  # noqa: BLE001 - fail these requests, keep the running ones
             logger.error("prefill failed:\n%s", traceback.format_exc())
             self.batch.close_routing()
-            for request in chosen:
+            for request, _ in ready:
                 self._finish_error(request, RequestError(500, "internal error during prefill (see the server log)"))
+
+    def _with_grammars(self, requests: list[Request]) -> list[tuple[Request, Constraint | None]]:
+        """Each request with the state of its grammar (None: free text); those whose grammar does not build fail."""
+        ready = []
+        for r in requests:
+            try:
+                ready.append((r, self.grammars.constraint(r.params.grammar) if r.params.grammar is not None else None))
+            except RequestError as err:
+                self._finish_error(r, err)
+        return ready
 
     def _choose(self, space: int) -> list[Request]:
         """Take up to ``space`` waiting requests whose adapters are (made) resident; the rest keep their place in
@@ -359,18 +369,10 @@ class Engine:
             self._waiting.extendleft(reversed(later))
         return chosen
 
-    def _prefill(self, requests: list[Request]) -> None:
-        """Run the prompts of ``requests``, sample their first tokens and join the rows that go on to the batch.
-        Requests with the same prompt and adapter (the ``n`` choices of one request) share one prefill: its KV
-        cache is copied to each of their rows."""
-        ready: list[tuple[Request, Constraint | None]] = []  # each request, and its grammar's state if it has one
-        for r in requests:
-            try:
-                ready.append((r, self.grammars.constraint(r.params.grammar) if r.params.grammar is not None else None))
-            except RequestError as err:
-                self._finish_error(r, err)
-        if not ready:
-            return
+    def _prefill(self, ready: list[tuple[Request, Constraint | None]]) -> None:
+        """Run the prompts of the ``ready`` requests, sample their first tokens (each within its grammar, if it has
+        one) and join the rows that go on to the batch. Requests with the same prompt and adapter (the ``n`` choices
+        of one request) share one prefill: its KV cache is copied to each of their rows."""
         requests = [r for r, _ in ready]
         device = self._device()
         first: dict[tuple[tuple[int, ...], str | None], Request] = {}  # each prompt's first request
@@ -421,8 +423,8 @@ class Engine:
 
     def _sample(self, rows: list[Row], logits: torch.Tensor) -> list[int]:
         """Sample each row's next token (within its grammar if it has one), send its text, finish the rows that are
-        done; the indices of the rows that go on. Log-probabilities are the model's, before any grammar's mask (as
-        vLLM reports them)."""
+        done; the indices of the rows that go on. A row with a grammar has the log-probabilities of the tokens its
+        grammar allows (the model's distribution restricted to them, as vLLM reports them)."""
         start = time.perf_counter()
         allowed = self.grammars.mask(logits, [row.constraint for row in rows], self.eos_ids)
         if allowed is not logits:
@@ -436,8 +438,9 @@ class Engine:
             params = request.params
             try:
                 token = next_token(allowed[i], params, row.generator)
-                scored = token_logprob(logits[i], token, params.logprobs) if params.logprobs is not None else None
-                complete = row.constraint is not None and token not in self.eos_ids and row.constraint.advance(token)
+                scored = token_logprob(allowed[i], token, params.logprobs) if params.logprobs is not None else None
+                # An end of sequence is only allowed once the document may end: it ends the row, ignore_eos or not.
+                complete = row.constraint is not None and (token in self.eos_ids or row.constraint.advance(token))
             except RequestError as err:
                 self._finish_error(request, err)
                 continue

@@ -180,4 +180,8 @@ def test_cpus_that_share_a_name_do_not_share_measurements():
     assert cpu_identity(ZEN4) == "AMD EPYC (AuthenticAMD family 25 model 17 stepping 1; avx2 fma avx512f avx512_bf16)"
     assert cpu_identity(ZEN3.replace("model\t\t: 1\n", "model\t\t: 17\n")) != cpu_identity(ZEN4)  # flags alone
     assert torch.backends.cpu.get_cpu_capability() in cpu_identity("")  # no /proc/cpuinfo: what torch detects
+    graviton2 = "processor\t: 0\nBogoMIPS\t: 243.75\nFeatures\t: fp asimd atomics\nCPU implementer\t: 0x41\nCPU part\t: 0xd0c\n"
+    graviton3 = graviton2.replace("0xd0c", "0xd40").replace("atomics", "atomics bf16 i8mm sve")
+    assert cpu_identity(graviton2).endswith("(implementer 0x41 part 0xd0c; asimd)")
+    assert cpu_identity(graviton3).endswith("(implementer 0x41 part 0xd40; asimd bf16 i8mm sve)")
     assert cpu_identity() in machine_key(CPU, [(8, 16, 16)])

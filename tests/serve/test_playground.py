@@ -103,6 +103,21 @@ def test_compare_two_models_side_by_side(page, server):
     assert (ARTIFACTS / "playground.png").stat().st_size > 10_000
 
 
+def test_one_message_at_a_time(page, server):
+    """A second submit while the answers stream (Enter pressed again) is ignored, not sent beside the first."""
+    page.click("#clear")
+    page.uncheck("#compare")
+    page.fill("#max-tokens", "32")
+    page.evaluate("""() => {
+        for (const text of ["first", "second"]) {
+            document.getElementById("prompt").value = text;
+            document.getElementById("ask").requestSubmit();
+        }
+    }""")
+    answer_in(page, 0)
+    assert page.eval_on_selector_all("#pane-0 .message.user", "ms => ms.map(m => m.textContent)") == ["first"]
+
+
 def test_an_error_is_shown_not_lost(page, server):
     page.click("#clear")
     page.uncheck("#compare")

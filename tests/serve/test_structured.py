@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,8 @@ jsonschema = pytest.importorskip("jsonschema", reason="the structured-output tes
                                                       "-e '.[dev]')")
 pytest.importorskip("llguidance", reason="structured output needs llguidance (pip install -e '.[serve]')")
 
-SCHEMAS = {path.stem: json.loads(path.read_text()) for path in sorted((Path(__file__).parent / "schemas").glob("*.json"))}
+SCHEMAS = {path.stem: json.loads(path.read_text())
+           for path in sorted((Path(__file__).parent / "schemas").glob("*.json"))}
 MODELS = ["base", "a", "b"]
 
 
@@ -131,15 +133,48 @@ def test_text_format_changes_nothing(server):
     assert texts[0] == texts[1]
 
 
-def test_logprobs_under_a_grammar_are_the_models(server):
-    """The grammar masks tokens for sampling; the log-probabilities reported are still the model's (as vLLM's)."""
-    body = {"model": "base", "prompt": PROMPTS[1], "max_tokens": 8, "temperature": 0, "logprobs": 3,
+def test_logprobs_under_a_grammar_are_over_the_tokens_it_allows(server, base_model):
+    """A structured row reports the model's distribution restricted to the tokens its grammar allows (as vLLM
+    does): equal to the log-softmax of a plain forward's logits with the forbidden tokens at -inf."""
+    import torch
+
+    body = {"model": "base", "prompt": PROMPTS[1], "max_tokens": 4, "temperature": 0, "logprobs": 5,
             "response_format": json_schema("review")}
     logprobs = server.post("/v1/completions", json=body).json()["choices"][0]["logprobs"]
-    assert logprobs["tokens"][0] == '{"'
-    # The model's own favourites at the first step are not '{"' (it is random): the mask was not applied to them.
-    assert '{"' not in logprobs["top_logprobs"][0]
-    assert logprobs["token_logprobs"][0] < max(logprobs["top_logprobs"][0].values())
+    engine = server.engine
+    grammar = engine.grammars.compile(json_schema("review"))
+    ids = torch.tensor([engine.tokenizer(PROMPTS[1])["input_ids"]])
+    with torch.no_grad():
+        logits = base_model(input_ids=ids).logits[0, -1].float()
+    allowed = engine.grammars.mask(logits[None], [engine.grammars.constraint(grammar)], engine.eos_ids)[0]
+    expected = torch.log_softmax(allowed, -1)
+    best = expected.topk(5)
+    shown = {engine.tokenizer.decode([i]): v for i, v in zip(best.indices.tolist(), best.values.tolist())
+             if v > float("-inf")}
+    assert logprobs["top_logprobs"][0] == pytest.approx(shown, abs=1e-5)
+    assert logprobs["token_logprobs"][0] == pytest.approx(float(expected.max()), abs=1e-5)
+    assert all(token.startswith("{") for token in logprobs["top_logprobs"][0])  # forbidden tokens never listed
+    assert all(math.isfinite(v) for top in logprobs["top_logprobs"] for v in top.values())
+
+
+def test_n_choices_each_follow_the_schema(server):
+    body = {"model": "a", "prompt": "Tags:", "max_tokens": 400, "temperature": 1.0, "seed": 3, "n": 4,
+            "response_format": json_schema("tags")}
+    choices = server.post("/v1/completions", json=body).json()["choices"]
+    assert len(choices) == 4 and len({c["text"] for c in choices}) > 1  # one prefill, four matchers
+    for choice in choices:
+        assert choice["finish_reason"] == "stop"
+        jsonschema.validate(json.loads(choice["text"]), SCHEMAS["tags"])
+
+
+def test_a_scalar_document_ends_when_complete_even_with_ignore_eos(server):
+    """A top-level integer up to 99 may end after one digit (then the end of sequence is allowed, and ends the row
+    although ignore_eos is set) and must end after two: either way the row stops, it does not run to max_tokens."""
+    body = {"model": "base", "prompt": PROMPTS[2], "max_tokens": 400, "temperature": 0, "ignore_eos": True,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {
+                "type": "integer", "minimum": 0, "maximum": 99}}}}
+    choice = server.post("/v1/completions", json=body).json()["choices"][0]
+    assert choice["finish_reason"] == "stop" and 0 <= json.loads(choice["text"]) <= 99
 
 
 @pytest.mark.parametrize(("schema", "named"), [
