@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -69,13 +70,19 @@ def ids() -> torch.Tensor:
     return torch.randint(0, 128, (3, 9))
 
 
-def train_cli(*args: str, env: dict | None = None, **popen) -> subprocess.Popen:
+def train_cli(*args: str, env: dict | None = None, preexec_fn: Callable[[], object] | None = None,
+              **popen) -> subprocess.Popen:
     """``python -m lorakit train ARGS`` in a new process, its stdout and stderr together in ``stdout``. It starts
     with SIGINT's default action even where pytest itself ignores SIGINT (a shell's background job), so that
-    Ctrl-C tests reach lorakit's handler."""
+    Ctrl-C tests reach lorakit's handler; then ``preexec_fn``, if given, runs in the child as Popen's would."""
+    def prepare() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if preexec_fn is not None:
+            preexec_fn()
+
     return subprocess.Popen([sys.executable, "-m", "lorakit", "train", *args], env={**os.environ, **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **popen)
+                            preexec_fn=prepare, **popen)  # noqa: PLW1509 - it only sets a signal and a limit
 
 
 def random_lora(r: int = 4, **kwargs) -> LoraConfig:
