@@ -500,11 +500,12 @@ def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
 
 
 def _vocab_size(model: torch.nn.Module, tokenizer: Any) -> int:
-    """The width of the model's logits."""
+    """The width of the model's logits: its head's outputs (a 4-bit head's packed weight has another shape), else
+    the config's vocabulary."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    weight = getattr(head, "weight", None)
-    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
-        return weight.shape[0]
+    width = getattr(head, "out_features", None)
+    if isinstance(width, int) and width > 0:
+        return width
     return int(getattr(model.config, "vocab_size", None) or len(tokenizer))
 
 

@@ -205,3 +205,16 @@ def test_a_malformed_response_format_is_a_400_naming_it(server, response_format,
     response = server.post("/v1/completions", json=body)
     assert response.status_code == 400, response.text
     assert named in response.json()["error"]["message"]
+
+
+def test_a_4bit_base_serves_structured_output(llama64_dir):
+    """Structured output on a base whose layers are NF4 (the grammar's vocabulary is the head's width, read from its
+    out_features, not from a weight's shape, which a packed 4-bit layer changes)."""
+    pytest.importorskip("bitsandbytes", reason="a 4-bit base needs bitsandbytes (pip install -e '.[qlora]')")
+    engine = build_engine(llama64_dir, quantize="nf4", served_model_name="base", max_tokens=400)
+    with running(engine) as client:
+        body = {"model": "base", "prompt": PROMPTS[0], "max_tokens": 400, "temperature": 0,
+                "response_format": json_schema("order")}
+        choice = client.post("/v1/completions", json=body).json()["choices"][0]
+    assert choice["finish_reason"] == "stop"
+    jsonschema.validate(json.loads(choice["text"]), SCHEMAS["order"])
