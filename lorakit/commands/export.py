@@ -36,7 +36,7 @@ def run(opts: ExportOptions) -> int:
 
 COMMAND = Command("export", "merge an adapter into its base: a Hugging Face folder or a GGUF file",
                   "Fold a saved LoRA adapter into its base model and write the result as a plain Hugging Face "
-                  "folder, or with --gguf as one GGUF file for llama.cpp and Ollama (Llama architecture). "
+                  "folder, or with --gguf as one GGUF file for llama.cpp and Ollama (Llama and Mistral architectures). "
                   "--adapter-only writes the adapter alone as a llama.cpp LoRA adapter (llama-cli -m base.gguf "
                   "--lora FILE).", ExportOptions, run,
                   usage="lorakit export ADAPTER [--gguf [--quant f16|q8_0|f32] [--adapter-only]] [--output PATH] "

@@ -37,7 +37,8 @@ _QV = ("q_proj", "v_proj")
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("llama", _QV, plain_head=True, gguf="llama", gated_mlp=True,
            preset_classes=("LlamaConfig", "LlamaForCausalLM")),
-    Family("mistral", _QV, plain_head=True, gated_mlp=True, preset_classes=("MistralConfig", "MistralForCausalLM")),
+    Family("mistral", _QV, plain_head=True, gguf="llama", gated_mlp=True,
+           preset_classes=("MistralConfig", "MistralForCausalLM")),
     Family("mixtral", _QV, plain_head=True),
     Family("qwen2", _QV, plain_head=True, gated_mlp=True),
     Family("qwen2_moe", plain_head=True),

@@ -80,7 +80,7 @@ def export_merged(model: LoraModel, save_directory: str | os.PathLike, tokenizer
             default model); None writes weights only (enough for transformers, not for llama.cpp).
         adapter_names: The adapters to fold in (default: the active ones).
         format: ``hf`` (default): a Hugging Face folder that ``AutoModel*.from_pretrained(folder)`` loads.
-            ``gguf``: one GGUF file for llama.cpp and Ollama (Llama architecture), which
+            ``gguf``: one GGUF file for llama.cpp and Ollama (Llama and Mistral architectures), which
             ``AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)`` loads too.
         quant: GGUF only: ``f16`` (default), ``q8_0`` (8-bit blocks of 32 with an fp16 scale) or ``f32``.
 

@@ -79,12 +79,16 @@ class _Arch:
         model_type = getattr(config, "model_type", None)
         if family_of(model_type).gguf is None:
             kind = f"model_type {model_type!r}" if model_type else type(model).__name__
-            raise InvalidValue(f"GGUF export supports the {', '.join(gguf_families())} architecture (LlamaForCausalLM); "
-                               f"this model is {kind} ({type(model).__name__})")
+            raise InvalidValue(f"GGUF export supports the {', '.join(gguf_families())} architectures "
+                               f"(LlamaForCausalLM, MistralForCausalLM); this model is {kind} ({type(model).__name__})")
         if not hasattr(model, "lm_head"):
-            raise InvalidValue(f"GGUF export writes causal language models (LlamaForCausalLM); {type(model).__name__} "
-                               f"has no lm_head")
+            raise InvalidValue(f"GGUF export writes causal language models (LlamaForCausalLM, MistralForCausalLM); "
+                               f"{type(model).__name__} has no lm_head")
         self.config = config
+        # Mistral is written as llama.cpp's own converter writes it: the llama architecture, which has no sliding
+        # window, so the context is capped at the window, within which full attention is the same.
+        window = getattr(config, "sliding_window", None)
+        self.context_length = min(config.max_position_embeddings, window or config.max_position_embeddings)
         self.name = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA]
         self.n_head = config.num_attention_heads
         self.n_head_kv = getattr(config, "num_key_value_heads", None) or self.n_head
@@ -204,7 +208,7 @@ def write_gguf_model(model: torch.nn.Module, state: Mapping[str, torch.Tensor], 
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(_model_name(config))
     writer.add_block_count(arch.n_layer)
-    writer.add_context_length(config.max_position_embeddings)
+    writer.add_context_length(arch.context_length)
     writer.add_embedding_length(config.hidden_size)
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(arch.n_head)

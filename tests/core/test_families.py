@@ -34,7 +34,7 @@ def test_presets_resolve_to_transformers_classes():
 
 def test_gguf_families_have_a_gguf_architecture():
     gguf = pytest.importorskip("gguf")
-    assert gguf_families() == ["llama"]
+    assert gguf_families() == ["llama", "mistral"]
     assert all(FAMILIES[f].gguf in gguf.MODEL_ARCH_NAMES.values() for f in gguf_families())
 
 

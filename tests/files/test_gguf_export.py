@@ -168,7 +168,7 @@ def test_bad_quant_and_unsupported_architecture(lora, tmp_path):
     with pytest.raises(ValueError, match=r"quant='q8_0' applies to format='gguf' only"):
         export_merged(lora, tmp_path, quant="q8_0")
     gpt2 = get_lora_model(tiny_gpt2(), random_lora(target_modules=["c_attn"]))
-    with pytest.raises(ValueError, match=r"supports the llama architecture .*this model is model_type 'gpt2'"):
+    with pytest.raises(ValueError, match=r"supports the llama, mistral architectures .*this model is model_type 'gpt2'"):
         export_merged(gpt2, tmp_path, format="gguf")
     assert not list(tmp_path.iterdir())  # nothing half-written
 

@@ -1,7 +1,8 @@
 """GGUF exports run in llama.cpp itself (the ``xllamacpp`` wheel): the embedded SmolLM2 with an adapter merged in,
 written as f32 and as f16, answers five chat prompts with lorakit's greedy text (32 new tokens each; for f16, the
-text of lorakit's model holding the same f16-rounded weights); and the adapter alone, applied by llama.cpp to an f32
-GGUF of the base, answers with the merged f32 file's text.
+text of lorakit's model holding the same f16-rounded weights); the adapter alone, applied by llama.cpp to an f32
+GGUF of the base, answers with the merged f32 file's text; and a tiny random Mistral with an adapter merged in
+answers as lorakit does.
 """
 
 from __future__ import annotations
@@ -96,3 +97,35 @@ def test_the_adapter_alone_on_the_base_answers_as_the_merged_file(exported):
     assert len(set(answers["f32"])) == len(QUESTIONS)  # five different answers: the check is not trivial
     assert llama_cpp(files["base"], prompts, lora=files["lora"]) == answers["f32"]
     assert llama_cpp(files["base"], prompts) != answers["f32"]  # the adapter is what makes them
+
+
+def test_a_mistral_export_answers_as_lorakit_does(tmp_path):
+    """Mistral is written as llama.cpp's converter writes it (the llama architecture), with the context capped at
+    its sliding window, within which full attention is the same."""
+    import transformers
+
+    from lorakit.files.export import export_merged
+    from lorakit.serve.batch import left_padded
+
+    tokenizer = load_default_tokenizer()
+    torch.manual_seed(0)
+    config = transformers.MistralConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                                        max_position_embeddings=8192, sliding_window=1024, initializer_range=0.2,
+                                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    lora = get_lora_model(transformers.MistralForCausalLM(config).eval(),
+                          LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    path = export_merged(lora, tmp_path / "mistral.gguf", tokenizer, format="gguf", quant="f32")
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    assert int(reader.fields["llama.context_length"].parts[-1][0]) == 1024  # the window, not 8192
+    prompts = [tokenizer(text)["input_ids"] for text in ("Hello there, how are", "The capital of France is",
+                                                         "1 2 3 4", "Once upon a time")]
+    ids, mask, _ = left_padded(prompts, tokenizer.pad_token_id)
+    with torch.no_grad():
+        out = lora.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+                            pad_token_id=tokenizer.pad_token_id)
+    ours = [tokenizer.decode(row[ids.shape[1]:], skip_special_tokens=True) for row in out]
+    assert len(set(ours)) == len(prompts)
+    assert llama_cpp(path, prompts) == ours
