@@ -69,7 +69,10 @@ class Grammars:
         schema = json_schema(response_format)
         if schema is None:
             return None
-        return self._compile(json.dumps(schema))  # key order kept: properties come out in it
+        text = json.dumps(schema)  # key order kept: properties come out in it
+        if len(text) > MAX_SCHEMA_BYTES:
+            raise RequestError(400, f"response_format.json_schema.schema is longer than {MAX_SCHEMA_BYTES} bytes")
+        return self._compile(text)
 
     def _compile_schema(self, schema: str) -> str:
         tokenizer = self.lltokenizer()  # first: it says so when llguidance is not installed
@@ -127,7 +130,7 @@ def json_schema(response_format: dict[str, Any] | None) -> dict[str, Any] | None
     None is no schema.
 
     Raises:
-        RequestError: 400 for any other shape.
+        RequestError: 400 for any other shape (the size of the schema is checked by :meth:`Grammars.compile`).
     """
     if response_format is None:
         return None
@@ -142,8 +145,6 @@ def json_schema(response_format: dict[str, Any] | None) -> dict[str, Any] | None
     schema = spec.get("schema") if isinstance(spec, dict) else None
     if not isinstance(schema, dict):
         raise RequestError(400, "response_format.json_schema.schema must be a JSON schema (an object)")
-    if len(json.dumps(schema)) > MAX_SCHEMA_BYTES:
-        raise RequestError(400, f"response_format.json_schema.schema is longer than {MAX_SCHEMA_BYTES} bytes")
     return schema
 
 

@@ -57,7 +57,7 @@ def exported(tmp_path_factory):
 
 
 def greedy(model, tokenizer, prompts: list[list[int]]) -> list[str]:
-    """lorakit's greedy text for each prompt, all five in one left-padded batch."""
+    """lorakit's greedy text for each prompt, all of them in one left-padded batch."""
     from lorakit.serve.batch import left_padded
 
     ids, mask, _ = left_padded(prompts, tokenizer.pad_token_id)
@@ -102,10 +102,10 @@ def test_the_adapter_alone_on_the_base_answers_as_the_merged_file(exported):
 def test_a_mistral_export_answers_as_lorakit_does(tmp_path):
     """Mistral is written as llama.cpp's converter writes it (the llama architecture), with the context capped at
     its sliding window, within which full attention is the same."""
+    import gguf
     import transformers
 
     from lorakit.files.export import export_merged
-    from lorakit.serve.batch import left_padded
 
     tokenizer = load_default_tokenizer()
     torch.manual_seed(0)
@@ -116,16 +116,10 @@ def test_a_mistral_export_answers_as_lorakit_does(tmp_path):
     lora = get_lora_model(transformers.MistralForCausalLM(config).eval(),
                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
     path = export_merged(lora, tmp_path / "mistral.gguf", tokenizer, format="gguf", quant="f32")
-    import gguf
-
     reader = gguf.GGUFReader(path)
     assert int(reader.fields["llama.context_length"].parts[-1][0]) == 1024  # the window, not 8192
     prompts = [tokenizer(text)["input_ids"] for text in ("Hello there, how are", "The capital of France is",
                                                          "1 2 3 4", "Once upon a time")]
-    ids, mask, _ = left_padded(prompts, tokenizer.pad_token_id)
-    with torch.no_grad():
-        out = lora.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
-                            pad_token_id=tokenizer.pad_token_id)
-    ours = [tokenizer.decode(row[ids.shape[1]:], skip_special_tokens=True) for row in out]
+    ours = greedy(lora, tokenizer, prompts)
     assert len(set(ours)) == len(prompts)
     assert llama_cpp(path, prompts) == ours

@@ -199,6 +199,8 @@ def test_an_unsupported_schema_is_a_400_naming_the_feature(server, schema, named
     ({"type": "json_schema", "json_schema": {"name": "x"}}, "response_format.json_schema.schema"),
     ({"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}}, "response_format.json_schema.schema"),
     ("json", "response_format"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"enum": [f"v{i}" for i in range(20000)]}}},
+     "longer than 65536 bytes"),
 ])
 def test_a_malformed_response_format_is_a_400_naming_it(server, response_format, named):
     body = {"model": "base", "prompt": "x", "max_tokens": 8, "response_format": response_format}
